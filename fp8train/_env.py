@@ -1,0 +1,31 @@
+"""Every environment variable fp8train reads, read here and nowhere else (README table)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BACKENDS = ("auto", "native", "cublas", "reference")
+
+
+def backend() -> str:
+    """FP8TRAIN_BACKEND: which GEMM implementation runs (auto|native|cublas|reference)."""
+    value = os.environ.get("FP8TRAIN_BACKEND", "auto").strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"FP8TRAIN_BACKEND: expected one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def cache_dir() -> Path:
+    """FP8TRAIN_CACHE_DIR: where compiled kernels are cached (default ~/.cache/fp8train)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fp8train"
+    return Path(os.environ.get("FP8TRAIN_CACHE_DIR", default))
+
+
+def nvcc() -> str | None:
+    """FP8TRAIN_NVCC: the nvcc to run (default: $CUDA_HOME/bin/nvcc, then nvcc on PATH)."""
+    return os.environ.get("FP8TRAIN_NVCC") or None
+
+
+def jit_debug() -> bool:
+    """FP8TRAIN_JIT_DEBUG=1 prints each compile with its timing."""
+    return os.environ.get("FP8TRAIN_JIT_DEBUG", "0") not in ("", "0", "false", "False")

@@ -1,0 +1,17 @@
+"""FP8 GEMM operators and their dispatch (native kernels, cuBLAS, reference emulation)."""
+from .backend import get_backend, set_backend
+from .gemm import (
+    fp8_gemm_nt,
+    k_grouped_fp8_gemm_nt_contiguous,
+    m_grouped_fp8_gemm_nt_contiguous,
+    m_grouped_fp8_gemm_nt_masked,
+)
+
+__all__ = [
+    "fp8_gemm_nt",
+    "m_grouped_fp8_gemm_nt_contiguous",
+    "m_grouped_fp8_gemm_nt_masked",
+    "k_grouped_fp8_gemm_nt_contiguous",
+    "set_backend",
+    "get_backend",
+]

@@ -1,0 +1,28 @@
+"""cuBLAS blockwise FP8 GEMMs through ``torch._scaled_mm`` (the anchor we measure against).
+
+cuBLAS wants A's 1x128 scales outer-dim-major (``[M, Kb]`` with stride ``(1, M)``), B's
+128x128 scales as ``[Kb, Nb]`` and B's 1x128 scales as a contiguous ``[Kb, N]``; the
+copies made here are the price of that layout.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def supports(a: torch.Tensor, b_rows: int, out_dtype: torch.dtype, accumulate: bool) -> bool:
+    """cuBLAS blockwise scaling: sm_90 only, no in-place accumulation."""
+    return (
+        a.is_cuda
+        and hasattr(torch, "_scaled_mm")
+        and torch.cuda.get_device_capability(a.device) == (9, 0)
+        and out_dtype in (torch.bfloat16, torch.float32)
+        and not accumulate
+        and b_rows % 16 == 0
+    )
+
+
+def fp8_gemm_nt_cublas(a, sa, b, sb, out_dtype: torch.dtype) -> torch.Tensor:
+    n = b.shape[0]
+    scale_a = sa.t().contiguous().t()
+    scale_b = sb.t().contiguous() if sb.shape[0] == n and n > 1 else sb.t()
+    return torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=out_dtype)

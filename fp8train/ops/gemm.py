@@ -1,0 +1,229 @@
+"""The FP8 GEMM operators (DeepGEMM-style names), their checks and their dispatch.
+
+Every operator computes ``D = A @ B.T`` on E4M3 operands stored K-major, with FP32
+dequantization scales and FP32 promotion per 128-wide K block; see ``reference`` for the
+exact numerics. Scales are accepted as contiguous row-major tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .._checks import FP8_DTYPE, check_same_device, check_shape, check_tensor, ceil_div
+from . import backend as _backend
+from . import cublas as _cublas
+from . import reference as _ref
+
+GROUP = 128
+FP8Pair = Tuple[torch.Tensor, torch.Tensor]
+OUT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _native_unavailable():
+    return False, "native kernels are not built yet"
+
+
+def _unpack(name: str, pair) -> FP8Pair:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{name}: expected a (tensor_fp8, scale) pair, got {type(pair).__name__}")
+    data, scale = pair
+    check_tensor(f"{name}[0]", data, dtypes=(FP8_DTYPE,))
+    check_tensor(f"{name}[1]", scale, dtypes=(torch.float32,))
+    if data.dim() > 0 and data.stride(-1) != 1:
+        raise ValueError(f"{name}[0]: expected K-major storage (stride 1 along the last dim), "
+                         f"got strides {tuple(data.stride())}")
+    return data, scale
+
+
+def _check_k(name: str, k: int) -> int:
+    if k % GROUP != 0 or k == 0:
+        raise ValueError(f"{name}: the contraction dim must be a positive multiple of {GROUP}, got {k}")
+    return k // GROUP
+
+
+def _check_out(out, shape, dtype, device, accumulate: bool) -> Optional[torch.Tensor]:
+    if out is None:
+        if accumulate:
+            raise ValueError("out: accumulate=True needs an existing float32 `out` to add into")
+        return None
+    check_tensor("out", out, dtypes=OUT_DTYPES)
+    check_shape("out", out, shape)
+    if out.device != device:
+        raise ValueError(f"out: expected device {device}, got {out.device}")
+    if accumulate and out.dtype != torch.float32:
+        raise TypeError(f"out: accumulate=True needs a float32 out, got {out.dtype}")
+    if not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous tensor, got strides {tuple(out.stride())}")
+    return out
+
+
+def _check_offsets(name: str, offsets, groups: int, total: int, device) -> list[int]:
+    """int32 [G+1] offsets: 0 first, `total` last, non-decreasing, multiples of 128.
+
+    Values are checked on the host here (the reference path); native kernels read them on
+    the device and trust them, so that no call syncs.
+    """
+    check_tensor(name, offsets, dtypes=(torch.int32,), ndims=(1,))
+    check_shape(name, offsets, (groups + 1,))
+    if offsets.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {offsets.device}")
+    values = offsets.tolist()
+    ok = values[0] == 0 and values[-1] == total and all(
+        b >= a for a, b in zip(values, values[1:])) and all(v % GROUP == 0 for v in values)
+    if not ok:
+        raise ValueError(f"{name}: expected non-decreasing multiples of {GROUP} from 0 to "
+                         f"{total}, got {values}")
+    return values
+
+
+def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
+                out_dtype: torch.dtype = torch.bfloat16, accumulate: bool = False) -> torch.Tensor:
+    """``out = (a * sa) @ (b * sb).T``.
+
+    a: (e4m3 ``[M, K]``, float32 ``[M, K/128]``), 1x128 scales.
+    b: (e4m3 ``[N, K]``, float32 scales): 128x128 ``[ceil(N/128), K/128]`` (fprop/dgrad) or
+       1x128 ``[N, K/128]`` (wgrad).
+    out: optional ``[M, N]`` bf16/fp32; when given, its dtype is the output dtype.
+    accumulate: add into ``out`` (float32) instead of overwriting it.
+    """
+    a, sa = _unpack("a", a)
+    b, sb = _unpack("b", b)
+    check_tensor("a[0]", a, ndims=(2,))
+    check_tensor("b[0]", b, ndims=(2,))
+    check_same_device(a=a, sa=sa, b=b, sb=sb)
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(f"b[0]: expected K = {k} columns to match a, got shape {tuple(b.shape)}")
+    kb = _check_k("a[0]", k)
+    check_shape("a[1]", sa, (m, kb))
+    if tuple(sb.shape) not in ((ceil_div(n, GROUP), kb), (n, kb)):
+        raise ValueError(f"b[1]: expected 128x128 scales {(ceil_div(n, GROUP), kb)} or 1x128 "
+                         f"scales {(n, kb)}, got {tuple(sb.shape)}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype: expected torch.bfloat16 or torch.float32, got {out_dtype}")
+    out = _check_out(out, (m, n), out_dtype, a.device, accumulate)
+    dtype = out.dtype if out is not None else out_dtype
+
+    path = _backend.resolve("fp8_gemm_nt", a.device, native_ok=_native_unavailable,
+                            cublas_ok=_cublas.supports(a, n, dtype, accumulate))
+    if path == "cublas":
+        result = _cublas.fp8_gemm_nt_cublas(a, sa, b, sb, dtype)
+    else:
+        result = _ref.fp8_gemm_nt_ref(a, sa, b, sb)
+    if out is None:
+        return result.to(dtype)
+    if accumulate:
+        out.add_(result)
+    else:
+        out.copy_(result)
+    return out
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torch.Tensor,
+                                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MoE fprop/dgrad on the contiguous layout: rows of segment g times ``b[g]``.
+
+    a: (e4m3 ``[M, K]``, float32 ``[M, K/128]``), rows sorted by group, segments padded to
+       multiples of 128 (padding rows are computed like any other row).
+    b: (e4m3 ``[G, N, K]``, float32 ``[G, ceil(N/128), K/128]``).
+    group_offsets: int32 ``[G+1]`` row offsets, 0 to M, non-decreasing multiples of 128.
+    Returns bf16 ``[M, N]`` (written into ``out`` when given).
+    """
+    a, sa = _unpack("a", a)
+    b, sb = _unpack("b", b)
+    check_tensor("a[0]", a, ndims=(2,))
+    check_tensor("b[0]", b, ndims=(3,))
+    check_same_device(a=a, sa=sa, b=b, sb=sb)
+    m, k = a.shape
+    g, n = b.shape[:2]
+    check_shape("b[0]", b, (g, n, k))
+    kb = _check_k("a[0]", k)
+    check_shape("a[1]", sa, (m, kb))
+    check_shape("b[1]", sb, (g, ceil_div(n, GROUP), kb))
+    offsets = _check_offsets("group_offsets", group_offsets, g, m, a.device)
+    out = _check_out(out, (m, n), torch.bfloat16, a.device, False)
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
+    _backend.resolve("m_grouped_fp8_gemm_nt_contiguous", a.device,
+                     native_ok=_native_unavailable, cublas_ok=False)
+    _ref.m_grouped_contiguous_ref(a, sa, b, sb, offsets, out)
+    return out
+
+
+def m_grouped_fp8_gemm_nt_masked(a: FP8Pair, b: FP8Pair, masked_m: torch.Tensor,
+                                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MoE GEMM on the masked layout: ``out[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g].T``.
+
+    a: (e4m3 ``[G, M_max, K]``, float32 ``[G, M_max, K/128]``).
+    b: (e4m3 ``[G, N, K]``, float32 ``[G, ceil(N/128), K/128]``).
+    masked_m: int32 ``[G]`` valid rows per group (0..M_max), on a's device.
+    Rows at or past ``masked_m[g]`` are not written (zeros when ``out`` is allocated here).
+    """
+    a, sa = _unpack("a", a)
+    b, sb = _unpack("b", b)
+    check_tensor("a[0]", a, ndims=(3,))
+    check_tensor("b[0]", b, ndims=(3,))
+    check_same_device(a=a, sa=sa, b=b, sb=sb)
+    g, m_max, k = a.shape
+    n = b.shape[1]
+    check_shape("b[0]", b, (g, n, k))
+    kb = _check_k("a[0]", k)
+    check_shape("a[1]", sa, (g, m_max, kb))
+    check_shape("b[1]", sb, (g, ceil_div(n, GROUP), kb))
+    check_tensor("masked_m", masked_m, dtypes=(torch.int32,), ndims=(1,))
+    check_shape("masked_m", masked_m, (g,))
+    if masked_m.device != a.device:
+        raise ValueError(f"masked_m: expected device {a.device}, got {masked_m.device}")
+    counts = masked_m.tolist()
+    if any(c < 0 or c > m_max for c in counts):
+        raise ValueError(f"masked_m: expected values in [0, {m_max}], got {counts}")
+    out = _check_out(out, (g, m_max, n), torch.bfloat16, a.device, False)
+    if out is None:
+        out = torch.zeros(g, m_max, n, dtype=torch.bfloat16, device=a.device)
+    _backend.resolve("m_grouped_fp8_gemm_nt_masked", a.device,
+                     native_ok=_native_unavailable, cublas_ok=False)
+    _ref.m_grouped_masked_ref(a, sa, b, sb, counts, out)
+    return out
+
+
+def k_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torch.Tensor,
+                                     out: Optional[torch.Tensor] = None, *,
+                                     accumulate: bool = False) -> torch.Tensor:
+    """MoE weight gradient: ``out[g] = a[:, seg g] @ b[:, seg g].T`` for every expert g.
+
+    a: (e4m3 ``[N, T]``, float32 ``[N, T/128]``) and b: (e4m3 ``[K, T]``, float32
+    ``[K, T/128]``), both 1x128 along T (tokens sorted by expert).
+    group_offsets: int32 ``[G+1]`` token offsets, 0 to T, non-decreasing multiples of 128.
+    Returns float32 ``[G, N, K]``; an expert with no tokens gets zeros, or is left alone
+    when ``accumulate``.
+    """
+    a, sa = _unpack("a", a)
+    b, sb = _unpack("b", b)
+    check_tensor("a[0]", a, ndims=(2,))
+    check_tensor("b[0]", b, ndims=(2,))
+    check_same_device(a=a, sa=sa, b=b, sb=sb)
+    n, t = a.shape
+    k = b.shape[0]
+    check_shape("b[0]", b, (k, t))
+    tb = t // GROUP
+    if t % GROUP:
+        raise ValueError(f"a[0]: expected T (tokens) a multiple of {GROUP}, got {t}")
+    check_shape("a[1]", sa, (n, tb))
+    check_shape("b[1]", sb, (k, tb))
+    check_tensor("group_offsets", group_offsets, ndims=(1,))
+    if group_offsets.shape[0] < 2:
+        raise ValueError(f"group_offsets: expected [G+1] offsets with G >= 1, got shape "
+                         f"{tuple(group_offsets.shape)}")
+    g = group_offsets.shape[0] - 1
+    offsets = _check_offsets("group_offsets", group_offsets, g, t, a.device)
+    out = _check_out(out, (g, n, k), torch.float32, a.device, accumulate)
+    if out is None:
+        out = torch.empty(g, n, k, dtype=torch.float32, device=a.device)
+    elif out.dtype != torch.float32:
+        raise TypeError(f"out: expected torch.float32, got {out.dtype}")
+    _backend.resolve("k_grouped_fp8_gemm_nt_contiguous", a.device,
+                     native_ok=_native_unavailable, cublas_ok=False)
+    _ref.k_grouped_contiguous_ref(a, sa, b, sb, offsets, out, accumulate)
+    return out

@@ -1,0 +1,86 @@
+"""Public FP8 casts: checks, then the implementation (the plain-torch reference for now;
+native kernels plug in here when they exist).
+
+NaN and Inf are never clamped: a NaN or Inf anywhere in a group makes that group's scale
+NaN or Inf, so the dequantized group (and any GEMM that reads it) is non-finite too. That
+is deliberate: a diverging run must show up as non-finite loss, not as quietly saturated
+448s.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor, ceil_div
+from .formats import FP8_DTYPE, GROUP
+from .reference import (
+    dequantize_ref,
+    per_block_cast_ref,
+    per_token_cast_ref,
+    per_token_cast_transposed_ref,
+)
+
+FP8Pair = Tuple[torch.Tensor, torch.Tensor]
+
+
+def per_token_cast(x: torch.Tensor, *, pow2_scale: bool = False) -> FP8Pair:
+    """1x128 cast along the last dim.
+
+    x: ``[..., K]`` float tensor (fp32, bf16, fp16 or fp64), K >= 1.
+    Returns ``x_fp8`` e4m3 ``[..., K]`` (contiguous) and ``scale`` float32
+    ``[..., ceil(K/128)]`` with ``x ~= x_fp8.float() * scale`` per group.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x: expected shape [..., K] with K >= 1, got {tuple(x.shape)}")
+    return per_token_cast_ref(x, pow2_scale)
+
+
+def per_block_cast(w: torch.Tensor, *, pow2_scale: bool = False) -> FP8Pair:
+    """128x128 block cast of a weight ``[N, K]`` or a stack of expert weights ``[G, N, K]``.
+
+    Returns ``w_fp8`` e4m3 of w's shape and ``scale`` float32 ``[ceil(N/128), ceil(K/128)]``
+    (``[G, ...]`` for 3-D input).
+    """
+    check_tensor("w", w, dtypes=FLOAT_DTYPES, ndims=(2, 3))
+    if w.shape[-1] == 0 or w.shape[-2] == 0:
+        raise ValueError(f"w: expected N >= 1 and K >= 1, got shape {tuple(w.shape)}")
+    return per_block_cast_ref(w, pow2_scale)
+
+
+def per_token_cast_transposed(x: torch.Tensor, *, pow2_scale: bool = False) -> FP8Pair:
+    """Column-wise (wgrad) cast: x ``[T, K]`` -> the 1x128 cast of ``x.T`` along T.
+
+    Returns ``xt_fp8`` e4m3 ``[K, T]`` contiguous and ``scale`` float32 ``[K, ceil(T/128)]``.
+    Cast from the high-precision x, never from a row-wise FP8 copy (that would round twice).
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
+    if x.shape[0] == 0:
+        raise ValueError(f"x: expected T >= 1 rows, got shape {tuple(x.shape)}")
+    return per_token_cast_transposed_ref(x, pow2_scale)
+
+
+def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block=(1, GROUP)) -> torch.Tensor:
+    """float32 ``x_fp8 * scale``, each scale spread over its block.
+
+    block ``(1, 128)``: x_fp8 ``[..., K]``, scale ``[..., ceil(K/128)]``.
+    block ``(128, 128)``: x_fp8 ``[..., N, K]``, scale ``[..., ceil(N/128), ceil(K/128)]``.
+    """
+    check_tensor("x_fp8", x_fp8, dtypes=(FP8_DTYPE,))
+    check_tensor("scale", scale, dtypes=(torch.float32,))
+    check_same_device(x_fp8=x_fp8, scale=scale)
+    block = tuple(block)
+    if block == (1, GROUP):
+        if x_fp8.dim() < 1:
+            raise ValueError("x_fp8: expected shape [..., K], got a 0-D tensor")
+        expected = (*x_fp8.shape[:-1], ceil_div(x_fp8.shape[-1], GROUP))
+    elif block == (GROUP, GROUP):
+        if x_fp8.dim() < 2:
+            raise ValueError(f"x_fp8: expected shape [..., N, K], got {tuple(x_fp8.shape)}")
+        n, k = x_fp8.shape[-2:]
+        expected = (*x_fp8.shape[:-2], ceil_div(n, GROUP), ceil_div(k, GROUP))
+    else:
+        raise ValueError(f"block: expected (1, 128) or (128, 128), got {block}")
+    check_shape("scale", scale, expected)
+    return dequantize_ref(x_fp8, scale, block)

@@ -1,0 +1,50 @@
+"""Reference quantizers in plain torch: the definition the native kernels must match bit
+for bit. No argument checks here (see ``casts``); inputs are any float tensor."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .formats import GROUP, cast_to_fp8, scale_from_amax
+
+
+def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = -x.shape[-1] % multiple
+    return F.pad(x, (0, pad)) if pad else x
+
+
+def per_token_cast_ref(x: torch.Tensor, pow2_scale: bool = False):
+    """x [..., K] -> (e4m3 [..., K], float32 scale [..., ceil(K/128)])."""
+    k = x.shape[-1]
+    xp = _pad_last(x.float(), GROUP)
+    groups = xp.unflatten(-1, (-1, GROUP))                      # [..., Kb, 128]
+    scale = scale_from_amax(groups.abs().amax(dim=-1), pow2_scale)  # [..., Kb]
+    x_fp8 = cast_to_fp8(groups, scale.unsqueeze(-1)).flatten(-2)[..., :k]
+    return x_fp8.contiguous(), scale
+
+
+def per_block_cast_ref(w: torch.Tensor, pow2_scale: bool = False):
+    """w [..., N, K] -> (e4m3 [..., N, K], float32 scale [..., ceil(N/128), ceil(K/128)])."""
+    n, k = w.shape[-2:]
+    wp = _pad_last(w.float(), GROUP)
+    wp = _pad_last(wp.transpose(-1, -2), GROUP).transpose(-1, -2)
+    blocks = wp.unflatten(-1, (-1, GROUP)).unflatten(-3, (-1, GROUP))  # [..., Nb, 128, Kb, 128]
+    scale = scale_from_amax(blocks.abs().amax(dim=(-3, -1)), pow2_scale)  # [..., Nb, Kb]
+    w_fp8 = cast_to_fp8(blocks, scale[..., :, None, :, None]).flatten(-2).flatten(-3, -2)
+    return w_fp8[..., :n, :k].contiguous(), scale
+
+
+def per_token_cast_transposed_ref(x: torch.Tensor, pow2_scale: bool = False):
+    """x [T, K] -> quantization of x.T along T: (e4m3 [K, T], float32 [K, ceil(T/128)])."""
+    return per_token_cast_ref(x.t(), pow2_scale)
+
+
+def dequantize_ref(x_fp8: torch.Tensor, scale: torch.Tensor, block) -> torch.Tensor:
+    """Inverse of the casts above: float32 ``x_fp8 * scale`` with each scale spread over
+    its block (``(1, 128)`` or ``(128, 128)``)."""
+    rows, cols = block
+    n, k = x_fp8.shape[-2:] if rows > 1 else (None, x_fp8.shape[-1])
+    s = scale.repeat_interleave(cols, dim=-1)[..., :k]
+    if rows > 1:
+        s = s.repeat_interleave(rows, dim=-2)[..., :n, :]
+    return x_fp8.float() * s

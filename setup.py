@@ -1,0 +1,25 @@
+"""Pure-Python install: CUDA kernels in csrc/ are compiled at first use, never here."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fp8train",
+    version="0.1.0",
+    description="DeepSeek-V3-style fine-grained FP8 training for PyTorch on Hopper GPUs",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fp8train", "fp8train.*"]),
+    install_requires=[
+        "torch>=2.9,<3",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+    },
+)

@@ -1,0 +1,31 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# CI has 2 cores: keep example counts modest, no deadlines (first calls compile/warm up).
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "thorough", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _has_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(0) == (9, 0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs an sm_90 (Hopper) GPU; skipped elsewhere")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_hopper():
+        return
+    skip = pytest.mark.skip(reason="needs an sm_90 (Hopper) GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,179 @@
+"""Properties of the reference FP8 casts (CPU)."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fp8train.quant import (
+    E4M3_MAX,
+    MIN_SCALE,
+    dequantize,
+    per_block_cast,
+    per_token_cast,
+    per_token_cast_transposed,
+)
+from strategies import tensors
+
+dims = st.integers(1, 300)
+
+
+def assert_within_e4m3_bound(x: torch.Tensor, dq: torch.Tensor, scale_full: torch.Tensor):
+    """Every element: |x - dq| <= max(|x| 2^-4, 2^-10 scale) (E4M3's half ulp in its normal
+    and subnormal range) and <= amax/28 of its group, up to float32 rounding."""
+    x = x.double()
+    err = (x - dq.double()).abs()
+    # float32 rounding of x / scale and of q * scale: a few ulps of |x|.
+    slack = x.abs() * 2.0**-21 + 1e-45
+    bound = torch.maximum(x.abs() * 2.0**-4, scale_full.double() * 2.0**-10)
+    assert torch.all(err <= bound + slack), f"max excess {(err - bound - slack).max().item()}"
+    # Relative to the group's amax: half the top binade's step is 16 * scale = amax / 28.
+    assert torch.all(err <= scale_full.double() * 16 + slack)
+
+
+def spread_token_scale(scale, k):
+    return scale.repeat_interleave(128, dim=-1)[..., :k]
+
+
+def spread_block_scale(scale, n, k):
+    return scale.repeat_interleave(128, dim=-1)[..., :k].repeat_interleave(128, dim=-2)[..., :n, :]
+
+
+@given(st.data(), st.lists(st.integers(1, 5), max_size=2), dims)
+def test_per_token_cast_error_bound(data, lead, k):
+    x = data.draw(tensors((*lead, k)))
+    x_fp8, scale = per_token_cast(x)
+    assert x_fp8.dtype == torch.float8_e4m3fn and x_fp8.shape == x.shape and x_fp8.is_contiguous()
+    assert scale.dtype == torch.float32 and scale.shape == (*lead, -(-k // 128))
+    assert torch.all(torch.isfinite(scale)) and torch.all(scale > 0)
+    full = spread_token_scale(scale, k)
+    assert_within_e4m3_bound(x.float(), dequantize(x_fp8, scale), full)
+    # The largest element of each group lands on (or within rounding of) 448.
+    assert torch.all(x_fp8.float().abs() <= E4M3_MAX)
+
+
+@given(st.data(), st.sampled_from([2, 3]), dims, dims)
+def test_per_block_cast_error_bound(data, ndim, n, k):
+    shape = (n, k) if ndim == 2 else (2, n, k)
+    w = data.draw(tensors(shape))
+    w_fp8, scale = per_block_cast(w)
+    assert w_fp8.shape == w.shape and w_fp8.dtype == torch.float8_e4m3fn
+    assert scale.shape == (*shape[:-2], -(-n // 128), -(-k // 128))
+    assert torch.all(torch.isfinite(scale)) and torch.all(scale > 0)
+    full = spread_block_scale(scale, n, k)
+    assert_within_e4m3_bound(w.float(), dequantize(w_fp8, scale, (128, 128)), full)
+
+
+@given(st.data(), dims, dims)
+def test_transposed_cast_is_cast_of_transpose(data, t, k):
+    x = data.draw(tensors((t, k)))
+    xt_fp8, scale = per_token_cast_transposed(x)
+    assert xt_fp8.shape == (k, t) and xt_fp8.is_contiguous()
+    assert scale.shape == (k, -(-t // 128))
+    ref_fp8, ref_scale = per_token_cast(x.t().contiguous())
+    assert torch.equal(xt_fp8.view(torch.uint8), ref_fp8.view(torch.uint8))
+    assert torch.equal(scale, ref_scale)
+    assert_within_e4m3_bound(x.float().t(), dequantize(xt_fp8, scale), spread_token_scale(scale, t))
+
+
+@given(st.data(), dims, dims, st.integers(-20, 20), st.booleans())
+def test_power_of_two_rescaling_is_exact(data, m, k, shift, pow2):
+    """x * 2^s quantizes to the same bytes with scales times 2^s (no rounding anywhere)."""
+    x = data.draw(tensors((m, k), dtypes=(torch.float32, torch.bfloat16)))
+    x = x.float().clamp(-1e3, 1e3)
+    x = torch.where(x.abs() < 1e-20, torch.zeros_like(x), x)  # keep clear of denormals
+    x_fp8, scale = per_token_cast(x, pow2_scale=pow2)
+    y_fp8, y_scale = per_token_cast(x * 2.0**shift, pow2_scale=pow2)
+    assert torch.equal(x_fp8.view(torch.uint8), y_fp8.view(torch.uint8))
+    nonzero = scale > MIN_SCALE * 2.0**25  # clamped (all-zero) groups keep the floor scale
+    assert torch.equal(y_scale[nonzero], scale[nonzero] * 2.0**shift)
+    w_fp8, w_scale = per_block_cast(x, pow2_scale=pow2)
+    v_fp8, v_scale = per_block_cast(x * 2.0**shift, pow2_scale=pow2)
+    assert torch.equal(w_fp8.view(torch.uint8), v_fp8.view(torch.uint8))
+    nonzero = w_scale > MIN_SCALE * 2.0**25
+    assert torch.equal(v_scale[nonzero], w_scale[nonzero] * 2.0**shift)
+
+
+@given(st.data(), dims, dims)
+def test_pow2_scales_are_powers_of_two(data, m, k):
+    x = data.draw(tensors((m, k)))
+    for x_fp8, scale, block in (
+        (*per_token_cast(x, pow2_scale=True), (1, 128)),
+        (*per_block_cast(x, pow2_scale=True), (128, 128)),
+    ):
+        mantissa, _ = torch.frexp(scale)
+        assert torch.all(mantissa == 0.5), "a pow2 scale has a non-zero mantissa"
+        full = (spread_token_scale(scale, k) if block == (1, 128)
+                else spread_block_scale(scale, m, k))
+        assert torch.all(x_fp8.float().abs() <= E4M3_MAX)
+        assert_within_e4m3_bound(x.float(), dequantize(x_fp8, scale, block), full)
+
+
+def test_pow2_scale_rounds_up_to_next_power():
+    x = torch.zeros(1, 128)
+    x[0, 0] = 448 * 3.0  # amax / 448 = 3 -> 4
+    _, scale = per_token_cast(x, pow2_scale=True)
+    assert scale.item() == 4.0
+    x[0, 0] = 448 * 2.0  # exactly a power of two stays
+    _, scale = per_token_cast(x, pow2_scale=True)
+    assert scale.item() == 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_zero_groups_give_finite_scale_and_zero_data(dtype):
+    x = torch.zeros(3, 300, dtype=dtype)
+    x[1, 200] = 5.0  # one group non-zero
+    for x_fp8, scale in (per_token_cast(x), per_block_cast(x), per_token_cast_transposed(x)):
+        assert torch.all(torch.isfinite(scale)) and torch.all(scale > 0)
+        assert not torch.any(torch.isnan(x_fp8.float()))
+    x_fp8, scale = per_token_cast(x)
+    assert torch.count_nonzero(x_fp8.float()) == 1
+    assert scale[0, 0].item() == MIN_SCALE
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_poisons_only_its_group(bad):
+    x = torch.randn(4, 384)
+    x[2, 130] = bad
+    x_fp8, scale = per_token_cast(x)
+    dq = dequantize(x_fp8, scale)
+    assert torch.all(~torch.isfinite(dq[2, 128:256])), "the group with a non-finite was clamped"
+    finite = torch.ones_like(dq, dtype=torch.bool)
+    finite[2, 128:256] = False
+    assert torch.all(torch.isfinite(dq[finite]))
+    w_fp8, w_scale = per_block_cast(x)
+    dqw = dequantize(w_fp8, w_scale, (128, 128))
+    assert torch.all(~torch.isfinite(dqw[:, 128:256]))
+    assert torch.all(torch.isfinite(dqw[:, :128])) and torch.all(torch.isfinite(dqw[:, 256:]))
+
+
+def test_outlier_only_coarsens_its_own_group():
+    x = torch.randn(2, 256) * 1e-3
+    x[0, 5] = 1e4
+    x_fp8, scale = per_token_cast(x)
+    assert scale[0, 0] > 1e4 / 448 * 0.99
+    assert torch.allclose(scale[0, 1], x[0, 128:].abs().max() / 448)
+
+
+@pytest.mark.parametrize("call", [per_token_cast, per_block_cast, per_token_cast_transposed])
+def test_bad_arguments_raise(call):
+    with pytest.raises(TypeError, match="x|w"):
+        call([[1.0, 2.0]])
+    with pytest.raises(TypeError, match="dtype"):
+        call(torch.ones(4, 4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="dtype"):
+        call(torch.ones(4, 4).to(torch.float8_e4m3fn))
+    if call is not per_token_cast:
+        with pytest.raises(ValueError, match="shape"):
+            call(torch.ones(2, 2, 2, 2))
+
+
+def test_dequantize_checks_arguments():
+    x_fp8, scale = per_token_cast(torch.randn(4, 256))
+    with pytest.raises(ValueError, match="block"):
+        dequantize(x_fp8, scale, (2, 64))
+    with pytest.raises(ValueError, match="scale"):
+        dequantize(x_fp8, scale[:, :1])
+    with pytest.raises(TypeError, match="x_fp8"):
+        dequantize(x_fp8.float(), scale)
+    with pytest.raises(ValueError, match="device"):
+        dequantize(x_fp8, scale.to("meta"))
