@@ -13,6 +13,7 @@ import torch
 from .._checks import FP8_DTYPE, check_same_device, check_shape, check_tensor, ceil_div
 from . import backend as _backend
 from . import cublas as _cublas
+from . import native as _native
 from . import reference as _ref
 
 GROUP = 128
@@ -21,7 +22,7 @@ OUT_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def _native_unavailable():
-    return False, "native kernels are not built yet"
+    return False, "no native kernel for this operator yet"
 
 
 def _unpack(name: str, pair) -> FP8Pair:
@@ -106,8 +107,17 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
     out = _check_out(out, (m, n), out_dtype, a.device, accumulate)
     dtype = out.dtype if out is not None else out_dtype
 
-    path = _backend.resolve("fp8_gemm_nt", a.device, native_ok=_native_unavailable,
+    kind = "1d1d" if sb.shape[0] == n and n > 1 else "1d2d"
+    path = _backend.resolve("fp8_gemm_nt", a.device,
+                            native_ok=lambda: _native.dense_support(n, kind, dtype, accumulate),
                             cublas_ok=_cublas.supports(a, n, dtype, accumulate))
+    if path == "native":
+        from .native.sm90_fp8_gemm import fp8_gemm_nt_native
+
+        if out is None:
+            out = torch.empty(m, n, dtype=dtype, device=a.device)
+        fp8_gemm_nt_native(a, sa.contiguous(), b, sb.contiguous(), out, kind, accumulate)
+        return out
     if path == "cublas":
         result = _cublas.fp8_gemm_nt_cublas(a, sa, b, sb, dtype)
     else:

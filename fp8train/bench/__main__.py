@@ -1,0 +1,32 @@
+"""Benchmarks on a Hopper GPU: ``python -m fp8train.bench gemm`` (more suites join later).
+
+Each suite first checks correctness against the reference, then prints its table; ratios
+are always against baselines measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fp8train.bench", description=__doc__)
+    parser.add_argument("suite", choices=["gemm"], help="which benchmark to run")
+    parser.add_argument("--shapes", default=None,
+                        help="only these shapes, e.g. '4096,7168,2048;128,2112,7168'")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        print("fp8train.bench needs an sm_90 (Hopper) GPU", file=sys.stderr)
+        return 2
+    if args.suite == "gemm":
+        from .gemm import run
+
+        return run(args.shapes, args.json)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""GPU timing the way DESIGN.md measures the anchors, so our numbers compare with theirs.
+
+GPU time per call: several input sets rotated past L2 (>200 MB in all), the GPU held busy
+with ``torch.cuda._sleep`` while the CPU queues a batch of calls, CUDA events around the
+batch, median over 5 batches. Host time per call: wall time to queue the same calls,
+divided by their number (the GPU still busy, so nothing waits on it).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+ROTATION_BYTES = 256 * 2**20
+
+
+def num_input_sets(bytes_per_set: int, limit: int = 64) -> int:
+    """How many copies of the inputs to rotate so that L2 (50 MB) cannot serve them."""
+    return max(2, min(limit, -(-ROTATION_BYTES // max(1, bytes_per_set))))
+
+
+def time_calls(calls: Sequence[Callable[[], object]], *, batch: int = 40, repeats: int = 5):
+    """(median GPU ms per call, median host us per call) of cycling through `calls`."""
+    for fn in calls[: min(len(calls), 3)]:  # warm-up: JIT, cuBLAS handles, allocator
+        fn()
+    torch.cuda.synchronize()
+    gpu_ms, host_us = [], []
+    sleep_cycles = 2_000_000
+    for _ in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(sleep_cycles)
+        start.record()
+        t0 = time.perf_counter()
+        for i in range(batch):
+            calls[i % len(calls)]()
+        t1 = time.perf_counter()
+        end.record()
+        end.synchronize()
+        queue_s = t1 - t0
+        # The sleep must outlast the queueing, or host gaps leak into the GPU time: grow it
+        # (≈1.5 GHz clocks) and drop this batch if it did not.
+        if queue_s * 1.5e9 * 1.3 > sleep_cycles:
+            sleep_cycles = int(queue_s * 1.5e9 * 2)
+            continue
+        gpu_ms.append(start.elapsed_time(end) / batch)
+        host_us.append(queue_s / batch * 1e6)
+    if not gpu_ms:
+        raise RuntimeError("could not keep the GPU busy while queueing; host too slow?")
+    return statistics.median(gpu_ms), statistics.median(host_us)

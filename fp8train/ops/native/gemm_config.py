@@ -1,0 +1,94 @@
+"""Config heuristic of the dense sm_90a FP8 GEMM: pure Python, no CUDA calls, so CPU tests
+can check that every choice it can make is legal (shared memory, registers, tile fit).
+
+The first-order cost of a persistent GEMM is the number of waves (tiles / SMs, rounded up):
+pick the tile shape that minimises it, then prefer the fullest last wave, then the larger
+tile (fewer operand re-reads), then the deepest pipeline that fits in shared memory.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+SMEM_LIMIT = 232448           # bytes of dynamic shared memory an sm_90 block may use (227 KB)
+MAX_STAGES = 12
+MIN_STAGES = 3
+BLOCK_K = 128
+KINDS = ("1d2d", "1d1d")      # B scales 128x128 (fprop/dgrad, BF16 out) or 1x128 (wgrad, FP32 out)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    # Rows of the output tile: 64 (one math warpgroup) or 128 (two).
+    block_m: int
+    # Columns of the output tile: a multiple of 8 up to the register budget; it need not
+    # divide 128 (tiles then straddle two 128x128 scale blocks of B).
+    block_n: int
+    # Depth of the TMA -> wgmma shared-memory pipeline.
+    num_stages: int
+    # CTAs launched (persistent grid): min(SMs, tiles).
+    num_ctas: int
+    # L2 rasterisation: column blocks per scheduler group.
+    group_n: int
+
+    def __post_init__(self):
+        if self.block_m not in (64, 128):
+            raise ValueError(f"block_m: expected 64 or 128, got {self.block_m}")
+        if self.block_n % 8 or not 8 <= self.block_n <= max_block_n(self.block_m):
+            raise ValueError(f"block_n: expected a multiple of 8 in [8, {max_block_n(self.block_m)}], "
+                             f"got {self.block_n}")
+        if not MIN_STAGES <= self.num_stages <= MAX_STAGES:
+            raise ValueError(f"num_stages: expected {MIN_STAGES}..{MAX_STAGES}, got {self.num_stages}")
+        if self.num_ctas < 1 or self.group_n < 1:
+            raise ValueError(f"num_ctas and group_n must be positive, got {self.num_ctas}, {self.group_n}")
+
+    @property
+    def num_threads(self) -> int:
+        return (self.block_m // 64) * 128 + 128
+
+
+def max_block_n(block_m: int) -> int:
+    """Largest BLOCK_N whose two FP32 accumulators (BLOCK_N registers per thread) leave room
+    for addressing and scales under setmaxnreg's 232 (two math warpgroups) or 248 (one)."""
+    return 176 if block_m == 128 else 192
+
+
+def stage_bytes(block_m: int, block_n: int, kind: str) -> int:
+    scale_b = block_n if kind == "1d1d" else 2
+    return block_m * BLOCK_K + block_n * BLOCK_K + 4 * (block_m + scale_b) + 16
+
+
+def shared_bytes(block_m: int, block_n: int, num_stages: int, kind: str) -> int:
+    """What the kernel asks for; mirrors Sm90Fp8Gemm::kSharedBytes (checked in GPU tests)."""
+    scale_b = block_n if kind == "1d1d" else 2
+    tiles = num_stages * (block_m * BLOCK_K + block_n * BLOCK_K + 4 * block_m + 4 * scale_b)
+    return (tiles + 7) // 8 * 8 + 16 * num_stages + 1024
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d") -> GemmConfig:
+    """The config the native GEMM runs for this problem (cached per shape)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if min(m, n, k, num_sms) < 1 or k % BLOCK_K or n % 8:
+        raise ValueError(f"expected m, n, k, num_sms >= 1, k % 128 == 0 and n % 8 == 0, "
+                         f"got m={m}, n={n}, k={k}, num_sms={num_sms}")
+    block_m = 64 if m <= 64 else 128
+    best = None
+    for block_n in range(16, max_block_n(block_m) + 1, 8):
+        if block_n > n and block_n != 16:
+            continue  # never a block wider than the problem
+        tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
+        waves = ceil_div(tiles, num_sms)
+        last_wave = tiles - (waves - 1) * num_sms
+        key = (waves, -last_wave, -block_n)
+        if best is None or key < best[0]:
+            best = (key, block_n, tiles)
+    _, block_n, tiles = best
+    stages = min(MAX_STAGES, (SMEM_LIMIT - 1024) // stage_bytes(block_m, block_n, kind))
+    return GemmConfig(block_m=block_m, block_n=block_n, num_stages=stages,
+                      num_ctas=min(num_sms, tiles), group_n=8 if ceil_div(m, block_m) > 1 else 1)
