@@ -1,0 +1,201 @@
+"""The FP8 casts and GEMMs used by the autograd functions, registered as
+``torch.library`` custom ops (namespace ``fp8train``) with fake implementations.
+
+Why custom ops: ``torch.compile`` cannot trace into the GEMM dispatch (host-side checks,
+backend choice, and later native kernel launches), so each call is one opaque node whose
+output shapes the fake implementation gives. That keeps ``fullgraph=True`` working.
+
+Every op takes ``backend`` (``""`` keeps the process-wide choice) and runs with autocast
+off: the reference emulation multiplies FP32 blocks, and autocast would quietly make
+those matmuls BF16.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import backend as _backend
+from ..ops import gemm as _gemm
+from ..quant import casts as _casts
+from ..quant.formats import FP8_DTYPE, GROUP
+
+Tensor = torch.Tensor
+
+
+def _ceil_to(n, multiple: int):
+    # Works on ints and SymInts alike (fake implementations see symbolic sizes).
+    return -(-n // multiple) * multiple
+
+
+@contextlib.contextmanager
+def _run_scope(device: torch.device, backend: str):
+    """Autocast off; the recipe's backend for the duration of one op."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        if not backend:
+            yield
+            return
+        previous = _backend.get_backend()
+        _backend.set_backend(backend)
+        try:
+            yield
+        finally:
+            _backend.set_backend(previous)
+
+
+def _colwise(x: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
+    """x [T, K] -> x.T cast 1x128 along T, T zero-padded to a multiple of 128.
+
+    Zero rows leave every group's amax (so every scale and FP8 value) unchanged; they only
+    make T a legal contraction length for the wgrad GEMM.
+    """
+    t, k = x.shape
+    if t == 0:
+        return x.new_empty(k, 0, dtype=FP8_DTYPE), x.new_empty(k, 0, dtype=torch.float32)
+    pad = _ceil_to(t, GROUP) - t
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    return _casts.per_token_cast_transposed(x, pow2_scale=pow2_scale)
+
+
+# --------------------------------------------------------------------------- casts
+@torch.library.custom_op("fp8train::cast_1x128", mutates_args=())
+def cast_1x128(x: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
+    """Row-wise 1x128 cast of x [T, K] (the fprop/dgrad A operand)."""
+    with _run_scope(x.device, ""):
+        return _casts.per_token_cast(x, pow2_scale=pow2_scale)
+
+
+def _fake_rowwise(x):
+    t, k = x.shape
+    return (x.new_empty(t, k, dtype=FP8_DTYPE),
+            x.new_empty(t, _ceil_to(k, GROUP) // GROUP, dtype=torch.float32))
+
+
+def _fake_colwise(x):
+    t, k = x.shape
+    tp = _ceil_to(t, GROUP)
+    return (x.new_empty(k, tp, dtype=FP8_DTYPE),
+            x.new_empty(k, tp // GROUP, dtype=torch.float32))
+
+
+@cast_1x128.register_fake
+def _(x, pow2_scale):
+    return _fake_rowwise(x)
+
+
+@torch.library.custom_op("fp8train::cast_1x128_colwise", mutates_args=())
+def cast_1x128_colwise(x: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
+    """Column-wise cast of x [T, K] -> ([K, Tp] e4m3, [K, Tp/128] f32), Tp = T padded to 128."""
+    with _run_scope(x.device, ""):
+        return _colwise(x, pow2_scale)
+
+
+@cast_1x128_colwise.register_fake
+def _(x, pow2_scale):
+    return _fake_colwise(x)
+
+
+@torch.library.custom_op("fp8train::cast_1x128_both", mutates_args=())
+def cast_1x128_both(x: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both layouts of x [T, K] in one op: row-wise (along K) and column-wise (along T,
+    padded). One op, so a fused cast+transpose kernel can replace it (one read of x)."""
+    with _run_scope(x.device, ""):
+        x_fp8, x_scale = _casts.per_token_cast(x, pow2_scale=pow2_scale)
+        xt_fp8, xt_scale = _colwise(x, pow2_scale)
+    return x_fp8, x_scale, xt_fp8, xt_scale
+
+
+@cast_1x128_both.register_fake
+def _(x, pow2_scale):
+    return (*_fake_rowwise(x), *_fake_colwise(x))
+
+
+@torch.library.custom_op("fp8train::cast_128x128", mutates_args=())
+def cast_128x128(w: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
+    """128x128 block cast of a weight [N, K] or expert stack [G, N, K]."""
+    with _run_scope(w.device, ""):
+        return _casts.per_block_cast(w, pow2_scale=pow2_scale)
+
+
+@cast_128x128.register_fake
+def _(w, pow2_scale):
+    n, k = w.shape[-2:]
+    grid = (_ceil_to(n, GROUP) // GROUP, _ceil_to(k, GROUP) // GROUP)
+    return (w.new_empty(w.shape, dtype=FP8_DTYPE),
+            w.new_empty(*w.shape[:-2], *grid, dtype=torch.float32))
+
+
+# --------------------------------------------------------------------------- GEMMs
+@torch.library.custom_op("fp8train::gemm_nt", mutates_args=())
+def gemm_nt(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
+            out_dtype: torch.dtype, backend: str) -> Tensor:
+    """``fp8_gemm_nt`` returning a new [M, N] tensor of ``out_dtype``."""
+    with _run_scope(a.device, backend):
+        return _gemm.fp8_gemm_nt((a, a_scale), (b, b_scale), out_dtype=out_dtype)
+
+
+@gemm_nt.register_fake
+def _(a, a_scale, b, b_scale, out_dtype, backend):
+    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("fp8train::gemm_nt_accumulate_", mutates_args=("out",))
+def gemm_nt_accumulate_(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
+                        out: Tensor, backend: str) -> None:
+    """``out += a @ b.T`` in FP32 (wgrad into ``main_grad``)."""
+    with _run_scope(a.device, backend):
+        _gemm.fp8_gemm_nt((a, a_scale), (b, b_scale), out, accumulate=True)
+
+
+@gemm_nt_accumulate_.register_fake
+def _(a, a_scale, b, b_scale, out, backend):
+    return None
+
+
+@torch.library.custom_op("fp8train::m_grouped_gemm_nt_contiguous", mutates_args=())
+def m_grouped_gemm_nt_contiguous(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
+                                 group_offsets: Tensor, backend: str) -> Tensor:
+    """MoE fprop/dgrad on the contiguous layout: bf16 [M, N]."""
+    with _run_scope(a.device, backend):
+        return _gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets)
+
+
+@m_grouped_gemm_nt_contiguous.register_fake
+def _(a, a_scale, b, b_scale, group_offsets, backend):
+    return a.new_empty(a.shape[0], b.shape[1], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("fp8train::k_grouped_gemm_nt_contiguous", mutates_args=())
+def k_grouped_gemm_nt_contiguous(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
+                                 group_offsets: Tensor, backend: str) -> Tensor:
+    """MoE wgrad: float32 [G, N, K] from 1x128-along-T operands a [N, T], b [K, T]."""
+    with _run_scope(a.device, backend):
+        return _gemm.k_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets)
+
+
+@k_grouped_gemm_nt_contiguous.register_fake
+def _(a, a_scale, b, b_scale, group_offsets, backend):
+    return a.new_empty(group_offsets.shape[0] - 1, a.shape[0], b.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fp8train::k_grouped_gemm_nt_accumulate_", mutates_args=("out",))
+def k_grouped_gemm_nt_accumulate_(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
+                                  group_offsets: Tensor, out: Tensor, backend: str) -> None:
+    """MoE wgrad added in FP32 into ``out`` [G, N, K] (``main_grad``)."""
+    with _run_scope(a.device, backend):
+        _gemm.k_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets, out,
+                                               accumulate=True)
+
+
+@k_grouped_gemm_nt_accumulate_.register_fake
+def _(a, a_scale, b, b_scale, group_offsets, out, backend):
+    return None
+
+
+def transpose_128x128(w_fp8: Tensor, w_scale: Tensor) -> Tuple[Tensor, Tensor]:
+    """The exact FP8 copy of W^T from W's 128x128 cast: each block's scale covers the same
+    elements after transposing, so transposing data and scale grid loses nothing."""
+    return (w_fp8.transpose(-1, -2).contiguous(), w_scale.transpose(-1, -2).contiguous())

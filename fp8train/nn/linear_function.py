@@ -1,0 +1,179 @@
+"""``FP8LinearFunction``: y = x W^T + b with all three GEMMs in FP8 (DeepSeek-V3 recipe).
+
+    fprop  y  = gemm(x_q[1x128 along K],        W_q[128x128])
+    dgrad  dx = gemm(dy_q[1x128 along N],       (W^T)_q[128x128])   exact transpose of W_q
+    wgrad  dW = gemm((dy^T)_q[1x128 along T],   (x^T)_q[1x128 along T])   FP32 out
+
+Saved for backward: x^T in FP8 (cast in the same op as the forward's row-wise copy) and
+either the master weight (already alive as a parameter: no extra memory, W is re-cast in
+backward) or, with ``recipe.save_fp8_weight``, W^T in FP8. No high-precision activation is
+kept unless the recipe runs wgrad in high precision.
+
+The wgrad contraction runs over tokens, which must be a multiple of 128: the column-wise
+casts pad T with zero rows (zero rows change no scale and add nothing to dW).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._checks import FLOAT_DTYPES, check_tensor
+from . import _custom_ops as ops
+from .recipe import FP8Recipe
+
+GROUP = 128
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype nn.Linear would produce: autocast's dtype when autocast is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def gemm_out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The GEMMs write BF16 or FP32; anything but a BF16 result is produced in FP32 and
+    rounded once to its dtype (FP16 through BF16 would round twice)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+class FP8LinearFunction(torch.autograd.Function):
+    """Autograd of ``y = x @ weight.T + bias`` on FP8 GEMMs.
+
+    ``apply(x, weight, bias, recipe, out_dtype)``: x ``[..., K]``, weight ``[N, K]`` with N
+    and K multiples of 128, bias ``[N]`` or None, ``out_dtype`` the result's dtype (see
+    ``compute_dtype``). Prefer ``fp8_linear``, which checks its arguments.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype):
+        n, k = weight.shape
+        x_hp = x.reshape(-1, k)  # [T, K]
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dw = need_dw or (recipe.accumulate_into_main_grad and weight.requires_grad)
+        pow2, backend = recipe.pow2_scale, recipe.backend_arg
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xt_fp8 = xt_scale = w_fp8 = w_scale = None
+            if recipe.fprop_fp8 and need_dw and recipe.wgrad_fp8:
+                x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_both(x_hp, pow2)
+            elif recipe.fprop_fp8:
+                x_fp8, x_scale = ops.cast_1x128(x_hp, pow2)
+            elif need_dw and recipe.wgrad_fp8:
+                xt_fp8, xt_scale = ops.cast_1x128_colwise(x_hp, pow2)
+
+            if recipe.fprop_fp8:
+                w_fp8, w_scale = ops.cast_128x128(weight, pow2)
+                # Bias is added in FP32 before the single rounding to out_dtype.
+                y_dtype = gemm_out_dtype(out_dtype) if bias is None else torch.float32
+                y = ops.gemm_nt(x_fp8, x_scale, w_fp8, w_scale, y_dtype, backend)
+                if bias is not None:
+                    y = y + bias.float()
+                y = y.to(out_dtype)
+            else:
+                y = torch.nn.functional.linear(
+                    x_hp.to(out_dtype), weight.to(out_dtype),
+                    None if bias is None else bias.to(out_dtype))
+
+            # What backward reads; None where a gradient is not needed.
+            x_hp_saved = x_hp if (need_dw and not recipe.wgrad_fp8) else None
+            w_t_fp8 = w_t_scale = weight_saved = None
+            if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
+                if w_fp8 is None:
+                    w_fp8, w_scale = ops.cast_128x128(weight, pow2)
+                w_t_fp8, w_t_scale = ops.transpose_128x128(w_fp8, w_scale)
+            elif need_dx or recipe.accumulate_into_main_grad:
+                weight_saved = weight
+        ctx.save_for_backward(xt_fp8, xt_scale, x_hp_saved, w_t_fp8, w_t_scale, weight_saved)
+        ctx.recipe = recipe
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.w_dtype, ctx.has_bias = weight.dtype, bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.num_tokens = x_hp.shape[0]
+        ctx.need_dw = need_dw
+        return y.reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight = ctx.saved_tensors
+        recipe: FP8Recipe = ctx.recipe
+        pow2, backend = recipe.pow2_scale, recipe.backend_arg
+        n = grad_out.shape[-1]
+        k = ctx.x_shape[-1]
+        # Autograd may hand an expanded (stride-0) gradient; the GEMMs need K-major rows.
+        grad_out_hp = grad_out.reshape(-1, n).contiguous()  # [T, N]
+        need_dx = ctx.needs_input_grad[0]
+        need_dw = ctx.need_dw
+        need_db = ctx.has_bias and ctx.needs_input_grad[2]
+        dx = dw = db = None
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            dy_fp8 = dy_scale = dyt_fp8 = dyt_scale = None
+            dgrad_q = need_dx and recipe.dgrad_fp8
+            wgrad_q = need_dw and recipe.wgrad_fp8 and ctx.num_tokens > 0
+            if dgrad_q and wgrad_q:
+                dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_both(grad_out_hp, pow2)
+            elif dgrad_q:
+                dy_fp8, dy_scale = ops.cast_1x128(grad_out_hp, pow2)
+            elif wgrad_q:
+                dyt_fp8, dyt_scale = ops.cast_1x128_colwise(grad_out_hp, pow2)
+
+            if need_dx:
+                if recipe.dgrad_fp8:
+                    if w_t_fp8 is None:
+                        w_t_fp8, w_t_scale = ops.transpose_128x128(
+                            *ops.cast_128x128(weight, pow2))
+                    dx = ops.gemm_nt(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
+                                     gemm_out_dtype(ctx.x_dtype), backend)
+                else:
+                    dx = grad_out_hp @ weight.to(grad_out_hp.dtype)
+                dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
+
+            if need_dw:
+                if recipe.accumulate_into_main_grad:
+                    if wgrad_q:
+                        ops.gemm_nt_accumulate_(dyt_fp8, dyt_scale, xt_fp8, xt_scale,
+                                                weight.main_grad, backend)
+                elif not recipe.wgrad_fp8:
+                    dw = (grad_out_hp.float().t() @ x_hp.float()).to(ctx.w_dtype)
+                elif wgrad_q:
+                    dw = ops.gemm_nt(dyt_fp8, dyt_scale, xt_fp8, xt_scale,
+                                     torch.float32, backend).to(ctx.w_dtype)
+                else:  # no tokens: an empty contraction
+                    dw = grad_out_hp.new_zeros(n, k, dtype=ctx.w_dtype)
+
+            if need_db:
+                db = grad_out_hp.float().sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               recipe: Optional[FP8Recipe] = None) -> torch.Tensor:
+    """``F.linear`` on FP8 GEMMs: x ``[..., K]`` (any float dtype, any leading shape),
+    weight ``[N, K]`` (N, K multiples of 128), bias ``[N]`` or None.
+
+    The result has x's dtype, or autocast's dtype inside ``torch.autocast``.
+    """
+    recipe = FP8Recipe() if recipe is None else recipe
+    if not isinstance(recipe, FP8Recipe):
+        raise TypeError(f"recipe: expected an FP8Recipe or None, got {type(recipe).__name__}")
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndims=(2,))
+    n, k = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x: expected shape [..., {k}] to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(x.shape)}")
+    if recipe.any_fp8 and (n % GROUP or k % GROUP or n == 0 or k == 0):
+        raise ValueError(f"weight: FP8 GEMMs need out_features and in_features to be positive "
+                         f"multiples of {GROUP}, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndims=(1,))
+        if bias.shape[0] != n:
+            raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
+    if recipe.accumulate_into_main_grad and weight.requires_grad:
+        main_grad = getattr(weight, "main_grad", None)
+        if not isinstance(main_grad, torch.Tensor) or main_grad.dtype != torch.float32 \
+                or main_grad.shape != weight.shape:
+            raise ValueError("weight.main_grad: accumulate_into_main_grad needs a float32 "
+                             f"tensor of shape {tuple(weight.shape)}, got "
+                             f"{getattr(main_grad, 'dtype', main_grad)!r}")
+    return FP8LinearFunction.apply(x, weight, bias, recipe, compute_dtype(x))
