@@ -10,7 +10,12 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fp8train", "fp8train.*"]),
+    packages=find_packages(include=["fp8train", "fp8train.*"]) + ["fp8train.csrc"],
+    # The CUDA sources ship as data inside the wheel (fp8train/csrc); the JIT compiles them at
+    # first use (fp8train.ops.jit.csrc_dir finds them there or in the source tree).
+    package_dir={"fp8train.csrc": "csrc"},
+    package_data={"fp8train.csrc": ["*.cuh", "*.cu", "*.h", "*.hpp", "**/*.cuh", "**/*.cu",
+                                    "**/*.h", "**/*.hpp"]},
     install_requires=[
         "torch>=2.9,<3",
         "accelerate>=1.0",
@@ -18,8 +23,9 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
+        "cuda-bindings>=12.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm"],
     },
 )

@@ -1,5 +1,6 @@
 """FP8 GEMM operators and their dispatch (native kernels, cuBLAS, reference emulation)."""
 from .backend import get_backend, set_backend
+from .jit.device import get_num_sms, set_num_sms
 from .gemm import (
     fp8_gemm_nt,
     k_grouped_fp8_gemm_nt_contiguous,
@@ -14,4 +15,6 @@ __all__ = [
     "k_grouped_fp8_gemm_nt_contiguous",
     "set_backend",
     "get_backend",
+    "set_num_sms",
+    "get_num_sms",
 ]
