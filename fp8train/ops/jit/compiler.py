@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ... import _env
-from . import cache
+from . import cache, toolkit
 from .ptxas import parse_ptxas_report
 from .toolkit import nvcc_path
 
@@ -89,6 +89,7 @@ def _reset_process_caches() -> None:
     _IDENTITY.clear()
     _HEADERS.clear()
     _MEMO.clear()
+    toolkit._RESOLVED.clear()
 
 
 def _log(message: str) -> None:
