@@ -26,6 +26,9 @@ setup(
         "cuda-bindings>=12.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm"],
+        # recipes/compare.py's loss-curve PNG (the tests run it, so "test" has it too).
+        "recipes": ["matplotlib>=3.5"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.5",
+                 "nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm"],
     },
 )

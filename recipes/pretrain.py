@@ -1,0 +1,256 @@
+"""Pretrain a Llama-style decoder in fine-grained FP8 (or BF16, to compare), on byte-level text.
+
+One process (CPU, or one GPU):
+    accelerate launch recipes/pretrain.py --config recipes/configs/tiny.yaml
+    python recipes/pretrain.py --config recipes/configs/tiny.yaml --precision bf16 max_steps=50
+Several GPUs (DDP, or FSDP2):
+    accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes 8 \\
+        recipes/pretrain.py --config recipes/configs/1b.yaml
+    accelerate launch --config_file recipes/accelerate/fsdp2.yaml recipes/pretrain.py --config recipes/configs/1b.yaml
+Two CPU processes on gloo (the reference FP8 path):
+    accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml recipes/pretrain.py --config recipes/configs/tiny.yaml
+Continue a run from its latest checkpoint:
+    accelerate launch recipes/pretrain.py --config recipes/configs/tiny.yaml --resume
+Compare an FP8 run with its BF16 twin:
+    python recipes/compare.py runs/tiny-fp8 runs/tiny-bf16
+
+Overrides are ``key=value`` (``lr=1e-3``, ``model.dim=256``); see recipes/config.py for every key.
+Everything a run writes goes to ``<out_dir>/<run_name>/``: config.yaml, metrics.jsonl,
+summary.json, checkpoints/step_N/ and, for FP8 runs, model_fp8.safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+# Run as a script, Python puts recipes/ on sys.path, not the repository root that holds the
+# `recipes` package: add the root so the imports below work either way.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import fp8train  # noqa: E402
+from recipes.checkpoint import TrainState, latest_checkpoint, save_checkpoint  # noqa: E402
+from recipes.config import PRECISIONS, ConfigError, config_diff, config_from_dict, load_config  # noqa: E402
+from recipes.data import Batches, load_corpus  # noqa: E402
+from recipes.metrics import MetricsLog, Throughput, peak_memory_gb  # noqa: E402
+from recipes.model import Transformer  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Overrides: key=value, e.g. lr=1e-3 model.dim=256 max_steps=50")
+    p.add_argument("--config", required=True, help="YAML override file, e.g. recipes/configs/tiny.yaml")
+    p.add_argument("--precision", choices=PRECISIONS, help="overrides the config's precision")
+    p.add_argument("--data", help="text file or folder to train on (default: the stdlib sources)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    # Intermixed: overrides may come before or after the flags.
+    return p.parse_intermixed_args(argv)
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, precision=args.precision, data=args.data)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+
+    # -- launch: FP32 master weights, BF16 autocast for both precisions ------------------------
+    accelerator = Accelerator(
+        mixed_precision="bf16",
+        # Without a CUDA GPU, say so: only then does accelerate join several processes over
+        # gloo (MULTI_CPU) instead of running each as a separate single-process job.
+        cpu=not torch.cuda.is_available(),
+        log_with=[t.strip() for t in cfg.log_with.split(",") if t.strip()] or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "trackers")))
+    main_proc = accelerator.is_main_process
+    resume_from = None
+    if args.resume:
+        resume_from = latest_checkpoint(run_dir)
+        saved = config_from_dict(yaml.safe_load((resume_from / "config.yaml").read_text()))
+        diff = config_diff(saved, cfg)
+        if diff:
+            sys.exit(f"--resume: the config differs from the one {resume_from} was saved with "
+                     f"(changing these would change the curve being resumed): {diff}")
+    if main_proc:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    accelerator.print(f"run {run_dir} | {accelerator.num_processes} process(es) on "
+                      f"{accelerator.device} | {accelerator.distributed_type}")
+
+    # -- data: byte tokens, a fixed split; each batch a function of (seed, step, rank) -----------
+    corpus = load_corpus(cfg.data, cfg.data_max_bytes, cfg.val_fraction, min_tokens=cfg.seq_len + 1)
+    batches = Batches(corpus, cfg.seq_len, cfg.micro_batch_size, cfg.seed,
+                      rank=accelerator.process_index, device=accelerator.device)
+    tokens_per_step = cfg.micro_batch_size * cfg.seq_len * cfg.grad_accum_steps * accelerator.num_processes
+    accelerator.print(f"data: {corpus.description}; train {len(corpus.train):,} / val "
+                      f"{len(corpus.val):,} tokens; {tokens_per_step:,} tokens per step")
+
+    # -- model: the same init on every process, then FP8 conversion -----------------------------
+    set_seed(cfg.seed)
+    model = Transformer(cfg.model, max_seq_len=cfg.seq_len)
+    n_params = model.num_params()
+    if cfg.precision == "fp8":
+        accelerator.print(convert_to_fp8(model))
+    accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, precision {cfg.precision}")
+
+    # -- optimizer: AdamW on the FP32 master weights; decay matrices, not norms -----------------
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+        fused=accelerator.device.type == "cuda")
+    # The LR schedule is lr_at(step), set by hand each step: nothing to prepare or save for it.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.compile:
+        model = torch.compile(model)
+    state = TrainState(accelerator.device)
+    accelerator.register_for_checkpointing(state)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    config_yaml = cfg.to_yaml()
+    metrics = MetricsLog(run_dir / "metrics.jsonl", main_proc, state.step if resume_from else None)
+    accelerator.init_trackers(cfg.run_name, config={k: v for k, v in cfg.to_dict().items() if k != "model"}
+                              | {f"model.{k}": v for k, v in cfg.to_dict()["model"].items()})
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        losses = torch.zeros(cfg.eval_batches, device=accelerator.device)
+        for i in range(cfg.eval_batches):
+            _, losses[i] = model(*batches.get("val", i))
+        model.train()
+        return accelerator.reduce(losses.mean(), reduction="mean").item()
+
+    # -- train -----------------------------------------------------------------------------------
+    last_step = min(cfg.max_steps, cfg.stop_after_steps or cfg.max_steps)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (main_proc and cfg.progress_bar),
+               dynamic_ncols=True, desc=cfg.run_name)
+    speed = Throughput()
+    start_time = time.perf_counter()
+    record = {}
+    model.train()
+    while state.step < last_step:
+        step = state.step  # 0-based index of the step being taken
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.grad_accum_steps):
+            x, y = batches.get("train", step, micro)
+            # Gradients sync across processes only on the last micro-step.
+            sync = micro == cfg.grad_accum_steps - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                _, loss = model(x, y)
+                accelerator.backward(loss / cfg.grad_accum_steps)
+            state.loss_sum += loss.detach() / cfg.grad_accum_steps
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step, state.tokens = step + 1, state.tokens + tokens_per_step
+        state.loss_steps += 1
+        speed.add(tokens_per_step)
+        bar.update(1)
+        done = state.step
+
+        if done % cfg.log_interval == 0 or done == 1 or done == last_step:
+            # Mean over the steps since the last record and over processes (.item() syncs).
+            loss_val = accelerator.reduce(state.loss_sum, reduction="mean").item() / state.loss_steps
+            state.loss_sum.zero_()
+            state.loss_steps = 0
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"the training loss is {loss_val} at step {done}: diverged")
+            mem_gb, mem_kind = peak_memory_gb(accelerator.device)
+            record = {"step": done, "loss": loss_val, "lr": lr, "tokens": state.tokens,
+                      "grad_norm": None if grad_norm is None else float(grad_norm),
+                      "tokens_per_s": speed.lap(), "peak_mem_gb": mem_gb, "mem_kind": mem_kind,
+                      "time_s": time.perf_counter() - start_time}
+            metrics.write(record)
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
+            bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                            mem=f"{mem_gb:.2f}GB")
+        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            val_loss = evaluate()
+            metrics.write({"step": done, "val_loss": val_loss})
+            accelerator.log({"val_loss": val_loss}, step=done)
+            if main_proc:
+                tqdm.write(f"step {done}: val loss {val_loss:.4f}")
+            speed.restart()
+        if done % cfg.checkpoint_interval == 0 or done == last_step:
+            save_checkpoint(accelerator, run_dir, done, config_yaml, cfg.keep_checkpoints)
+            speed.restart()
+    bar.close()
+
+    # -- the end: a summary for compare.py, and the FP8 export ----------------------------------
+    mem_gb, mem_kind = peak_memory_gb(accelerator.device)
+    summary = {"run": cfg.run_name, "precision": cfg.precision, "steps": state.step,
+               "max_steps": cfg.max_steps, "params": n_params, "tokens": state.tokens,
+               "processes": accelerator.num_processes, "device": str(accelerator.device),
+               "tokens_per_s": speed.steady(), "peak_mem_gb": mem_gb, "mem_kind": mem_kind,
+               "final_loss": record.get("loss"), "data_digest": corpus.digest,
+               "wall_s": time.perf_counter() - start_time}
+    if state.step == cfg.max_steps and cfg.precision == "fp8":
+        summary["fp8_export"] = export_fp8(accelerator, model, cfg, run_dir)
+    if main_proc:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    accelerator.print(f"done: step {state.step}/{cfg.max_steps}, loss {summary['final_loss']}, "
+                      f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, peak memory {mem_gb:.2f} GB "
+                      f"({mem_kind}) -> {run_dir}")
+    accelerator.end_training()
+    return run_dir
+
+
+def convert_to_fp8(model: torch.nn.Module):
+    """fp8train.convert_to_fp8, with a clear message where this fp8train does not have it."""
+    convert = getattr(fp8train, "convert_to_fp8", None)
+    if convert is None:
+        sys.exit("precision=fp8 needs fp8train.convert_to_fp8, which this fp8train install does "
+                 "not have; run with --precision bf16")
+    return convert(model)
+
+
+def export_fp8(accelerator, model, cfg, run_dir: Path) -> str | None:
+    """Write the final weights in the Hugging Face fine-grained FP8 format (model_fp8.safetensors).
+
+    The full state dict is gathered (sharded under FSDP) and loaded into a fresh converted model
+    on the main process, so the export sees whole weights however training was distributed.
+    """
+    export = getattr(fp8train, "export_fp8_safetensors", None)
+    if export is None:
+        accelerator.print("fp8train.export_fp8_safetensors is not available: FP8 export skipped")
+        return None
+    state_dict = accelerator.get_state_dict(model)
+    path = run_dir / "model_fp8.safetensors"
+    if accelerator.is_main_process:
+        fresh = Transformer(cfg.model, max_seq_len=cfg.seq_len)
+        convert_to_fp8(fresh)
+        fresh.load_state_dict(state_dict)
+        export(fresh, str(path))
+        accelerator.print(f"exported FP8 weights -> {path}")
+    accelerator.wait_for_everyone()
+    return str(path)
+
+
+if __name__ == "__main__":
+    main()
