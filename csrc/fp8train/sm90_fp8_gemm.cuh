@@ -1,14 +1,17 @@
 // Dense FP8 GEMM D = A * B^T for sm_90a with DeepSeek-V3 fine-grained scaling.
 //
-// A [M, K] e4m3 with 1x128 scales (row-major [M, K/128]); B [N, K] e4m3 with either
-// 128x128 scales ([ceil(N/128), K/128], "1D2D": fprop/dgrad, BF16 out) or 1x128 scales
-// ([N, K/128], "1D1D": wgrad, FP32 out, optionally accumulated into D).
+// A [M, K] e4m3 with 1x128 scales; B [N, K] e4m3 with either 128x128 scales
+// ([ceil(N/128), K/128] row-major, "1D2D": fprop/dgrad, BF16 out) or 1x128 scales ("1D1D":
+// wgrad, FP32 out, optionally accumulated into D). 1x128 scales are read MN-major
+// ([K/128, M] with a leading dimension that is a multiple of 4) so that one TMA box brings
+// a stage's scales along with its tiles.
 //
-// Persistent and warp-specialised: the last warpgroup produces (one warp issues TMA for the
-// A/B tiles and gathers the scales of each 128-wide K block into the same pipeline stage),
-// BLOCK_M/64 math warpgroups consume. Each K block's wgmma partial sum (FP32, reset per
-// block) is promoted on CUDA cores: scaled by scale_a * scale_b and added into a second FP32
-// accumulator, after the stage has been released so the producer refills it meanwhile.
+// Persistent and warp-specialised: one thread of the last warpgroup issues TMA for A, B and
+// their 1x128 scales into a ring of stages; BLOCK_M/64 math warpgroups consume. Each K
+// block's wgmma partial sum (FP32, reset per block) is promoted on CUDA cores: scaled by
+// scale_a * scale_b and added into a second FP32 accumulator, after the stage has been
+// released so the producer refills it meanwhile. 1D2D tiles leave through shared memory and
+// a TMA store that overlaps the next tile's main loop.
 #pragma once
 
 #include <cstdint>
@@ -29,17 +32,23 @@ struct Sm90Fp8Gemm {
     static constexpr uint32_t kNumMathThreads = kNumMathGroups * 128;
     static constexpr uint32_t kNumThreads = kNumMathThreads + 128;
     static constexpr uint32_t kNumNScaleBlocks = (SHAPE_N + 127) / 128;
-    // Per stage: A tile, B tile (both 128-byte rows, TMA-swizzled), then their scales.
     static constexpr uint32_t kTileABytes = BLOCK_M * BLOCK_K;
     static constexpr uint32_t kTileBBytes = BLOCK_N * BLOCK_K;
-    static constexpr uint32_t kScaleBFloats = SCALE_B_1X128 ? BLOCK_N : 2;
+    static constexpr uint32_t kScaleABytes = BLOCK_M * 4;
+    static constexpr uint32_t kScaleBBytes = SCALE_B_1X128 ? BLOCK_N * 4 : 0;
+    static constexpr uint32_t kStageBytes = kTileABytes + kTileBBytes + kScaleABytes + kScaleBBytes;
+    static constexpr uint32_t kOutTileBytes = SCALE_B_1X128 ? 0 : BLOCK_M * BLOCK_N * 2;
     static constexpr uint32_t kAccum = BLOCK_N / 2;  // FP32 accumulator registers per thread
-    // A 128x128 scale block boundary falls inside a tile unless BLOCK_N divides 128.
+    // With 128x128 B scales a tile spans at most two scale blocks: its start offset inside a
+    // block is at most 128 - gcd(BLOCK_N, 128).
+    static constexpr uint32_t kGcdN128 = (BLOCK_N & -BLOCK_N) < 128 ? (BLOCK_N & -BLOCK_N) : 128;
     static constexpr bool kMayStraddle = !SCALE_B_1X128 && (128 % BLOCK_N != 0);
 
     static_assert(SHAPE_K % BLOCK_K == 0 && SHAPE_K > 0, "K must be a positive multiple of 128");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M must be 64 or 128");
     static_assert(BLOCK_N % 8 == 0 && BLOCK_N >= 8 && BLOCK_N <= 256, "BLOCK_N: multiple of 8 in [8, 256]");
+    static_assert(SCALE_B_1X128 || BLOCK_N <= 128 + kGcdN128,
+                  "1D2D: a BLOCK_N tile must never span three 128x128 scale blocks");
     static_assert(SHAPE_N % 8 == 0, "N must be a multiple of 8");
     static_assert(kTileABytes % 1024 == 0 && kTileBBytes % 1024 == 0, "tiles must keep 1024-byte swizzle alignment");
 
@@ -48,8 +57,9 @@ struct Sm90Fp8Gemm {
         static constexpr uint32_t kA = 0;
         static constexpr uint32_t kB = kA + NUM_STAGES * kTileABytes;
         static constexpr uint32_t kScaleA = kB + NUM_STAGES * kTileBBytes;
-        static constexpr uint32_t kScaleB = kScaleA + NUM_STAGES * BLOCK_M * 4;
-        static constexpr uint32_t kFull = (kScaleB + NUM_STAGES * kScaleBFloats * 4 + 7) / 8 * 8;
+        static constexpr uint32_t kScaleB = kScaleA + NUM_STAGES * kScaleABytes;
+        static constexpr uint32_t kOut = (kScaleB + NUM_STAGES * kScaleBBytes + 1023) / 1024 * 1024;
+        static constexpr uint32_t kFull = kOut + kOutTileBytes;
         static constexpr uint32_t kEmpty = kFull + NUM_STAGES * 8;
         static constexpr uint32_t kBytes = kEmpty + NUM_STAGES * 8;
     };
@@ -58,33 +68,34 @@ struct Sm90Fp8Gemm {
 };
 
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
-          uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, typename OutT,
-          typename Wgmma>
-__device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __restrict__ scale_a,
-                                              const float* __restrict__ scale_b, OutT* __restrict__ out,
-                                              const CUtensorMap* tmap_a, const CUtensorMap* tmap_b) {
+          uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, typename Wgmma>
+__device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __restrict__ scale_b,
+                                              float* __restrict__ out_f32,
+                                              const CUtensorMap* tmap_a, const CUtensorMap* tmap_b,
+                                              const CUtensorMap* tmap_scale_a,
+                                              const CUtensorMap* tmap_scale_b,
+                                              const CUtensorMap* tmap_out) {
     using G = Sm90Fp8Gemm<BLOCK_M, BLOCK_N, NUM_STAGES, SHAPE_N, SHAPE_K, SCALE_B_1X128, ACCUMULATE, GROUP_N>;
     using S = typename G::SharedStorage;
     constexpr uint32_t kNumKBlocks = G::kNumKBlocks;
-    static_assert(!SCALE_B_1X128 || sizeof(OutT) == 4, "1D1D (wgrad) writes FP32");
-    static_assert(!ACCUMULATE || sizeof(OutT) == 4, "accumulation is into FP32 only");
+    static_assert(!ACCUMULATE || SCALE_B_1X128, "only the FP32 (1D1D) output accumulates");
 
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kFull);
     uint64_t* empty = reinterpret_cast<uint64_t*>(smem + S::kEmpty);
-    float* scale_a_smem = reinterpret_cast<float*>(smem + S::kScaleA);
-    float* scale_b_smem = reinterpret_cast<float*>(smem + S::kScaleB);
 
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const bool is_producer = threadIdx.x >= G::kNumMathThreads;
 
     if (threadIdx.x == G::kNumMathThreads) {
         prefetch_tma_descriptor(tmap_a);
         prefetch_tma_descriptor(tmap_b);
+        prefetch_tma_descriptor(tmap_scale_a);
+        if constexpr (SCALE_B_1X128) prefetch_tma_descriptor(tmap_scale_b);
+        else prefetch_tma_descriptor(tmap_out);
         for (uint32_t s = 0; s < NUM_STAGES; ++s) {
-            mbar_init(&full[s], 32);                      // the producer warp's 32 lanes
-            mbar_init(&empty[s], G::kNumMathThreads / 32);  // one arrival per math warp
+            mbar_init(&full[s], 1);                          // the producer's arrive + TMA bytes
+            mbar_init(&empty[s], G::kNumMathThreads / 32);   // one arrival per math warp
         }
         fence_barrier_init();
     }
@@ -92,38 +103,24 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
 
     const TileScheduler<BLOCK_M, BLOCK_N, SHAPE_N, GROUP_N> scheduler(shape_m);
 
-    if (is_producer) {
+    if (threadIdx.x >= G::kNumMathThreads) {
         release_registers<40>();
-        if (warp != G::kNumMathThreads / 32) return;  // one producer warp does all the work
+        if (threadIdx.x != G::kNumMathThreads) return;  // one thread issues every copy
         uint32_t iter = 0;
         for (uint32_t tile = blockIdx.x; tile < scheduler.num_tiles; tile += gridDim.x) {
             uint32_t m_block, n_block;
             scheduler.tile_coords(tile, m_block, n_block);
-            const uint32_t m0 = m_block * BLOCK_M, n0 = n_block * BLOCK_N;
+            const int32_t m0 = m_block * BLOCK_M, n0 = n_block * BLOCK_N;
             for (uint32_t kb = 0; kb < kNumKBlocks; ++kb, ++iter) {
                 const uint32_t stage = iter % NUM_STAGES, round = iter / NUM_STAGES;
                 mbar_wait(&empty[stage], (round & 1) ^ 1);
-                if (lane == 0) {
-                    mbar_expect_tx(&full[stage], G::kTileABytes + G::kTileBBytes);
-                    tma_load_2d(tmap_a, &full[stage], smem + S::kA + stage * G::kTileABytes, kb * 128, m0);
-                    tma_load_2d(tmap_b, &full[stage], smem + S::kB + stage * G::kTileBBytes, kb * 128, n0);
-                }
-                // Scales are read row-major as callers store them; rows past the end are
-                // clamped (their A/B data is zero-filled by TMA, so the scale is irrelevant).
-                for (uint32_t i = lane; i < BLOCK_M; i += 32) {
-                    const uint32_t row = min(m0 + i, shape_m - 1);
-                    scale_a_smem[stage * BLOCK_M + i] = __ldg(scale_a + row * kNumKBlocks + kb);
-                }
-                if constexpr (SCALE_B_1X128) {
-                    for (uint32_t i = lane; i < BLOCK_N; i += 32) {
-                        const uint32_t col = min(n0 + i, SHAPE_N - 1);
-                        scale_b_smem[stage * BLOCK_N + i] = __ldg(scale_b + col * kNumKBlocks + kb);
-                    }
-                } else if (lane < 2) {
-                    const uint32_t nb = min(n0 / 128 + lane, G::kNumNScaleBlocks - 1);
-                    scale_b_smem[stage * 2 + lane] = __ldg(scale_b + nb * kNumKBlocks + kb);
-                }
-                mbar_arrive(&full[stage]);
+                uint64_t* bar = &full[stage];
+                mbar_arrive_expect_tx(bar, G::kStageBytes);
+                tma_load_2d(tmap_a, bar, smem + S::kA + stage * G::kTileABytes, kb * 128, m0);
+                tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, n0);
+                tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleABytes, m0, kb);
+                if constexpr (SCALE_B_1X128)
+                    tma_load_2d(tmap_scale_b, bar, smem + S::kScaleB + stage * G::kScaleBBytes, n0, kb);
             }
         }
         return;
@@ -140,14 +137,23 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
         uint32_t m_block, n_block;
         scheduler.tile_coords(tile, m_block, n_block);
         const uint32_t m0 = m_block * BLOCK_M, n0 = n_block * BLOCK_N;
-        // Columns at or past `split` (tile-relative) use the next 128x128 scale block.
+        // 1D2D: columns at or past `split` (tile-relative) use the next 128x128 scale block.
         const uint32_t split = G::kMayStraddle ? (n0 / 128 + 1) * 128 - n0 : BLOCK_N;
+        const float* scale_b_lo = scale_b + min(n0 / 128, G::kNumNScaleBlocks - 1) * kNumKBlocks;
+        const float* scale_b_hi = scale_b + min(n0 / 128 + 1, G::kNumNScaleBlocks - 1) * kNumKBlocks;
 
 #pragma unroll
         for (uint32_t i = 0; i < G::kAccum; ++i) accum[i] = 0.0f;
 
         for (uint32_t kb = 0; kb < kNumKBlocks; ++kb, ++iter) {
             const uint32_t stage = iter % NUM_STAGES, round = iter / NUM_STAGES;
+            // 128x128 B scales are two floats per K block, the same for every thread: read
+            // them through L1 before waiting so the latency hides behind the wait.
+            float sb_lo = 0.0f, sb_hi = 0.0f;
+            if constexpr (!SCALE_B_1X128) {
+                sb_lo = __ldg(scale_b_lo + kb);
+                sb_hi = G::kMayStraddle ? __ldg(scale_b_hi + kb) : sb_lo;
+            }
             mbar_wait(&full[stage], round & 1);
 
             const uint64_t desc_a = smem_desc_k_major_sw128(smem + S::kA + stage * G::kTileABytes + group * 64 * 128);
@@ -166,13 +172,14 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             wgmma_wait<0>();
 
             // Read this stage's scales, then hand the stage back before promoting.
-            const float sa0 = scale_a_smem[stage * BLOCK_M + row_in_tile];
-            const float sa1 = scale_a_smem[stage * BLOCK_M + row_in_tile + 8];
+            const float* scale_a_smem = reinterpret_cast<const float*>(smem + S::kScaleA + stage * G::kScaleABytes);
+            const float sa0 = scale_a_smem[row_in_tile], sa1 = scale_a_smem[row_in_tile + 8];
             if constexpr (SCALE_B_1X128) {
+                const float* scale_b_smem = reinterpret_cast<const float*>(smem + S::kScaleB + stage * G::kScaleBBytes);
                 float2 sb[G::kAccum / 4];
 #pragma unroll
                 for (uint32_t j = 0; j < G::kAccum / 4; ++j)
-                    sb[j] = *reinterpret_cast<const float2*>(scale_b_smem + stage * BLOCK_N + j * 8 + (lane % 4) * 2);
+                    sb[j] = *reinterpret_cast<const float2*>(scale_b_smem + j * 8 + (lane % 4) * 2);
                 __syncwarp();
                 if (lane == 0) mbar_arrive(&empty[stage]);
 #pragma unroll
@@ -183,7 +190,6 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                     accum[j * 4 + 3] = fmaf(partial[j * 4 + 3], sa1 * sb[j].y, accum[j * 4 + 3]);
                 }
             } else {
-                const float sb_lo = scale_b_smem[stage * 2], sb_hi = scale_b_smem[stage * 2 + 1];
                 __syncwarp();
                 if (lane == 0) mbar_arrive(&empty[stage]);
                 const float lo0 = sa0 * sb_lo, lo1 = sa1 * sb_lo;
@@ -201,30 +207,51 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
         }
 
         // Epilogue: each thread owns rows r and r + 8, and column pairs 8j + 2 (lane % 4).
-        const uint32_t col0 = n0 + (lane % 4) * 2;
+        if constexpr (SCALE_B_1X128) {
+            const uint32_t col0 = n0 + (lane % 4) * 2;
 #pragma unroll
-        for (uint32_t half = 0; half < 2; ++half) {
-            const uint32_t row = m0 + row_in_tile + half * 8;
-            if (row >= shape_m) continue;
-            OutT* out_row = out + static_cast<uint64_t>(row) * SHAPE_N;
+            for (uint32_t half = 0; half < 2; ++half) {
+                const uint32_t row = m0 + row_in_tile + half * 8;
+                if (row >= shape_m) continue;
+                float* out_row = out_f32 + static_cast<uint64_t>(row) * SHAPE_N;
 #pragma unroll
-            for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
-                const uint32_t col = col0 + j * 8;
-                if (col >= SHAPE_N) continue;
-                const float v0 = accum[j * 4 + half * 2], v1 = accum[j * 4 + half * 2 + 1];
-                if constexpr (sizeof(OutT) == 4) {
+                for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
+                    const uint32_t col = col0 + j * 8;
+                    if (col >= SHAPE_N) continue;
+                    float2 value = make_float2(accum[j * 4 + half * 2], accum[j * 4 + half * 2 + 1]);
                     float2* dst = reinterpret_cast<float2*>(out_row + col);
                     if constexpr (ACCUMULATE) {
                         const float2 old = *dst;
-                        *dst = make_float2(old.x + v0, old.y + v1);
-                    } else {
-                        *dst = make_float2(v0, v1);
+                        value.x += old.x;
+                        value.y += old.y;
                     }
-                } else {
-                    *reinterpret_cast<__nv_bfloat162*>(out_row + col) = __floats2bfloat162_rn(v0, v1);
+                    *dst = value;
                 }
             }
+        } else {
+            // BF16 tile -> shared memory -> one TMA store (it clips rows/columns past M, N).
+            // Thread 0 waits until the previous tile's store has read the buffer.
+            __nv_bfloat16* tile_out = reinterpret_cast<__nv_bfloat16*>(smem + S::kOut);
+            if (threadIdx.x == 0) tma_store_wait_read();
+            named_barrier_sync(1, G::kNumMathThreads);
+#pragma unroll
+            for (uint32_t half = 0; half < 2; ++half) {
+                __nv_bfloat16* row_ptr = tile_out + (row_in_tile + half * 8) * BLOCK_N + (lane % 4) * 2;
+#pragma unroll
+                for (uint32_t j = 0; j < G::kAccum / 4; ++j)
+                    *reinterpret_cast<__nv_bfloat162*>(row_ptr + j * 8) =
+                        __floats2bfloat162_rn(accum[j * 4 + half * 2], accum[j * 4 + half * 2 + 1]);
+            }
+            fence_async_shared();
+            named_barrier_sync(1, G::kNumMathThreads);
+            if (threadIdx.x == 0) {
+                tma_store_2d(tmap_out, tile_out, n0, m0);
+                tma_store_commit();
+            }
         }
+    }
+    if constexpr (!SCALE_B_1X128) {
+        if (threadIdx.x == 0) tma_store_wait_all();  // shared memory must outlive the store
     }
 }
 

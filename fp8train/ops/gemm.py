@@ -116,7 +116,7 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
 
         if out is None:
             out = torch.empty(m, n, dtype=dtype, device=a.device)
-        fp8_gemm_nt_native(a, sa.contiguous(), b, sb.contiguous(), out, kind, accumulate)
+        fp8_gemm_nt_native(a, sa, b, sb if kind == "1d1d" else sb.contiguous(), out, kind, accumulate)
         return out
     if path == "cublas":
         result = _cublas.fp8_gemm_nt_cublas(a, sa, b, sb, dtype)

@@ -29,6 +29,8 @@ def dense_support(n: int, kind: str, out_dtype: torch.dtype, accumulate: bool) -
         return False, f"N = {n} is not a multiple of 8"
     if kind == "1d1d" and out_dtype != torch.float32:
         return False, "the 1D1D (wgrad) kernel writes float32 only"
+    if kind == "1d2d" and out_dtype != torch.bfloat16:
+        return False, "the 1D2D kernel writes bfloat16 only"
     if accumulate and out_dtype != torch.float32:
         return False, "accumulation is into float32 only"
     return toolchain_status()

@@ -30,15 +30,22 @@ class GemmConfig:
     num_ctas: int
     # L2 rasterisation: column blocks per scheduler group.
     group_n: int
+    # "1d2d" (B scales 128x128, BF16 out) or "1d1d" (B scales 1x128, FP32 out).
+    kind: str = "1d2d"
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}")
         if self.block_m not in (64, 128):
             raise ValueError(f"block_m: expected 64 or 128, got {self.block_m}")
-        if self.block_n % 8 or not 8 <= self.block_n <= max_block_n(self.block_m):
+        if self.block_n % 8 or not 8 <= self.block_n <= max_block_n(self.block_m) or not \
+                block_n_is_legal(self.block_n, self.kind):
             raise ValueError(f"block_n: expected a multiple of 8 in [8, {max_block_n(self.block_m)}], "
                              f"got {self.block_n}")
         if not MIN_STAGES <= self.num_stages <= MAX_STAGES:
             raise ValueError(f"num_stages: expected {MIN_STAGES}..{MAX_STAGES}, got {self.num_stages}")
+        if shared_bytes(self.block_m, self.block_n, self.num_stages, self.kind) > SMEM_LIMIT:
+            raise ValueError(f"config needs more than {SMEM_LIMIT} bytes of shared memory: {self}")
         if self.num_ctas < 1 or self.group_n < 1:
             raise ValueError(f"num_ctas and group_n must be positive, got {self.num_ctas}, {self.group_n}")
 
@@ -53,16 +60,25 @@ def max_block_n(block_m: int) -> int:
     return 176 if block_m == 128 else 192
 
 
+def block_n_is_legal(block_n: int, kind: str) -> bool:
+    """1D2D tiles may straddle two 128x128 scale blocks of B, never three: a tile starts at
+    most 128 - gcd(block_n, 128) into a block (mirrors the kernel's static_assert)."""
+    gcd = min(block_n & -block_n, 128)
+    return kind == "1d1d" or block_n <= 128 + gcd
+
+
 def stage_bytes(block_m: int, block_n: int, kind: str) -> int:
-    scale_b = block_n if kind == "1d1d" else 2
-    return block_m * BLOCK_K + block_n * BLOCK_K + 4 * (block_m + scale_b) + 16
+    """A and B tiles plus the 1x128 scales that travel with them (and two barriers)."""
+    scale_b = 4 * block_n if kind == "1d1d" else 0
+    return block_m * BLOCK_K + block_n * BLOCK_K + 4 * block_m + scale_b + 16
 
 
 def shared_bytes(block_m: int, block_n: int, num_stages: int, kind: str) -> int:
-    """What the kernel asks for; mirrors Sm90Fp8Gemm::kSharedBytes (checked in GPU tests)."""
-    scale_b = block_n if kind == "1d1d" else 2
-    tiles = num_stages * (block_m * BLOCK_K + block_n * BLOCK_K + 4 * block_m + 4 * scale_b)
-    return (tiles + 7) // 8 * 8 + 16 * num_stages + 1024
+    """What the kernel asks for; mirrors Sm90Fp8Gemm::kSharedBytes."""
+    scale_b = 4 * block_n if kind == "1d1d" else 0
+    staged = num_stages * (block_m * BLOCK_K + block_n * BLOCK_K + 4 * block_m + scale_b)
+    out_tile = 0 if kind == "1d1d" else 2 * block_m * block_n
+    return -(-staged // 1024) * 1024 + out_tile + 16 * num_stages + 1024
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -80,7 +96,7 @@ def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d") -> G
     block_m = 64 if m <= 64 else 128
     best = None
     for block_n in range(16, max_block_n(block_m) + 1, 8):
-        if block_n > n and block_n != 16:
+        if (block_n > n and block_n != 16) or not block_n_is_legal(block_n, kind):
             continue  # never a block wider than the problem
         tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
         waves = ceil_div(tiles, num_sms)
@@ -89,6 +105,9 @@ def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d") -> G
         if best is None or key < best[0]:
             best = (key, block_n, tiles)
     _, block_n, tiles = best
-    stages = min(MAX_STAGES, (SMEM_LIMIT - 1024) // stage_bytes(block_m, block_n, kind))
+    stages = MAX_STAGES
+    while shared_bytes(block_m, block_n, stages, kind) > SMEM_LIMIT:
+        stages -= 1
     return GemmConfig(block_m=block_m, block_n=block_n, num_stages=stages,
-                      num_ctas=min(num_sms, tiles), group_n=8 if ceil_div(m, block_m) > 1 else 1)
+                      num_ctas=min(num_sms, tiles), group_n=8 if ceil_div(m, block_m) > 1 else 1,
+                      kind=kind)
