@@ -1,4 +1,5 @@
 """Where the host time of one fp8_gemm_nt call goes (device only): microseconds per step."""
+import ctypes
 import time
 
 import torch
@@ -29,22 +30,24 @@ def per_call_us(fn, reps=2000):
 
 launch = native._launch_for(m, n, k, "1d2d", False, 0, 132)
 cfg = launch.config
-sa_mn, ld = native.mn_major_scales(a[1])
+sa_mn, ld = native.tma_ready_scales(a[1])
 tm_a = encode_tma_2d(a[0].data_ptr(), a[0].dtype, k, m, k, 128, cfg.block_m, 128)
 tm_b = encode_tma_2d(b[0].data_ptr(), b[0].dtype, k, n, k, 128, cfg.block_n, 128)
-tm_sa = encode_tma_2d(sa_mn.data_ptr(), torch.float32, m, k // 128, 4 * ld, cfg.block_m, 1, 0)
+tm_sa = encode_tma_2d(sa_mn.data_ptr(), torch.float32, k // 128, m, 4 * ld, 4, cfg.block_m, 0)
 tm_out = encode_tma_2d(out.data_ptr(), out.dtype, n, m, 2 * n, cfg.block_n, cfg.block_m, 0)
 steps = {
     "fp8_gemm_nt (public, out given)": lambda: ops.fp8_gemm_nt(a, b, out),
     "fp8_gemm_nt (public, allocates)": lambda: ops.fp8_gemm_nt(a, b),
     "native launcher only": lambda: native.fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, "1d2d", False),
-    "mn_major_scales (copy)": lambda: native.mn_major_scales(a[1]),
+    "tma_ready_scales": lambda: native.tma_ready_scales(a[1]),
+    "_tma_address (cached)": lambda: native._tma_address(a[0].data_ptr(), a[0].dtype, k, m, k, 128, 128, 128),
     "encode_tma_2d x1": lambda: encode_tma_2d(a[0].data_ptr(), a[0].dtype, k, m, k, 128, 128, 128),
-    "kernel.launch": lambda: launch.kernel.launch(
+    "kernel.launch (tuples)": lambda: launch.kernel.launch(
         launch.config.num_ctas, launch.config.num_threads, launch.smem,
         (m, b[1].data_ptr(), out.data_ptr(), tm_a, tm_b, tm_sa, tm_a, tm_out),
-        (native._U32, native._PTR, native._PTR, None, None, None, None, None),
+        (ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p, None, None, None, None, None),
         torch.cuda.current_stream().cuda_stream),
+    "raw stream": lambda: native._raw_stream(0),
     "torch.empty bf16": lambda: torch.empty(m, n, device="cuda", dtype=torch.bfloat16),
     "current_stream().cuda_stream": lambda: torch.cuda.current_stream().cuda_stream,
     "a.data_ptr()": lambda: a[0].data_ptr(),

@@ -2,9 +2,10 @@
 //
 // A [M, K] e4m3 with 1x128 scales; B [N, K] e4m3 with either 128x128 scales
 // ([ceil(N/128), K/128] row-major, "1D2D": fprop/dgrad, BF16 out) or 1x128 scales ("1D1D":
-// wgrad, FP32 out, optionally accumulated into D). 1x128 scales are read MN-major
-// ([K/128, M] with a leading dimension that is a multiple of 4) so that one TMA box brings
-// a stage's scales along with its tiles.
+// wgrad, FP32 out, optionally accumulated into D). 1x128 scales are row-major [rows, K/128]
+// with a row stride that is a multiple of 4 floats: one TMA box of 4 K blocks x BLOCK rows
+// travels with each stage (TMA moves at least 16 bytes a row), and the math threads pick
+// their K block's column out of it.
 //
 // Persistent and warp-specialised: one thread of the last warpgroup issues TMA for A, B and
 // their 1x128 scales into a ring of stages; BLOCK_M/64 math warpgroups consume. Each K
@@ -34,9 +35,14 @@ struct Sm90Fp8Gemm {
     static constexpr uint32_t kNumNScaleBlocks = (SHAPE_N + 127) / 128;
     static constexpr uint32_t kTileABytes = BLOCK_M * BLOCK_K;
     static constexpr uint32_t kTileBBytes = BLOCK_N * BLOCK_K;
-    static constexpr uint32_t kScaleABytes = BLOCK_M * 4;
-    static constexpr uint32_t kScaleBBytes = SCALE_B_1X128 ? BLOCK_N * 4 : 0;
+    static constexpr uint32_t kScaleCols = 4;  // K blocks per scale box (16 bytes a row)
+    static constexpr uint32_t kScaleABytes = BLOCK_M * kScaleCols * 4;
+    static constexpr uint32_t kScaleBBytes = SCALE_B_1X128 ? BLOCK_N * kScaleCols * 4 : 0;
+    // What one stage's TMA copies deliver (the barrier's transaction count).
     static constexpr uint32_t kStageBytes = kTileABytes + kTileBBytes + kScaleABytes + kScaleBBytes;
+    // TMA writes shared memory at 128-byte aligned addresses: scale slots are padded to that.
+    static constexpr uint32_t kScaleASlot = (kScaleABytes + 127) / 128 * 128;
+    static constexpr uint32_t kScaleBSlot = (kScaleBBytes + 127) / 128 * 128;
     static constexpr uint32_t kOutTileBytes = SCALE_B_1X128 ? 0 : BLOCK_M * BLOCK_N * 2;
     static constexpr uint32_t kAccum = BLOCK_N / 2;  // FP32 accumulator registers per thread
     // With 128x128 B scales a tile spans at most two scale blocks: its start offset inside a
@@ -57,8 +63,8 @@ struct Sm90Fp8Gemm {
         static constexpr uint32_t kA = 0;
         static constexpr uint32_t kB = kA + NUM_STAGES * kTileABytes;
         static constexpr uint32_t kScaleA = kB + NUM_STAGES * kTileBBytes;
-        static constexpr uint32_t kScaleB = kScaleA + NUM_STAGES * kScaleABytes;
-        static constexpr uint32_t kOut = (kScaleB + NUM_STAGES * kScaleBBytes + 1023) / 1024 * 1024;
+        static constexpr uint32_t kScaleB = kScaleA + NUM_STAGES * kScaleASlot;
+        static constexpr uint32_t kOut = (kScaleB + NUM_STAGES * kScaleBSlot + 1023) / 1024 * 1024;
         static constexpr uint32_t kFull = kOut + kOutTileBytes;
         static constexpr uint32_t kEmpty = kFull + NUM_STAGES * 8;
         static constexpr uint32_t kBytes = kEmpty + NUM_STAGES * 8;
@@ -118,9 +124,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 mbar_arrive_expect_tx(bar, G::kStageBytes);
                 tma_load_2d(tmap_a, bar, smem + S::kA + stage * G::kTileABytes, kb * 128, m0);
                 tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, n0);
-                tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleABytes, m0, kb);
+                const int32_t kb_box = kb & ~(G::kScaleCols - 1);
+                tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, kb_box, m0);
                 if constexpr (SCALE_B_1X128)
-                    tma_load_2d(tmap_scale_b, bar, smem + S::kScaleB + stage * G::kScaleBBytes, n0, kb);
+                    tma_load_2d(tmap_scale_b, bar, smem + S::kScaleB + stage * G::kScaleBSlot, kb_box, n0);
             }
         }
         return;
@@ -172,14 +179,19 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             wgmma_wait<0>();
 
             // Read this stage's scales, then hand the stage back before promoting.
-            const float* scale_a_smem = reinterpret_cast<const float*>(smem + S::kScaleA + stage * G::kScaleABytes);
-            const float sa0 = scale_a_smem[row_in_tile], sa1 = scale_a_smem[row_in_tile + 8];
+            const float* scale_a_smem = reinterpret_cast<const float*>(smem + S::kScaleA + stage * G::kScaleASlot);
+            const uint32_t kb_col = kb % G::kScaleCols;
+            const float sa0 = scale_a_smem[row_in_tile * G::kScaleCols + kb_col];
+            const float sa1 = scale_a_smem[(row_in_tile + 8) * G::kScaleCols + kb_col];
             if constexpr (SCALE_B_1X128) {
-                const float* scale_b_smem = reinterpret_cast<const float*>(smem + S::kScaleB + stage * G::kScaleBBytes);
+                const float* scale_b_smem = reinterpret_cast<const float*>(smem + S::kScaleB + stage * G::kScaleBSlot);
                 float2 sb[G::kAccum / 4];
 #pragma unroll
-                for (uint32_t j = 0; j < G::kAccum / 4; ++j)
-                    sb[j] = *reinterpret_cast<const float2*>(scale_b_smem + j * 8 + (lane % 4) * 2);
+                for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
+                    const uint32_t col = j * 8 + (lane % 4) * 2;
+                    sb[j] = make_float2(scale_b_smem[col * G::kScaleCols + kb_col],
+                                        scale_b_smem[(col + 1) * G::kScaleCols + kb_col]);
+                }
                 __syncwarp();
                 if (lane == 0) mbar_arrive(&empty[stage]);
 #pragma unroll

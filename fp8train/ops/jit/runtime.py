@@ -88,6 +88,18 @@ class Kernel:
         _check(_drv.cuLaunchKernelEx(config, self._function, (args, arg_types), 0),
                f"cuLaunchKernelEx({self.name})")
 
+    def launch_params(self, grid: int | tuple, block: int, smem_bytes: int, params_address: int,
+                      stream: int, cluster: int = 1) -> None:
+        """launch() for callers that keep their own parameter block: `params_address` is
+        the address of a void* array, one pointer per kernel parameter. The driver copies
+        the parameters before this returns, so the block may be rewritten right after."""
+        try:
+            config = self._configs[(grid, block, smem_bytes, cluster, stream)]
+        except (KeyError, TypeError):
+            config = self._build_config(grid, block, smem_bytes, cluster, stream)
+        _check(_drv.cuLaunchKernelEx(config, self._function, params_address, 0),
+               f"cuLaunchKernelEx({self.name})")
+
     def _build_config(self, grid, block, smem_bytes, cluster, stream):
         dims = (grid,) if isinstance(grid, int) else grid
         if (not isinstance(dims, tuple) or not 1 <= len(dims) <= 3

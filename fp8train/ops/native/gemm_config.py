@@ -67,16 +67,15 @@ def block_n_is_legal(block_n: int, kind: str) -> bool:
     return kind == "1d1d" or block_n <= 128 + gcd
 
 
-def stage_bytes(block_m: int, block_n: int, kind: str) -> int:
-    """A and B tiles plus the 1x128 scales that travel with them (and two barriers)."""
-    scale_b = 4 * block_n if kind == "1d1d" else 0
-    return block_m * BLOCK_K + block_n * BLOCK_K + 4 * block_m + scale_b + 16
+def _slot(nbytes: int) -> int:
+    return -(-nbytes // 128) * 128  # TMA writes shared memory at 128-byte aligned addresses
 
 
 def shared_bytes(block_m: int, block_n: int, num_stages: int, kind: str) -> int:
     """What the kernel asks for; mirrors Sm90Fp8Gemm::kSharedBytes."""
-    scale_b = 4 * block_n if kind == "1d1d" else 0
-    staged = num_stages * (block_m * BLOCK_K + block_n * BLOCK_K + 4 * block_m + scale_b)
+    # 1x128 scales travel as boxes of 4 K blocks (16 bytes) per row.
+    scale_b = _slot(16 * block_n) if kind == "1d1d" else 0
+    staged = num_stages * (block_m * BLOCK_K + block_n * BLOCK_K + _slot(16 * block_m) + scale_b)
     out_tile = 0 if kind == "1d1d" else 2 * block_m * block_n
     return -(-staged // 1024) * 1024 + out_tile + 16 * num_stages + 1024
 

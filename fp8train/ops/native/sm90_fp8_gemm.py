@@ -8,6 +8,7 @@ descriptors and launches.
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -64,17 +65,16 @@ class _Launch:
 
 
 _launches: dict = {}
-_U32 = ctypes.c_uint32
-_PTR = ctypes.c_void_p
 
 
-def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int, num_sms: int) -> _Launch:
-    key = (m, n, k, kind, accumulate, device, num_sms)
+def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int, num_sms: int,
+                config: GemmConfig | None = None) -> _Launch:
+    key = (m, n, k, kind, accumulate, device, num_sms, config)
     launch = _launches.get(key)
     if launch is None:
         from ..jit.runtime import load_kernel
 
-        config = choose_config(m, n, k, num_sms, kind)
+        config = config or choose_config(m, n, k, num_sms, kind)
         compiled = compile_kernel(config, n, k, accumulate)
         launch = _Launch(config, load_kernel(compiled, KERNEL_NAME, device),
                          shared_bytes(config.block_m, config.block_n, config.num_stages, kind))
@@ -82,46 +82,92 @@ def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int
     return launch
 
 
-def mn_major_scales(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """1x128 scales ``[R, Kb]`` as the kernel reads them: element (r, kb) at ``kb * ld + r``
-    with ``ld`` a multiple of 4 (TMA's 16-byte stride rule). A tensor already laid out so
-    (a transposed view of ``[Kb, ld]``) is used as is; a row-major one is copied once."""
+def tma_ready_scales(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """1x128 scales ``[R, Kb]`` as the kernel's TMA reads them: row-major with a row stride
+    (returned, in floats) that is a multiple of 4, i.e. 16 bytes. Contiguous scales with
+    Kb % 4 == 0 are used as they are; anything else is copied once into a padded buffer."""
     rows, kb = scale.shape
-    if scale.stride(0) == 1 and scale.stride(1) % 4 == 0 and (kb == 1 or scale.stride(1) >= rows):
-        return scale, max(scale.stride(1), -(-rows // 4) * 4)
-    ld = -(-rows // 4) * 4
-    buffer = torch.empty(kb, ld, dtype=torch.float32, device=scale.device)
-    buffer[:, :rows].copy_(scale.t())
+    if scale.stride(1) == 1 and scale.stride(0) % 4 == 0 and scale.data_ptr() % 16 == 0:
+        return scale, scale.stride(0)
+    ld = -(-kb // 4) * 4
+    buffer = torch.empty(rows, ld, dtype=torch.float32, device=scale.device)
+    buffer[:, :kb].copy_(scale)
     return buffer, ld
 
 
-def fp8_gemm_nt_native(a, sa, b, sb, out: torch.Tensor, kind: str, accumulate: bool) -> None:
+class _ParamBlock:
+    """Kernel parameters in one persistent block: 8 slots of 128 bytes (a CUtensorMap is
+    128 bytes) and the void* array pointing at them. A launch overwrites the slots and hands
+    the driver the array's address, which it copies before cuLaunchKernelEx returns; this
+    skips cuda-bindings' per-call argument packing. One block per thread."""
+
+    SLOTS = 8
+
+    def __init__(self):
+        self._raw = (ctypes.c_uint8 * (128 * self.SLOTS + 64))()
+        base = (ctypes.addressof(self._raw) + 63) & ~63
+        self.slots = [base + 128 * i for i in range(self.SLOTS)]
+        self._array = (ctypes.c_void_p * self.SLOTS)(*self.slots)
+        self.address = ctypes.addressof(self._array)
+        self.u32 = [ctypes.c_uint32.from_address(s) for s in self.slots]
+        self.u64 = [ctypes.c_uint64.from_address(s) for s in self.slots]
+
+
+_local = threading.local()
+_tma_cache: dict = {}  # encode arguments -> (CUtensorMap, its address); pointers repeat in training
+_TMA_CACHE_LIMIT = 8192
+
+
+def _tma_address(ptr, dtype, inner, outer, stride, box_inner, box_outer, swizzle) -> int:
+    key = (ptr, dtype, inner, outer, stride, box_inner, box_outer, swizzle)
+    hit = _tma_cache.get(key)
+    if hit is None:
+        from ..jit.runtime import encode_tma_2d
+
+        tmap = encode_tma_2d(ptr, dtype, inner, outer, stride, box_inner, box_outer, swizzle)
+        if len(_tma_cache) >= _TMA_CACHE_LIMIT:
+            _tma_cache.clear()
+        hit = _tma_cache[key] = (tmap, tmap.getPtr())
+    return hit[1]
+
+
+def _raw_stream(device_index: int) -> int:
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get is not None:
+        return get(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+def fp8_gemm_nt_native(a, sa, b, sb, out: torch.Tensor, kind: str, accumulate: bool,
+                       config: GemmConfig | None = None) -> None:
     """Launch D = A B^T on the current stream. Arguments were checked by the caller:
-    a [M, K] / b [N, K] e4m3 K-major, sa [M, K/128] (any strides), sb 128x128 row-major
-    contiguous (1d2d) or 1x128 [N, K/128] (1d1d); out [M, N] contiguous bf16 (1d2d) or fp32."""
+    a [M, K] / b [N, K] e4m3 K-major, sa [M, K/128], sb 128x128 row-major contiguous (1d2d)
+    or 1x128 [N, K/128] (1d1d); out [M, N] contiguous bf16 (1d2d) or fp32 (1d1d).
+    `config` overrides the heuristic (benchmarks and sweeps)."""
     from ..jit.device import get_num_sms
-    from ..jit.runtime import encode_tma_2d
 
     m, k = a.shape
     n = b.shape[0]
     kb = k // 128
-    launch = _launch_for(m, n, k, kind, accumulate, a.device.index, get_num_sms())
+    device = a.device.index
+    launch = _launch_for(m, n, k, kind, accumulate, device, get_num_sms(), config)
     cfg = launch.config
+    params = getattr(_local, "params", None)
+    if params is None:
+        params = _local.params = _ParamBlock()
     f32 = torch.float32
-    sa_mn, lda = mn_major_scales(sa)
-    tmap_a = encode_tma_2d(a.data_ptr(), a.dtype, k, m, a.stride(0), 128, cfg.block_m, 128)
-    tmap_b = encode_tma_2d(b.data_ptr(), b.dtype, k, n, b.stride(0), 128, cfg.block_n, 128)
-    tmap_sa = encode_tma_2d(sa_mn.data_ptr(), f32, m, kb, 4 * lda, cfg.block_m, 1, 0)
+    sa, lda = tma_ready_scales(sa)
+    params.u32[0].value = m
+    params.u64[1].value = sb.data_ptr() if kind == "1d2d" else 0
+    params.u64[2].value = out.data_ptr()
+    slots, move = params.slots, ctypes.memmove
+    move(slots[3], _tma_address(a.data_ptr(), a.dtype, k, m, a.stride(0), 128, cfg.block_m, 128), 128)
+    move(slots[4], _tma_address(b.data_ptr(), b.dtype, k, n, b.stride(0), 128, cfg.block_n, 128), 128)
+    move(slots[5], _tma_address(sa.data_ptr(), f32, kb, m, 4 * lda, 4, cfg.block_m, 0), 128)
     if kind == "1d1d":
-        sb_mn, ldb = mn_major_scales(sb)
-        tmap_sb = encode_tma_2d(sb_mn.data_ptr(), f32, n, kb, 4 * ldb, cfg.block_n, 1, 0)
-        tmap_out, scale_b_ptr = tmap_a, 0  # unused by the 1D1D kernel
+        sb, ldb = tma_ready_scales(sb)
+        move(slots[6], _tma_address(sb.data_ptr(), f32, kb, n, 4 * ldb, 4, cfg.block_n, 0), 128)
     else:
-        tmap_sb, scale_b_ptr = tmap_a, sb.data_ptr()
-        tmap_out = encode_tma_2d(out.data_ptr(), out.dtype, n, m, 2 * n, cfg.block_n, cfg.block_m, 0)
-    launch.kernel.launch(
-        cfg.num_ctas, cfg.num_threads, launch.smem,
-        (m, scale_b_ptr, out.data_ptr(), tmap_a, tmap_b, tmap_sa, tmap_sb, tmap_out),
-        (_U32, _PTR, _PTR, None, None, None, None, None),
-        torch.cuda.current_stream(a.device).cuda_stream,
-    )
+        move(slots[7], _tma_address(out.data_ptr(), out.dtype, n, m, 2 * n, cfg.block_n, cfg.block_m, 0), 128)
+    launch.kernel.launch_params(cfg.num_ctas, cfg.num_threads, launch.smem, params.address,
+                                _raw_stream(device))

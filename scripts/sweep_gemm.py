@@ -1,0 +1,42 @@
+"""Sweep native GEMM configs on a few shapes (device only) to see what limits the kernel.
+
+    PYTHONPATH=. python scripts/sweep_gemm.py
+"""
+import torch
+
+from fp8train.bench.timing import num_input_sets, time_calls
+from fp8train.ops.native.gemm_config import SMEM_LIMIT, GemmConfig, shared_bytes
+from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native
+from fp8train.quant import per_block_cast, per_token_cast
+
+
+def deepest(bm, bn, kind):
+    stages = 12
+    while shared_bytes(bm, bn, stages, kind) > SMEM_LIMIT:
+        stages -= 1
+    return stages
+
+
+def sweep(m, n, k, kind, candidates):
+    sets = []
+    for i in range(num_input_sets(m * k + n * k)):
+        a = per_token_cast(torch.randn(m, k, device="cuda"))
+        b = per_block_cast(torch.randn(n, k, device="cuda")) if kind == "1d2d" else per_token_cast(torch.randn(n, k, device="cuda"))
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if kind == "1d2d" else torch.float32)
+        sets.append((a, b, out))
+    for bm, bn, stages, group_n in candidates:
+        stages = stages or deepest(bm, bn, kind)
+        tiles = -(-m // bm) * -(-n // bn)
+        cfg = GemmConfig(bm, bn, stages, min(132, tiles), group_n, kind)
+        calls = [lambda s=s: fp8_gemm_nt_native(s[0][0], s[0][1], s[1][0], s[1][1], s[2], kind, False, cfg)
+                 for s in sets]
+        ms, _ = time_calls(calls)
+        print(f"{kind} {m}x{n}x{k} bm{bm} bn{bn} s{stages} g{group_n}: "
+              f"{2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
+
+
+big = [(128, bn, 0, 8) for bn in (96, 112, 128, 144, 160)] + [(128, 128, 4, 8), (128, 160, 3, 8),
+       (128, 128, 0, 1), (128, 128, 0, 16), (64, 128, 0, 8), (64, 192, 0, 8)]
+sweep(4096, 4096, 7168, "1d2d", big)
+sweep(8192, 8192, 8192, "1d2d", [(128, bn, 0, 8) for bn in (128, 144, 160)])
+sweep(4096, 7168, 16384, "1d1d", [(128, bn, 0, 8) for bn in (112, 128, 144, 152, 176)] + [(64, 192, 0, 8)])
