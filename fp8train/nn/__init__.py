@@ -1,7 +1,10 @@
 """Autograd functions and drop-in modules (FP8Linear, grouped experts, MoE)."""
 from . import _custom_ops  # noqa: F401  (registers the fp8train:: torch.library ops)
+from .grouped_linear import FP8GroupedLinear, FP8GroupedLinearFunction, GroupedLinear
 from .linear import FP8Linear
 from .linear_function import FP8LinearFunction, fp8_linear
+from .moe import FP8MoE, MoE, Router, SwiGLUMLP
+from .moe_layout import MoELayout, build_moe_layout, permute, unpermute
 from .recipe import RECIPES, FP8Recipe
 
 __all__ = [
@@ -10,4 +13,15 @@ __all__ = [
     "fp8_linear",
     "FP8Recipe",
     "RECIPES",
+    "GroupedLinear",
+    "FP8GroupedLinear",
+    "FP8GroupedLinearFunction",
+    "MoE",
+    "FP8MoE",
+    "Router",
+    "SwiGLUMLP",
+    "MoELayout",
+    "build_moe_layout",
+    "permute",
+    "unpermute",
 ]

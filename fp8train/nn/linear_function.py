@@ -146,6 +146,18 @@ class FP8LinearFunction(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+def check_main_grad(weight: torch.Tensor) -> None:
+    """``accumulate_into_main_grad`` needs ``weight.main_grad``: float32, weight's shape."""
+    if not weight.requires_grad:
+        return
+    main_grad = getattr(weight, "main_grad", None)
+    if not isinstance(main_grad, torch.Tensor) or main_grad.dtype != torch.float32 \
+            or main_grad.shape != weight.shape or main_grad.device != weight.device:
+        raise ValueError("weight.main_grad: accumulate_into_main_grad needs a float32 tensor "
+                         f"of shape {tuple(weight.shape)} on {weight.device}, got "
+                         f"{getattr(main_grad, 'dtype', main_grad)!r}")
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                recipe: Optional[FP8Recipe] = None) -> torch.Tensor:
     """``F.linear`` on FP8 GEMMs: x ``[..., K]`` (any float dtype, any leading shape),
@@ -169,11 +181,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndims=(1,))
         if bias.shape[0] != n:
             raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
-    if recipe.accumulate_into_main_grad and weight.requires_grad:
-        main_grad = getattr(weight, "main_grad", None)
-        if not isinstance(main_grad, torch.Tensor) or main_grad.dtype != torch.float32 \
-                or main_grad.shape != weight.shape:
-            raise ValueError("weight.main_grad: accumulate_into_main_grad needs a float32 "
-                             f"tensor of shape {tuple(weight.shape)}, got "
-                             f"{getattr(main_grad, 'dtype', main_grad)!r}")
+    if recipe.accumulate_into_main_grad:
+        check_main_grad(weight)
     return FP8LinearFunction.apply(x, weight, bias, recipe, compute_dtype(x))

@@ -1,0 +1,216 @@
+"""Expert weights ``[G, N, K]`` applied to tokens in the padded contiguous layout.
+
+``GroupedLinear`` is the high-precision reference (a loop of matmuls, one per expert);
+``FP8GroupedLinear`` has the same parameter and runs its three GEMMs in FP8:
+
+    fprop  y[seg g]  = m_grouped(x_q[1x128 along K],  W_q[g][128x128])
+    dgrad  dx[seg g] = m_grouped(dy_q[1x128 along N], (W[g]^T)_q[128x128])   exact transpose
+    wgrad  dW[g]     = k_grouped((dy^T)_q, (x^T)_q)   both 1x128 along tokens, FP32 out
+
+Segments are padded to multiples of 128 rows, so the token count of each expert is a legal
+wgrad contraction length without any further padding. No bias (MoE experts have none).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .._checks import FLOAT_DTYPES, check_tensor
+from . import _custom_ops as ops
+from .linear_function import GROUP, check_main_grad, compute_dtype
+from .recipe import FP8Recipe
+
+
+def segment_matmul(a: torch.Tensor, b: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
+    """High-precision ``out[seg g] = a[seg g] @ b[g].T`` (differentiable; reads the offsets
+    on the host, which is why only the reference and fallback paths use it)."""
+    bounds = group_offsets.tolist()
+    parts = [a[bounds[g]:bounds[g + 1]] @ b[g].t() for g in range(b.shape[0])]
+    return torch.cat(parts) if parts else a.new_zeros(0, b.shape[1])
+
+
+def segment_wgrad(dy: torch.Tensor, x: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
+    """float32 ``dW[g] = dy[seg g].T @ x[seg g]`` (zeros for an empty segment)."""
+    bounds = group_offsets.tolist()
+    return torch.stack([dy[s:e].float().t() @ x[s:e].float()
+                        for s, e in zip(bounds[:-1], bounds[1:])])
+
+
+class FP8GroupedLinearFunction(torch.autograd.Function):
+    """Autograd of the grouped ``y[seg g] = x[seg g] @ weight[g].T`` on FP8 GEMMs.
+
+    ``apply(x, weight, group_offsets, recipe, out_dtype)``; see ``FP8GroupedLinear``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, group_offsets, recipe: FP8Recipe, out_dtype: torch.dtype):
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dw = need_dw or (recipe.accumulate_into_main_grad and weight.requires_grad)
+        pow2, backend = recipe.pow2_scale, recipe.backend_arg
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xt_fp8 = xt_scale = w_fp8 = w_scale = None
+            if recipe.fprop_fp8 and need_dw and recipe.wgrad_fp8:
+                x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_both(x, pow2)
+            elif recipe.fprop_fp8:
+                x_fp8, x_scale = ops.cast_1x128(x, pow2)
+            elif need_dw and recipe.wgrad_fp8:
+                xt_fp8, xt_scale = ops.cast_1x128_colwise(x, pow2)
+
+            if recipe.fprop_fp8:
+                w_fp8, w_scale = ops.cast_128x128(weight, pow2)
+                # The grouped kernel writes BF16 (DeepGEMM's contract).
+                y = ops.m_grouped_gemm_nt_contiguous(x_fp8, x_scale, w_fp8, w_scale,
+                                                     group_offsets, backend).to(out_dtype)
+            else:
+                y = segment_matmul(x.to(out_dtype), weight.to(out_dtype), group_offsets)
+
+            x_hp_saved = x if (need_dw and not recipe.wgrad_fp8) else None
+            w_t_fp8 = w_t_scale = weight_saved = None
+            if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
+                if w_fp8 is None:
+                    w_fp8, w_scale = ops.cast_128x128(weight, pow2)
+                w_t_fp8, w_t_scale = ops.transpose_128x128(w_fp8, w_scale)
+            elif need_dx or recipe.accumulate_into_main_grad:
+                weight_saved = weight
+        ctx.save_for_backward(xt_fp8, xt_scale, x_hp_saved, w_t_fp8, w_t_scale, weight_saved,
+                              group_offsets)
+        ctx.recipe, ctx.need_dw = recipe, need_dw
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight, group_offsets = ctx.saved_tensors
+        recipe: FP8Recipe = ctx.recipe
+        pow2, backend = recipe.pow2_scale, recipe.backend_arg
+        grad_out_hp = grad_out.contiguous()  # [M, N], K-major rows for the casts
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.need_dw
+        dx = dw = None
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            dy_fp8 = dy_scale = dyt_fp8 = dyt_scale = None
+            dgrad_q, wgrad_q = need_dx and recipe.dgrad_fp8, need_dw and recipe.wgrad_fp8
+            if dgrad_q and wgrad_q:
+                dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_both(grad_out_hp, pow2)
+            elif dgrad_q:
+                dy_fp8, dy_scale = ops.cast_1x128(grad_out_hp, pow2)
+            elif wgrad_q:
+                dyt_fp8, dyt_scale = ops.cast_1x128_colwise(grad_out_hp, pow2)
+
+            if need_dx:
+                if recipe.dgrad_fp8:
+                    if w_t_fp8 is None:
+                        w_t_fp8, w_t_scale = ops.transpose_128x128(
+                            *ops.cast_128x128(weight, pow2))
+                    dx = ops.m_grouped_gemm_nt_contiguous(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
+                                                          group_offsets, backend)
+                else:
+                    dx = segment_matmul(grad_out_hp, weight.to(grad_out_hp.dtype).transpose(1, 2),
+                                        group_offsets)
+                dx = dx.to(ctx.x_dtype)
+
+            if need_dw:
+                if recipe.accumulate_into_main_grad:
+                    ops.k_grouped_gemm_nt_accumulate_(dyt_fp8, dyt_scale, xt_fp8, xt_scale,
+                                                      group_offsets, weight.main_grad, backend)
+                elif recipe.wgrad_fp8:
+                    dw = ops.k_grouped_gemm_nt_contiguous(dyt_fp8, dyt_scale, xt_fp8, xt_scale,
+                                                          group_offsets, backend).to(ctx.w_dtype)
+                else:
+                    dw = segment_wgrad(grad_out_hp, x_hp, group_offsets).to(ctx.w_dtype)
+        return dx, dw, None, None, None
+
+
+def _check_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return value
+
+
+class GroupedLinear(nn.Module):
+    """``num_experts`` bias-free linear layers, weight ``[G, out_features, in_features]``,
+    applied to rows sorted by expert: ``forward(x [M, K], group_offsets int32 [G+1])``.
+
+    The high-precision reference of ``FP8GroupedLinear`` (same parameter, same init as
+    ``nn.Linear`` per expert).
+    """
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int,
+                 device=None, dtype=None):
+        super().__init__()
+        self.num_experts = _check_int("num_experts", num_experts)
+        self.in_features = _check_int("in_features", in_features)
+        self.out_features = _check_int("out_features", out_features)
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features,
+                                               device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear's default, per expert
+        if self.weight.device.type != "meta":
+            nn.init.uniform_(self.weight, -bound, bound)
+
+    def _check_inputs(self, x: torch.Tensor, group_offsets: torch.Tensor) -> None:
+        check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"x: expected shape [M, {self.in_features}], got {tuple(x.shape)}")
+        check_tensor("group_offsets", group_offsets, dtypes=(torch.int32,), ndims=(1,))
+        if group_offsets.shape[0] != self.num_experts + 1:
+            raise ValueError(f"group_offsets: expected shape ({self.num_experts + 1},), got "
+                             f"{tuple(group_offsets.shape)}")
+
+    def forward(self, x: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(x, group_offsets)
+        return segment_matmul(x, self.weight.to(compute_dtype(x)), group_offsets)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
+                f"out_features={self.out_features}")
+
+
+class FP8GroupedLinear(GroupedLinear):
+    """``GroupedLinear`` with FP8 fprop, dgrad (m-grouped GEMMs) and wgrad (k-grouped).
+
+    ``forward(x, group_offsets)``: x ``[M, K]`` (M a multiple of 128), rows sorted by
+    expert; group_offsets int32 ``[G+1]``, multiples of 128 from 0 to M. in_features and
+    out_features must be multiples of 128. Output in x's dtype (or autocast's), computed
+    through the kernels' BF16 output.
+    """
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int,
+                 device=None, dtype=None, *, recipe: Optional[FP8Recipe] = None):
+        recipe = FP8Recipe() if recipe is None else recipe
+        if not isinstance(recipe, FP8Recipe):
+            raise TypeError(f"recipe: expected an FP8Recipe or None, got {type(recipe).__name__}")
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, int) and not isinstance(value, bool) and value % GROUP:
+                raise ValueError(f"{name}: expected a multiple of {GROUP}, got {value}")
+        super().__init__(num_experts, in_features, out_features, device=device, dtype=dtype)
+        self.recipe = recipe
+
+    @classmethod
+    def from_grouped(cls, module: GroupedLinear,
+                     recipe: Optional[FP8Recipe] = None) -> "FP8GroupedLinear":
+        """An FP8GroupedLinear sharing ``module``'s weight Parameter."""
+        if not isinstance(module, GroupedLinear):
+            raise TypeError(f"module: expected a GroupedLinear, got {type(module).__name__}")
+        new = cls(module.num_experts, module.in_features, module.out_features, device="meta",
+                  recipe=recipe)
+        new.weight = module.weight
+        return new
+
+    def forward(self, x: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(x, group_offsets)
+        if x.shape[0] % GROUP:
+            raise ValueError(f"x: expected rows padded to a multiple of {GROUP}, got {x.shape[0]}")
+        if self.recipe.accumulate_into_main_grad:
+            check_main_grad(self.weight)
+        return FP8GroupedLinearFunction.apply(x, self.weight, group_offsets, self.recipe,
+                                              compute_dtype(x))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe}"

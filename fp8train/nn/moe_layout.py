@@ -1,0 +1,110 @@
+"""Token permutation into the padded contiguous layout the grouped GEMMs read, and back.
+
+Each (token, slot) assignment of the router's top-k goes to one row of a buffer sorted by
+expert; each expert's segment starts on a multiple of 128 rows, and rows no assignment
+fills are zero. Everything is plain torch on the device with no host sync: the buffer has a
+static row count, the upper bound ``floor((T*k + E*127) / 128) * 128``, and the last expert's
+segment runs to its end (extra zero rows cost compute, never correctness; they are at most
+``E*127 + 127`` rows).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._checks import check_tensor
+
+ALIGN = 128
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """Where every assignment lives in the padded contiguous layout.
+
+    group_offsets: int32 ``[E+1]``: expert e owns rows ``[offsets[e], offsets[e+1])``; all
+        multiples of 128, ``offsets[E] == num_rows``.
+    dest_rows: int64 ``[T*k]``: padded row of assignment ``t*k + j`` (token t, slot j).
+    src_tokens: int64 ``[num_rows]``: token each padded row copies; ``T`` (a zero row) for
+        padding rows.
+    tokens_per_expert: int64 ``[E]``: assignments per expert (before padding).
+    """
+
+    group_offsets: torch.Tensor
+    dest_rows: torch.Tensor
+    src_tokens: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    num_tokens: int
+    top_k: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.src_tokens.shape[0]
+
+
+def padded_rows_bound(num_assignments: int, num_experts: int, align: int = ALIGN) -> int:
+    """Rows of the padded layout: an upper bound of sum_e ceil(count_e / align) * align
+    that depends on the sizes only (so no count is read back to the host)."""
+    return (num_assignments + num_experts * (align - 1)) // align * align
+
+
+def build_moe_layout(topk_ids: torch.Tensor, num_experts: int, align: int = ALIGN) -> MoELayout:
+    """Layout for router choices ``topk_ids`` (int ``[T, k]``, values in ``[0, E)``)."""
+    check_tensor("topk_ids", topk_ids, dtypes=(torch.int64, torch.int32), ndims=(2,))
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"align: expected a positive int, got {align!r}")
+    num_tokens, top_k = topk_ids.shape
+    device = topk_ids.device
+    expert_of = topk_ids.reshape(-1).long()                               # [T*k]
+    # scatter_add, not bincount: its output size never depends on the data (compilable).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(
+        0, expert_of, torch.ones_like(expert_of))                         # [E]
+    padded = (counts + align - 1) // align * align
+    num_rows = padded_rows_bound(expert_of.numel(), num_experts, align)
+
+    padded_starts = torch.cumsum(padded, 0) - padded                      # [E]
+    starts = torch.cumsum(counts, 0) - counts                             # [E]
+    # A stable sort by expert keeps token order inside each segment (deterministic).
+    sorted_expert, order = torch.sort(expert_of, stable=True)
+    rank = torch.arange(expert_of.numel(), device=device) - starts[sorted_expert]
+    dest_rows = torch.empty_like(order)
+    dest_rows[order] = padded_starts[sorted_expert] + rank
+
+    src_tokens = torch.full((num_rows,), num_tokens, dtype=torch.int64, device=device)
+    src_tokens[dest_rows] = torch.arange(expert_of.numel(), device=device) // top_k
+
+    group_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
+    group_offsets[0] = 0
+    group_offsets[1:num_experts] = torch.cumsum(padded, 0)[:num_experts - 1].to(torch.int32)
+    group_offsets[num_experts] = num_rows
+    return MoELayout(group_offsets, dest_rows, src_tokens, counts, num_tokens, top_k)
+
+
+def permute(x: torch.Tensor, layout: MoELayout) -> torch.Tensor:
+    """x ``[T, H]`` -> ``[num_rows, H]`` in the padded layout (padding rows zero).
+
+    A gather from x with one zero row appended: its backward sums the k copies of each
+    token, which is exactly dL/dx.
+    """
+    check_tensor("x", x, ndims=(2,))
+    if x.shape[0] != layout.num_tokens:
+        raise ValueError(f"x: expected {layout.num_tokens} rows (tokens), got {x.shape[0]}")
+    x_ext = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    return x_ext[layout.src_tokens]
+
+
+def unpermute(y: torch.Tensor, layout: MoELayout, topk_weights: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_j topk_weights[t, j] * y[dest_rows[t*k + j]]`` -> ``[T, H]`` of y's dtype.
+
+    The weighted sum runs in FP32 (the router's weights are FP32) and rounds once.
+    """
+    check_tensor("y", y, ndims=(2,))
+    check_tensor("topk_weights", topk_weights, ndims=(2,))
+    if tuple(topk_weights.shape) != (layout.num_tokens, layout.top_k):
+        raise ValueError(f"topk_weights: expected shape {(layout.num_tokens, layout.top_k)}, "
+                         f"got {tuple(topk_weights.shape)}")
+    rows = y[layout.dest_rows].view(layout.num_tokens, layout.top_k, y.shape[1])
+    out = (rows.float() * topk_weights.float().unsqueeze(-1)).sum(1)
+    return out.to(y.dtype)

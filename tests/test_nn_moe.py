@@ -1,0 +1,214 @@
+"""MoE: the padded contiguous layout, FP8GroupedLinear against the step-by-step recipe
+(bit-exact) and the FP32 GroupedLinear, FP8MoE against the FP32 MoE, argument checks."""
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fp8train.nn import FP8GroupedLinear, FP8MoE, FP8Recipe, GroupedLinear, MoE
+from fp8train.nn.moe_layout import build_moe_layout, padded_rows_bound, permute, unpermute
+from fp8train.ops import k_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_contiguous
+from fp8train.quant import per_block_cast, per_token_cast, per_token_cast_transposed
+
+warnings.filterwarnings("ignore", message="fp8train: .* runs on the reference")
+
+# Each FP8 GEMM adds about 2.5-4% relative error on Gaussian data (see test_nn_linear's
+# bound); the longest chain in an MoE step (dx: down dgrad, SwiGLU, gate_up dgrad, and the
+# forward that feeds them) goes through at most four FP8 GEMMs.
+MOE_REL_BOUND = 4 * 0.025
+
+
+def rel_err(x, ref):
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def rand(*shape, seed, scale=1.0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+@given(t=st.integers(0, 300), e=st.integers(1, 9), k=st.integers(1, 3),
+       seed=st.integers(0, 2**31 - 1))
+def test_layout_places_every_assignment_once_in_its_padded_segment(t, e, k, seed):
+    k = min(k, e)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]) if t else \
+        torch.zeros(0, k, dtype=torch.int64)
+    layout = build_moe_layout(ids, e)
+    offsets = layout.group_offsets.tolist()
+    assert layout.num_rows == padded_rows_bound(t * k, e) and offsets[-1] == layout.num_rows
+    assert offsets[0] == 0 and all(o % 128 == 0 for o in offsets)
+    assert all(b >= a for a, b in zip(offsets, offsets[1:]))
+    counts = torch.bincount(ids.reshape(-1), minlength=e)
+    assert torch.equal(layout.tokens_per_expert, counts)
+    dest = layout.dest_rows.tolist()
+    assert len(set(dest)) == t * k  # no two assignments share a row
+    for i, row in enumerate(dest):
+        expert = int(ids.reshape(-1)[i])
+        assert offsets[expert] <= row < offsets[expert] + int(counts[expert])
+        assert int(layout.src_tokens[row]) == i // k
+    assert int((layout.src_tokens == t).sum()) == layout.num_rows - t * k
+    x = rand(t, 8, seed=seed)
+    x_perm = permute(x, layout)
+    assert torch.equal(x_perm[layout.src_tokens == t], torch.zeros(layout.num_rows - t * k, 8))
+    weights = torch.rand(t, k, generator=gen)
+    expected = (x.unsqueeze(1) * weights.unsqueeze(-1)).sum(1)
+    assert torch.allclose(unpermute(x_perm, layout, weights), expected, atol=1e-6)
+
+
+def grouped_steps(x, w, offsets, grad_out, pow2):
+    """FP8GroupedLinear written out with the public quant/ops calls."""
+    y = m_grouped_fp8_gemm_nt_contiguous(per_token_cast(x, pow2_scale=pow2),
+                                         per_block_cast(w, pow2_scale=pow2), offsets)
+    dx = m_grouped_fp8_gemm_nt_contiguous(per_token_cast(grad_out, pow2_scale=pow2),
+                                          per_block_cast(w.transpose(1, 2), pow2_scale=pow2),
+                                          offsets)
+    dw = k_grouped_fp8_gemm_nt_contiguous(per_token_cast_transposed(grad_out, pow2_scale=pow2),
+                                          per_token_cast_transposed(x, pow2_scale=pow2), offsets)
+    return y, dx, dw
+
+
+@settings(max_examples=15)
+@given(blocks=st.lists(st.integers(0, 2), min_size=1, max_size=4), kb=st.integers(1, 2),
+       nb=st.integers(1, 2), pow2=st.booleans(), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_fp8_grouped_linear_bit_exact_and_close_to_fp32(blocks, kb, nb, pow2, seed, dtype):
+    g, k, n = len(blocks), 128 * kb, 128 * nb
+    offsets = torch.tensor([0] + [128 * b for b in blocks], dtype=torch.int32).cumsum(0)
+    offsets = offsets.to(torch.int32)
+    m = int(offsets[-1])
+    ref = GroupedLinear(g, k, n)
+    module = FP8GroupedLinear.from_grouped(copy.deepcopy(ref).to(dtype),
+                                           FP8Recipe(pow2_scale=pow2))
+    x = rand(m, k, seed=seed, dtype=dtype).requires_grad_()
+    grad_out = rand(m, n, seed=seed + 1, dtype=dtype)
+    y = module(x, offsets)
+    y.backward(grad_out)
+    if m == 0:  # no tokens at all: empty output, zero weight gradient
+        assert y.shape == (0, n) and not module.weight.grad.any()
+        return
+    y_ref, dx_ref, dw_ref = grouped_steps(x.detach(), module.weight.detach(), offsets,
+                                          grad_out, pow2)
+    assert torch.equal(y, y_ref.to(dtype)) and torch.equal(x.grad, dx_ref.to(dtype))
+    assert torch.equal(module.weight.grad, dw_ref.to(dtype))
+    for e, b in enumerate(blocks):  # experts without tokens get zero weight gradients
+        if b == 0:
+            assert not module.weight.grad[e].any()
+    xr = x.detach().float().requires_grad_()
+    ref.weight.data.copy_(module.weight.float())
+    y32 = ref(xr, offsets)
+    y32.backward(grad_out.float())
+    for got, want in ((y, y32), (x.grad, xr.grad), (module.weight.grad, ref.weight.grad)):
+        assert rel_err(got, want) < 0.06
+
+
+@pytest.mark.parametrize("name", ["wgrad_hp", "fprop_only"])
+def test_fp8_grouped_linear_high_precision_paths(name):
+    offsets = torch.tensor([0, 128, 128, 384], dtype=torch.int32)
+    ref = GroupedLinear(3, 128, 256)
+    module = FP8GroupedLinear.from_grouped(copy.deepcopy(ref), FP8Recipe.from_name(name))
+    x, grad_out = rand(384, 128, seed=1), rand(384, 256, seed=2)
+    results = []
+    for mod in (module, ref):
+        xi = x.clone().requires_grad_()
+        mod(xi, offsets).backward(grad_out)
+        results.append((xi.grad, mod.weight.grad))
+    (dx, dw), (dx_ref, dw_ref) = results
+    assert torch.allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
+    assert (rel_err(dx, dx_ref) < 1e-6) == (name == "fprop_only")
+
+
+def test_fp8_grouped_linear_main_grad():
+    offsets = torch.tensor([0, 256, 384], dtype=torch.int32)
+    plain = FP8GroupedLinear(2, 128, 128)
+    fused = FP8GroupedLinear.from_grouped(copy.deepcopy(plain),
+                                          FP8Recipe(accumulate_into_main_grad=True))
+    fused.weight.main_grad = torch.ones(2, 128, 128)
+    x, grad_out = rand(384, 128, seed=3), rand(384, 128, seed=4)
+    plain(x, offsets).backward(grad_out)
+    fused(x, offsets).backward(grad_out)
+    assert fused.weight.grad is None
+    assert torch.equal(fused.weight.main_grad, plain.weight.grad + 1)
+
+
+@settings(max_examples=8)
+@given(t=st.integers(1, 160), e=st.sampled_from([1, 4, 8]), k=st.integers(1, 2),
+       shared=st.booleans(), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_fp8_moe_close_to_fp32_moe(t, e, k, shared, seed, dtype):
+    torch.manual_seed(seed)
+    k = min(k, e)
+    ref = MoE(256, 128, e, k, shared_expert_dim=128 if shared else 0)
+    fp8 = FP8MoE.from_moe(copy.deepcopy(ref).to(dtype))
+    ref.load_state_dict({key: v.float() for key, v in fp8.state_dict().items()})
+    x = rand(2, t, 256, seed=seed, dtype=dtype)
+    grad_out = rand(2, t, 256, seed=seed + 1, dtype=dtype)
+    results = []
+    for module, xi in ((fp8, x.clone()), (ref, x.float())):
+        xi.requires_grad_()
+        y = module(xi)
+        y.backward(grad_out.to(y.dtype))
+        results.append([y, xi.grad] + [p.grad for p in module.parameters()])
+    assert results[0][0].dtype == dtype
+    names = ["y", "dx"] + [name for name, _ in ref.named_parameters()]
+    for name, got, want in zip(names, *results):
+        assert got.dtype == dtype
+        if "shared_expert" in name:  # untouched nn.Linear: only the inputs differ
+            continue
+        assert rel_err(got, want) < MOE_REL_BOUND, name
+
+
+def test_fp8_moe_compiles_fullgraph():
+    torch.manual_seed(0)
+    module = FP8MoE(128, 128, 4, 2)
+    x = rand(3, 40, 128, seed=5).requires_grad_()
+
+    def step(inp):
+        return module(inp).square().sum()
+
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    loss.backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+    x.grad = None
+    module.zero_grad()
+    assert torch.equal(step(x), loss)
+    step(x).backward()
+    for a, b in zip(grads, [x.grad] + [p.grad for p in module.parameters()]):
+        assert torch.equal(a, b)
+
+
+def test_moe_argument_checks():
+    with pytest.raises(ValueError, match="top_k"):
+        MoE(128, 128, 2, 3)
+    with pytest.raises(TypeError, match="num_experts"):
+        MoE(128, 128, 2.0, 1)
+    with pytest.raises(ValueError, match="hidden_size"):
+        FP8MoE(100, 128, 2, 1)
+    with pytest.raises(ValueError, match="moe"):
+        FP8MoE.from_moe(MoE(128, 64, 2, 1))
+    with pytest.raises(TypeError, match="moe"):
+        FP8MoE.from_moe(GroupedLinear(2, 128, 128))
+    with pytest.raises(TypeError, match="recipe"):
+        FP8MoE(128, 128, 2, 1, recipe="fp8")
+    with pytest.raises(ValueError, match="x"):
+        MoE(128, 128, 2, 1)(torch.ones(3, 64))
+    with pytest.raises(ValueError, match="out_features"):
+        FP8GroupedLinear(2, 128, 100)
+    grouped = FP8GroupedLinear(2, 128, 128)
+    with pytest.raises(ValueError, match="group_offsets"):
+        grouped(torch.ones(128, 128), torch.tensor([0, 128], dtype=torch.int32))
+    with pytest.raises(TypeError, match="group_offsets"):
+        grouped(torch.ones(128, 128), torch.tensor([0, 0, 128]))
+    with pytest.raises(ValueError, match="x"):
+        grouped(torch.ones(100, 128), torch.tensor([0, 0, 100], dtype=torch.int32))
+    with pytest.raises(ValueError, match="num_experts"):
+        build_moe_layout(torch.zeros(2, 1, dtype=torch.int64), 0)
+    with pytest.raises(TypeError, match="topk_ids"):
+        build_moe_layout(torch.zeros(2, 1), 2)
+    layout = build_moe_layout(torch.zeros(2, 1, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="topk_weights"):
+        unpermute(torch.ones(layout.num_rows, 4), layout, torch.ones(3, 1))
