@@ -159,6 +159,11 @@ def test_fp8_moe_close_to_fp32_moe(t, e, k, shared, seed, dtype):
         assert got.dtype == dtype
         if "shared_expert" in name:  # untouched nn.Linear: only the inputs differ
             continue
+        if name == "router.weight" and k == 1:
+            # One renormalised expert weight is identically 1: its gradient is zero up to
+            # float32 noise in both modules, so only its smallness is comparable.
+            assert got.abs().max() < 1e-4 and want.abs().max() < 1e-4
+            continue
         assert rel_err(got, want) < MOE_REL_BOUND, name
 
 
