@@ -60,8 +60,9 @@ class ModelConfig:
     moe_top_k: int = 2
     # Hidden width of each expert's SwiGLU; 0 = ffn_dim.
     moe_ffn_dim: int = 0
-    # Add one always-on shared expert (DeepSeek-style) next to the routed ones.
-    moe_shared_expert: bool = False
+    # Hidden width of an always-on shared SwiGLU expert (DeepSeek-style) beside the routed
+    # ones; 0 = none.
+    moe_shared_dim: int = 0
     # The first this-many blocks stay dense (DeepSeek-V3 keeps its first 3 dense).
     moe_first_dense_layers: int = 0
 
@@ -80,7 +81,8 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim"):
             _require(getattr(self, name) > 0, f"model.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("n_kv_heads", "n_experts", "moe_ffn_dim", "moe_first_dense_layers"):
+        for name in ("n_kv_heads", "n_experts", "moe_ffn_dim", "moe_shared_dim",
+                     "moe_first_dense_layers"):
             _require(getattr(self, name) >= 0, f"model.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.dim % self.n_heads == 0,
                  f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
@@ -105,6 +107,8 @@ class ModelConfig:
             dims["ffn_dim"] = self.ffn_dim
         if self.n_experts:
             dims["moe_ffn_dim (or ffn_dim)"] = self.expert_dim
+            if self.moe_shared_dim:
+                dims["moe_shared_dim"] = self.moe_shared_dim
         return dims
 
 

@@ -84,7 +84,7 @@ def moe_block(cfg: ModelConfig) -> nn.Module:
             "model.n_experts > 0 needs fp8train.nn.MoE, which this fp8train install does not "
             "have; set model.n_experts=0 for a dense model") from err
     return MoE(cfg.dim, cfg.expert_dim, cfg.n_experts, cfg.moe_top_k,
-               shared_expert=cfg.moe_shared_expert)
+               shared_expert_dim=cfg.moe_shared_dim)
 
 
 class Block(nn.Module):
@@ -124,7 +124,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 continue  # RMSNorm gains stay at 1
-            out_proj = name.endswith(("wo.weight", "w2.weight")) or ".mlp." in name and "down" in name
+            # wo, w2, and the MoE's experts_down / shared_expert.down_proj
+            out_proj = name.endswith(("wo.weight", "w2.weight", "down.weight", "down_proj.weight"))
             p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers) if out_proj else std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):

@@ -4,12 +4,16 @@ Runs happen in this process (``pretrain.main(argv)``) to skip a Python start-up 
 accelerate state singleton is reset after each so runs do not see each other's settings.
 """
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
 import fp8train
+import fp8train.nn
 from recipes import compare, pretrain
 from recipes.metrics import read_jsonl
 
@@ -104,3 +108,37 @@ def test_compare_writes_png_table_and_report(tmp_path, capsys):
     # A run compared with itself: zero error, ratios 1, every bar passes.
     assert compare.main([str(a), str(a), "--out", str(tmp_path / "self"), "--max-rel-err", "0",
                          "--max-mem-ratio", "1"]) == 0
+
+
+needs_moe = pytest.mark.skipif(not hasattr(fp8train.nn, "MoE"),
+                               reason="fp8train.nn.MoE (issue 4) is not in this tree yet")
+
+
+@needs_moe
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp8", marks=needs_fp8)])
+def test_tiny_moe_trains_checkpoints_and_resumes_exactly(tmp_path, precision):
+    full = train(tmp_path, "tiny-moe", f"--precision={precision}")
+    check_run(full, precision)
+    check_resume_matches(tmp_path, "tiny-moe", precision, full)
+
+
+def test_cli_rejects_unknown_keys():
+    with pytest.raises(SystemExit, match=r"config error: override 'lrr=1': unknown key 'lrr'; did you mean 'lr'"):
+        pretrain.main(["--config", str(CONFIGS / "tiny.yaml"), "lrr=1"])
+
+
+def test_two_cpu_processes_on_gloo(tmp_path):
+    """recipes/accelerate/cpu_2proc.yaml: two processes joined over gloo (DDP), as launched."""
+    root = CONFIGS.parents[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "0",
+           str(root / "recipes" / "pretrain.py"), "--config", str(CONFIGS / "tiny.yaml"),
+           "--precision=bf16", *FAST, f"out_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and "MULTI_CPU" in proc.stdout
+    run_dir = tmp_path / "tiny-bf16"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["tokens"] == 6 * 2 * 8 * 64
+    check_run(run_dir, "bf16")
