@@ -86,8 +86,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     constexpr uint32_t kNumKBlocks = G::kNumKBlocks;
     static_assert(!ACCUMULATE || SCALE_B_1X128, "only the FP32 (1D1D) output accumulates");
 
-    extern __shared__ uint8_t smem_raw[];
-    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    // Align by pointer arithmetic on the __shared__ array (not through an integer cast), so
+    // the compiler keeps the shared address space and emits LDS/STS, not generic LD/ST.
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kFull);
     uint64_t* empty = reinterpret_cast<uint64_t*>(smem + S::kEmpty);
 
@@ -162,6 +164,11 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 sb_hi = G::kMayStraddle ? __ldg(scale_b_hi + kb) : sb_lo;
             }
             mbar_wait(&full[stage], round & 1);
+            // This stage's A scales, read now so their latency hides behind the wgmmas.
+            const float* scale_a_smem = reinterpret_cast<const float*>(smem + S::kScaleA + stage * G::kScaleASlot);
+            const uint32_t kb_col = kb % G::kScaleCols;
+            const float sa0 = scale_a_smem[row_in_tile * G::kScaleCols + kb_col];
+            const float sa1 = scale_a_smem[(row_in_tile + 8) * G::kScaleCols + kb_col];
 
             const uint64_t desc_a = smem_desc_k_major_sw128(smem + S::kA + stage * G::kTileABytes + group * 64 * 128);
             const uint64_t desc_b = smem_desc_k_major_sw128(smem + S::kB + stage * G::kTileBBytes);
@@ -178,11 +185,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             for (uint32_t i = 0; i < G::kAccum; ++i) fence_operand(partial[i]);
             wgmma_wait<0>();
 
-            // Read this stage's scales, then hand the stage back before promoting.
-            const float* scale_a_smem = reinterpret_cast<const float*>(smem + S::kScaleA + stage * G::kScaleASlot);
-            const uint32_t kb_col = kb % G::kScaleCols;
-            const float sa0 = scale_a_smem[row_in_tile * G::kScaleCols + kb_col];
-            const float sa1 = scale_a_smem[(row_in_tile + 8) * G::kScaleCols + kb_col];
+            // Read the rest of this stage's scales, then hand the stage back before promoting.
             if constexpr (SCALE_B_1X128) {
                 const float* scale_b_smem = reinterpret_cast<const float*>(smem + S::kScaleB + stage * G::kScaleBSlot);
                 float2 sb[G::kAccum / 4];
