@@ -1,5 +1,15 @@
 """fp8train: DeepSeek-V3-style fine-grained FP8 training for PyTorch on Hopper GPUs."""
-from . import ops, quant
+from . import nn, ops, quant
+from .nn import (
+    FP8GroupedLinear,
+    FP8Linear,
+    FP8MoE,
+    FP8Recipe,
+    MoE,
+    convert_to_fp8,
+    export_fp8_safetensors,
+    load_fp8_safetensors,
+)
 from .ops import (
     fp8_gemm_nt,
     get_backend,
@@ -13,6 +23,7 @@ from .quant import dequantize, per_block_cast, per_token_cast, per_token_cast_tr
 __version__ = "0.1.0"
 
 __all__ = [
+    "nn",
     "ops",
     "quant",
     "per_token_cast",
@@ -25,4 +36,12 @@ __all__ = [
     "k_grouped_fp8_gemm_nt_contiguous",
     "set_backend",
     "get_backend",
+    "convert_to_fp8",
+    "export_fp8_safetensors",
+    "load_fp8_safetensors",
+    "FP8Linear",
+    "FP8Recipe",
+    "FP8MoE",
+    "MoE",
+    "FP8GroupedLinear",
 ]

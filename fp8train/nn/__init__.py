@@ -1,5 +1,8 @@
-"""Autograd functions and drop-in modules (FP8Linear, grouped experts, MoE)."""
+"""Autograd functions and drop-in modules (FP8Linear, grouped experts, MoE), model
+conversion and FP8 checkpoint export."""
 from . import _custom_ops  # noqa: F401  (registers the fp8train:: torch.library ops)
+from .checkpoint import export_fp8_safetensors, load_fp8_safetensors, quantization_config
+from .convert import ConversionReport, convert_to_fp8
 from .grouped_linear import FP8GroupedLinear, FP8GroupedLinearFunction, GroupedLinear
 from .linear import FP8Linear
 from .linear_function import FP8LinearFunction, fp8_linear
@@ -24,4 +27,9 @@ __all__ = [
     "build_moe_layout",
     "permute",
     "unpermute",
+    "convert_to_fp8",
+    "ConversionReport",
+    "export_fp8_safetensors",
+    "load_fp8_safetensors",
+    "quantization_config",
 ]
