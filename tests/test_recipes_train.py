@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import fp8train
 import fp8train.nn
@@ -59,6 +60,19 @@ def check_run(run_dir: Path, precision: str) -> None:
     assert summary["steps"] == 6 and summary["precision"] == precision
 
 
+def check_fp8_export(run_dir: Path, weight: str = "layers.0.mlp.w1.weight") -> None:
+    """The final weights in the HF fine-grained FP8 format: e4m3 + 128x128 scales, head kept."""
+    from safetensors import safe_open
+
+    with safe_open(run_dir / "model_fp8.safetensors", "pt") as f:
+        keys = set(f.keys())
+        w_fp8, w_scale = f.get_tensor(weight), f.get_tensor(weight + "_scale_inv")
+        assert w_fp8.dtype == torch.float8_e4m3fn and w_scale.dtype == torch.float32
+        assert w_scale.shape[-2:] == (w_fp8.shape[-2] // 128, w_fp8.shape[-1] // 128)
+        assert f.get_tensor("lm_head.weight").dtype == torch.float32
+    assert "lm_head.weight_scale_inv" not in keys
+
+
 def check_resume_matches(tmp_path: Path, config: str, precision: str, full: Path) -> None:
     """Stop between checkpoints (step 4; last checkpoint at 3), resume: same records as `full`."""
     name = f"{config}-{precision}-resumed"
@@ -78,8 +92,8 @@ def test_tiny_trains_checkpoints_and_resumes_exactly(tmp_path, precision):
     full = train(tmp_path, "tiny", f"--precision={precision}")
     check_run(full, precision)
     check_resume_matches(tmp_path, "tiny", precision, full)
-    if precision == "fp8" and hasattr(fp8train, "export_fp8_safetensors"):
-        assert (full / "model_fp8.safetensors").is_file()
+    if precision == "fp8":
+        check_fp8_export(full)
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
@@ -120,6 +134,8 @@ def test_tiny_moe_trains_checkpoints_and_resumes_exactly(tmp_path, precision):
     full = train(tmp_path, "tiny-moe", f"--precision={precision}")
     check_run(full, precision)
     check_resume_matches(tmp_path, "tiny-moe", precision, full)
+    if precision == "fp8":
+        check_fp8_export(full, "layers.0.mlp.experts_gate_up.weight")
 
 
 def test_cli_rejects_unknown_keys():
@@ -127,18 +143,21 @@ def test_cli_rejects_unknown_keys():
         pretrain.main(["--config", str(CONFIGS / "tiny.yaml"), "lrr=1"])
 
 
+@needs_fp8
 def test_two_cpu_processes_on_gloo(tmp_path):
-    """recipes/accelerate/cpu_2proc.yaml: two processes joined over gloo (DDP), as launched."""
+    """recipes/accelerate/cpu_2proc.yaml: two processes joined over gloo (DDP), FP8 on the
+    reference path, launched as a user would."""
     root = CONFIGS.parents[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(root / "recipes" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", "0",
            str(root / "recipes" / "pretrain.py"), "--config", str(CONFIGS / "tiny.yaml"),
-           "--precision=bf16", *FAST, f"out_dir={tmp_path}"]
+           "--precision=fp8", *FAST, f"out_dir={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "MULTI_CPU" in proc.stdout
-    run_dir = tmp_path / "tiny-bf16"
+    run_dir = tmp_path / "tiny-fp8"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["tokens"] == 6 * 2 * 8 * 64
-    check_run(run_dir, "bf16")
+    check_run(run_dir, "fp8")
+    check_fp8_export(run_dir)
