@@ -35,6 +35,12 @@ def sweep(m, n, k, kind, candidates):
               f"{2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
 
 
-sweep(4096, 4096, 7168, "1d2d", [(128, bn, 0, 8) for bn in (112, 128, 144, 160)])
-sweep(8192, 8192, 8192, "1d2d", [(128, bn, 0, 8) for bn in (128, 160)])
-sweep(4096, 7168, 16384, "1d1d", [(128, bn, 0, 8) for bn in (128, 152, 176)])
+import sys
+
+from fp8train.ops.native import sm90_fp8_gemm
+
+for flags in ((), ("-DFP8TRAIN_DEBUG_NO_LOADS",), ("-DFP8TRAIN_DEBUG_NO_PROMOTION",),
+              ("-DFP8TRAIN_DEBUG_NO_LOADS", "-DFP8TRAIN_DEBUG_NO_PROMOTION")):
+    sm90_fp8_gemm.debug_flags = flags
+    print("flags:", flags or "none", flush=True)
+    sweep(4096, 4096, 7168, "1d2d", [(128, 128, 0, 8), (128, 160, 0, 8)])

@@ -126,6 +126,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 const uint32_t stage = iter % NUM_STAGES, round = iter / NUM_STAGES;
                 mbar_wait(&empty[stage], (round & 1) ^ 1);
                 uint64_t* bar = &full[stage];
+#ifdef FP8TRAIN_DEBUG_NO_LOADS  // attribution experiments: math on stale shared memory
+                mbar_arrive(bar);
+                continue;
+#endif
                 mbar_arrive_expect_tx(bar, G::kStageBytes);
                 tma_load_2d(tmap_a, bar, smem + S::kA + stage * G::kTileABytes, kb * 128, m0);
                 tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, n0);
@@ -220,6 +224,9 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             } else {
                 __syncwarp();
                 if (lane == 0) mbar_arrive(&empty[stage]);
+#ifdef FP8TRAIN_DEBUG_NO_PROMOTION  // attribution experiments: tensor cores only
+                if (kb + 1 < kNumKBlocks) continue;
+#endif
                 const float lo0 = sa0 * sb_lo, lo1 = sa1 * sb_lo;
                 const float hi0 = sa0 * sb_hi, hi1 = sa1 * sb_hi;
 #pragma unroll

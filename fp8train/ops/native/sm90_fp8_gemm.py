@@ -50,11 +50,16 @@ def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool) -> str:
             f"_s{config.num_stages}_g{config.group_n}")
 
 
+# Extra nvcc flags for experiments (e.g. -DFP8TRAIN_DEBUG_NO_LOADS); part of every cache key.
+debug_flags: tuple = ()
+
+
 def compile_kernel(config: GemmConfig, n: int, k: int, accumulate: bool):
     """Compile (or find in the cache) one kernel instance; returns the JIT's CompiledKernel."""
     from ..jit.compiler import compile_cubin
 
-    return compile_cubin(kernel_name(config, n, k, accumulate), render_source(config, n, k, accumulate))
+    return compile_cubin(kernel_name(config, n, k, accumulate), render_source(config, n, k, accumulate),
+                         flags=debug_flags)
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ _launches: dict = {}
 
 def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int, num_sms: int,
                 config: GemmConfig | None = None) -> _Launch:
-    key = (m, n, k, kind, accumulate, device, num_sms, config)
+    key = (m, n, k, kind, accumulate, device, num_sms, config, debug_flags)
     launch = _launches.get(key)
     if launch is None:
         from ..jit.runtime import load_kernel
