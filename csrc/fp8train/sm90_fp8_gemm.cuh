@@ -25,7 +25,7 @@
 namespace fp8train {
 
 // Named barriers of the math warpgroups (0 is __syncthreads).
-constexpr uint32_t kBarEpilogue = 1, kBarWg0Issued = 2, kBarWg1Issued = 3;
+constexpr uint32_t kBarEpilogue = 1, kBarWg0Done = 2, kBarWg1Done = 3;
 
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
           uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N>
@@ -179,13 +179,14 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
 
             const uint64_t desc_a = smem_desc_k_major_sw128(smem + S::kA + stage * G::kTileABytes + group * 64 * 128);
             const uint64_t desc_b = smem_desc_k_major_sw128(smem + S::kB + stage * G::kTileBBytes);
-            // Two math warpgroups issue their wgmmas strictly in turn (0, 1, 0, 1, ...).
-            // Issued together, the tensor cores interleave both groups' instructions, both
-            // finish at once and both promote while the tensor cores idle; in turn, one
-            // warpgroup's promotion overlaps the other's MMAs.
+            // Two math warpgroups own the tensor cores strictly in turn (0, 1, 0, 1, ...): a
+            // group issues only once the other's MMAs have completed. Issued together, the
+            // tensor cores interleave both groups' instructions, both finish at once and both
+            // promote while the tensor cores idle; in turn, one group's promotion overlaps
+            // the other's MMAs.
             if constexpr (G::kNumMathGroups == 2) {
-                if (group == 1) named_barrier_sync(kBarWg0Issued, G::kNumMathThreads);
-                else if (iter > 0) named_barrier_sync(kBarWg1Issued, G::kNumMathThreads);
+                if (group == 1) named_barrier_sync(kBarWg0Done, G::kNumMathThreads);
+                else if (iter > 0) named_barrier_sync(kBarWg1Done, G::kNumMathThreads);
             }
 #pragma unroll
             for (uint32_t i = 0; i < G::kAccum; ++i) fence_operand(partial[i]);
@@ -196,11 +197,11 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 Wgmma::mma(desc_a + 2 * k, desc_b + 2 * k, partial, k > 0);
             }
             wgmma_commit();
-            if constexpr (G::kNumMathGroups == 2)
-                named_barrier_arrive(group == 0 ? kBarWg0Issued : kBarWg1Issued, G::kNumMathThreads);
 #pragma unroll
             for (uint32_t i = 0; i < G::kAccum; ++i) fence_operand(partial[i]);
             wgmma_wait<0>();
+            if constexpr (G::kNumMathGroups == 2)
+                named_barrier_arrive(group == 0 ? kBarWg0Done : kBarWg1Done, G::kNumMathThreads);
 
             // Read the rest of this stage's scales, then hand the stage back before promoting.
             if constexpr (SCALE_B_1X128) {
@@ -285,9 +286,9 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             }
         }
     }
-    // Warpgroup 1's last "issued" arrival still waits for its partner.
+    // Warpgroup 1's last "done" arrival still waits for its partner.
     if constexpr (G::kNumMathGroups == 2) {
-        if (group == 0 && iter > 0) named_barrier_sync(kBarWg1Issued, G::kNumMathThreads);
+        if (group == 0 && iter > 0) named_barrier_sync(kBarWg1Done, G::kNumMathThreads);
     }
     if constexpr (!SCALE_B_1X128) {
         if (threadIdx.x == 0) tma_store_wait_all();  // shared memory must outlive the store
