@@ -24,9 +24,6 @@
 
 namespace fp8train {
 
-// Named barriers of the math warpgroups (0 is __syncthreads).
-constexpr uint32_t kBarEpilogue = 1, kBarWg0Done = 2, kBarWg1Done = 3;
-
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
           uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N>
 struct Sm90Fp8Gemm {
@@ -179,15 +176,6 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
 
             const uint64_t desc_a = smem_desc_k_major_sw128(smem + S::kA + stage * G::kTileABytes + group * 64 * 128);
             const uint64_t desc_b = smem_desc_k_major_sw128(smem + S::kB + stage * G::kTileBBytes);
-            // Two math warpgroups own the tensor cores strictly in turn (0, 1, 0, 1, ...): a
-            // group issues only once the other's MMAs have completed. Issued together, the
-            // tensor cores interleave both groups' instructions, both finish at once and both
-            // promote while the tensor cores idle; in turn, one group's promotion overlaps
-            // the other's MMAs.
-            if constexpr (G::kNumMathGroups == 2) {
-                if (group == 1) named_barrier_sync(kBarWg0Done, G::kNumMathThreads);
-                else if (iter > 0) named_barrier_sync(kBarWg1Done, G::kNumMathThreads);
-            }
 #pragma unroll
             for (uint32_t i = 0; i < G::kAccum; ++i) fence_operand(partial[i]);
             wgmma_fence();
@@ -200,8 +188,6 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
 #pragma unroll
             for (uint32_t i = 0; i < G::kAccum; ++i) fence_operand(partial[i]);
             wgmma_wait<0>();
-            if constexpr (G::kNumMathGroups == 2)
-                named_barrier_arrive(group == 0 ? kBarWg0Done : kBarWg1Done, G::kNumMathThreads);
 
             // Read the rest of this stage's scales, then hand the stage back before promoting.
             if constexpr (SCALE_B_1X128) {
@@ -269,7 +255,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             // Thread 0 waits until the previous tile's store has read the buffer.
             __nv_bfloat16* tile_out = reinterpret_cast<__nv_bfloat16*>(smem + S::kOut);
             if (threadIdx.x == 0) tma_store_wait_read();
-            named_barrier_sync(kBarEpilogue, G::kNumMathThreads);
+            named_barrier_sync(1, G::kNumMathThreads);
 #pragma unroll
             for (uint32_t half = 0; half < 2; ++half) {
                 __nv_bfloat16* row_ptr = tile_out + (row_in_tile + half * 8) * BLOCK_N + (lane % 4) * 2;
@@ -279,16 +265,12 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                         __floats2bfloat162_rn(accum[j * 4 + half * 2], accum[j * 4 + half * 2 + 1]);
             }
             fence_async_shared();
-            named_barrier_sync(kBarEpilogue, G::kNumMathThreads);
+            named_barrier_sync(1, G::kNumMathThreads);
             if (threadIdx.x == 0) {
                 tma_store_2d(tmap_out, tile_out, n0, m0);
                 tma_store_commit();
             }
         }
-    }
-    // Warpgroup 1's last "done" arrival still waits for its partner.
-    if constexpr (G::kNumMathGroups == 2) {
-        if (group == 0 && iter > 0) named_barrier_sync(kBarWg1Done, G::kNumMathThreads);
     }
     if constexpr (!SCALE_B_1X128) {
         if (threadIdx.x == 0) tma_store_wait_all();  // shared memory must outlive the store

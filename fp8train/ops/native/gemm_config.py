@@ -84,9 +84,26 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def relative_speed(block_n: int, kind: str) -> float:
+    """Measured TFLOP/s of a BLOCK_M=128 tile relative to the best BLOCK_N, for tiles that
+    fill the GPU (H100, 4096x4096x7168 1D2D and 4096x7168x16384 1D1D; docs/kernels.md).
+    1D2D: N = 128 runs ~15% faster than any tile that straddles 128x128 scale blocks or
+    does not divide 128 (96-160 measured), and 64 loses to operand re-reads."""
+    if kind == "1d1d":
+        return 0.85 + 0.15 * block_n / 176  # 128: 0.90, 152: 0.94, 176: 1.0 measured
+    if block_n == 128:
+        return 1.0
+    return 0.61 * block_n / 64 if block_n <= 64 else 0.85
+
+
 @functools.lru_cache(maxsize=4096)
 def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d") -> GemmConfig:
-    """The config the native GEMM runs for this problem (cached per shape)."""
+    """The config the native GEMM runs for this problem (cached per shape).
+
+    M <= 128 is bound by reading B: pick the tile that spreads N over the most SMs (fewest
+    waves). Larger M is bound by the tensor cores: minimise waves x tile time, tile time
+    being BLOCK_N over the measured relative speed of that BLOCK_N.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     if min(m, n, k, num_sms) < 1 or k % BLOCK_K or n % 8:
@@ -100,7 +117,10 @@ def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d") -> G
         tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
         waves = ceil_div(tiles, num_sms)
         last_wave = tiles - (waves - 1) * num_sms
-        key = (waves, -last_wave, -block_n)
+        if m <= 128:
+            key = (waves, -last_wave, -block_n)
+        else:
+            key = (waves * block_n / relative_speed(block_n, kind), -block_n)
         if best is None or key < best[0]:
             best = (key, block_n, tiles)
     _, block_n, tiles = best

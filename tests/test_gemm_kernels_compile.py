@@ -1,0 +1,64 @@
+"""Every kernel config the heuristic picks for the benchmark shapes compiles for sm_90a,
+stays on the FP8 tensor-core path (QGMMA in the SASS) and never spills to local memory.
+Needs nvcc and cuobjdump/nvdisasm (the test extra installs the latter); no GPU."""
+import concurrent.futures
+import shutil
+
+import pytest
+
+from fp8train.bench.gemm import DENSE_1D2D, WGRAD_1D1D
+from fp8train.ops.jit.toolkit import find_cuda_tool, nvcc_path
+from fp8train.ops.native.gemm_config import SMEM_LIMIT, choose_config, shared_bytes
+from fp8train.ops.native.sm90_fp8_gemm import compile_kernel
+
+NUM_SMS = 132  # the H100 the project measures on
+
+
+def _have(tool_lookup) -> bool:
+    try:
+        return bool(tool_lookup())
+    except RuntimeError:
+        return False
+
+
+needs_toolchain = pytest.mark.skipif(
+    not (_have(nvcc_path) and find_cuda_tool("cuobjdump") and find_cuda_tool("nvdisasm")),
+    reason="needs nvcc, cuobjdump and nvdisasm")
+
+
+def bench_kernels():
+    """(config, n, k, accumulate) of every kernel the benchmark shapes launch."""
+    seen = {}
+    for m, n, k in DENSE_1D2D:
+        seen[(choose_config(m, n, k, NUM_SMS, "1d2d"), n, k, False)] = None
+    for m, n, k in WGRAD_1D1D:
+        for accumulate in (False, True):
+            seen[(choose_config(m, n, k, NUM_SMS, "1d1d"), n, k, accumulate)] = None
+    return list(seen)
+
+
+def test_heuristic_choices_are_legal():
+    for m in (1, 64, 65, 128, 129, 4000, 4096, 16384):
+        for n in (8, 136, 2112, 4096, 7168, 32768):
+            for k in (128, 512, 7168):
+                for kind in ("1d2d", "1d1d"):
+                    cfg = choose_config(m, n, k, NUM_SMS, kind)
+                    assert shared_bytes(cfg.block_m, cfg.block_n, cfg.num_stages, kind) <= SMEM_LIMIT
+                    assert 1 <= cfg.num_ctas <= NUM_SMS
+                    assert cfg.block_n <= max(n, 16)
+
+
+@needs_toolchain
+def test_bench_kernels_compile_to_qgmma_without_spills(tmp_path, monkeypatch):
+    from fp8train.ops.jit import compiler
+    from fp8train.ops.jit.sass import check_sass
+
+    monkeypatch.setenv("FP8TRAIN_CACHE_DIR", str(tmp_path))
+    compiler._reset_process_caches()
+    kernels = bench_kernels()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        compiled = list(pool.map(lambda args: compile_kernel(*args), kernels))
+    for (cfg, n, k, acc), ck in zip(kernels, compiled):
+        report = check_sass(ck.cubin_path)
+        assert report.qgmma_count > 0, f"{ck.name}: no QGMMA, off the FP8 tensor-core path"
+        assert report.local_memory_ops == 0 and ck.spill_bytes == 0, f"{ck.name}: spills"
