@@ -294,3 +294,53 @@ def test_argument_checks_name_the_argument():
         fp8_linear(torch.ones(2, 128), module.weight, recipe={})
     with pytest.raises(ValueError, match="backend"):
         FP8Recipe(backend="fastest")
+
+
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the names of the operators that run (custom ops included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_inference_casts_no_column_wise_copy():
+    module = FP8Linear(256, 128)
+    x = rand(64, 256, seed=9)
+    with torch.no_grad(), OpLog() as log:
+        y = module(x)
+    assert any("fp8train.cast_1x128." in n for n in log.names)
+    assert not any("colwise" in n or "both" in n for n in log.names)
+    assert torch.equal(y, module(x))
+
+
+def test_recipe_validation_and_presets():
+    assert FP8Recipe.from_name("deepseek_v3") == FP8Recipe()
+    assert FP8Recipe.from_name("deepseek_v3_pow2").pow2_scale
+    assert not FP8Recipe.from_name("fprop_only", pow2_scale=True).dgrad_fp8
+    with pytest.raises(ValueError, match="name"):
+        FP8Recipe.from_name("fastest")
+    with pytest.raises(TypeError, match="pow2_scale"):
+        FP8Recipe(pow2_scale=1)
+    with pytest.raises(TypeError, match="wgrad_fp8"):
+        FP8Recipe(wgrad_fp8="yes")
+    with pytest.raises(ValueError, match="accumulate_into_main_grad"):
+        FP8Recipe(accumulate_into_main_grad=True, wgrad_fp8=False)
+    with pytest.raises(Exception, match="cannot assign"):
+        FP8Recipe().pow2_scale = True  # frozen
+
+
+def test_recipe_backend_is_applied_per_layer():
+    import fp8train
+
+    before = fp8train.get_backend()
+    module = FP8Linear(128, 128, recipe=FP8Recipe(backend="native"))
+    with pytest.raises(RuntimeError, match="native"):
+        module(torch.ones(4, 128))  # no native kernels on a CPU tensor: raises, no fallback
+    assert fp8train.get_backend() == before  # restored after the call
+    assert torch.equal(FP8Linear.from_linear(module, FP8Recipe(backend="reference"))(
+        torch.ones(4, 128)), FP8Linear.from_linear(module)(torch.ones(4, 128)))

@@ -35,6 +35,8 @@ SCALE_SUFFIX = "_scale_inv"
 
 def quantization_config(model: nn.Module) -> Dict:
     """The HF ``quantization_config`` describing ``model``'s exported FP8 weights."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     keep = [name for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and not isinstance(m, FP8Linear)]
     return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",

@@ -39,6 +39,40 @@ def segment_wgrad(dy: torch.Tensor, x: torch.Tensor, group_offsets: torch.Tensor
                         for s, e in zip(bounds[:-1], bounds[1:])])
 
 
+def _forward(x, weight, group_offsets, recipe: FP8Recipe, out_dtype: torch.dtype,
+             need_dx: bool, need_dw: bool):
+    """The grouped forward GEMM and what backward needs for the gradients asked for:
+    (y, (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight))."""
+    pow2, backend = recipe.pow2_scale, recipe.backend_arg
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xt_fp8 = xt_scale = w_fp8 = w_scale = None
+        if recipe.fprop_fp8 and need_dw and recipe.wgrad_fp8:
+            x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_both(x, pow2)
+        elif recipe.fprop_fp8:
+            x_fp8, x_scale = ops.cast_1x128(x, pow2)
+        elif need_dw and recipe.wgrad_fp8:
+            xt_fp8, xt_scale = ops.cast_1x128_colwise(x, pow2)
+
+        if recipe.fprop_fp8:
+            w_fp8, w_scale = ops.cast_128x128(weight, pow2)
+            # The grouped kernel writes BF16 (DeepGEMM's contract).
+            y = ops.m_grouped_gemm_nt_contiguous(x_fp8, x_scale, w_fp8, w_scale,
+                                                 group_offsets, backend).to(out_dtype)
+        else:
+            y = segment_matmul(x.to(out_dtype), weight.to(out_dtype), group_offsets)
+
+        x_hp_saved = x if (need_dw and not recipe.wgrad_fp8) else None
+        w_t_fp8 = w_t_scale = weight_saved = None
+        if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
+            if w_fp8 is None:
+                w_fp8, w_scale = ops.cast_128x128(weight, pow2)
+            w_t_fp8, w_t_scale = ops.transpose_128x128(w_fp8, w_scale)
+        elif need_dx or recipe.accumulate_into_main_grad:
+            weight_saved = weight
+    saved = (xt_fp8, xt_scale, x_hp_saved, w_t_fp8, w_t_scale, weight_saved)
+    return y, saved
+
+
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """Autograd of the grouped ``y[seg g] = x[seg g] @ weight[g].T`` on FP8 GEMMs.
 
@@ -47,36 +81,11 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, group_offsets, recipe: FP8Recipe, out_dtype: torch.dtype):
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_dw = need_dw or (recipe.accumulate_into_main_grad and weight.requires_grad)
-        pow2, backend = recipe.pow2_scale, recipe.backend_arg
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            xt_fp8 = xt_scale = w_fp8 = w_scale = None
-            if recipe.fprop_fp8 and need_dw and recipe.wgrad_fp8:
-                x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_both(x, pow2)
-            elif recipe.fprop_fp8:
-                x_fp8, x_scale = ops.cast_1x128(x, pow2)
-            elif need_dw and recipe.wgrad_fp8:
-                xt_fp8, xt_scale = ops.cast_1x128_colwise(x, pow2)
-
-            if recipe.fprop_fp8:
-                w_fp8, w_scale = ops.cast_128x128(weight, pow2)
-                # The grouped kernel writes BF16 (DeepGEMM's contract).
-                y = ops.m_grouped_gemm_nt_contiguous(x_fp8, x_scale, w_fp8, w_scale,
-                                                     group_offsets, backend).to(out_dtype)
-            else:
-                y = segment_matmul(x.to(out_dtype), weight.to(out_dtype), group_offsets)
-
-            x_hp_saved = x if (need_dw and not recipe.wgrad_fp8) else None
-            w_t_fp8 = w_t_scale = weight_saved = None
-            if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
-                if w_fp8 is None:
-                    w_fp8, w_scale = ops.cast_128x128(weight, pow2)
-                w_t_fp8, w_t_scale = ops.transpose_128x128(w_fp8, w_scale)
-            elif need_dx or recipe.accumulate_into_main_grad:
-                weight_saved = weight
-        ctx.save_for_backward(xt_fp8, xt_scale, x_hp_saved, w_t_fp8, w_t_scale, weight_saved,
-                              group_offsets)
+        need_dx = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[1] or (recipe.accumulate_into_main_grad
+                                              and weight.requires_grad)
+        y, saved = _forward(x, weight, group_offsets, recipe, out_dtype, need_dx, need_dw)
+        ctx.save_for_backward(*saved, group_offsets)
         ctx.recipe, ctx.need_dw = recipe, need_dw
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         return y
@@ -209,8 +218,12 @@ class FP8GroupedLinear(GroupedLinear):
             raise ValueError(f"x: expected rows padded to a multiple of {GROUP}, got {x.shape[0]}")
         if self.recipe.accumulate_into_main_grad:
             check_main_grad(self.weight)
+        out_dtype = compute_dtype(x)
+        if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
+            return _forward(x, self.weight, group_offsets, self.recipe, out_dtype,
+                            False, False)[0]
         return FP8GroupedLinearFunction.apply(x, self.weight, group_offsets, self.recipe,
-                                              compute_dtype(x))
+                                              out_dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"

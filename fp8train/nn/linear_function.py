@@ -38,6 +38,48 @@ def gemm_out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
+def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
+             need_dx: bool, need_dw: bool):
+    """The forward GEMM, and what backward needs for the gradients asked for (None for
+    the rest): (y, (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight))."""
+    n, k = weight.shape
+    x_hp = x.reshape(-1, k)  # [T, K]
+    pow2, backend = recipe.pow2_scale, recipe.backend_arg
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xt_fp8 = xt_scale = w_fp8 = w_scale = None
+        if recipe.fprop_fp8 and need_dw and recipe.wgrad_fp8:
+            x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_both(x_hp, pow2)
+        elif recipe.fprop_fp8:
+            x_fp8, x_scale = ops.cast_1x128(x_hp, pow2)
+        elif need_dw and recipe.wgrad_fp8:
+            xt_fp8, xt_scale = ops.cast_1x128_colwise(x_hp, pow2)
+
+        if recipe.fprop_fp8:
+            w_fp8, w_scale = ops.cast_128x128(weight, pow2)
+            # Bias is added in FP32 before the single rounding to out_dtype.
+            y_dtype = gemm_out_dtype(out_dtype) if bias is None else torch.float32
+            y = ops.gemm_nt(x_fp8, x_scale, w_fp8, w_scale, y_dtype, backend)
+            if bias is not None:
+                y = y + bias.float()
+            y = y.to(out_dtype)
+        else:
+            y = torch.nn.functional.linear(
+                x_hp.to(out_dtype), weight.to(out_dtype),
+                None if bias is None else bias.to(out_dtype))
+
+        # What backward reads; None where a gradient is not needed.
+        x_hp_saved = x_hp if (need_dw and not recipe.wgrad_fp8) else None
+        w_t_fp8 = w_t_scale = weight_saved = None
+        if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
+            if w_fp8 is None:
+                w_fp8, w_scale = ops.cast_128x128(weight, pow2)
+            w_t_fp8, w_t_scale = ops.transpose_128x128(w_fp8, w_scale)
+        elif need_dx or recipe.accumulate_into_main_grad:
+            weight_saved = weight
+    saved = (xt_fp8, xt_scale, x_hp_saved, w_t_fp8, w_t_scale, weight_saved)
+    return y.reshape(*x.shape[:-1], n), saved
+
+
 class FP8LinearFunction(torch.autograd.Function):
     """Autograd of ``y = x @ weight.T + bias`` on FP8 GEMMs.
 
@@ -48,50 +90,18 @@ class FP8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype):
-        n, k = weight.shape
-        x_hp = x.reshape(-1, k)  # [T, K]
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_dw = need_dw or (recipe.accumulate_into_main_grad and weight.requires_grad)
-        pow2, backend = recipe.pow2_scale, recipe.backend_arg
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            xt_fp8 = xt_scale = w_fp8 = w_scale = None
-            if recipe.fprop_fp8 and need_dw and recipe.wgrad_fp8:
-                x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_both(x_hp, pow2)
-            elif recipe.fprop_fp8:
-                x_fp8, x_scale = ops.cast_1x128(x_hp, pow2)
-            elif need_dw and recipe.wgrad_fp8:
-                xt_fp8, xt_scale = ops.cast_1x128_colwise(x_hp, pow2)
-
-            if recipe.fprop_fp8:
-                w_fp8, w_scale = ops.cast_128x128(weight, pow2)
-                # Bias is added in FP32 before the single rounding to out_dtype.
-                y_dtype = gemm_out_dtype(out_dtype) if bias is None else torch.float32
-                y = ops.gemm_nt(x_fp8, x_scale, w_fp8, w_scale, y_dtype, backend)
-                if bias is not None:
-                    y = y + bias.float()
-                y = y.to(out_dtype)
-            else:
-                y = torch.nn.functional.linear(
-                    x_hp.to(out_dtype), weight.to(out_dtype),
-                    None if bias is None else bias.to(out_dtype))
-
-            # What backward reads; None where a gradient is not needed.
-            x_hp_saved = x_hp if (need_dw and not recipe.wgrad_fp8) else None
-            w_t_fp8 = w_t_scale = weight_saved = None
-            if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
-                if w_fp8 is None:
-                    w_fp8, w_scale = ops.cast_128x128(weight, pow2)
-                w_t_fp8, w_t_scale = ops.transpose_128x128(w_fp8, w_scale)
-            elif need_dx or recipe.accumulate_into_main_grad:
-                weight_saved = weight
-        ctx.save_for_backward(xt_fp8, xt_scale, x_hp_saved, w_t_fp8, w_t_scale, weight_saved)
+        need_dx = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[1] or (recipe.accumulate_into_main_grad
+                                              and weight.requires_grad)
+        y, saved = _forward(x, weight, bias, recipe, out_dtype, need_dx, need_dw)
+        ctx.save_for_backward(*saved)
         ctx.recipe = recipe
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.w_dtype, ctx.has_bias = weight.dtype, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.num_tokens = x_hp.shape[0]
+        ctx.num_tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
         ctx.need_dw = need_dw
-        return y.reshape(*x.shape[:-1], n)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -183,4 +193,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
     if recipe.accumulate_into_main_grad:
         check_main_grad(weight)
-    return FP8LinearFunction.apply(x, weight, bias, recipe, compute_dtype(x))
+    out_dtype = compute_dtype(x)
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad or (
+            bias is not None and bias.requires_grad)):
+        # Inference: no column-wise copies, nothing saved (needs_input_grad would still
+        # say True under no_grad).
+        return _forward(x, weight, bias, recipe, out_dtype, False, False)[0]
+    return FP8LinearFunction.apply(x, weight, bias, recipe, out_dtype)

@@ -37,6 +37,9 @@ class Router(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int,
                  norm_topk_prob: bool = True, device=None, dtype=None):
         super().__init__()
+        _check_int("hidden_size", hidden_size)
+        if _check_int("top_k", top_k) > _check_int("num_experts", num_experts):
+            raise ValueError(f"top_k: expected at most num_experts={num_experts}, got {top_k}")
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device,
                                                dtype=dtype))
