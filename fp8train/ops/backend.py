@@ -14,6 +14,12 @@ from .. import _env
 
 _backend = None  # None: read FP8TRAIN_BACKEND at first use
 
+# `auto` runs the native dense kernels only once they beat cuBLAS: on the H100 the native
+# 1D2D/1D1D GEMMs measure 0.78x/0.88x of cuBLAS blockwise (median over the bench shapes,
+# docs/kernels.md), so today `auto` prefers cuBLAS wherever it serves the call and uses the
+# native kernels for what cuBLAS cannot do (in-place FP32 accumulation, grouped GEMMs).
+NATIVE_BEATS_CUBLAS = False
+
 
 def set_backend(name: str) -> None:
     """Select ``auto``, ``native``, ``cublas`` or ``reference`` for every later call."""
@@ -62,6 +68,8 @@ def resolve(op: str, device: torch.device, *, native_ok, cublas_ok: bool) -> str
         return "cublas"
     # auto
     if on_hopper:
+        if cublas_ok and not NATIVE_BEATS_CUBLAS:
+            return "cublas"
         ok, why = native_ok()
         if ok:
             return "native"
