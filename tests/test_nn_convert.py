@@ -41,7 +41,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.gate_proj, self.up_proj = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
@@ -86,7 +87,8 @@ def test_convert_swaps_eligible_layers_and_reports_the_rest():
     skipped = dict(report.skipped)
     # per layer: q/k/v/o (4) + the MoE block + its shared expert's 3 linears
     assert report.num_converted == 2 * (4 + 1 + 3)
-    assert converted["layers.0.mlp"] == "FP8MoE" and converted["layers.1.self_attn.q_proj"] == "FP8Linear"
+    assert converted["layers.0.mlp"] == "FP8MoE"
+    assert converted["layers.1.self_attn.q_proj"] == "FP8Linear"
     assert isinstance(model.layers[0].mlp, FP8MoE)
     assert isinstance(model.layers[0].mlp.shared_expert.down_proj, FP8Linear)
     assert "vocabulary" in skipped["lm_head"] and "out_features=96" in skipped["odd"]
