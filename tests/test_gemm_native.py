@@ -54,6 +54,29 @@ def test_1d1d_fixed_shapes(m, n, k, accumulate):
     run_case(m, n, k, "1d1d", accumulate)
 
 
+@pytest.mark.parametrize("kind", ["1d2d", "1d1d"])
+@pytest.mark.parametrize("cluster", [1, 2])
+def test_forced_configs_with_odd_column_blocks(kind, cluster):
+    """A cluster of two on an odd number of column blocks (the last CTA computes on
+    zero-filled B and stores nothing) and a partial last row block."""
+    from fp8train.ops.native.gemm_config import GemmConfig
+    from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native
+
+    m, n, k = 1000, 1152, 1024  # 8 row blocks (last partial) x 9 column blocks of 128
+    cfg = GemmConfig(128, 128, 4, 18, 8, kind, cluster)
+    gen = torch.Generator(device="cuda").manual_seed(cluster)
+    a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))
+    w = torch.randn(n, k, device="cuda", generator=gen)
+    b = per_block_cast(w) if kind == "1d2d" else per_token_cast(w)
+    expect = ref.fp8_gemm_nt_ref(a[0], a[1], b[0], b[1])
+    out = torch.full((m, n), float("nan"), device="cuda",
+                     dtype=torch.bfloat16 if kind == "1d2d" else torch.float32)
+    fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, kind, False, cfg)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any()
+    assert rel_err(out, expect) < (4e-3 if kind == "1d2d" else 1e-3)
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 700), st.integers(1, 64).map(lambda v: 8 * v), st.integers(1, 6),
        st.sampled_from(["1d2d", "1d1d"]), st.booleans(), st.integers(0, 2**31),

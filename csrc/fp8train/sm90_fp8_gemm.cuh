@@ -25,7 +25,7 @@
 namespace fp8train {
 
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
-          uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N>
+          uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, uint32_t CLUSTER>
 struct Sm90Fp8Gemm {
     static constexpr uint32_t BLOCK_K = 128;
     static constexpr uint32_t kNumKBlocks = SHAPE_K / BLOCK_K;
@@ -56,6 +56,9 @@ struct Sm90Fp8Gemm {
     static_assert(SCALE_B_1X128 || BLOCK_N <= 128 + kGcdN128,
                   "1D2D: a BLOCK_N tile must never span three 128x128 scale blocks");
     static_assert(SHAPE_N % 8 == 0, "N must be a multiple of 8");
+    static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of 1 or 2 CTAs");
+    // Each CTA of a cluster loads BLOCK_M / CLUSTER rows of A and multicasts them to both.
+    static constexpr uint32_t kRowsAPerCta = BLOCK_M / CLUSTER;
     static_assert(kTileABytes % 1024 == 0 && kTileBBytes % 1024 == 0, "tiles must keep 1024-byte swizzle alignment");
 
     struct SharedStorage {
@@ -74,14 +77,15 @@ struct Sm90Fp8Gemm {
 };
 
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
-          uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, typename Wgmma>
+          uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, uint32_t CLUSTER,
+          typename Wgmma>
 __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __restrict__ scale_b,
                                               float* __restrict__ out_f32,
                                               const CUtensorMap* tmap_a, const CUtensorMap* tmap_b,
                                               const CUtensorMap* tmap_scale_a,
                                               const CUtensorMap* tmap_scale_b,
                                               const CUtensorMap* tmap_out) {
-    using G = Sm90Fp8Gemm<BLOCK_M, BLOCK_N, NUM_STAGES, SHAPE_N, SHAPE_K, SCALE_B_1X128, ACCUMULATE, GROUP_N>;
+    using G = Sm90Fp8Gemm<BLOCK_M, BLOCK_N, NUM_STAGES, SHAPE_N, SHAPE_K, SCALE_B_1X128, ACCUMULATE, GROUP_N, CLUSTER>;
     using S = typename G::SharedStorage;
     constexpr uint32_t kNumKBlocks = G::kNumKBlocks;
     static_assert(!ACCUMULATE || SCALE_B_1X128, "only the FP32 (1D1D) output accumulates");
@@ -94,6 +98,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     uint64_t* empty = reinterpret_cast<uint64_t*>(smem + S::kEmpty);
 
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint32_t rank = CLUSTER > 1 ? cluster_ctarank() : 0;
 
     if (threadIdx.x == G::kNumMathThreads) {
         prefetch_tma_descriptor(tmap_a);
@@ -103,38 +108,53 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
         else prefetch_tma_descriptor(tmap_out);
         for (uint32_t s = 0; s < NUM_STAGES; ++s) {
             mbar_init(&full[s], 1);                          // the producer's arrive + TMA bytes
-            mbar_init(&empty[s], G::kNumMathThreads / 32);   // one arrival per math warp
+            // One arrival per math warp of every CTA that reads what this CTA multicasts.
+            mbar_init(&empty[s], CLUSTER * G::kNumMathThreads / 32);
         }
         fence_barrier_init();
     }
     __syncthreads();
+    if constexpr (CLUSTER > 1) cluster_sync();  // the peer's barriers exist before any multicast
 
-    const TileScheduler<BLOCK_M, BLOCK_N, SHAPE_N, GROUP_N> scheduler(shape_m);
+    const TileScheduler<BLOCK_M, BLOCK_N, SHAPE_N, GROUP_N, CLUSTER> scheduler(shape_m);
+    const uint32_t first_tile = blockIdx.x / CLUSTER, tile_stride = gridDim.x / CLUSTER;
 
     if (threadIdx.x >= G::kNumMathThreads) {
-        release_registers<40>();
-        if (threadIdx.x != G::kNumMathThreads) return;  // one thread issues every copy
+        release_registers<(CLUSTER > 1 ? 48 : 40)>();  // 48 x 128 + 232 x 256 = 64K registers
+        // One thread issues every copy; the others wait at the end (cluster barrier).
         uint32_t iter = 0;
-        for (uint32_t tile = blockIdx.x; tile < scheduler.num_tiles; tile += gridDim.x) {
+        for (uint32_t tile = first_tile; threadIdx.x == G::kNumMathThreads && tile < scheduler.num_tiles;
+             tile += tile_stride) {
             uint32_t m_block, n_block;
-            scheduler.tile_coords(tile, m_block, n_block);
+            scheduler.tile_coords(tile, rank, m_block, n_block);
             const int32_t m0 = m_block * BLOCK_M, n0 = n_block * BLOCK_N;
             for (uint32_t kb = 0; kb < kNumKBlocks; ++kb, ++iter) {
                 const uint32_t stage = iter % NUM_STAGES, round = iter / NUM_STAGES;
-                mbar_wait(&empty[stage], (round & 1) ^ 1);
+                if constexpr (CLUSTER > 1) mbar_wait_cluster(&empty[stage], (round & 1) ^ 1);
+                else mbar_wait(&empty[stage], (round & 1) ^ 1);
                 uint64_t* bar = &full[stage];
 #ifdef FP8TRAIN_DEBUG_NO_LOADS  // attribution experiments: math on stale shared memory
                 mbar_arrive(bar);
                 continue;
 #endif
                 mbar_arrive_expect_tx(bar, G::kStageBytes);
-                tma_load_2d(tmap_a, bar, smem + S::kA + stage * G::kTileABytes, kb * 128, m0);
+                if constexpr (CLUSTER > 1) {
+                    const uint32_t rows = rank * G::kRowsAPerCta;
+                    tma_load_2d_multicast(tmap_a, bar, smem + S::kA + stage * G::kTileABytes + rows * 128,
+                                          kb * 128, m0 + rows, (1 << CLUSTER) - 1);
+                } else {
+                    tma_load_2d(tmap_a, bar, smem + S::kA + stage * G::kTileABytes, kb * 128, m0);
+                }
                 tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, n0);
                 const int32_t kb_box = kb & ~(G::kScaleCols - 1);
                 tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, kb_box, m0);
                 if constexpr (SCALE_B_1X128)
                     tma_load_2d(tmap_scale_b, bar, smem + S::kScaleB + stage * G::kScaleBSlot, kb_box, n0);
             }
+        }
+        if constexpr (CLUSTER > 1) {
+            __syncwarp();   // the issuing lane rejoins its warp for the aligned cluster barrier
+            cluster_sync();  // the peer may still arrive on our barriers
         }
         return;
     }
@@ -145,10 +165,19 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     const uint32_t row_in_tile = group * 64 + warp_in_group * 16 + lane / 4;  // and +8
     float accum[G::kAccum], partial[G::kAccum];
     uint32_t iter = 0;
+    // A stage is free once every CTA that reads it is done: our warps and the peer's.
+    auto release_stage = [&](uint32_t stage) {
+        if constexpr (CLUSTER > 1) {
+#pragma unroll
+            for (uint32_t r = 0; r < CLUSTER; ++r) mbar_arrive_cluster(&empty[stage], r);
+        } else {
+            mbar_arrive(&empty[stage]);
+        }
+    };
 
-    for (uint32_t tile = blockIdx.x; tile < scheduler.num_tiles; tile += gridDim.x) {
+    for (uint32_t tile = first_tile; tile < scheduler.num_tiles; tile += tile_stride) {
         uint32_t m_block, n_block;
-        scheduler.tile_coords(tile, m_block, n_block);
+        scheduler.tile_coords(tile, rank, m_block, n_block);
         const uint32_t m0 = m_block * BLOCK_M, n0 = n_block * BLOCK_N;
         // 1D2D: columns at or past `split` (tile-relative) use the next 128x128 scale block.
         const uint32_t split = G::kMayStraddle ? (n0 / 128 + 1) * 128 - n0 : BLOCK_N;
@@ -200,7 +229,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                                         scale_b_smem[(col + 1) * G::kScaleCols + kb_col]);
                 }
                 __syncwarp();
-                if (lane == 0) mbar_arrive(&empty[stage]);
+                if (lane == 0) release_stage(stage);
 #pragma unroll
                 for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
                     accum[j * 4 + 0] = fmaf(partial[j * 4 + 0], sa0 * sb[j].x, accum[j * 4 + 0]);
@@ -210,7 +239,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 }
             } else {
                 __syncwarp();
-                if (lane == 0) mbar_arrive(&empty[stage]);
+                if (lane == 0) release_stage(stage);
 #ifdef FP8TRAIN_DEBUG_NO_PROMOTION  // attribution experiments: tensor cores only
                 if (kb + 1 < kNumKBlocks) continue;
 #endif
@@ -274,6 +303,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     }
     if constexpr (!SCALE_B_1X128) {
         if (threadIdx.x == 0) tma_store_wait_all();  // shared memory must outlive the store
+    }
+    if constexpr (CLUSTER > 1) {
+        __syncwarp();
+        cluster_sync();  // the peer may still multicast into us
     }
 }
 

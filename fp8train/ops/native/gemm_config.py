@@ -32,6 +32,9 @@ class GemmConfig:
     group_n: int
     # "1d2d" (B scales 128x128, BF16 out) or "1d1d" (B scales 1x128, FP32 out).
     kind: str = "1d2d"
+    # CTAs per cluster: 2 shares each A tile between two neighbouring N tiles by TMA
+    # multicast (half the A traffic from L2); 1 otherwise.
+    cluster: int = 1
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -44,6 +47,9 @@ class GemmConfig:
                              f"got {self.block_n}")
         if not MIN_STAGES <= self.num_stages <= MAX_STAGES:
             raise ValueError(f"num_stages: expected {MIN_STAGES}..{MAX_STAGES}, got {self.num_stages}")
+        if self.cluster not in (1, 2) or self.num_ctas % self.cluster:
+            raise ValueError(f"cluster: expected 1 or 2 dividing num_ctas, got {self.cluster} "
+                             f"with num_ctas={self.num_ctas}")
         if shared_bytes(self.block_m, self.block_n, self.num_stages, self.kind) > SMEM_LIMIT:
             raise ValueError(f"config needs more than {SMEM_LIMIT} bytes of shared memory: {self}")
         if self.num_ctas < 1 or self.group_n < 1:
@@ -82,6 +88,10 @@ def shared_bytes(block_m: int, block_n: int, num_stages: int, kind: str) -> int:
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# Switch for experiments and for the measurement that decides it (docs/kernels.md).
+multicast_enabled = True
 
 
 def relative_speed(block_n: int, kind: str) -> float:
@@ -127,6 +137,9 @@ def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d") -> G
     stages = MAX_STAGES
     while shared_bytes(block_m, block_n, stages, kind) > SMEM_LIMIT:
         stages -= 1
-    return GemmConfig(block_m=block_m, block_n=block_n, num_stages=stages,
-                      num_ctas=min(num_sms, tiles), group_n=8 if ceil_div(m, block_m) > 1 else 1,
-                      kind=kind)
+    # Multicast pays where operand traffic from L2 limits: many row blocks sharing A.
+    cluster = 2 if multicast_enabled and m >= 512 and block_m == 128 and tiles >= num_sms else 1
+    num_ctas = min(num_sms, tiles if cluster == 1 else 2 * ceil_div(tiles, 2))
+    num_ctas -= num_ctas % cluster
+    return GemmConfig(block_m=block_m, block_n=block_n, num_stages=stages, num_ctas=num_ctas,
+                      group_n=8 if ceil_div(m, block_m) > 1 else 1, kind=kind, cluster=cluster)

@@ -38,7 +38,7 @@ extern "C" __global__ void __launch_bounds__({config.num_threads}, 1)
               const __grid_constant__ CUtensorMap tmap_out) {{
     fp8train::sm90_fp8_gemm<{config.block_m}, {config.block_n}, {config.num_stages}, {n}, {k},
                             {str(config.kind == "1d1d").lower()}, {str(accumulate).lower()},
-                            {config.group_n}, fp8train::Wgmma_m64n{config.block_n}k32>(
+                            {config.group_n}, {config.cluster}, fp8train::Wgmma_m64n{config.block_n}k32>(
         shape_m, scale_b, out_f32, &tmap_a, &tmap_b, &tmap_scale_a, &tmap_scale_b, &tmap_out);
 }}
 """
@@ -47,7 +47,7 @@ extern "C" __global__ void __launch_bounds__({config.num_threads}, 1)
 def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool) -> str:
     acc = "_acc" if accumulate else ""
     return (f"sm90_fp8_gemm_{config.kind}{acc}_n{n}_k{k}_bm{config.block_m}_bn{config.block_n}"
-            f"_s{config.num_stages}_g{config.group_n}")
+            f"_s{config.num_stages}_g{config.group_n}_c{config.cluster}")
 
 
 # Extra nvcc flags for experiments (e.g. -DFP8TRAIN_DEBUG_NO_LOADS); part of every cache key.
@@ -166,7 +166,8 @@ def fp8_gemm_nt_native(a, sa, b, sb, out: torch.Tensor, kind: str, accumulate: b
     params.u64[1].value = sb.data_ptr() if kind == "1d2d" else 0
     params.u64[2].value = out.data_ptr()
     slots, move = params.slots, ctypes.memmove
-    move(slots[3], _tma_address(a.data_ptr(), a.dtype, k, m, a.stride(0), 128, cfg.block_m, 128), 128)
+    rows_a = cfg.block_m // cfg.cluster  # each CTA of a cluster loads its share of A
+    move(slots[3], _tma_address(a.data_ptr(), a.dtype, k, m, a.stride(0), 128, rows_a, 128), 128)
     move(slots[4], _tma_address(b.data_ptr(), b.dtype, k, n, b.stride(0), 128, cfg.block_n, 128), 128)
     move(slots[5], _tma_address(sa.data_ptr(), f32, kb, m, 4 * lda, 4, cfg.block_m, 0), 128)
     if kind == "1d1d":
@@ -175,4 +176,4 @@ def fp8_gemm_nt_native(a, sa, b, sb, out: torch.Tensor, kind: str, accumulate: b
     else:
         move(slots[7], _tma_address(out.data_ptr(), out.dtype, n, m, 2 * n, cfg.block_n, cfg.block_m, 0), 128)
     launch.kernel.launch_params(cfg.num_ctas, cfg.num_threads, launch.smem, params.address,
-                                _raw_stream(device))
+                                _raw_stream(device), cfg.cluster)
