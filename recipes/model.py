@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fp8train.nn import MoE
+
 from .config import ModelConfig
 
 
@@ -75,14 +77,8 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def moe_block(cfg: ModelConfig) -> nn.Module:
+def moe_block(cfg: ModelConfig) -> MoE:
     """The project's MoE block (softmax top-k router, SwiGLU experts); convert_to_fp8 makes it FP8MoE."""
-    try:
-        from fp8train.nn import MoE
-    except ImportError as err:
-        raise RuntimeError(
-            "model.n_experts > 0 needs fp8train.nn.MoE, which this fp8train install does not "
-            "have; set model.n_experts=0 for a dense model") from err
     return MoE(cfg.dim, cfg.expert_dim, cfg.n_experts, cfg.moe_top_k,
                shared_expert_dim=cfg.moe_shared_dim)
 

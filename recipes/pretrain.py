@@ -111,7 +111,7 @@ def main(argv=None) -> Path:
     model = Transformer(cfg.model, max_seq_len=cfg.seq_len)
     n_params = model.num_params()
     if cfg.precision == "fp8":
-        accelerator.print(convert_to_fp8(model))
+        accelerator.print(fp8train.convert_to_fp8(model))
     accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, precision {cfg.precision}")
 
     # -- optimizer: AdamW on the FP32 master weights; decay matrices, not norms -----------------
@@ -221,32 +221,19 @@ def main(argv=None) -> Path:
     return run_dir
 
 
-def convert_to_fp8(model: torch.nn.Module):
-    """fp8train.convert_to_fp8, with a clear message where this fp8train does not have it."""
-    convert = getattr(fp8train, "convert_to_fp8", None)
-    if convert is None:
-        sys.exit("precision=fp8 needs fp8train.convert_to_fp8, which this fp8train install does "
-                 "not have; run with --precision bf16")
-    return convert(model)
-
-
-def export_fp8(accelerator, model, cfg, run_dir: Path) -> str | None:
+def export_fp8(accelerator, model, cfg, run_dir: Path) -> str:
     """Write the final weights in the Hugging Face fine-grained FP8 format (model_fp8.safetensors).
 
     The full state dict is gathered (sharded under FSDP) and loaded into a fresh converted model
     on the main process, so the export sees whole weights however training was distributed.
     """
-    export = getattr(fp8train, "export_fp8_safetensors", None)
-    if export is None:
-        accelerator.print("fp8train.export_fp8_safetensors is not available: FP8 export skipped")
-        return None
     state_dict = accelerator.get_state_dict(model)
     path = run_dir / "model_fp8.safetensors"
     if accelerator.is_main_process:
         fresh = Transformer(cfg.model, max_seq_len=cfg.seq_len)
-        convert_to_fp8(fresh)
+        fp8train.convert_to_fp8(fresh)
         fresh.load_state_dict(state_dict)
-        export(fresh, str(path))
+        fp8train.export_fp8_safetensors(fresh, path)
         accelerator.print(f"exported FP8 weights -> {path}")
     accelerator.wait_for_everyone()
     return str(path)

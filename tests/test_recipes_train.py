@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import fp8train
-import fp8train.nn
 from recipes import compare, pretrain
 from recipes.metrics import read_jsonl
 
@@ -23,9 +21,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 FAST = ["max_steps=6", "warmup_steps=2", "log_interval=1", "eval_interval=3", "eval_batches=1",
         "checkpoint_interval=3", "micro_batch_size=8", "seq_len=64", "data_max_bytes=200000",
         "progress_bar=false", "lr=1e-2", "min_lr=1e-3"]
-
-needs_fp8 = pytest.mark.skipif(not hasattr(fp8train, "convert_to_fp8"),
-                               reason="fp8train.convert_to_fp8 (issue 4) is not in this tree yet")
 
 
 def train(tmp_path: Path, config: str, *extra: str) -> Path:
@@ -87,7 +82,7 @@ def check_resume_matches(tmp_path: Path, config: str, precision: str, full: Path
     assert [{k: r.get(k) for k in key} for r in got] == [{k: r.get(k) for k in key} for r in expected]
 
 
-@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp8", marks=needs_fp8)])
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_tiny_trains_checkpoints_and_resumes_exactly(tmp_path, precision):
     full = train(tmp_path, "tiny", f"--precision={precision}")
     check_run(full, precision)
@@ -124,12 +119,7 @@ def test_compare_writes_png_table_and_report(tmp_path, capsys):
                          "--max-mem-ratio", "1"]) == 0
 
 
-needs_moe = pytest.mark.skipif(not hasattr(fp8train.nn, "MoE"),
-                               reason="fp8train.nn.MoE (issue 4) is not in this tree yet")
-
-
-@needs_moe
-@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp8", marks=needs_fp8)])
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_tiny_moe_trains_checkpoints_and_resumes_exactly(tmp_path, precision):
     full = train(tmp_path, "tiny-moe", f"--precision={precision}")
     check_run(full, precision)
@@ -143,7 +133,6 @@ def test_cli_rejects_unknown_keys():
         pretrain.main(["--config", str(CONFIGS / "tiny.yaml"), "lrr=1"])
 
 
-@needs_fp8
 def test_two_cpu_processes_on_gloo(tmp_path):
     """recipes/accelerate/cpu_2proc.yaml: two processes joined over gloo (DDP), FP8 on the
     reference path, launched as a user would."""
