@@ -59,6 +59,13 @@ struct Sm90Fp8Gemm {
     static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of 1 or 2 CTAs");
     // Each CTA of a cluster loads BLOCK_M / CLUSTER rows of A and multicasts them to both.
     static constexpr uint32_t kRowsAPerCta = BLOCK_M / CLUSTER;
+    // setmaxnreg budgets. setmaxnreg.inc blocks until the registers are free, so the split
+    // keeps the 1024 spare registers of the launch allocation (168 x 384) rather than using
+    // all 64K: 40 x 128 + 232 x 256 = 64512. The multicast producer needs 56 (no spills).
+    static constexpr uint32_t kProducerRegisters = CLUSTER > 1 ? 56 : 40;
+    static constexpr uint32_t kMathRegisters = kNumMathGroups == 1 ? 248 : (CLUSTER > 1 ? 224 : 232);
+    static_assert(kNumMathGroups == 1 || kProducerRegisters * 128 + kMathRegisters * 256 <= 64512,
+                  "setmaxnreg budgets exceed the launch allocation");
     static_assert(kTileABytes % 1024 == 0 && kTileBBytes % 1024 == 0, "tiles must keep 1024-byte swizzle alignment");
 
     struct SharedStorage {
@@ -120,7 +127,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     const uint32_t first_tile = blockIdx.x / CLUSTER, tile_stride = gridDim.x / CLUSTER;
 
     if (threadIdx.x >= G::kNumMathThreads) {
-        release_registers<(CLUSTER > 1 ? 48 : 40)>();  // 48 x 128 + 232 x 256 = 64K registers
+        release_registers<G::kProducerRegisters>();
         // One thread issues every copy; the others wait at the end (cluster barrier).
         uint32_t iter = 0;
         for (uint32_t tile = first_tile; threadIdx.x == G::kNumMathThreads && tile < scheduler.num_tiles;
@@ -160,7 +167,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     }
 
     // ---- math warpgroups ----
-    claim_registers<G::kNumMathGroups == 1 ? 248 : 232>();
+    claim_registers<G::kMathRegisters>();
     const uint32_t group = threadIdx.x / 128, warp_in_group = warp % 4;
     const uint32_t row_in_tile = group * 64 + warp_in_group * 16 + lane / 4;  // and +8
     float accum[G::kAccum], partial[G::kAccum];
