@@ -15,18 +15,18 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default=None,
                         help="only these shapes, e.g. '4096,7168,2048;128,2112,7168'")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    parser.add_argument("--no-multicast", action="store_true",
-                        help="native kernels without TMA multicast clusters (for comparison)")
+    parser.add_argument("--multicast", action="store_true",
+                        help="let the heuristic pick TMA multicast clusters (off by default)")
     args = parser.parse_args(argv)
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         print("fp8train.bench needs an sm_90 (Hopper) GPU", file=sys.stderr)
         return 2
-    if args.no_multicast:
+    if args.multicast:
         from ..ops.native import gemm_config
 
-        gemm_config.multicast_enabled = False
+        gemm_config.multicast_enabled = True
     if args.suite == "gemm":
         from .gemm import run
 
