@@ -20,25 +20,37 @@ class TrainState:
     """The loop's counters, saved and restored with the checkpoint.
 
     The running loss sum of the open log window is part of it, so a run stopped between two
-    log records and resumed writes the same next record as one that never stopped.
+    log records and resumed writes the same next record as one that never stopped. accelerate
+    saves registered objects from the main process only, so every process's sum is gathered
+    into the state first (``gather_loss_sums``) and each process takes its own back on load.
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", rank: int = 0):
         self.step = 0  # optimizer steps completed
         self.tokens = 0  # training tokens consumed, all processes together
         # This process's loss summed over the steps since the last log record (kept on the
         # device so the loop never waits for it), and how many steps that is.
         self.loss_sum = torch.zeros((), device=device)
         self.loss_steps = 0
+        self.rank = rank
+        self._all_loss_sums: list[float] = []
+
+    def gather_loss_sums(self, accelerator) -> None:
+        """Collect every process's ``loss_sum`` (a collective: call it on all processes)."""
+        self._all_loss_sums = accelerator.gather(self.loss_sum.reshape(1)).cpu().tolist()
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens,
-                "loss_sum": self.loss_sum.item(), "loss_steps": self.loss_steps}
+        return {"step": self.step, "tokens": self.tokens, "loss_steps": self.loss_steps,
+                "loss_sums": self._all_loss_sums or [self.loss_sum.item()]}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.loss_sum.fill_(float(state["loss_sum"]))
         self.loss_steps = int(state["loss_steps"])
+        sums = state["loss_sums"]
+        # Resumed on another number of processes (a different run from here on anyway: the
+        # batches depend on the rank), the mean keeps the next record's value about right.
+        self.loss_sum.fill_(sums[self.rank] if self.rank < len(sums) and len(sums) > 1
+                            else sum(sums) / len(sums))
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -65,9 +77,11 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found[-1][1]
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, config_yaml: str, keep: int) -> Path:
+def save_checkpoint(accelerator, state: TrainState, run_dir: Path, step: int, config_yaml: str,
+                    keep: int) -> Path:
     """Save on every process (sharded states need all ranks), then prune old ones on rank 0."""
     path = checkpoint_dir(run_dir, step)
+    state.gather_loss_sums(accelerator)
     accelerator.save_state(str(path), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -125,7 +125,7 @@ def main(argv=None) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.compile:
         model = torch.compile(model)
-    state = TrainState(accelerator.device)
+    state = TrainState(accelerator.device, rank=accelerator.process_index)
     accelerator.register_for_checkpointing(state)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
@@ -174,7 +174,9 @@ def main(argv=None) -> Path:
         bar.update(1)
         done = state.step
 
-        if done % cfg.log_interval == 0 or done == 1 or done == last_step:
+        # Not at a stop_after_steps stop: the open window's loss sum is checkpointed instead, so
+        # a resumed run writes the same records as one that never stopped.
+        if done % cfg.log_interval == 0 or done == 1 or done == cfg.max_steps:
             # Mean over the steps since the last record and over processes (.item() syncs).
             loss_val = accelerator.reduce(state.loss_sum, reduction="mean").item() / state.loss_steps
             state.loss_sum.zero_()
@@ -198,7 +200,7 @@ def main(argv=None) -> Path:
                 tqdm.write(f"step {done}: val loss {val_loss:.4f}")
             speed.restart()
         if done % cfg.checkpoint_interval == 0 or done == last_step:
-            save_checkpoint(accelerator, run_dir, done, config_yaml, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, state, run_dir, done, config_yaml, cfg.keep_checkpoints)
             speed.restart()
     bar.close()
 
