@@ -172,3 +172,18 @@ def test_grouped_offsets_are_checked():
     with pytest.raises(ValueError, match="masked_m"):
         a3 = per_token_cast(rand(2, 64, 128, seed=0))
         m_grouped_fp8_gemm_nt_masked(a3, b, torch.tensor([65, 0], dtype=torch.int32))
+
+
+def test_plan_cache_never_hides_a_bad_call():
+    """A validated signature is reused; any difference in the call is checked in full."""
+    a, b = per_token_cast(rand(8, 256, seed=0)), per_block_cast(rand(16, 256, seed=1))
+    first = fp8_gemm_nt(a, b)
+    assert torch.equal(fp8_gemm_nt(a, b), first)  # second call: the cached plan
+    with pytest.raises(ValueError, match="accumulate"):
+        fp8_gemm_nt(a, b, accumulate=True)
+    with pytest.raises(ValueError, match=r"a\[1\]"):
+        fp8_gemm_nt((a[0], a[1][:, :1].contiguous()), b)
+    with pytest.raises(TypeError, match="pair"):
+        fp8_gemm_nt(torch.zeros(2, 256).to(torch.float8_e4m3fn), b)
+    with pytest.raises(TypeError, match="out_dtype"):
+        fp8_gemm_nt(a, b, out_dtype=torch.float16)

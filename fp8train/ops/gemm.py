@@ -88,6 +88,50 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
     out: optional ``[M, N]`` bf16/fp32; when given, its dtype is the output dtype.
     accumulate: add into ``out`` (float32) instead of overwriting it.
     """
+    # Every eager GEMM pays this on the host: a call whose argument signature (shapes,
+    # strides, dtypes, devices, options, backend) was validated before reuses that plan.
+    try:
+        x, sx = a
+        y, sy = b
+        key = (x.shape, x.stride(), x.dtype, x.device, sx.shape, sx.dtype, sx.device,
+               y.shape, y.stride(), y.dtype, y.device, sy.shape, sy.dtype, sy.device,
+               None if out is None else (out.shape, out.dtype, out.device, out.is_contiguous()),
+               out_dtype, accumulate, _backend.get_backend())
+        plan = _dense_plans.get(key)
+    except (TypeError, ValueError, AttributeError):
+        key = plan = None
+    if plan is None:
+        plan = _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate)
+        if key is not None:
+            if len(_dense_plans) >= 4096:
+                _dense_plans.clear()
+            _dense_plans[key] = plan
+    path, kind, m, n, dtype = plan
+    if path == "native":
+        from .native.sm90_fp8_gemm import fp8_gemm_nt_native
+
+        if out is None:
+            out = torch.empty(m, n, dtype=dtype, device=x.device)
+        fp8_gemm_nt_native(x, sx, y, sy if kind == "1d1d" else sy.contiguous(), out, kind, accumulate)
+        return out
+    if path == "cublas":
+        result = _cublas.fp8_gemm_nt_cublas(x, sx, y, sy, dtype)
+    else:
+        result = _ref.fp8_gemm_nt_ref(x, sx, y, sy)
+    if out is None:
+        return result.to(dtype)
+    if accumulate:
+        out.add_(result)
+    else:
+        out.copy_(result)
+    return out
+
+
+_dense_plans: dict = {}  # argument signature -> (path, kind, m, n, out dtype)
+
+
+def _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate) -> tuple:
+    """Full argument checks of fp8_gemm_nt (each error names the argument), then the path."""
     a, sa = _unpack("a", a)
     b, sb = _unpack("b", b)
     check_tensor("a[0]", a, ndims=(2,))
@@ -106,29 +150,11 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
         raise TypeError(f"out_dtype: expected torch.bfloat16 or torch.float32, got {out_dtype}")
     out = _check_out(out, (m, n), out_dtype, a.device, accumulate)
     dtype = out.dtype if out is not None else out_dtype
-
     kind = "1d1d" if sb.shape[0] == n and n > 1 else "1d2d"
     path = _backend.resolve("fp8_gemm_nt", a.device,
                             native_ok=lambda: _native.dense_support(n, kind, dtype, accumulate),
                             cublas_ok=_cublas.supports(a, n, dtype, accumulate))
-    if path == "native":
-        from .native.sm90_fp8_gemm import fp8_gemm_nt_native
-
-        if out is None:
-            out = torch.empty(m, n, dtype=dtype, device=a.device)
-        fp8_gemm_nt_native(a, sa, b, sb if kind == "1d1d" else sb.contiguous(), out, kind, accumulate)
-        return out
-    if path == "cublas":
-        result = _cublas.fp8_gemm_nt_cublas(a, sa, b, sb, dtype)
-    else:
-        result = _ref.fp8_gemm_nt_ref(a, sa, b, sb)
-    if out is None:
-        return result.to(dtype)
-    if accumulate:
-        out.add_(result)
-    else:
-        out.copy_(result)
-    return out
+    return path, kind, m, n, dtype
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torch.Tensor,
