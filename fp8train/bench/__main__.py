@@ -1,4 +1,4 @@
-"""Benchmarks on a Hopper GPU: ``python -m fp8train.bench gemm`` (more suites join later).
+"""Benchmarks on a Hopper GPU: ``python -m fp8train.bench gemm|linear|moe``.
 
 Each suite first checks correctness against the reference, then prints its table; ratios
 are always against baselines measured in the same run.
@@ -11,7 +11,7 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fp8train.bench", description=__doc__)
-    parser.add_argument("suite", choices=["gemm"], help="which benchmark to run")
+    parser.add_argument("suite", choices=["gemm", "linear", "moe"], help="which benchmark to run")
     parser.add_argument("--shapes", default=None,
                         help="only these shapes, e.g. '4096,7168,2048;128,2112,7168'")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -31,6 +31,10 @@ def main(argv=None) -> int:
         from .gemm import run
 
         return run(args.shapes, args.json)
+    if args.suite in ("linear", "moe"):
+        from .layers import run_suite
+
+        return run_suite(args.suite, args.json)
     return 1
 
 

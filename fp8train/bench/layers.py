@@ -1,0 +1,122 @@
+"""``python -m fp8train.bench linear|moe``: forward+backward of the FP8 modules against the
+same modules in BF16, timed on the GPU the way DESIGN.md times the anchors (issue 4's bars).
+
+Each row also checks the FP8 layer's output and gradients against the BF16 layer (relative
+error within FP8 bounds) before timing, and reports peak memory of one step.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..nn import FP8Linear, FP8MoE, MoE
+from .timing import time_calls
+
+LINEAR_SHAPES = [(16384, 4096, 14336), (16384, 7168, 2048), (8192, 8192, 8192)]  # (T, K, N)
+LINEAR_BARS = {(16384, 4096, 14336): 1.6, (16384, 7168, 2048): 1.3}
+# (tokens, hidden, expert dim, experts, top-k): issue 4's MoE bar is >= 1.4x.
+MOE_SHAPES = [(16384, 4096, 2048, 8, 2)]
+MOE_BAR = 1.4
+# Relative-error limits (out, dx, dW) vs BF16: one FP8 GEMM per linear path, up to four
+# chained in an MoE (tests/test_nn_* derive the same bounds).
+LIMITS = {"linear": (0.05, 0.08, 0.08), "moe": (0.1, 0.15, 0.15)}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def step_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    """One forward+backward; returns the closure and the tensors it fills."""
+    def step():
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        module(x).backward(grad)
+    return step
+
+
+def compare(baseline: nn.Module, fp8: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> dict:
+    """Output, input-gradient and weight-gradient errors of `fp8` against `baseline`."""
+    errors = {}
+    outs = []
+    for module in (baseline, fp8):
+        xi = x.detach().clone().requires_grad_(True)
+        for p in module.parameters():
+            p.grad = None
+        y = module(xi)
+        y.backward(grad)
+        outs.append((y.detach(), xi.grad, [p.grad for p in module.parameters()]))
+    errors["out"] = rel_err(outs[1][0], outs[0][0])
+    errors["dx"] = rel_err(outs[1][1], outs[0][1])
+    errors["dw"] = max(rel_err(g1, g0) for g0, g1 in zip(outs[0][2], outs[1][2])
+                       if g0 is not None and g1 is not None)
+    return errors
+
+
+def measure(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
+    """(median ms per forward+backward, peak GiB of one step)."""
+    step = step_fn(module, x, grad)
+    ms, _ = time_calls([step], batch=10, repeats=5)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def build_linear(t, k, n, device):
+    base = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    return base, FP8Linear.from_linear(copy.deepcopy(base))
+
+
+def build_moe(t, hidden, expert_dim, experts, top_k, device):
+    base = MoE(hidden, expert_dim, experts, top_k).to(device=device, dtype=torch.bfloat16)
+    return base, FP8MoE.from_moe(copy.deepcopy(base))
+
+
+def run_suite(suite: str, json_path: str | None, backends=("auto", "native")) -> int:
+    device = torch.device("cuda")
+    rows, failures = [], 0
+    shapes = LINEAR_SHAPES if suite == "linear" else MOE_SHAPES
+    for shape in shapes:
+        base, fp8 = (build_linear if suite == "linear" else build_moe)(*shape, device)
+        t, k = shape[0], shape[1]
+        n_out = shape[2] if suite == "linear" else shape[1]
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(t, k, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+        grad = torch.randn(t, n_out, device=device, dtype=torch.bfloat16, generator=gen)
+        bf16_ms, bf16_gib = measure(base, x, grad)
+        for backend in backends:
+            ops.set_backend(backend)
+            try:
+                errors = compare(base, fp8, x, grad)
+                ms, gib = measure(fp8, x, grad)
+            except RuntimeError as exc:  # e.g. a backend that cannot serve this layer
+                print(f"{suite} {shape} backend={backend}: skipped ({exc})", flush=True)
+                continue
+            finally:
+                ops.set_backend("auto")
+            limits = LIMITS[suite]
+            ok = errors["out"] < limits[0] and errors["dx"] < limits[1] and errors["dw"] < limits[2]
+            failures += not ok
+            row = {"suite": suite, "shape": shape, "backend": backend, "ok": ok, **errors,
+                   "bf16_ms": bf16_ms, "fp8_ms": ms, "speedup": bf16_ms / ms,
+                   "bf16_peak_gib": bf16_gib, "fp8_peak_gib": gib}
+            rows.append(row)
+            bar = LINEAR_BARS.get(tuple(shape)) if suite == "linear" else MOE_BAR
+            print(f"{suite} {shape} backend={backend:6s} {'ok ' if ok else 'BAD'} "
+                  f"err out {errors['out']:.3f} dx {errors['dx']:.3f} dw {errors['dw']:.3f} | "
+                  f"bf16 {bf16_ms:7.3f} ms fp8 {ms:7.3f} ms speedup {bf16_ms / ms:.2f}"
+                  + (f" (bar {bar})" if bar else "")
+                  + f" | peak GiB {bf16_gib:.2f} / {gib:.2f}", flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if failures else 0
