@@ -20,9 +20,22 @@ import torch
 
 from .._checks import FLOAT_DTYPES, check_tensor
 from . import _custom_ops as ops
+from .fp8_weight import FP8BlockWeight
 from .recipe import FP8Recipe
 
 GROUP = 128
+
+
+def cast_weight(weight: torch.Tensor, pow2_scale: bool):
+    """The 128x128 FP8 copy of ``weight``. A weight that arrives already cast (an
+    ``FP8BlockWeight``, e.g. from FSDP2's FP8 all-gather) is used as is: casting it again
+    would only dequantize and round the same values twice."""
+    if isinstance(weight, FP8BlockWeight):
+        if pow2_scale and not weight.pow2_scale:
+            raise ValueError("weight: the recipe asks for power-of-two scales, but this "
+                             "pre-cast FP8BlockWeight has float32 scales")
+        return weight.fp8_data, weight.fp8_scale
+    return ops.cast_128x128(weight, pow2_scale)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -55,7 +68,7 @@ def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
             xt_fp8, xt_scale = ops.cast_1x128_colwise(x_hp, pow2)
 
         if recipe.fprop_fp8:
-            w_fp8, w_scale = ops.cast_128x128(weight, pow2)
+            w_fp8, w_scale = cast_weight(weight, pow2)
             # Bias is added in FP32 before the single rounding to out_dtype.
             y_dtype = gemm_out_dtype(out_dtype) if bias is None else torch.float32
             y = ops.gemm_nt(x_fp8, x_scale, w_fp8, w_scale, y_dtype, backend)
@@ -72,7 +85,7 @@ def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
         w_t_fp8 = w_t_scale = weight_saved = None
         if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
             if w_fp8 is None:
-                w_fp8, w_scale = ops.cast_128x128(weight, pow2)
+                w_fp8, w_scale = cast_weight(weight, pow2)
             w_t_fp8, w_t_scale = ops.transpose_128x128(w_fp8, w_scale)
         elif need_dx or recipe.accumulate_into_main_grad:
             weight_saved = weight
@@ -131,7 +144,7 @@ class FP8LinearFunction(torch.autograd.Function):
                 if recipe.dgrad_fp8:
                     if w_t_fp8 is None:
                         w_t_fp8, w_t_scale = ops.transpose_128x128(
-                            *ops.cast_128x128(weight, pow2))
+                            *cast_weight(weight, pow2))
                     dx = ops.gemm_nt(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
                                      gemm_out_dtype(ctx.x_dtype), backend)
                 else:
