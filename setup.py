@@ -28,7 +28,10 @@ setup(
     extras_require={
         # recipes/compare.py's loss-curve PNG (the tests run it, so "test" has it too).
         "recipes": ["matplotlib>=3.5"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.5",
+        # Hugging Face models (fp8train.nn.hf): the ExpertsInterface / use_experts_implementation
+        # API and revert_weight_conversion arrived with transformers 5.
+        "hf": ["transformers>=5.0,<6"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.5", "transformers>=5.0,<6",
                  "nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm"],
     },
 )

@@ -9,6 +9,7 @@ from .nn import (
     convert_to_fp8,
     export_fp8_safetensors,
     load_fp8_safetensors,
+    save_pretrained_fp8,
 )
 from .ops import (
     fp8_gemm_nt,
@@ -39,6 +40,7 @@ __all__ = [
     "convert_to_fp8",
     "export_fp8_safetensors",
     "load_fp8_safetensors",
+    "save_pretrained_fp8",
     "FP8Linear",
     "FP8Recipe",
     "FP8MoE",

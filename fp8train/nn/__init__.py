@@ -3,6 +3,7 @@ conversion and FP8 checkpoint export."""
 from . import _custom_ops  # noqa: F401  (registers the fp8train:: torch.library ops)
 from .checkpoint import export_fp8_safetensors, load_fp8_safetensors, quantization_config
 from .convert import ConversionReport, convert_to_fp8
+from .hf_checkpoint import save_pretrained_fp8
 from .grouped_linear import FP8GroupedLinear, FP8GroupedLinearFunction, GroupedLinear
 from .linear import FP8Linear
 from .linear_function import FP8LinearFunction, fp8_linear
@@ -32,4 +33,5 @@ __all__ = [
     "export_fp8_safetensors",
     "load_fp8_safetensors",
     "quantization_config",
+    "save_pretrained_fp8",
 ]

@@ -90,6 +90,11 @@ def convert_to_fp8(model: nn.Module, recipe: Optional[FP8Recipe] = None,
                          "use FP8Linear.from_linear / FP8MoE.from_moe")
 
     report = ConversionReport()
+    # Hugging Face models get router rules and fused-experts routing from .hf (the only
+    # module that imports transformers, and only for them).
+    hf = None
+    if is_hf_model(model):
+        from . import hf
     modules = list(model.named_modules())  # snapshot: the loop replaces modules
     embeddings = [m for _, m in modules if isinstance(m, nn.Embedding)]
     for name, module in modules:
@@ -107,6 +112,8 @@ def convert_to_fp8(model: nn.Module, recipe: Optional[FP8Recipe] = None,
             why = fp8_eligible_dims(module.in_features, module.out_features)
             if why is None and keep_head:
                 why = _head_reason(name, module, embeddings)
+            if why is None and hf is not None:
+                why = hf.linear_skip_reason(name)
             build = FP8Linear.from_linear
         else:
             continue
@@ -118,4 +125,13 @@ def convert_to_fp8(model: nn.Module, recipe: Optional[FP8Recipe] = None,
         new = build(module, recipe)
         _set_submodule(model, name, new)
         report.converted.append((name, type(new).__name__))
+    if hf is not None:
+        hf.convert_experts(model, recipe, filter_fn, report)
+        hf.skip_routers(model, report)
     return report
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """True when ``model`` is or holds a transformers module (by module name: transformers
+    is never imported for a plain PyTorch model)."""
+    return any(type(m).__module__.startswith("transformers.") for m in model.modules())

@@ -1,0 +1,143 @@
+"""transformers models converted with fp8train.convert_to_fp8 (CPU, reference FP8 path):
+what is converted, loss and gradients against the unconverted model, AdamW steps,
+save_pretrained / from_pretrained, torch.compile of a decoder layer."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import fp8train  # noqa: E402
+from fp8train.nn import FP8Linear, FP8Recipe  # noqa: E402
+
+from hf_models import ARCHS, batch, rel_err, tiny_model  # noqa: E402
+
+warnings.filterwarnings("ignore", message="fp8train: .* runs on the reference")
+
+# Each FP8 GEMM adds about 2.5-4% relative error (test_nn_linear's bound). A weight gradient
+# of layer 0 of these 2-layer models sits behind up to ~14 FP8 GEMMs (attention 4 and MLP 3
+# per layer, forward and backward), which add in quadrature: sqrt(14) * 4% ~ 15%. MoE
+# models also flip near-tied top-k choices of random-init routers, which moves whole token
+# rows between experts; measured worst 0.11 (dense) and 0.26 (MoE) over seeds 0-2.
+DENSE_GRAD_BOUND, MOE_GRAD_BOUND = 0.2, 0.35
+HIGH_PRECISION = FP8Recipe(fprop_fp8=False, dgrad_fp8=False, wgrad_fp8=False)
+
+
+def converted_params(model, report):
+    names = [name for name, _ in report.converted]
+    return {n: p for n, p in model.named_parameters()
+            if any(n.startswith(f"{c}.") for c in names) and not n.endswith("bias")}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_converted_model_trains_and_round_trips(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ref = tiny_model(arch)
+    model = copy.deepcopy(ref)
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = fp8train.convert_to_fp8(model)
+
+    # What was converted: every nn.Linear except the head, routers and 192-wide MLA
+    # projection; the fused experts through the "fp8train" experts implementation.
+    kept = dict(report.skipped)
+    assert "lm_head" in kept
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear:
+            assert name in kept, name
+    experts = [n for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    assert all(n in dict(report.converted) for n in experts)
+    assert all(model.get_submodule(n).config._experts_implementation == "fp8train"
+               for n in experts)
+    assert (len(experts) > 0) == (arch != "llama")
+    routers = [n for n in kept if n.endswith("mlp.gate")]
+    assert len(routers) == len(experts)
+    if arch == "deepseek_v3":
+        assert "model.layers.0.self_attn.kv_a_proj_with_mqa" in kept
+    # Parameters, names and values unchanged.
+    assert list(model.state_dict()) == list(state_before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state_before.items())
+
+    ids = batch()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    loss_ref = ref(input_ids=ids, labels=ids).loss
+    loss_ref.backward()
+    assert abs(loss.item() - loss_ref.item()) < 0.01 * loss_ref.item()
+    ref_params = dict(ref.named_parameters())
+    weights = converted_params(model, report)
+    assert any(p.dim() == 3 for p in weights.values()) == (arch != "llama")
+    bound = DENSE_GRAD_BOUND if arch == "llama" else MOE_GRAD_BOUND
+    for name, param in weights.items():
+        assert rel_err(param.grad, ref_params[name].grad) < bound, name
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = loss.item()
+    for _ in range(5):
+        opt.step()
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    assert loss.item() < first - 0.05, (first, loss.item())
+
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    saved = model.state_dict()
+    assert list(loaded.state_dict()) == list(saved)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_experts_implementation_matches_eager_in_high_precision(arch):
+    """The fp8train experts path with every GEMM in high precision is the unconverted model
+    up to float32 rounding: permutation, gating and routing weights are exact."""
+    ref = tiny_model(arch, seed=1)
+    model = copy.deepcopy(ref)
+    fp8train.convert_to_fp8(model, HIGH_PRECISION)
+    ids = batch(1)
+    model(input_ids=ids, labels=ids).loss.backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, param in model.named_parameters():
+        assert rel_err(param.grad, ref_params[name].grad) < 1e-5, name
+
+
+def test_filtered_experts_fall_back_to_their_previous_implementation():
+    ref = tiny_model("qwen3_moe", seed=2)
+    model = copy.deepcopy(ref)
+    skip_layer_1 = lambda module, name: "layers.1" not in name  # noqa: E731
+    report = fp8train.convert_to_fp8(model, filter_fn=skip_layer_1)
+    assert dict(report.skipped)["model.layers.1.mlp.experts"] == "filter_fn returned False"
+    assert "model.layers.0.mlp.experts" in dict(report.converted)
+    assert not isinstance(model.model.layers[1].self_attn.q_proj, FP8Linear)
+    # Converting again with the same filter changes nothing.
+    again = fp8train.convert_to_fp8(model, filter_fn=skip_layer_1)
+    assert again.num_converted == 0
+    assert "model.layers.0.mlp.experts" in again.already_fp8
+    # The unconverted experts run transformers' own implementation (grouped_mm): same bits.
+    x = torch.randn(1, 8, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.model.layers[1].mlp(x), ref.model.layers[1].mlp(x))
+        assert not torch.equal(model.model.layers[0].mlp(x), ref.model.layers[0].mlp(x))
+
+
+def test_compiled_decoder_layer_forward_backward():
+    model = tiny_model("qwen3_moe", seed=3)
+    fp8train.convert_to_fp8(model)
+    layer = model.model.layers[0]
+    x = torch.randn(1, 32, 128, requires_grad=True)
+    position_ids = torch.arange(32).unsqueeze(0)
+    pos = model.model.rotary_emb(x, position_ids)
+    outputs = []
+    for fn in (layer, torch.compile(layer, backend="aot_eager")):
+        x.grad = None
+        layer.zero_grad()
+        y = fn(x, position_embeddings=pos, position_ids=position_ids)
+        y = y[0] if isinstance(y, tuple) else y
+        y.square().mean().backward()
+        outputs.append((y.detach(), x.grad.clone(), layer.mlp.experts.gate_up_proj.grad.clone()))
+    for eager, compiled in zip(*outputs):
+        assert rel_err(compiled, eager) < 1e-5
