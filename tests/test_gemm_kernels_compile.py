@@ -26,14 +26,21 @@ needs_toolchain = pytest.mark.skipif(
     reason="needs nvcc, cuobjdump and nvdisasm")
 
 
+# Issue 12's grouped shapes: (experts, rows per expert, N, K).
+M_GROUPED = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168),
+             (8, 4096, 7168, 2048), (32, 1024, 4096, 7168), (64, 512, 2048, 7168)]
+
+
 def bench_kernels():
-    """(config, n, k, accumulate) of every kernel the benchmark shapes launch."""
+    """(config, n, k, accumulate, m_grouped) of every kernel the benchmark shapes launch."""
     seen = {}
     for m, n, k in DENSE_1D2D:
-        seen[(choose_config(m, n, k, NUM_SMS, "1d2d"), n, k, False)] = None
+        seen[(choose_config(m, n, k, NUM_SMS, "1d2d"), n, k, False, False)] = None
     for m, n, k in WGRAD_1D1D:
         for accumulate in (False, True):
-            seen[(choose_config(m, n, k, NUM_SMS, "1d1d"), n, k, accumulate)] = None
+            seen[(choose_config(m, n, k, NUM_SMS, "1d1d"), n, k, accumulate, False)] = None
+    for g, rows, n, k in M_GROUPED:
+        seen[(choose_config(g * rows, n, k, NUM_SMS, "1d2d"), n, k, False, True)] = None
     return list(seen)
 
 
@@ -58,7 +65,7 @@ def test_bench_kernels_compile_to_qgmma_without_spills(tmp_path, monkeypatch):
     kernels = bench_kernels()
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         compiled = list(pool.map(lambda args: compile_kernel(*args), kernels))
-    for (cfg, n, k, acc), ck in zip(kernels, compiled):
+    for (cfg, n, k, acc, m_grouped), ck in zip(kernels, compiled):
         report = check_sass(ck.cubin_path)
         assert report.qgmma_count > 0, f"{ck.name}: no QGMMA, off the FP8 tensor-core path"
         assert report.local_memory_ops == 0 and ck.spill_bytes == 0, f"{ck.name}: spills"

@@ -83,19 +83,39 @@ struct Sm90Fp8Gemm {
     static constexpr uint32_t kSharedBytes = SharedStorage::kBytes + 1024;
 };
 
+// The expert g whose rows [offsets[g], offsets[g+1]) hold row m (m-grouped contiguous
+// layout; segments are multiples of BLOCK_M, so a tile never spans two experts). Empty
+// experts have offsets[g] == offsets[g+1] and are skipped by the search.
+__device__ __forceinline__ uint32_t group_of_row(const int32_t* __restrict__ offsets, uint32_t num_groups,
+                                                 uint32_t m) {
+    uint32_t lo = 0, hi = num_groups;  // invariant: offsets[lo] <= m < offsets[hi]
+    while (hi - lo > 1) {
+        const uint32_t mid = (lo + hi) / 2;
+        if (static_cast<uint32_t>(__ldg(offsets + mid)) <= m) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
           uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, uint32_t CLUSTER,
-          typename Wgmma>
+          bool M_GROUPED, typename Wgmma>
 __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __restrict__ scale_b,
                                               float* __restrict__ out_f32,
                                               const CUtensorMap* tmap_a, const CUtensorMap* tmap_b,
                                               const CUtensorMap* tmap_scale_a,
                                               const CUtensorMap* tmap_scale_b,
-                                              const CUtensorMap* tmap_out) {
+                                              const CUtensorMap* tmap_out,
+                                              const int32_t* __restrict__ group_offsets,
+                                              uint32_t num_groups) {
     using G = Sm90Fp8Gemm<BLOCK_M, BLOCK_N, NUM_STAGES, SHAPE_N, SHAPE_K, SCALE_B_1X128, ACCUMULATE, GROUP_N, CLUSTER>;
     using S = typename G::SharedStorage;
     constexpr uint32_t kNumKBlocks = G::kNumKBlocks;
     static_assert(!ACCUMULATE || SCALE_B_1X128, "only the FP32 (1D1D) output accumulates");
+    // M_GROUPED: B is [G, N, K] (TMA'd as G*N rows) with 128x128 scales [G, N/128, K/128];
+    // each M tile multiplies its expert's B. Columns past N of a tile read the next
+    // expert's rows; they are never stored.
+    static_assert(!M_GROUPED || !SCALE_B_1X128, "m-grouped GEMMs are 1D2D (fprop/dgrad)");
 
     // Align by pointer arithmetic on the __shared__ array (not through an integer cast), so
     // the compiler keeps the shared address space and emits LDS/STS, not generic LD/ST.
@@ -135,6 +155,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             uint32_t m_block, n_block;
             scheduler.tile_coords(tile, rank, m_block, n_block);
             const int32_t m0 = m_block * BLOCK_M, n0 = n_block * BLOCK_N;
+            const int32_t b_row0 = (M_GROUPED ? group_of_row(group_offsets, num_groups, m0) * SHAPE_N : 0) + n0;
             for (uint32_t kb = 0; kb < kNumKBlocks; ++kb, ++iter) {
                 const uint32_t stage = iter % NUM_STAGES, round = iter / NUM_STAGES;
                 if constexpr (CLUSTER > 1) mbar_wait_cluster(&empty[stage], (round & 1) ^ 1);
@@ -152,7 +173,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 } else {
                     tma_load_2d(tmap_a, bar, smem + S::kA + stage * G::kTileABytes, kb * 128, m0);
                 }
-                tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, n0);
+                tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, b_row0);
                 const int32_t kb_box = kb & ~(G::kScaleCols - 1);
                 tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, kb_box, m0);
                 if constexpr (SCALE_B_1X128)
@@ -188,8 +209,11 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
         const uint32_t m0 = m_block * BLOCK_M, n0 = n_block * BLOCK_N;
         // 1D2D: columns at or past `split` (tile-relative) use the next 128x128 scale block.
         const uint32_t split = G::kMayStraddle ? (n0 / 128 + 1) * 128 - n0 : BLOCK_N;
-        const float* scale_b_lo = scale_b + min(n0 / 128, G::kNumNScaleBlocks - 1) * kNumKBlocks;
-        const float* scale_b_hi = scale_b + min(n0 / 128 + 1, G::kNumNScaleBlocks - 1) * kNumKBlocks;
+        const float* scale_b_group = scale_b;
+        if constexpr (M_GROUPED)
+            scale_b_group += group_of_row(group_offsets, num_groups, m0) * G::kNumNScaleBlocks * kNumKBlocks;
+        const float* scale_b_lo = scale_b_group + min(n0 / 128, G::kNumNScaleBlocks - 1) * kNumKBlocks;
+        const float* scale_b_hi = scale_b_group + min(n0 / 128 + 1, G::kNumNScaleBlocks - 1) * kNumKBlocks;
 
 #pragma unroll
         for (uint32_t i = 0; i < G::kAccum; ++i) accum[i] = 0.0f;

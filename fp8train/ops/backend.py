@@ -47,10 +47,13 @@ def announce(message: str) -> None:
     warnings.warn(f"fp8train: {message}", stacklevel=3)
 
 
-def resolve(op: str, device: torch.device, *, native_ok, cublas_ok: bool) -> str:
+def resolve(op: str, device: torch.device, *, native_ok, cublas_ok: bool,
+            native_in_auto: bool = True) -> str:
     """Pick the implementation of ``op`` for tensors on ``device``.
 
-    native_ok: callable returning (available, reason); cublas_ok: cuBLAS serves this call.
+    native_ok: callable returning (available, reason); cublas_ok: cuBLAS serves this call;
+    native_in_auto: False keeps a native kernel opt-in (``native`` backend) until it has
+    been verified on a GPU.
     """
     chosen = get_backend()
     on_hopper = device.type == "cuda" and is_hopper(device.index or 0)
@@ -70,7 +73,7 @@ def resolve(op: str, device: torch.device, *, native_ok, cublas_ok: bool) -> str
     if on_hopper:
         if cublas_ok and not NATIVE_BEATS_CUBLAS:
             return "cublas"
-        ok, why = native_ok()
+        ok, why = native_ok() if native_in_auto else (False, "not yet verified on a GPU")
         if ok:
             return "native"
         if cublas_ok:

@@ -165,6 +165,8 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
        multiples of 128 (padding rows are computed like any other row).
     b: (e4m3 ``[G, N, K]``, float32 ``[G, ceil(N/128), K/128]``).
     group_offsets: int32 ``[G+1]`` row offsets, 0 to M, non-decreasing multiples of 128.
+       The reference path checks the values (a host sync); the native kernel reads them on
+       the device and trusts them, so a native call never syncs.
     Returns bf16 ``[M, N]`` (written into ``out`` when given).
     """
     a, sa = _unpack("a", a)
@@ -178,12 +180,23 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     kb = _check_k("a[0]", k)
     check_shape("a[1]", sa, (m, kb))
     check_shape("b[1]", sb, (g, ceil_div(n, GROUP), kb))
-    offsets = _check_offsets("group_offsets", group_offsets, g, m, a.device)
+    check_tensor("group_offsets", group_offsets, dtypes=(torch.int32,), ndims=(1,))
+    check_shape("group_offsets", group_offsets, (g + 1,))
+    if group_offsets.device != a.device:
+        raise ValueError(f"group_offsets: expected device {a.device}, got {group_offsets.device}")
     out = _check_out(out, (m, n), torch.bfloat16, a.device, False)
+    path = _backend.resolve("m_grouped_fp8_gemm_nt_contiguous", a.device,
+                            native_ok=lambda: _native.m_grouped_support(m, n, b),
+                            cublas_ok=False, native_in_auto=_native.M_GROUPED_VERIFIED)
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
-    _backend.resolve("m_grouped_fp8_gemm_nt_contiguous", a.device,
-                     native_ok=_native_unavailable, cublas_ok=False)
+    if path == "native":
+        from .native.sm90_fp8_gemm import fp8_gemm_nt_native
+
+        fp8_gemm_nt_native(a, sa, b, sb.contiguous(), out, "1d2d", False,
+                           group_offsets=group_offsets.contiguous())
+        return out
+    offsets = _check_offsets("group_offsets", group_offsets, g, m, a.device)
     _ref.m_grouped_contiguous_ref(a, sa, b, sb, offsets, out)
     return out
 

@@ -22,6 +22,22 @@ def toolchain_status() -> tuple[bool, str]:
     return True, "ok"
 
 
+# The m-grouped kernel compiles (CI checks its SASS) but has not yet run on a GPU: `auto`
+# keeps the reference until the GPU tests (tests/test_gemm_native.py) pass on the device.
+M_GROUPED_VERIFIED = False
+
+
+def m_grouped_support(m: int, n: int, b: torch.Tensor) -> tuple[bool, str]:
+    """Whether the native m-grouped contiguous GEMM serves this call."""
+    if n % 8:
+        return False, f"N = {n} is not a multiple of 8"
+    if m % 128:
+        return False, f"M = {m} is not a multiple of 128 (segments are padded to 128 rows)"
+    if b.stride(-1) != 1 or b.stride(-2) != b.shape[-1] or b.stride(0) != b.shape[-1] * b.shape[-2]:
+        return False, "b[0] is not contiguous [G, N, K]"
+    return toolchain_status()
+
+
 def dense_support(n: int, kind: str, out_dtype: torch.dtype, accumulate: bool) -> tuple[bool, str]:
     """Whether the native dense GEMM serves this call (shape/dtype side; the device was
     checked by the caller)."""

@@ -19,10 +19,13 @@ from .wgmma import render_wgmma_e4m3
 KERNEL_NAME = "fp8train_gemm"
 
 
-def render_source(config: GemmConfig, n: int, k: int, accumulate: bool) -> str:
-    """The .cu text of one kernel instance: N, K and the tile choice are compile-time."""
+def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, m_grouped: bool = False) -> str:
+    """The .cu text of one kernel instance: N, K and the tile choice are compile-time.
+    m_grouped: B is [G, N, K] and each 128-row tile of A belongs to one expert."""
     if accumulate and config.kind != "1d1d":
         raise ValueError("accumulate: only the 1D1D (FP32 out) kernel accumulates")
+    if m_grouped and config.kind != "1d2d":
+        raise ValueError("m_grouped: only the 1D2D kernel is m-grouped")
     return f"""// Rendered by fp8train.ops.native.sm90_fp8_gemm: {config}, N={n}, K={k}
 #include "fp8train/sm90_fp8_gemm.cuh"
 
@@ -35,17 +38,20 @@ extern "C" __global__ void __launch_bounds__({config.num_threads}, 1)
               const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
               const __grid_constant__ CUtensorMap tmap_scale_a,
               const __grid_constant__ CUtensorMap tmap_scale_b,
-              const __grid_constant__ CUtensorMap tmap_out) {{
+              const __grid_constant__ CUtensorMap tmap_out,
+              const int32_t* group_offsets, uint32_t num_groups) {{
     fp8train::sm90_fp8_gemm<{config.block_m}, {config.block_n}, {config.num_stages}, {n}, {k},
                             {str(config.kind == "1d1d").lower()}, {str(accumulate).lower()},
-                            {config.group_n}, {config.cluster}, fp8train::Wgmma_m64n{config.block_n}k32>(
-        shape_m, scale_b, out_f32, &tmap_a, &tmap_b, &tmap_scale_a, &tmap_scale_b, &tmap_out);
+                            {config.group_n}, {config.cluster}, {str(m_grouped).lower()},
+                            fp8train::Wgmma_m64n{config.block_n}k32>(
+        shape_m, scale_b, out_f32, &tmap_a, &tmap_b, &tmap_scale_a, &tmap_scale_b, &tmap_out,
+        group_offsets, num_groups);
 }}
 """
 
 
-def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool) -> str:
-    acc = "_acc" if accumulate else ""
+def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool, m_grouped: bool = False) -> str:
+    acc = ("_acc" if accumulate else "") + ("_mgrouped" if m_grouped else "")
     return (f"sm90_fp8_gemm_{config.kind}{acc}_n{n}_k{k}_bm{config.block_m}_bn{config.block_n}"
             f"_s{config.num_stages}_g{config.group_n}_c{config.cluster}")
 
@@ -54,12 +60,12 @@ def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool) -> str:
 debug_flags: tuple = ()
 
 
-def compile_kernel(config: GemmConfig, n: int, k: int, accumulate: bool):
+def compile_kernel(config: GemmConfig, n: int, k: int, accumulate: bool, m_grouped: bool = False):
     """Compile (or find in the cache) one kernel instance; returns the JIT's CompiledKernel."""
     from ..jit.compiler import compile_cubin
 
-    return compile_cubin(kernel_name(config, n, k, accumulate), render_source(config, n, k, accumulate),
-                         flags=debug_flags)
+    return compile_cubin(kernel_name(config, n, k, accumulate, m_grouped),
+                         render_source(config, n, k, accumulate, m_grouped), flags=debug_flags)
 
 
 @dataclass(frozen=True)
@@ -73,14 +79,14 @@ _launches: dict = {}
 
 
 def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int, num_sms: int,
-                config: GemmConfig | None = None) -> _Launch:
-    key = (m, n, k, kind, accumulate, device, num_sms, config, debug_flags)
+                config: GemmConfig | None = None, m_grouped: bool = False) -> _Launch:
+    key = (m, n, k, kind, accumulate, device, num_sms, config, debug_flags, m_grouped)
     launch = _launches.get(key)
     if launch is None:
         from ..jit.runtime import load_kernel
 
         config = config or choose_config(m, n, k, num_sms, kind)
-        compiled = compile_kernel(config, n, k, accumulate)
+        compiled = compile_kernel(config, n, k, accumulate, m_grouped)
         launch = _Launch(config, load_kernel(compiled, KERNEL_NAME, device),
                          shared_bytes(config.block_m, config.block_n, config.num_stages, kind))
         _launches[key] = launch
@@ -106,7 +112,7 @@ class _ParamBlock:
     the driver the array's address, which it copies before cuLaunchKernelEx returns; this
     skips cuda-bindings' per-call argument packing. One block per thread."""
 
-    SLOTS = 8
+    SLOTS = 10
 
     def __init__(self):
         self._raw = (ctypes.c_uint8 * (128 * self.SLOTS + 64))()
@@ -144,18 +150,23 @@ def _raw_stream(device_index: int) -> int:
 
 
 def fp8_gemm_nt_native(a, sa, b, sb, out: torch.Tensor, kind: str, accumulate: bool,
-                       config: GemmConfig | None = None) -> None:
+                       config: GemmConfig | None = None,
+                       group_offsets: torch.Tensor | None = None) -> None:
     """Launch D = A B^T on the current stream. Arguments were checked by the caller:
     a [M, K] / b [N, K] e4m3 K-major, sa [M, K/128], sb 128x128 row-major contiguous (1d2d)
     or 1x128 [N, K/128] (1d1d); out [M, N] contiguous bf16 (1d2d) or fp32 (1d1d).
-    `config` overrides the heuristic (benchmarks and sweeps)."""
+    `config` overrides the heuristic (benchmarks and sweeps). With `group_offsets` (int32
+    [G+1] on the device, multiples of 128) the GEMM is m-grouped contiguous: b [G, N, K],
+    sb [G, ceil(N/128), K/128] contiguous; offsets are read by the kernel, never the host."""
     from ..jit.device import get_num_sms
 
     m, k = a.shape
-    n = b.shape[0]
+    m_grouped = group_offsets is not None
+    n = b.shape[-2]
+    b_rows = b.shape[0] * n if m_grouped else n  # experts' weights TMA'd as one [G*N, K]
     kb = k // 128
     device = a.device.index
-    launch = _launch_for(m, n, k, kind, accumulate, device, get_num_sms(), config)
+    launch = _launch_for(m, n, k, kind, accumulate, device, get_num_sms(), config, m_grouped)
     cfg = launch.config
     params = getattr(_local, "params", None)
     if params is None:
@@ -168,12 +179,14 @@ def fp8_gemm_nt_native(a, sa, b, sb, out: torch.Tensor, kind: str, accumulate: b
     slots, move = params.slots, ctypes.memmove
     rows_a = cfg.block_m // cfg.cluster  # each CTA of a cluster loads its share of A
     move(slots[3], _tma_address(a.data_ptr(), a.dtype, k, m, a.stride(0), 128, rows_a, 128), 128)
-    move(slots[4], _tma_address(b.data_ptr(), b.dtype, k, n, b.stride(0), 128, cfg.block_n, 128), 128)
+    move(slots[4], _tma_address(b.data_ptr(), b.dtype, k, b_rows, b.stride(-2), 128, cfg.block_n, 128), 128)
     move(slots[5], _tma_address(sa.data_ptr(), f32, kb, m, 4 * lda, 4, cfg.block_m, 0), 128)
     if kind == "1d1d":
         sb, ldb = tma_ready_scales(sb)
         move(slots[6], _tma_address(sb.data_ptr(), f32, kb, n, 4 * ldb, 4, cfg.block_n, 0), 128)
     else:
         move(slots[7], _tma_address(out.data_ptr(), out.dtype, n, m, 2 * n, cfg.block_n, cfg.block_m, 0), 128)
+    params.u64[8].value = group_offsets.data_ptr() if m_grouped else 0
+    params.u32[9].value = group_offsets.shape[0] - 1 if m_grouped else 0
     launch.kernel.launch_params(cfg.num_ctas, cfg.num_threads, launch.smem, params.address,
                                 _raw_stream(device), cfg.cluster)
