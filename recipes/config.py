@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +68,14 @@ class ModelConfig:
     moe_shared_dim: int = 0
     # The first this-many blocks stay dense (DeepSeek-V3 keeps its first 3 dense).
     moe_first_dense_layers: int = 0
+    # A transformers architecture to train instead of the decoder above: its model_type
+    # ("llama", "qwen3_moe", "mixtral", "deepseek_v3", ...), built with
+    # AutoModelForCausalLM.from_config (never downloaded). The fields above are then unused
+    # except vocab_size; every key of the ``model:`` section that is not a field here goes
+    # into hf_config (``model: {hf: qwen3_moe, hidden_size: 1024, num_experts: 16}``).
+    hf: str = ""
+    # Keyword arguments of that architecture's config; checked against its defaults.
+    hf_config: dict = field(default_factory=dict)
 
     @property
     def head_dim(self) -> int:
@@ -79,6 +90,10 @@ class ModelConfig:
         return self.moe_ffn_dim or self.ffn_dim
 
     def __post_init__(self):
+        _require(not self.hf_config or bool(self.hf),
+                 f"model.hf_config={self.hf_config} needs model.hf (a transformers model_type)")
+        if self.hf:
+            _check_hf_config(self.hf, self.hf_config)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim"):
             _require(getattr(self, name) > 0, f"model.{name} must be > 0, got {getattr(self, name)}")
         for name in ("n_kv_heads", "n_experts", "moe_ffn_dim", "moe_shared_dim",
@@ -101,6 +116,9 @@ class ModelConfig:
 
     def linear_dims(self) -> dict[str, int]:
         """The dims of every linear layer that FP8 conversion should cover, by name."""
+        if self.hf:  # the usual transformers names of the widths its linears take
+            return {f"hf_config.{k}": v for k, v in self.hf_config.items()
+                    if k in ("hidden_size", "intermediate_size", "moe_intermediate_size")}
         dims = {"dim": self.dim, "n_heads * head_dim": self.n_heads * self.head_dim,
                 "kv_heads * head_dim": self.kv_heads * self.head_dim}
         if self.n_experts == 0 or self.moe_first_dense_layers > 0:
@@ -210,6 +228,29 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_hf_config(model_type: str, hf_config: dict) -> None:
+    """Unknown architectures and config keys are errors here, before anything runs
+    (transformers itself would keep a misspelt key as a silent extra attribute)."""
+    try:
+        from transformers import AutoConfig
+    except ImportError as e:
+        raise ConfigError("model.hf needs transformers: pip install -e '.[hf]'") from e
+    try:
+        defaults = AutoConfig.for_model(model_type)
+    except ValueError as e:
+        raise ConfigError(f"model.hf={model_type!r} is not a transformers model_type") from e
+    # Some keys are read by the modeling code only (getattr(config, "head_dim", ...)), so a
+    # key is known when the config has it or the modeling module's source names it.
+    from transformers import AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM._model_mapping.get(type(defaults), None)
+    source = inspect.getsource(sys.modules[model_class.__module__]) if model_class else ""
+    unknown = sorted(k for k in hf_config
+                     if not hasattr(defaults, k) and not re.search(rf"\b{re.escape(k)}\b", source))
+    _require(not unknown, f"model: {unknown} are neither fields of ModelConfig nor keys of "
+                          f"transformers' {type(defaults).__name__}")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), **cli: Any) -> TrainConfig:
     """Defaults <- YAML file at ``path`` <- ``key=value`` overrides <- ``cli`` (non-None only).
 
@@ -271,6 +312,10 @@ def _merge(into: dict, new: dict, cls: type, source: str, prefix: str = "") -> N
     """Merge ``new`` into ``into``, rejecting keys that are not fields of ``cls``."""
     hints = typing.get_type_hints(cls)
     for key, value in new.items():
+        if key not in hints and cls is ModelConfig and (new.get("hf") or into.get("hf")):
+            # A transformers architecture's own keys (checked in ModelConfig.__post_init__).
+            into.setdefault("hf_config", {})[key] = value
+            continue
         if key not in hints:
             close = difflib.get_close_matches(str(key), list(hints), n=1)
             hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
@@ -314,6 +359,8 @@ def _coerce(value: Any, kind: type, name: str) -> Any:
     elif kind is str:
         ok = value is None or isinstance(value, (str, int, float))
         value = "" if value is None else str(value)
+    elif kind is dict:
+        ok = isinstance(value, dict)
     else:  # pragma: no cover - a field type this loader does not know is a bug here
         raise TypeError(f"config field {name} has unsupported type {kind}")
     if not ok:

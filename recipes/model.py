@@ -137,3 +137,37 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class HFCausalLM(nn.Module):
+    """A transformers architecture (``model.hf``) built from its config, with the recipes'
+    interface: ``forward(idx, targets) -> (logits, loss)`` and ``num_params()``.
+
+    Built with ``AutoModelForCausalLM.from_config`` (transformers' own init, nothing
+    downloaded); the wrapped model is ``self.hf``, so ``self.hf.save_pretrained`` works. The
+    loss is computed here, as in ``Transformer``: the recipes' targets are already shifted.
+    """
+
+    def __init__(self, cfg: ModelConfig, max_seq_len: int):
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        kwargs = {"vocab_size": cfg.vocab_size, "max_position_embeddings": max_seq_len,
+                  **cfg.hf_config}
+        self.hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.hf, **kwargs))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = self.hf(input_ids=idx).logits  # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(cfg: ModelConfig, max_seq_len: int) -> nn.Module:
+    """The model ``cfg`` describes: a transformers architecture when ``cfg.hf`` is set,
+    else the built-in ``Transformer``."""
+    return HFCausalLM(cfg, max_seq_len) if cfg.hf else Transformer(cfg, max_seq_len)

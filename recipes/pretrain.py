@@ -11,6 +11,9 @@ Two CPU processes on gloo (the reference FP8 path):
     accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml recipes/pretrain.py --config recipes/configs/tiny.yaml
 Continue a run from its latest checkpoint:
     accelerate launch recipes/pretrain.py --config recipes/configs/tiny.yaml --resume
+A transformers architecture built from its config (model: {hf: qwen3_moe, ...}; needs the hf extra),
+exported at the end as a directory AutoModelForCausalLM.from_pretrained loads (hf_fp8/):
+    python recipes/pretrain.py --config recipes/configs/tiny-hf-qwen3-moe.yaml
 Compare an FP8 run with its BF16 twin:
     python recipes/compare.py runs/tiny-fp8 runs/tiny-bf16
 
@@ -43,7 +46,7 @@ from recipes.checkpoint import TrainState, latest_checkpoint, save_checkpoint  #
 from recipes.config import PRECISIONS, ConfigError, config_diff, config_from_dict, load_config  # noqa: E402
 from recipes.data import Batches, load_corpus  # noqa: E402
 from recipes.metrics import MetricsLog, Throughput, peak_memory_gb  # noqa: E402
-from recipes.model import Transformer  # noqa: E402
+from recipes.model import build_model  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -108,7 +111,7 @@ def main(argv=None) -> Path:
 
     # -- model: the same init on every process, then FP8 conversion -----------------------------
     set_seed(cfg.seed)
-    model = Transformer(cfg.model, max_seq_len=cfg.seq_len)
+    model = build_model(cfg.model, max_seq_len=cfg.seq_len)
     n_params = model.num_params()
     if cfg.precision == "fp8":
         accelerator.print(fp8train.convert_to_fp8(model))
@@ -230,12 +233,16 @@ def export_fp8(accelerator, model, cfg, run_dir: Path) -> str:
     on the main process, so the export sees whole weights however training was distributed.
     """
     state_dict = accelerator.get_state_dict(model)
-    path = run_dir / "model_fp8.safetensors"
+    # A transformers model is exported as a directory AutoModelForCausalLM.from_pretrained loads.
+    path = run_dir / ("hf_fp8" if cfg.model.hf else "model_fp8.safetensors")
     if accelerator.is_main_process:
-        fresh = Transformer(cfg.model, max_seq_len=cfg.seq_len)
+        fresh = build_model(cfg.model, max_seq_len=cfg.seq_len)
         fp8train.convert_to_fp8(fresh)
         fresh.load_state_dict(state_dict)
-        fp8train.export_fp8_safetensors(fresh, path)
+        if cfg.model.hf:
+            fp8train.save_pretrained_fp8(fresh.hf, path)
+        else:
+            fp8train.export_fp8_safetensors(fresh, path)
         accelerator.print(f"exported FP8 weights -> {path}")
     accelerator.wait_for_everyone()
     return str(path)
