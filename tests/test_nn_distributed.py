@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from fp8train.nn import FP8Linear
+from fp8train.nn import _custom_ops as ops
 from fp8train.nn.fsdp import FP8AllGatherWeight, enable_fp8_all_gather
 
 WORLD = 2
@@ -79,6 +80,7 @@ def _local(x, rank):
 
 
 def _fsdp_run(model, x, y, rank, fp8_all_gather, mp_policy):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
     if fp8_all_gather:
@@ -88,12 +90,21 @@ def _fsdp_run(model, x, y, rank, fp8_all_gather, mp_policy):
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
-    gathered = []
-    with count_all_gather_bytes(gathered):
-        losses = train(model, _local(x, rank), _local(y, rank), reduce=True)
+    gathered, casts = [], []
+    cast = ops.cast_128x128
+    ops.cast_128x128 = lambda w, pow2: casts.append(w.shape) or cast(w, pow2)
+    try:
+        with count_all_gather_bytes(gathered):
+            losses = train(model, _local(x, rank), _local(y, rank), reduce=True)
+    finally:
+        ops.cast_128x128 = cast
     local = model[0].weight.to_local()
     assert isinstance(local, FP8AllGatherWeight) == fp8_all_gather
-    return {"losses": losses, "all_gather_bytes": sum(gathered)}
+    # FP8 all-gather: the layers get their weights already cast, and never cast them again.
+    assert (len(casts) == 0) == fp8_all_gather, len(casts)
+    # The whole weights as a checkpoint export gathers them (plain tensors either way).
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {"losses": losses, "all_gather_bytes": sum(gathered), "state_dict": full}
 
 
 def _worker(rank, store, mode, out):
@@ -122,6 +133,7 @@ def _worker(rank, store, mode, out):
                                          policy or MixedPrecisionPolicy())
         if rank == 0:
             torch.save(result, out)
+        dist.barrier()  # no rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
@@ -168,6 +180,10 @@ def test_fsdp2_with_and_without_fp8_all_gather(tmp_path):
     # FP32 parameters: the FP8 all-gather casts each rank's rows into exactly the 128x128
     # blocks a cast of the gathered FP32 weight makes, so both runs see identical FP8 weights.
     assert got["fp32_fp8ag"]["losses"] == got["fp32"]["losses"]
+    plain, fp8 = got["fp32"]["state_dict"], got["fp32_fp8ag"]["state_dict"]
+    assert plain.keys() == fp8.keys() == dict(model.named_parameters()).keys()
+    for name in plain:
+        assert type(fp8[name]) is torch.Tensor and torch.equal(fp8[name], plain[name]), name
     print(f"FSDP2 losses {got['fp32']['losses']} one process {ref}")
     torch.testing.assert_close(torch.tensor(got["fp32"]["losses"]), torch.tensor(ref),
                                rtol=LOSS_RTOL, atol=0)

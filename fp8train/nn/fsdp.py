@@ -77,6 +77,12 @@ class FP8AllGatherWeight(torch.Tensor):
         self.hp, self.pow2_scale = hp, pow2_scale
         return self
 
+    def data_ptr(self) -> int:
+        # A wrapper has no storage of its own (data_ptr() would be 0 for every wrapped
+        # weight); accelerate's FSDP2 prepare maps optimizer parameters to their sharded
+        # replacements by data_ptr, so report the master weight's.
+        return self.hp.data_ptr()
+
     def __repr__(self) -> str:
         return f"FP8AllGatherWeight({self.hp!r}, pow2_scale={self.pow2_scale})"
 
