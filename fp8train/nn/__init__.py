@@ -3,6 +3,8 @@ conversion and FP8 checkpoint export."""
 from . import _custom_ops  # noqa: F401  (registers the fp8train:: torch.library ops)
 from .checkpoint import export_fp8_safetensors, load_fp8_safetensors, quantization_config
 from .convert import ConversionReport, convert_to_fp8
+from .fp8_weight import FP8BlockWeight
+from .fsdp import FP8AllGatherWeight, enable_fp8_all_gather
 from .hf_checkpoint import save_pretrained_fp8
 from .grouped_linear import FP8GroupedLinear, FP8GroupedLinearFunction, GroupedLinear
 from .linear import FP8Linear
@@ -33,5 +35,8 @@ __all__ = [
     "export_fp8_safetensors",
     "load_fp8_safetensors",
     "quantization_config",
+    "enable_fp8_all_gather",
+    "FP8AllGatherWeight",
+    "FP8BlockWeight",
     "save_pretrained_fp8",
 ]
