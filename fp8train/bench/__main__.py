@@ -1,4 +1,4 @@
-"""Benchmarks on a Hopper GPU: ``python -m fp8train.bench gemm|linear|moe``.
+"""Benchmarks on a Hopper GPU: ``python -m fp8train.bench gemm|linear|moe|hf``.
 
 Each suite first checks correctness against the reference, then prints its table; ratios
 are always against baselines measured in the same run.
@@ -11,9 +11,11 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fp8train.bench", description=__doc__)
-    parser.add_argument("suite", choices=["gemm", "linear", "moe"], help="which benchmark to run")
+    parser.add_argument("suite", choices=["gemm", "linear", "moe", "hf"], help="which benchmark to run")
     parser.add_argument("--shapes", default=None,
                         help="only these shapes, e.g. '4096,7168,2048;128,2112,7168'")
+    parser.add_argument("--models", default=None,
+                        help="hf suite: only these models, e.g. 'llama-1b,qwen3-moe-1b'")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--multicast", action="store_true",
                         help="let the heuristic pick TMA multicast clusters (off by default)")
@@ -35,6 +37,10 @@ def main(argv=None) -> int:
         from .layers import run_suite
 
         return run_suite(args.suite, args.json)
+    if args.suite == "hf":
+        from .hf import run as run_hf  # needs transformers (the hf extra)
+
+        return run_hf(args.models, args.json)
     return 1
 
 

@@ -107,7 +107,8 @@ def _fallback(module: nn.Module) -> Callable:
 
 
 def fp8train_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
-                             top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+                             top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers experts forward (``[T, H]``, ``[T, k]`` ids, ``[T, k]`` weights) ->
     ``[T, H]`` through fp8train's padded layout and grouped FP8 GEMMs."""
     recipe = getattr(self, _RECIPE_ATTR, None)
