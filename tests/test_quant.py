@@ -10,6 +10,7 @@ from fp8train.quant import (
     dequantize,
     per_block_cast,
     per_token_cast,
+    per_token_cast_dual,
     per_token_cast_transposed,
 )
 from strategies import tensors
@@ -177,3 +178,18 @@ def test_dequantize_checks_arguments():
         dequantize(x_fp8.float(), scale)
     with pytest.raises(ValueError, match="device"):
         dequantize(x_fp8, scale.to("meta"))
+
+
+@given(st.data(), dims, dims, st.booleans())
+def test_dual_cast_is_rowwise_plus_padded_columnwise(data, t, k, pow2):
+    x = data.draw(tensors((t, k)))
+    x_fp8, x_scale, xt_fp8, xt_scale = per_token_cast_dual(x, pow2_scale=pow2)
+    ref_fp8, ref_scale = per_token_cast(x, pow2_scale=pow2)
+    assert torch.equal(x_fp8.view(torch.uint8), ref_fp8.view(torch.uint8))
+    assert torch.equal(x_scale, ref_scale)
+    tp = -(-t // 128) * 128
+    assert xt_fp8.shape == (k, tp) and xt_scale.shape == (k, tp // 128)
+    padded = torch.cat([x, x.new_zeros(tp - t, k)])
+    col_fp8, col_scale = per_token_cast_transposed(padded, pow2_scale=pow2)
+    assert torch.equal(xt_fp8.view(torch.uint8), col_fp8.view(torch.uint8))
+    assert torch.equal(xt_scale, col_scale)

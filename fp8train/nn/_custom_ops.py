@@ -102,10 +102,10 @@ def _(x, pow2_scale):
 def cast_1x128_both(x: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Both layouts of x [T, K] in one op: row-wise (along K) and column-wise (along T,
     padded). One op, so a fused cast+transpose kernel can replace it (one read of x)."""
+    if x.shape[0] == 0:  # no tokens: nothing to cast, empty operands of the right shapes
+        return (*_fake_rowwise(x), *_colwise(x, pow2_scale))
     with _run_scope(x.device, ""):
-        x_fp8, x_scale = _casts.per_token_cast(x, pow2_scale=pow2_scale)
-        xt_fp8, xt_scale = _colwise(x, pow2_scale)
-    return x_fp8, x_scale, xt_fp8, xt_scale
+        return _casts.per_token_cast_dual(x, pow2_scale=pow2_scale)
 
 
 @cast_1x128_both.register_fake

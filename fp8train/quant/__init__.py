@@ -1,11 +1,18 @@
 """FP8 formats and quantization (1x128 per-token, 128x128 per-block, column-wise)."""
-from .casts import dequantize, per_block_cast, per_token_cast, per_token_cast_transposed
+from .casts import (
+    dequantize,
+    per_block_cast,
+    per_token_cast,
+    per_token_cast_dual,
+    per_token_cast_transposed,
+)
 from .formats import E4M3_MAX, FP8_DTYPE, GROUP, MIN_SCALE
 
 __all__ = [
     "per_token_cast",
     "per_block_cast",
     "per_token_cast_transposed",
+    "per_token_cast_dual",
     "dequantize",
     "E4M3_MAX",
     "FP8_DTYPE",

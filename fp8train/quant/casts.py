@@ -14,8 +14,10 @@ import torch
 
 from .._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor, ceil_div
 from .formats import FP8_DTYPE, GROUP
+from . import native as _native
 from .reference import (
     dequantize_ref,
+    dual_cast_ref,
     per_block_cast_ref,
     per_token_cast_ref,
     per_token_cast_transposed_ref,
@@ -59,6 +61,29 @@ def per_token_cast_transposed(x: torch.Tensor, *, pow2_scale: bool = False) -> F
     if x.shape[0] == 0:
         raise ValueError(f"x: expected T >= 1 rows, got shape {tuple(x.shape)}")
     return per_token_cast_transposed_ref(x, pow2_scale)
+
+
+def _use_native(x: torch.Tensor) -> bool:
+    """The native casts run when asked for (`native` backend) until verified on a GPU."""
+    from ..ops import backend
+
+    if not _native.supports(x):
+        return False
+    chosen = backend.get_backend()
+    return chosen == "native" or (chosen == "auto" and _native.VERIFIED)
+
+
+def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False):
+    """Both casts an activation or output gradient needs, from one read of x ``[T, K]``:
+    the row-wise 1x128 cast (``[T, K]``, ``[T, ceil(K/128)]``) and the column-wise cast of
+    ``x.T`` along T (``[K, Tp]``, ``[K, Tp/128]``, T zero-padded to Tp, a multiple of 128).
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x: expected T >= 1 and K >= 1, got shape {tuple(x.shape)}")
+    if _use_native(x):
+        return _native.dual_cast(x, pow2_scale)
+    return dual_cast_ref(x, pow2_scale)
 
 
 def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block=(1, GROUP)) -> torch.Tensor:

@@ -48,3 +48,11 @@ def dequantize_ref(x_fp8: torch.Tensor, scale: torch.Tensor, block) -> torch.Ten
     if rows > 1:
         s = s.repeat_interleave(rows, dim=-2)[..., :n, :]
     return x_fp8.float() * s
+
+
+def dual_cast_ref(x: torch.Tensor, pow2_scale: bool = False):
+    """x [T, K] -> the row-wise cast and the column-wise cast of x.T with T zero-padded to a
+    multiple of 128 (zero rows change no amax; they make T a legal wgrad contraction)."""
+    pad = -x.shape[0] % GROUP
+    xt_fp8, xt_scale = per_token_cast_ref((F.pad(x, (0, 0, 0, pad)) if pad else x).t(), pow2_scale)
+    return (*per_token_cast_ref(x, pow2_scale), xt_fp8, xt_scale)
