@@ -188,6 +188,10 @@ class TrainConfig:
     stop_after_steps: int = 0
     # torch.compile the model (compare FP8 and BF16 only under the same setting).
     compile: bool = False
+    # FSDP2 launches only (recipes/accelerate/fsdp2.yaml): all-gather the FP8Linear weights as
+    # e4m3 + 128x128 scales (half the bytes of BF16) instead of BF16. Layers whose out_features
+    # are not a multiple of 128 x processes keep the BF16 gather. Needs precision=fp8.
+    fp8_all_gather: bool = False
     # Trackers for accelerator.log besides the JSONL file, e.g. "tensorboard" or "wandb".
     log_with: str = ""
     # Show a tqdm progress bar on the main process.
@@ -215,6 +219,8 @@ class TrainConfig:
             bad = {k: v for k, v in self.model.linear_dims().items() if v % 128}
             _require(not bad, f"precision=fp8 needs every linear dim to be a multiple of 128 "
                               f"(the FP8 block size); these are not: {bad}")
+        _require(not self.fp8_all_gather or self.precision == "fp8",
+                 "fp8_all_gather=true needs precision=fp8 (only FP8Linear weights have an FP8 copy)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

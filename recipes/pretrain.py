@@ -115,6 +115,15 @@ def main(argv=None) -> Path:
     n_params = model.num_params()
     if cfg.precision == "fp8":
         accelerator.print(fp8train.convert_to_fp8(model))
+    if cfg.fp8_all_gather:
+        # Wrap before accelerator.prepare (fully_shard) and before the optimizer takes the params.
+        if not accelerator.is_fsdp2:
+            sys.exit("config error: fp8_all_gather=true needs an FSDP2 launch (--config_file "
+                     f"recipes/accelerate/fsdp2.yaml); this one is {accelerator.distributed_type}")
+        wrapped = fp8train.nn.enable_fp8_all_gather(model, accelerator.num_processes,
+                                                    skip_ineligible=True)
+        accelerator.print(f"FP8 all-gather: {len(wrapped)} FP8Linear weights (the rest gather in "
+                          f"BF16: out_features not a multiple of 128 x {accelerator.num_processes})")
     accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, precision {cfg.precision}")
 
     # -- optimizer: AdamW on the FP32 master weights; decay matrices, not norms -----------------

@@ -14,6 +14,13 @@ ARCHS = {
                         n_group=1, topk_group=1, q_lora_rank=128, kv_lora_rank=128,
                         qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64),
 }
+# Experts stored transposed ([E, H, 2I]) with biases and a clamped, interleaved gate:
+# the is_transposed / has_bias paths of the "fp8train" experts implementation.
+ARCHS_EXTRA = {
+    "gpt_oss": dict(intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+                    head_dim=64, layer_types=["full_attention"] * 2,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}
 VOCAB = 256
 
 
@@ -22,7 +29,8 @@ def tiny_config(arch: str):
 
     return AutoConfig.for_model(arch, hidden_size=128, num_hidden_layers=2,
                                 num_attention_heads=2, num_key_value_heads=2, vocab_size=VOCAB,
-                                max_position_embeddings=64, **ARCHS[arch])
+                                max_position_embeddings=64,
+                                **{**ARCHS, **ARCHS_EXTRA}[arch])
 
 
 def tiny_model(arch: str, seed: int = 0):

@@ -90,7 +90,7 @@ def test_converted_model_trains_and_round_trips(arch, tmp_path):
         assert torch.equal(value, saved[key]), key
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_experts_implementation_matches_eager_in_high_precision(arch):
     """The fp8train experts path with every GEMM in high precision is the unconverted model
     up to float32 rounding: permutation, gating and routing weights are exact."""
@@ -141,3 +141,21 @@ def test_compiled_decoder_layer_forward_backward():
         outputs.append((y.detach(), x.grad.clone(), layer.mlp.experts.gate_up_proj.grad.clone()))
     for eager, compiled in zip(*outputs):
         assert rel_err(compiled, eager) < 1e-5
+
+
+def test_transposed_experts_with_bias_in_fp8():
+    """GPT-OSS experts (is_transposed, has_bias): FP8 gradients of the 3-D weights and the
+    biases within the bound, the experts running through fp8train."""
+    ref = tiny_model("gpt_oss", seed=4)
+    model = copy.deepcopy(ref)
+    report = fp8train.convert_to_fp8(model)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.is_transposed and experts.has_bias
+    assert "model.layers.0.mlp.experts" in dict(report.converted)
+    ids = batch(4)
+    model(input_ids=ids, labels=ids).loss.backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            assert rel_err(param.grad, ref_params[name].grad) < MOE_GRAD_BOUND, name
