@@ -119,7 +119,7 @@ def main(argv=None) -> Path:
         # Wrap before accelerator.prepare (fully_shard) and before the optimizer takes the params.
         if not accelerator.is_fsdp2:
             sys.exit("config error: fp8_all_gather=true needs an FSDP2 launch (--config_file "
-                     f"recipes/accelerate/fsdp2.yaml); this one is {accelerator.distributed_type}")
+                     f"recipes/accelerate/fsdp2.yaml); this one is {accelerator.distributed_type.value}")
         wrapped = fp8train.nn.enable_fp8_all_gather(model, accelerator.num_processes,
                                                     skip_ineligible=True)
         accelerator.print(f"FP8 all-gather: {len(wrapped)} FP8Linear weights (the rest gather in "

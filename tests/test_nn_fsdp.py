@@ -66,6 +66,7 @@ def test_shards_off_the_block_boundary_are_refused():
     model = nn.Sequential(FP8Linear(256, 384, bias=False))
     with pytest.raises(ValueError, match=r"0\.weight.*out_features=384 over 2 ranks"):
         enable_fp8_all_gather(model, world_size=2)
+    assert enable_fp8_all_gather(model, world_size=2, skip_ineligible=True) == []
     assert enable_fp8_all_gather(model, world_size=3) == ["0.weight"]
 
 
@@ -159,6 +160,8 @@ def test_enable_fp8_all_gather_checks_its_arguments():
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="world_size: expected a positive int"):
             enable_fp8_all_gather(nn.Linear(2, 2), world_size=bad)
+    with pytest.raises(TypeError, match="skip_ineligible: expected a bool"):
+        enable_fp8_all_gather(nn.Linear(2, 2), skip_ineligible=None)
     with pytest.raises(TypeError, match="hp: expected a plain torch.Tensor"):
         FP8AllGatherWeight(FP8AllGatherWeight(torch.randn(128, 128)))
     with pytest.raises(TypeError, match="pow2_scale: expected a bool"):

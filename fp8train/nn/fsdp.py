@@ -139,17 +139,21 @@ def _world_size(world_size: Optional[int]) -> int:
     return world_size
 
 
-def enable_fp8_all_gather(model: nn.Module, world_size: Optional[int] = None) -> List[str]:
+def enable_fp8_all_gather(model: nn.Module, world_size: Optional[int] = None,
+                          skip_ineligible: bool = False) -> List[str]:
     """Wrap the weight of every FP8 ``FP8Linear`` in ``model`` so that FSDP2 gathers it in
     FP8. Call before ``fully_shard``. Returns the qualified names of the wrapped weights.
 
     ``world_size``: the FSDP shard group size (default: the initialised process group's, or
-    1); every wrapped layer's out_features must be a multiple of 128 x world_size, else a
-    ValueError names the layer. Layers whose recipe runs neither fprop nor dgrad in FP8 have
-    no use for an FP8 weight and are left alone.
+    1). A layer's out_features must be a multiple of 128 x world_size (each rank's rows whole
+    128-row blocks); otherwise a ValueError names the layer, or, with ``skip_ineligible``,
+    the layer is left out and keeps the high-precision gather. Layers whose recipe runs
+    neither fprop nor dgrad in FP8 have no use for an FP8 weight and are left alone.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(skip_ineligible, bool):
+        raise TypeError(f"skip_ineligible: expected a bool, got {type(skip_ineligible).__name__}")
     world_size = _world_size(world_size)
     wrapped = []
     for name, module in model.named_modules():
@@ -163,6 +167,8 @@ def enable_fp8_all_gather(model: nn.Module, world_size: Optional[int] = None) ->
             raise ValueError(f"model: {name}.weight is a {type(weight.data).__name__}; call "
                              "enable_fp8_all_gather before fully_shard")
         rows = weight.shape[0]
+        if skip_ineligible and rows % (GROUP * world_size):
+            continue
         _check_row_blocks(rows // world_size, rows, world_size, f"{name or 'model'}.weight")
         module.weight = nn.Parameter(FP8AllGatherWeight(weight.data, module.recipe.pow2_scale),
                                      requires_grad=weight.requires_grad)
