@@ -370,5 +370,7 @@ def _coerce(value: Any, kind: type, name: str) -> Any:
     else:  # pragma: no cover - a field type this loader does not know is a bug here
         raise TypeError(f"config field {name} has unsupported type {kind}")
     if not ok:
-        raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r} ({type(value).__name__})")
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise ConfigError(f"{name} must be {article} {kind.__name__}, got {value!r} "
+                          f"({type(value).__name__})")
     return value

@@ -231,6 +231,7 @@ def main(argv=None) -> Path:
     accelerator.print(f"done: step {state.step}/{cfg.max_steps}, loss {summary['final_loss']}, "
                       f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, peak memory {mem_gb:.2f} GB "
                       f"({mem_kind}) -> {run_dir}")
+    accelerator.wait_for_everyone()  # no process tears down while another still writes
     accelerator.end_training()
     return run_dir
 

@@ -43,7 +43,7 @@ def test_overrides_are_typed():
     cfg = load_config(CONFIGS / "tiny.yaml", ["lr=3e-4", "model.dim=256", "compile=true", "run_name=7"])
     assert cfg.lr == 3e-4 and isinstance(cfg.lr, float)  # YAML reads "3e-4" as a string
     assert cfg.model.dim == 256 and cfg.compile is True and cfg.run_name == "7"
-    with pytest.raises(ConfigError, match="max_steps must be a int, got 'ten'"):
+    with pytest.raises(ConfigError, match="max_steps must be an int, got 'ten'"):
         load_config(CONFIGS / "tiny.yaml", ["max_steps=ten"])
     with pytest.raises(ConfigError, match="compile must be a bool"):
         load_config(CONFIGS / "tiny.yaml", ["compile=3"])
@@ -103,3 +103,20 @@ def test_data_path_reads_a_folder_and_rejects_what_is_too_small(tmp_path):
         load_corpus(str(tmp_path / "a.txt"), max_bytes=0, val_fraction=0.01, min_tokens=129)
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_corpus(str(tmp_path / "nope"), 0, 0.1, 2)
+
+
+@pytest.mark.parametrize("name, kind, processes", [
+    ("single_gpu", "NO", 1), ("ddp", "MULTI_GPU", 8), ("fsdp2", "FSDP", 8), ("cpu_2proc", "MULTI_GPU", 2)])
+def test_accelerate_configs_load(name, kind, processes):
+    """The launch files parse as accelerate reads them (cpu_2proc uses the torchrun launcher:
+    see its comment)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(CONFIGS.parent / "accelerate" / f"{name}.yaml"))
+    assert cfg.distributed_type.value == kind and cfg.num_processes == processes
+    assert cfg.mixed_precision == "bf16"
+    if name == "fsdp2":
+        assert cfg.fsdp_config["fsdp_version"] == 2
+        # The wrap class must be the recipe model's block, by name.
+        from recipes.model import Block
+        assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == Block.__name__
