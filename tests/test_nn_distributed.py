@@ -189,12 +189,14 @@ def test_fsdp2_with_and_without_fp8_all_gather(tmp_path):
                                rtol=LOSS_RTOL, atol=0)
     # BF16 compute: the plain gather casts BF16-rounded weights to FP8, the FP8 gather casts
     # the FP32 master; the two differ by a BF16 rounding before the FP8 one (2^-9 relative of
-    # a 2^-4 step), so the losses agree to well under the FP8 error itself.
+    # a 2^-4 step); measured: the losses agree to ~2e-4 relative, well under the FP8 error.
     bf16, bf16_fp8 = (torch.tensor(got[k]["losses"]) for k in ("bf16", "bf16_fp8ag"))
     model, x, y = single_process(head=False)
     ref_bf16 = train(model, x.bfloat16(), y)  # BF16 activations, FP32 weights cast to FP8
-    torch.testing.assert_close(bf16_fp8, bf16, rtol=5e-3, atol=0)
-    torch.testing.assert_close(bf16_fp8, torch.tensor(ref_bf16), rtol=2e-2, atol=0)
+    print(f"BF16 compute losses: FSDP2 {bf16.tolist()}, FP8 all-gather {bf16_fp8.tolist()}, "
+          f"one process {ref_bf16}")
+    torch.testing.assert_close(bf16_fp8, bf16, rtol=1e-3, atol=0)
+    torch.testing.assert_close(bf16_fp8, torch.tensor(ref_bf16), rtol=1e-3, atol=0)
     assert bf16_fp8[-1] < bf16_fp8[0]  # it trains
 
     # Bytes on the wire: e4m3 + one float32 scale per 128x128 block against BF16.
