@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fp8train.nn import FP8Linear, FP8Recipe, fp8_linear
+from fp8train.nn import FP8GroupedLinear, FP8Linear, FP8Recipe, fp8_linear
 from fp8train.nn import _custom_ops as ops
 from fp8train.nn.fp8_weight import FP8BlockWeight
 from fp8train.nn.fsdp import FP8AllGatherWeight, enable_fp8_all_gather
@@ -44,8 +44,9 @@ def gather_like_fsdp(master: torch.Tensor, world: int, pow2=False, dtype=torch.b
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 @pytest.mark.parametrize("pow2", [False, True])
-def test_gathered_shards_equal_the_whole_weight_cast(world, pow2):
-    master = torch.randn(512, 384) * torch.logspace(-3, 3, 512).unsqueeze(1)
+@pytest.mark.parametrize("shape", [(512, 384), (4, 256, 384)], ids=["linear", "experts"])
+def test_gathered_shards_equal_the_whole_weight_cast(world, pow2, shape):
+    master = torch.randn(shape) * torch.logspace(-3, 3, shape[-2]).unsqueeze(1)
     weight, (data, scale), sent = gather_like_fsdp(master, world, pow2)
     ref_data, ref_scale = per_block_cast(master, pow2_scale=pow2)
     # 128x128 blocks never straddle two ranks' rows: no cross-rank amax is needed.
@@ -61,13 +62,15 @@ def test_gathered_shards_equal_the_whole_weight_cast(world, pow2):
 def test_shards_off_the_block_boundary_are_refused():
     master = torch.randn(384, 256)  # 192 rows a rank: a block would straddle two ranks
     shard = FP8AllGatherWeight(master[:192])
-    with pytest.raises(ValueError, match=r"divisible by 128 x world size = 256.*384"):
+    with pytest.raises(ValueError, match=r"divisible by 128 x world size = 256.*\(384, 256\)"):
         shard.fsdp_pre_all_gather(FakeMesh(2), master.shape, master.stride(), None, None)
-    model = nn.Sequential(FP8Linear(256, 384, bias=False))
-    with pytest.raises(ValueError, match=r"0\.weight.*out_features=384 over 2 ranks"):
+    model = nn.Sequential(FP8Linear(256, 384, bias=False), FP8GroupedLinear(3, 128, 256))
+    with pytest.raises(ValueError, match=r"0\.weight.*shape \(384, 256\) over 2 ranks"):
         enable_fp8_all_gather(model, world_size=2)
+    with pytest.raises(ValueError, match=r"1\.weight.*num_experts divisible by the world size 2"):
+        enable_fp8_all_gather(model[1:], world_size=2)
     assert enable_fp8_all_gather(model, world_size=2, skip_ineligible=True) == []
-    assert enable_fp8_all_gather(model, world_size=3) == ["0.weight"]
+    assert enable_fp8_all_gather(model, world_size=3) == ["0.weight", "1.weight"]
 
 
 def test_post_all_gather_reuses_its_buffers():
@@ -111,6 +114,31 @@ def test_pre_cast_weight_gives_the_same_outputs_and_gradients(recipe, monkeypatc
     assert isinstance(pre_cast, FP8BlockWeight) and type(pre_cast.grad) is torch.Tensor
     assert pre_cast.grad.dtype == torch.float32
     for got, want in zip(*grads):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("recipe", RECIPES[:3], ids=str)
+def test_pre_cast_expert_weights_give_the_same_outputs_and_gradients(recipe, monkeypatch):
+    casts = []
+    original = ops.cast_128x128
+    monkeypatch.setattr(ops, "cast_128x128", lambda w, p: casts.append(w.shape) or original(w, p))
+    torch.manual_seed(0)
+    layers = [FP8GroupedLinear(3, 256, 128, recipe=recipe) for _ in range(2)]
+    layers[0].weight = nn.Parameter(FP8BlockWeight(*per_block_cast(layers[0].weight.detach()),
+                                                   torch.float32))
+    layers[1].weight = nn.Parameter(layers[0].weight.dequantize())
+    x = torch.randn(512, 256, dtype=torch.bfloat16)
+    offsets = torch.tensor([0, 128, 128, 512], dtype=torch.int32)  # an empty expert too
+    results, weight_casts = [], []
+    for layer in layers:
+        casts.clear()
+        xi = x.clone().requires_grad_()
+        y = layer(xi, offsets)
+        y.float().square().sum().backward()
+        results.append((y, xi.grad, layer.weight.grad))
+        weight_casts.append(len(casts))
+    assert weight_casts[0] == 0 and weight_casts[1] > 0
+    for got, want in zip(*results):
         assert torch.equal(got, want)
 
 

@@ -27,7 +27,8 @@ _ALIASES = {aten.detach.default, aten.alias.default, aten.as_strided.default,
 
 class FP8BlockWeight(torch.Tensor):
     """A weight ``[N, K]`` held as e4m3 ``fp8_data [N, K]`` and float32 ``fp8_scale
-    [N/128, K/128]`` (``w ~= fp8_data * scale`` per block), shown as dtype ``dtype``.
+    [N/128, K/128]`` (``w ~= fp8_data * scale`` per block), shown as dtype ``dtype``; or an
+    expert stack ``[G, N, K]`` with scales ``[G, N/128, K/128]``.
 
     ``pow2_scale`` records whether the scales are powers of two, so a layer whose recipe
     asks for them can check it got them.
@@ -36,17 +37,17 @@ class FP8BlockWeight(torch.Tensor):
     @staticmethod
     def __new__(cls, fp8_data: torch.Tensor, fp8_scale: torch.Tensor, dtype: torch.dtype,
                 pow2_scale: bool = False, requires_grad: bool = False):
-        check_tensor("fp8_data", fp8_data, dtypes=(FP8_DTYPE,), ndims=(2,))
-        check_tensor("fp8_scale", fp8_scale, dtypes=(torch.float32,), ndims=(2,))
+        check_tensor("fp8_data", fp8_data, dtypes=(FP8_DTYPE,), ndims=(2, 3))
+        check_tensor("fp8_scale", fp8_scale, dtypes=(torch.float32,), ndims=(2, 3))
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
         if not isinstance(pow2_scale, bool):
             raise TypeError(f"pow2_scale: expected a bool, got {type(pow2_scale).__name__}")
-        n, k = fp8_data.shape
-        grid = (-(-n // GROUP), -(-k // GROUP))
+        n, k = fp8_data.shape[-2:]
+        grid = (*fp8_data.shape[:-2], -(-n // GROUP), -(-k // GROUP))
         if tuple(fp8_scale.shape) != grid:
             raise ValueError(f"fp8_scale: expected shape {grid} for fp8_data of shape "
-                             f"{(n, k)}, got {tuple(fp8_scale.shape)}")
+                             f"{tuple(fp8_data.shape)}, got {tuple(fp8_scale.shape)}")
         self = torch.Tensor._make_wrapper_subclass(
             cls, fp8_data.shape, dtype=dtype, device=fp8_data.device,
             requires_grad=requires_grad)

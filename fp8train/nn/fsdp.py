@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..quant.casts import per_block_cast
 from ..quant.formats import GROUP
 from .fp8_weight import FP8BlockWeight
+from .grouped_linear import FP8GroupedLinear
 from .linear import FP8Linear
 
 aten = torch.ops.aten
@@ -48,13 +49,18 @@ _KEEP_WRAPPED = {aten.detach.default, aten.alias.default, aten.view.default,
                  aten.copy_.default, aten._to_copy.default, aten._pin_memory.default}
 
 
-def _check_row_blocks(rows_per_rank: int, rows: int, world_size: int, what: str) -> None:
-    if rows % (GROUP * world_size) or rows_per_rank * world_size != rows:
-        raise ValueError(
-            f"{what}: FP8 all-gather needs every rank's rows to be whole {GROUP}-row blocks, "
-            f"i.e. out_features divisible by {GROUP} x world size = {GROUP * world_size}; "
-            f"got out_features={rows} over {world_size} ranks ({rows_per_rank} rows each). "
-            f"Leave this layer out of enable_fp8_all_gather or change the world size.")
+def _check_shards(shape, world_size: int, what: str) -> None:
+    """Every rank's dim-0 shard must be whole 128x128 blocks: whole 128-row blocks of a
+    weight [N, K], whole experts of an expert stack [G, N, K]."""
+    unit = GROUP if len(shape) == 2 else 1
+    if shape[0] % (unit * world_size) == 0:
+        return
+    need = (f"out_features divisible by {GROUP} x world size = {GROUP * world_size}"
+            if unit == GROUP else f"num_experts divisible by the world size {world_size}")
+    raise ValueError(f"{what}: FP8 all-gather needs every rank's shard to be whole "
+                     f"{GROUP}x{GROUP} blocks, i.e. {need}; got shape {tuple(shape)} over "
+                     f"{world_size} ranks. Leave this layer out of enable_fp8_all_gather "
+                     "(skip_ineligible=True) or change the world size.")
 
 
 class FP8AllGatherWeight(torch.Tensor):
@@ -107,11 +113,10 @@ class FP8AllGatherWeight(torch.Tensor):
 
     # ------------------------------------------------------------------ FSDP2 hooks
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
-        """Cast this rank's rows: gather e4m3 data ``[rows, K]`` and scales
-        ``[rows/128, K/128]`` instead of the high-precision shard."""
-        world_size = mesh.size()
-        _check_row_blocks(self.shape[0], outer_size[0], world_size,
-                          f"weight of shape {tuple(outer_size)}")
+        """Cast this rank's rows (or experts): gather e4m3 data ``[rows, K]`` and scales
+        ``[rows/128, K/128]`` (``[experts, ...]`` for a stack) instead of the
+        high-precision shard."""
+        _check_shards(outer_size, mesh.size(), "weight")
         w_fp8, w_scale = per_block_cast(self.hp, pow2_scale=self.pow2_scale)
         return (w_fp8, w_scale), None
 
@@ -141,12 +146,13 @@ def _world_size(world_size: Optional[int]) -> int:
 
 def enable_fp8_all_gather(model: nn.Module, world_size: Optional[int] = None,
                           skip_ineligible: bool = False) -> List[str]:
-    """Wrap the weight of every FP8 ``FP8Linear`` in ``model`` so that FSDP2 gathers it in
-    FP8. Call before ``fully_shard``. Returns the qualified names of the wrapped weights.
+    """Wrap the weight of every FP8 ``FP8Linear`` and ``FP8GroupedLinear`` (MoE experts) in
+    ``model`` so that FSDP2 gathers it in FP8. Call before ``fully_shard``. Returns the
+    qualified names of the wrapped weights.
 
     ``world_size``: the FSDP shard group size (default: the initialised process group's, or
-    1). A layer's out_features must be a multiple of 128 x world_size (each rank's rows whole
-    128-row blocks); otherwise a ValueError names the layer, or, with ``skip_ineligible``,
+    1). A linear's out_features must be a multiple of 128 x world_size (each rank's rows whole
+    128-row blocks), an expert stack's num_experts a multiple of world_size; otherwise a ValueError names the layer, or, with ``skip_ineligible``,
     the layer is left out and keeps the high-precision gather. Layers whose recipe runs
     neither fprop nor dgrad in FP8 have no use for an FP8 weight and are left alone.
     """
@@ -157,8 +163,8 @@ def enable_fp8_all_gather(model: nn.Module, world_size: Optional[int] = None,
     world_size = _world_size(world_size)
     wrapped = []
     for name, module in model.named_modules():
-        if not isinstance(module, FP8Linear) or not (module.recipe.fprop_fp8
-                                                     or module.recipe.dgrad_fp8):
+        if not isinstance(module, (FP8Linear, FP8GroupedLinear)) or not (
+                module.recipe.fprop_fp8 or module.recipe.dgrad_fp8):
             continue
         weight = module.weight
         if isinstance(weight, FP8AllGatherWeight):
@@ -166,10 +172,12 @@ def enable_fp8_all_gather(model: nn.Module, world_size: Optional[int] = None,
         if type(weight.data) is not torch.Tensor:
             raise ValueError(f"model: {name}.weight is a {type(weight.data).__name__}; call "
                              "enable_fp8_all_gather before fully_shard")
-        rows = weight.shape[0]
-        if skip_ineligible and rows % (GROUP * world_size):
-            continue
-        _check_row_blocks(rows // world_size, rows, world_size, f"{name or 'model'}.weight")
+        try:
+            _check_shards(weight.shape, world_size, f"{name or 'model'}.weight")
+        except ValueError:
+            if skip_ineligible:
+                continue
+            raise
         module.weight = nn.Parameter(FP8AllGatherWeight(weight.data, module.recipe.pow2_scale),
                                      requires_grad=weight.requires_grad)
         wrapped.append(f"{name}.weight" if name else "weight")

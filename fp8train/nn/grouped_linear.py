@@ -20,7 +20,7 @@ from torch import nn
 
 from .._checks import FLOAT_DTYPES, check_tensor
 from . import _custom_ops as ops
-from .linear_function import GROUP, check_main_grad, compute_dtype
+from .linear_function import GROUP, cast_weight, check_main_grad, compute_dtype
 from .recipe import FP8Recipe
 
 
@@ -54,7 +54,7 @@ def _forward(x, weight, group_offsets, recipe: FP8Recipe, out_dtype: torch.dtype
             xt_fp8, xt_scale = ops.cast_1x128_colwise(x, pow2)
 
         if recipe.fprop_fp8:
-            w_fp8, w_scale = ops.cast_128x128(weight, pow2)
+            w_fp8, w_scale = cast_weight(weight, pow2)
             # The grouped kernel writes BF16 (DeepGEMM's contract).
             y = ops.m_grouped_gemm_nt_contiguous(x_fp8, x_scale, w_fp8, w_scale,
                                                  group_offsets, backend).to(out_dtype)
@@ -65,7 +65,7 @@ def _forward(x, weight, group_offsets, recipe: FP8Recipe, out_dtype: torch.dtype
         w_t_fp8 = w_t_scale = weight_saved = None
         if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
             if w_fp8 is None:
-                w_fp8, w_scale = ops.cast_128x128(weight, pow2)
+                w_fp8, w_scale = cast_weight(weight, pow2)
             w_t_fp8, w_t_scale = ops.transpose_128x128(w_fp8, w_scale)
         elif need_dx or recipe.accumulate_into_main_grad:
             weight_saved = weight
@@ -112,7 +112,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                 if recipe.dgrad_fp8:
                     if w_t_fp8 is None:
                         w_t_fp8, w_t_scale = ops.transpose_128x128(
-                            *ops.cast_128x128(weight, pow2))
+                            *cast_weight(weight, pow2))
                     dx = ops.m_grouped_gemm_nt_contiguous(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
                                                           group_offsets, backend)
                 else:
