@@ -164,3 +164,17 @@ def test_two_cpu_processes_on_gloo_train_and_resume_exactly(tmp_path):
     key = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens")
     assert [{k: r.get(k) for k in key} for r in read_jsonl(cut / "metrics.jsonl")] == \
         [{k: r.get(k) for k in key} for r in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def test_data_flag_trains_on_a_given_folder(tmp_path):
+    import hashlib
+
+    text_dir = tmp_path / "text"
+    text_dir.mkdir()
+    body = "".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(400)).encode()
+    (text_dir / "a.py").write_bytes(body)
+    run_dir = train(tmp_path, "tiny", "--precision=bf16", f"--data={text_dir}", "max_steps=2",
+                    "warmup_steps=1", "data_max_bytes=0")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data_digest"] == hashlib.sha256(body).hexdigest()[:16]
+    assert f"data: {text_dir}" in (run_dir / "config.yaml").read_text()
