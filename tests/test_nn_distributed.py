@@ -11,6 +11,7 @@ import contextlib
 import copy
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,42 @@ def _fsdp_run(model, x, y, rank, fp8_all_gather, mp_policy):
     return {"losses": losses, "all_gather_bytes": sum(gathered), "state_dict": full}
 
 
+def _moe_run(rank, fp8_all_gather):
+    """The recipe's tiny-moe Transformer (FP8MoE blocks), each Block an FSDP unit as
+    fsdp2.yaml wraps them; with FP8 all-gather only the expert stacks qualify (dim 128 is
+    one 128-row block, which two ranks cannot split)."""
+    from torch.distributed.fsdp import fully_shard
+
+    import fp8train
+    from recipes.config import load_config
+    from recipes.model import Transformer
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "recipes/configs/tiny-moe.yaml")
+    torch.manual_seed(0)
+    model = Transformer(cfg.model, max_seq_len=64)
+    fp8train.convert_to_fp8(model)
+    if fp8_all_gather:
+        wrapped = enable_fp8_all_gather(model, skip_ineligible=True)
+        assert wrapped == [f"layers.{i}.mlp.experts_{w}.weight" for i in range(2)
+                           for w in ("gate_up", "down")], wrapped
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    tokens = torch.randint(0, 256, (4 * WORLD, 64), generator=torch.Generator().manual_seed(1))
+    tokens = _local(tokens, rank)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses, gathered = [], []
+    with count_all_gather_bytes(gathered):
+        for _ in range(3):
+            _, loss = model(tokens, tokens)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            dist.all_reduce(loss := loss.detach())
+            losses.append(loss.item() / WORLD)
+    return losses, sum(gathered)
+
+
 def _worker(rank, store, mode, out):
     warnings.simplefilter("ignore")  # the reference path's "runs on the reference" note
     torch.set_num_threads(1)
@@ -121,6 +158,8 @@ def _worker(rank, store, mode, out):
             result["grads"] = {n: p.grad.clone() for n, p in model.module.named_parameters()}
             model.zero_grad()
             result["losses"] = train(model, _local(x, rank), _local(y, rank), reduce=True)
+        elif mode == "moe":
+            result = {fp8: _moe_run(rank, fp8) for fp8 in (False, True)}
         else:
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -204,3 +243,16 @@ def test_fsdp2_with_and_without_fp8_all_gather(tmp_path):
     print(f"all-gather bytes per rank: bf16 {got['bf16']['all_gather_bytes']:,}, "
           f"fp8 {got['bf16_fp8ag']['all_gather_bytes']:,}, ratio {ratio:.4f}")
     assert ratio <= 0.52, ratio
+
+
+def test_fsdp2_fp8_all_gather_of_moe_experts(tmp_path):
+    got = spawn(tmp_path, "moe")
+    (plain, plain_bytes), (fp8, fp8_bytes) = got[False], got[True]
+    print(f"tiny-moe FSDP2 losses: FP32 gather {plain}, FP8 expert all-gather {fp8}; "
+          f"all-gather bytes per rank {plain_bytes:,} -> {fp8_bytes:,}")
+    # FP32 parameters: the expert stacks' shard casts are the whole stacks' casts (each expert
+    # is its own set of 128x128 blocks), so the two runs are identical; and they train.
+    assert fp8 == plain and fp8[-1] < fp8[0]
+    # The expert stacks are ~60% of this model's FP32-gathered bytes and shrink to a quarter
+    # (e4m3 against FP32); the rest stays FP32: measured 0.551x overall.
+    assert fp8_bytes < 0.6 * plain_bytes, (fp8_bytes, plain_bytes)
