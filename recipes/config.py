@@ -188,9 +188,10 @@ class TrainConfig:
     stop_after_steps: int = 0
     # torch.compile the model (compare FP8 and BF16 only under the same setting).
     compile: bool = False
-    # FSDP2 launches only (recipes/accelerate/fsdp2.yaml): all-gather the FP8Linear weights as
-    # e4m3 + 128x128 scales (half the bytes of BF16) instead of BF16. Layers whose out_features
-    # are not a multiple of 128 x processes keep the BF16 gather. Needs precision=fp8.
+    # FSDP2 launches only (recipes/accelerate/fsdp2.yaml): all-gather the FP8Linear and MoE
+    # expert weights as e4m3 + 128x128 scales (half the bytes of BF16) instead of BF16. A linear
+    # whose out_features is not a multiple of 128 x processes (experts: num_experts not a
+    # multiple of processes) keeps the BF16 gather. Needs precision=fp8.
     fp8_all_gather: bool = False
     # Trackers for accelerator.log besides the JSONL file, e.g. "tensorboard" or "wandb".
     log_with: str = ""

@@ -122,8 +122,8 @@ def main(argv=None) -> Path:
                      f"recipes/accelerate/fsdp2.yaml); this one is {accelerator.distributed_type.value}")
         wrapped = fp8train.nn.enable_fp8_all_gather(model, accelerator.num_processes,
                                                     skip_ineligible=True)
-        accelerator.print(f"FP8 all-gather: {len(wrapped)} FP8Linear weights (the rest gather in "
-                          f"BF16: out_features not a multiple of 128 x {accelerator.num_processes})")
+        accelerator.print(f"FP8 all-gather: {len(wrapped)} FP8 weights (any other gathers in BF16: "
+                          f"rows or experts not divisible into {accelerator.num_processes} whole blocks)")
     accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, precision {cfg.precision}")
 
     # -- optimizer: AdamW on the FP32 master weights; decay matrices, not norms -----------------
