@@ -74,6 +74,10 @@ def convert_to_fp8(model: nn.Module, recipe: Optional[FP8Recipe] = None,
     Parameters (an existing optimizer keeps working). A layer is converted when its GEMM
     dims are multiples of 128, it is not the output head (unless ``keep_head=False``), and
     ``filter_fn(module, name)`` (if given) returns True. Converting twice changes nothing.
+
+    Hugging Face transformers models (see ``fp8train.nn.hf``, docs/hf.md) also keep their
+    routers in high precision and run their fused experts modules through the grouped FP8
+    GEMMs (experts implementation ``"fp8train"``); their state_dict stays as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
