@@ -14,7 +14,8 @@ def test_fp8_all_gather_needs_fp8_precision():
 
 
 def test_fp8_all_gather_needs_an_fsdp2_launch(tmp_path):
-    with pytest.raises(SystemExit, match=r"fp8_all_gather=true needs an FSDP2 launch.*this one is NO"):
+    with pytest.raises(SystemExit,
+                       match=r"fp8_all_gather=true needs an FSDP2 launch.*this one is NO"):
         train(tmp_path, "tiny", "--precision=fp8", "fp8_all_gather=true")
 
 
@@ -43,7 +44,8 @@ def _accelerate_worker() -> None:
         accelerator.state.fsdp_plugin = plugin
         model = make_model()
         if fp8_all_gather:
-            assert enable_fp8_all_gather(model, accelerator.num_processes) == ["0.weight", "2.weight"]
+            wrapped = enable_fp8_all_gather(model, accelerator.num_processes)
+            assert wrapped == ["0.weight", "2.weight"], wrapped
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         model, opt = accelerator.prepare(model, opt)
         assert isinstance(model[0].weight.to_local(), FP8AllGatherWeight) == fp8_all_gather

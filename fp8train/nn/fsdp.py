@@ -1,4 +1,5 @@
-"""FP8 all-gather of ``FP8Linear`` weights under FSDP2 (``torch.distributed.fsdp.fully_shard``).
+"""FP8 all-gather of ``FP8Linear`` weights and ``FP8GroupedLinear`` expert stacks under FSDP2
+(``torch.distributed.fsdp.fully_shard``).
 
 FSDP2 shards each weight ``[N, K]`` by rows and all-gathers it before the layer runs. A
 parameter whose local tensor defines ``fsdp_pre_all_gather``/``fsdp_post_all_gather``
@@ -10,11 +11,12 @@ half of a BF16 gather), and the gathered pair reaches ``FP8Linear`` as an
 Why no cross-rank communication of scales: a 128x128 block's scale depends only on its own
 elements, so as long as every rank's rows start and end on 128-row block boundaries, the
 shard casts are exactly the blocks of the whole weight's cast (bit-identical to casting
-after a high-precision gather from the same master). ``enable_fp8_all_gather`` and the
-pre-all-gather hook check that boundary and raise otherwise.
+after a high-precision gather from the same master). Expert stacks ``[G, N, K]`` shard
+over experts, each its own blocks. ``enable_fp8_all_gather`` and the pre-all-gather hook
+check those boundaries and raise otherwise.
 
 Usage (before ``fully_shard``; build the optimizer after it, as FSDP2 replaces parameters):
-    enable_fp8_all_gather(model)            # wraps every FP8Linear weight
+    enable_fp8_all_gather(model)            # wraps every FP8Linear / expert weight
     for block in model.layers: fully_shard(block)
     fully_shard(model)
 
@@ -152,9 +154,10 @@ def enable_fp8_all_gather(model: nn.Module, world_size: Optional[int] = None,
 
     ``world_size``: the FSDP shard group size (default: the initialised process group's, or
     1). A linear's out_features must be a multiple of 128 x world_size (each rank's rows whole
-    128-row blocks), an expert stack's num_experts a multiple of world_size; otherwise a ValueError names the layer, or, with ``skip_ineligible``,
-    the layer is left out and keeps the high-precision gather. Layers whose recipe runs
-    neither fprop nor dgrad in FP8 have no use for an FP8 weight and are left alone.
+    128-row blocks), an expert stack's num_experts a multiple of world_size; otherwise a
+    ValueError names the layer, or, with ``skip_ineligible``, the layer is left out and keeps
+    the high-precision gather. Layers whose recipe runs neither fprop nor dgrad in FP8 have
+    no use for an FP8 weight and are left alone.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
