@@ -159,3 +159,13 @@ def test_transposed_experts_with_bias_in_fp8():
     for name, param in model.named_parameters():
         if ".experts." in name:
             assert rel_err(param.grad, ref_params[name].grad) < MOE_GRAD_BOUND, name
+
+
+def test_fp8train_never_imports_transformers_for_plain_models():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, fp8train\n"
+            "fp8train.convert_to_fp8(torch.nn.Sequential(torch.nn.Linear(128, 128)))\n"
+            "assert 'transformers' not in sys.modules, 'transformers was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
