@@ -233,6 +233,8 @@ def main(argv=None) -> Path:
                       f"({mem_kind}) -> {run_dir}")
     accelerator.wait_for_everyone()  # no process tears down while another still writes
     accelerator.end_training()
+    if torch.distributed.is_initialized():  # gloo/NCCL threads stopped before interpreter exit
+        torch.distributed.destroy_process_group()
     return run_dir
 
 

@@ -86,4 +86,14 @@ def test_accelerate_fsdp2_prepare_with_fp8_all_gather():
 
 
 if __name__ == "__main__":
+    import os
+    import sys
+
+    import torch.distributed as dist
+
     _accelerate_worker()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    # As in test_recipes_fsdp2: skip static destructors, which gloo's threads can abort.
+    sys.stdout.flush()
+    os._exit(0)
