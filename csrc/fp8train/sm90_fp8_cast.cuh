@@ -39,12 +39,24 @@ __device__ __forceinline__ uint8_t to_e4m3(float v, float scale) {
     return static_cast<uint8_t>(__nv_cvt_float_to_fp8(__fdiv_rn(v, scale), __NV_NOSAT, __NV_E4M3));
 }
 
+// The scale of one 128-group spread over a warp (4 values per lane).
+__device__ __forceinline__ float warp_group_scale(const float (&v)[4], bool pow2) {
+    float amax = 0.0f;
+#pragma unroll
+    for (uint32_t j = 0; j < 4; ++j) amax = nan_max(fabsf(v[j]), amax);
+#pragma unroll
+    for (uint32_t offset = 16; offset > 0; offset /= 2)
+        amax = nan_max(__shfl_xor_sync(0xffffffffu, amax, offset), amax);
+    return scale_from_amax(amax, pow2);
+}
+
 template <typename T, bool POW2>
 __device__ __forceinline__ void dual_cast_tile(const T* __restrict__ x, uint32_t rows, uint32_t cols,
                                                uint32_t padded_rows, uint8_t* __restrict__ q,
                                                float* __restrict__ scale, uint8_t* __restrict__ qt,
                                                float* __restrict__ scale_t, bool rowwise, bool colwise) {
     constexpr uint32_t TILE = 128, THREADS = 256, PAD = 1;  // +1 float per row: no bank conflicts
+    static_assert(TILE / 32 == 4, "warp_group_scale takes 4 values per lane");
     extern __shared__ float tile[];                          // [TILE][TILE + PAD]
     const uint32_t t0 = blockIdx.y * TILE, k0 = blockIdx.x * TILE;
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -62,16 +74,10 @@ __device__ __forceinline__ void dual_cast_tile(const T* __restrict__ x, uint32_t
 
     if (rowwise) {  // one 128-group per row: warp w owns rows w, w + 8, ...
         for (uint32_t r = warp; r < TILE && t0 + r < rows; r += THREADS / 32) {
-            float v[TILE / 32], amax = 0.0f;
+            float v[TILE / 32];
 #pragma unroll
-            for (uint32_t j = 0; j < TILE / 32; ++j) {
-                v[j] = tile[r * (TILE + PAD) + j * 32 + lane];
-                amax = nan_max(fabsf(v[j]), amax);
-            }
-#pragma unroll
-            for (uint32_t offset = 16; offset > 0; offset /= 2)
-                amax = nan_max(__shfl_xor_sync(0xffffffffu, amax, offset), amax);
-            const float s = scale_from_amax(amax, POW2);
+            for (uint32_t j = 0; j < TILE / 32; ++j) v[j] = tile[r * (TILE + PAD) + j * 32 + lane];
+            const float s = warp_group_scale(v, POW2);
             const uint64_t t = t0 + r;
 #pragma unroll
             for (uint32_t j = 0; j < TILE / 32; ++j) {
@@ -83,16 +89,10 @@ __device__ __forceinline__ void dual_cast_tile(const T* __restrict__ x, uint32_t
     }
     if (colwise) {  // one 128-group per column (over the tile's 128 tokens)
         for (uint32_t c = warp; c < TILE && k0 + c < cols; c += THREADS / 32) {
-            float v[TILE / 32], amax = 0.0f;
+            float v[TILE / 32];
 #pragma unroll
-            for (uint32_t j = 0; j < TILE / 32; ++j) {
-                v[j] = tile[(j * 32 + lane) * (TILE + PAD) + c];
-                amax = nan_max(fabsf(v[j]), amax);
-            }
-#pragma unroll
-            for (uint32_t offset = 16; offset > 0; offset /= 2)
-                amax = nan_max(__shfl_xor_sync(0xffffffffu, amax, offset), amax);
-            const float s = scale_from_amax(amax, POW2);
+            for (uint32_t j = 0; j < TILE / 32; ++j) v[j] = tile[(j * 32 + lane) * (TILE + PAD) + c];
+            const float s = warp_group_scale(v, POW2);
             const uint64_t k = k0 + c;
 #pragma unroll
             for (uint32_t j = 0; j < TILE / 32; ++j)

@@ -113,6 +113,18 @@ def _(x, pow2_scale):
     return (*_fake_rowwise(x), *_fake_colwise(x))
 
 
+def cast_grad_out(grad_out_hp: Tensor, pow2_scale: bool, rowwise: bool, colwise: bool):
+    """The FP8 layouts of an output gradient that backward needs, from one cast when both
+    are: row-wise for dgrad, column-wise (along tokens) for wgrad. Unneeded ones are None."""
+    if rowwise and colwise:
+        return cast_1x128_both(grad_out_hp, pow2_scale)
+    if rowwise:
+        return (*cast_1x128(grad_out_hp, pow2_scale), None, None)
+    if colwise:
+        return (None, None, *cast_1x128_colwise(grad_out_hp, pow2_scale))
+    return None, None, None, None
+
+
 @torch.library.custom_op("fp8train::cast_128x128", mutates_args=())
 def cast_128x128(w: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
     """128x128 block cast of a weight [N, K] or expert stack [G, N, K]."""

@@ -99,14 +99,8 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.need_dw
         dx = dw = None
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
-            dy_fp8 = dy_scale = dyt_fp8 = dyt_scale = None
             dgrad_q, wgrad_q = need_dx and recipe.dgrad_fp8, need_dw and recipe.wgrad_fp8
-            if dgrad_q and wgrad_q:
-                dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_both(grad_out_hp, pow2)
-            elif dgrad_q:
-                dy_fp8, dy_scale = ops.cast_1x128(grad_out_hp, pow2)
-            elif wgrad_q:
-                dyt_fp8, dyt_scale = ops.cast_1x128_colwise(grad_out_hp, pow2)
+            dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_grad_out(grad_out_hp, pow2, dgrad_q, wgrad_q)
 
             if need_dx:
                 if recipe.dgrad_fp8:

@@ -130,15 +130,9 @@ class FP8LinearFunction(torch.autograd.Function):
         need_db = ctx.has_bias and ctx.needs_input_grad[2]
         dx = dw = db = None
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
-            dy_fp8 = dy_scale = dyt_fp8 = dyt_scale = None
             dgrad_q = need_dx and recipe.dgrad_fp8
             wgrad_q = need_dw and recipe.wgrad_fp8 and ctx.num_tokens > 0
-            if dgrad_q and wgrad_q:
-                dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_both(grad_out_hp, pow2)
-            elif dgrad_q:
-                dy_fp8, dy_scale = ops.cast_1x128(grad_out_hp, pow2)
-            elif wgrad_q:
-                dyt_fp8, dyt_scale = ops.cast_1x128_colwise(grad_out_hp, pow2)
+            dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_grad_out(grad_out_hp, pow2, dgrad_q, wgrad_q)
 
             if need_dx:
                 if recipe.dgrad_fp8:
