@@ -1,4 +1,4 @@
-"""Benchmarks on a Hopper GPU: ``python -m fp8train.bench gemm|linear|moe|quant|hf``.
+"""Benchmarks on a Hopper GPU: ``python -m fp8train.bench gemm|grouped|linear|moe|quant|hf``.
 
 Each suite first checks correctness against the reference, then prints its table; ratios
 are always against baselines measured in the same run.
@@ -11,7 +11,7 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fp8train.bench", description=__doc__)
-    parser.add_argument("suite", choices=["gemm", "linear", "moe", "quant", "hf"],
+    parser.add_argument("suite", choices=["gemm", "grouped", "linear", "moe", "quant", "hf"],
                         help="which benchmark to run")
     parser.add_argument("--shapes", default=None,
                         help="only these shapes, e.g. '4096,7168,2048;128,2112,7168'")
@@ -34,6 +34,10 @@ def main(argv=None) -> int:
         from .gemm import run
 
         return run(args.shapes, args.json)
+    if args.suite == "grouped":
+        from .grouped import run as run_grouped
+
+        return run_grouped(args.json)
     if args.suite == "quant":
         from .quant import run as run_quant
 

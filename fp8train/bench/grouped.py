@@ -1,0 +1,104 @@
+"""``python -m fp8train.bench grouped``: the m-grouped contiguous FP8 GEMM (issue 12).
+
+Native (checked against the reference first) vs a loop of cuBLAS blockwise ``_scaled_mm``
+per expert (same operands), ``torch._scaled_grouped_mm`` (rowwise FP8) and
+``torch._grouped_mm`` (bf16), on even splits and a Zipf-like uneven one. Masked and
+k-grouped kernels do not exist yet.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+
+import torch
+
+from .. import ops
+from ..ops import reference as ref
+from ..quant import per_block_cast, per_token_cast
+from .timing import num_input_sets, time_calls
+
+SHAPES = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168),
+          (8, 4096, 7168, 2048), (32, 1024, 4096, 7168), (64, 512, 2048, 7168)]
+
+
+def zipf_rows(groups: int, total: int, seed: int = 0) -> list[int]:
+    """Rows per expert from a Zipf-like router, each rounded up to 128 (empty allowed)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, groups + 1, dtype=torch.float64) ** 1.1
+    weights = weights[torch.randperm(groups, generator=gen)]
+    rows = (weights / weights.sum() * total).floor().long().tolist()
+    return [-(-r // 128) * 128 for r in rows]
+
+
+def _operands(rows: list[int], n: int, k: int, seed: int):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    m = sum(rows)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(len(rows), n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    offsets = torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    return x, w, offsets, per_token_cast(x), per_block_cast(w)
+
+
+def _rowwise_fp8(t: torch.Tensor):
+    amax = t.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (t.float() * (448.0 / amax)).to(torch.float8_e4m3fn), (amax / 448.0).squeeze(-1)
+
+
+def run_case(label: str, rows: list[int], n: int, k: int) -> dict:
+    m = sum(rows)
+    flops = 2 * m * n * k
+    sets = [_operands(rows, n, k, seed) for seed in range(num_input_sets(m * k + len(rows) * n * k, 8))]
+    x, w, offsets, a, b = sets[0]
+    expect = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    ref.m_grouped_contiguous_ref(a[0], a[1], b[0], b[1], offsets.tolist(), expect)
+    ops.set_backend("native")
+    got = ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets)
+    torch.cuda.synchronize()
+    err = ((got.double() - expect.double()).norm() / expect.double().norm()).item()
+    row = {"case": label, "m": m, "n": n, "k": k, "rel_err": err, "ok": err < 4e-3}
+    bounds = [(int(offsets[g]), int(offsets[g + 1])) for g in range(len(rows))]
+    candidates = {
+        "native": [lambda s=s: ops.m_grouped_fp8_gemm_nt_contiguous(s[3], s[4], s[2]) for s in sets],
+        "cublas loop": [lambda s=s: [torch._scaled_mm(
+            s[3][0][lo:hi], s[4][0][g].t(), s[3][1][lo:hi].t().contiguous().t(), s[4][1][g].t(),
+            out_dtype=torch.bfloat16) for g, (lo, hi) in enumerate(bounds) if hi > lo] for s in sets],
+    }
+    rowwise = []
+    for s in sets:
+        xa, xs = _rowwise_fp8(s[0])
+        wb, ws = _rowwise_fp8(s[1])
+        rowwise.append((xa, xs, wb.transpose(-2, -1), ws, s[2][1:]))
+    candidates["scaled_grouped_mm rowwise"] = [lambda r=r: torch._scaled_grouped_mm(
+        r[0], r[2], r[1], r[3], offs=r[4], out_dtype=torch.bfloat16) for r in rowwise]
+    candidates["grouped_mm bf16"] = [lambda s=s: torch._grouped_mm(
+        s[0], s[1].transpose(-2, -1), offs=s[2][1:]) for s in sets]
+    for name, calls in candidates.items():
+        try:
+            ms, host_us = time_calls(calls, batch=10)
+            row[name] = flops / (ms * 1e-3) / 1e12
+        except Exception as exc:  # a baseline this torch lacks must not end the run
+            print(f"{label}: {name} failed ({type(exc).__name__}: {str(exc)[:120]})", flush=True)
+    ops.set_backend("auto")
+    return row
+
+
+def run(json_path: str | None) -> int:
+    rows_out = []
+    cases = [(f"{g}x{r} {n},{k}", [r] * g, n, k) for g, r, n, k in SHAPES]
+    cases += [(f"zipf {g} {n},{k}", zipf_rows(g, g * r), n, k) for g, r, n, k in SHAPES[2:4]]
+    for label, rows, n, k in cases:
+        row = run_case(label, rows, n, k)
+        rows_out.append(row)
+        native = row.get("native", float("nan"))
+        print(f"{label:>22} {'ok ' if row['ok'] else 'BAD'} err {row['rel_err']:.1e} | native {native:6.0f}"
+              + "".join(f" | {name} {row[name]:6.0f} ({native / row[name]:.2f}x)"
+                        for name in ("cublas loop", "scaled_grouped_mm rowwise", "grouped_mm bf16")
+                        if name in row), flush=True)
+    ratios = [r["native"] / r["scaled_grouped_mm rowwise"] for r in rows_out
+              if "native" in r and "scaled_grouped_mm rowwise" in r]
+    if ratios:
+        print(f"median native / scaled_grouped_mm rowwise: {statistics.median(ratios):.2f}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows_out, f, indent=1)
+    return 0 if all(r["ok"] for r in rows_out) else 1
