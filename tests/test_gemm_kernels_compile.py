@@ -84,3 +84,11 @@ def test_cast_kernels_compile_without_spills(tmp_path, monkeypatch):
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         ck = compiler.compile_cubin(f"cast_{str(dtype)[6:]}", native.render_source(dtype, True))
         assert ck.spill_bytes == 0 and check_sass(ck.cubin_path).local_memory_ops == 0
+
+
+def test_config_listing_runs_without_a_gpu(capsys):
+    from fp8train.ops.native.__main__ import main
+
+    assert main(["--shapes", "4096,7168,2048;64,2112,7168", "--num-sms", "114"]) == 0
+    out = capsys.readouterr().out
+    assert "4096" in out and "2112" in out and len(out.strip().splitlines()) == 3
