@@ -113,15 +113,16 @@ def _(x, pow2_scale):
     return (*_fake_rowwise(x), *_fake_colwise(x))
 
 
-def cast_grad_out(grad_out_hp: Tensor, pow2_scale: bool, rowwise: bool, colwise: bool):
-    """The FP8 layouts of an output gradient that backward needs, from one cast when both
-    are: row-wise for dgrad, column-wise (along tokens) for wgrad. Unneeded ones are None."""
+def cast_1x128_layouts(x_hp: Tensor, pow2_scale: bool, rowwise: bool, colwise: bool):
+    """The 1x128 layouts of an activation or output gradient [T, K] that the GEMMs need,
+    from one cast when both are: row-wise (fprop/dgrad A operand) and column-wise along
+    tokens (wgrad operand). Returns (fp8, scale, t_fp8, t_scale); unneeded ones are None."""
     if rowwise and colwise:
-        return cast_1x128_both(grad_out_hp, pow2_scale)
+        return cast_1x128_both(x_hp, pow2_scale)
     if rowwise:
-        return (*cast_1x128(grad_out_hp, pow2_scale), None, None)
+        return (*cast_1x128(x_hp, pow2_scale), None, None)
     if colwise:
-        return (None, None, *cast_1x128_colwise(grad_out_hp, pow2_scale))
+        return (None, None, *cast_1x128_colwise(x_hp, pow2_scale))
     return None, None, None, None
 
 

@@ -45,13 +45,9 @@ def _forward(x, weight, group_offsets, recipe: FP8Recipe, out_dtype: torch.dtype
     (y, (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight))."""
     pow2, backend = recipe.pow2_scale, recipe.backend_arg
     with torch.autocast(device_type=x.device.type, enabled=False):
-        xt_fp8 = xt_scale = w_fp8 = w_scale = None
-        if recipe.fprop_fp8 and need_dw and recipe.wgrad_fp8:
-            x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_both(x, pow2)
-        elif recipe.fprop_fp8:
-            x_fp8, x_scale = ops.cast_1x128(x, pow2)
-        elif need_dw and recipe.wgrad_fp8:
-            xt_fp8, xt_scale = ops.cast_1x128_colwise(x, pow2)
+        w_fp8 = w_scale = None
+        x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_layouts(
+            x, pow2, recipe.fprop_fp8, need_dw and recipe.wgrad_fp8)
 
         if recipe.fprop_fp8:
             w_fp8, w_scale = cast_weight(weight, pow2)
@@ -100,7 +96,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         dx = dw = None
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
             dgrad_q, wgrad_q = need_dx and recipe.dgrad_fp8, need_dw and recipe.wgrad_fp8
-            dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_grad_out(grad_out_hp, pow2, dgrad_q, wgrad_q)
+            dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_layouts(grad_out_hp, pow2, dgrad_q, wgrad_q)
 
             if need_dx:
                 if recipe.dgrad_fp8:

@@ -59,13 +59,9 @@ def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
     x_hp = x.reshape(-1, k)  # [T, K]
     pow2, backend = recipe.pow2_scale, recipe.backend_arg
     with torch.autocast(device_type=x.device.type, enabled=False):
-        xt_fp8 = xt_scale = w_fp8 = w_scale = None
-        if recipe.fprop_fp8 and need_dw and recipe.wgrad_fp8:
-            x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_both(x_hp, pow2)
-        elif recipe.fprop_fp8:
-            x_fp8, x_scale = ops.cast_1x128(x_hp, pow2)
-        elif need_dw and recipe.wgrad_fp8:
-            xt_fp8, xt_scale = ops.cast_1x128_colwise(x_hp, pow2)
+        w_fp8 = w_scale = None
+        x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_layouts(
+            x_hp, pow2, recipe.fprop_fp8, need_dw and recipe.wgrad_fp8)
 
         if recipe.fprop_fp8:
             w_fp8, w_scale = cast_weight(weight, pow2)
@@ -132,7 +128,7 @@ class FP8LinearFunction(torch.autograd.Function):
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
             dgrad_q = need_dx and recipe.dgrad_fp8
             wgrad_q = need_dw and recipe.wgrad_fp8 and ctx.num_tokens > 0
-            dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_grad_out(grad_out_hp, pow2, dgrad_q, wgrad_q)
+            dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_layouts(grad_out_hp, pow2, dgrad_q, wgrad_q)
 
             if need_dx:
                 if recipe.dgrad_fp8:
