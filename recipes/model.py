@@ -130,13 +130,17 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, self.rope_cos, self.rope_sin)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-        return logits, loss
+        return logits, lm_loss(logits, targets)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None):
+    """Mean cross-entropy in float32 over already-shifted targets; None without targets."""
+    if targets is None:
+        return None
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 class HFCausalLM(nn.Module):
@@ -158,10 +162,7 @@ class HFCausalLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         logits = self.hf(input_ids=idx).logits  # (B, T, vocab)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-        return logits, loss
+        return logits, lm_loss(logits, targets)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

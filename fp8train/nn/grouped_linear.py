@@ -20,7 +20,7 @@ from torch import nn
 
 from .._checks import FLOAT_DTYPES, check_tensor
 from . import _custom_ops as ops
-from .linear_function import GROUP, cast_weight, check_main_grad, compute_dtype
+from .linear_function import GROUP, cast_weight, check_main_grad, compute_dtype, saved_for_backward
 from .recipe import FP8Recipe
 
 
@@ -57,15 +57,8 @@ def _forward(x, weight, group_offsets, recipe: FP8Recipe, out_dtype: torch.dtype
         else:
             y = segment_matmul(x.to(out_dtype), weight.to(out_dtype), group_offsets)
 
-        x_hp_saved = x if (need_dw and not recipe.wgrad_fp8) else None
-        w_t_fp8 = w_t_scale = weight_saved = None
-        if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
-            if w_fp8 is None:
-                w_fp8, w_scale = cast_weight(weight, pow2)
-            w_t_fp8, w_t_scale = ops.transpose_128x128(w_fp8, w_scale)
-        elif need_dx or recipe.accumulate_into_main_grad:
-            weight_saved = weight
-    saved = (xt_fp8, xt_scale, x_hp_saved, w_t_fp8, w_t_scale, weight_saved)
+        saved = saved_for_backward(x, xt_fp8, xt_scale, weight, w_fp8, w_scale, recipe,
+                                   need_dx, need_dw)
     return y, saved
 
 
@@ -96,7 +89,8 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         dx = dw = None
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
             dgrad_q, wgrad_q = need_dx and recipe.dgrad_fp8, need_dw and recipe.wgrad_fp8
-            dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_layouts(grad_out_hp, pow2, dgrad_q, wgrad_q)
+            dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_layouts(
+                grad_out_hp, pow2, dgrad_q, wgrad_q)
 
             if need_dx:
                 if recipe.dgrad_fp8:

@@ -51,6 +51,22 @@ def gemm_out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
+def saved_for_backward(x_hp, xt_fp8, xt_scale, weight, w_fp8, w_scale, recipe: FP8Recipe,
+                       need_dx: bool, need_dw: bool) -> tuple:
+    """What backward reads, None where a gradient is not needed:
+    (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight). The weight is kept as the master
+    (re-cast in backward) unless the recipe saves its transposed FP8 copy."""
+    x_hp_saved = x_hp if (need_dw and not recipe.wgrad_fp8) else None
+    w_t_fp8 = w_t_scale = weight_saved = None
+    if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
+        if w_fp8 is None:
+            w_fp8, w_scale = cast_weight(weight, recipe.pow2_scale)
+        w_t_fp8, w_t_scale = ops.transpose_128x128(w_fp8, w_scale)
+    elif need_dx or recipe.accumulate_into_main_grad:
+        weight_saved = weight
+    return xt_fp8, xt_scale, x_hp_saved, w_t_fp8, w_t_scale, weight_saved
+
+
 def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
              need_dx: bool, need_dw: bool):
     """The forward GEMM, and what backward needs for the gradients asked for (None for
@@ -76,16 +92,8 @@ def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
                 x_hp.to(out_dtype), weight.to(out_dtype),
                 None if bias is None else bias.to(out_dtype))
 
-        # What backward reads; None where a gradient is not needed.
-        x_hp_saved = x_hp if (need_dw and not recipe.wgrad_fp8) else None
-        w_t_fp8 = w_t_scale = weight_saved = None
-        if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
-            if w_fp8 is None:
-                w_fp8, w_scale = cast_weight(weight, pow2)
-            w_t_fp8, w_t_scale = ops.transpose_128x128(w_fp8, w_scale)
-        elif need_dx or recipe.accumulate_into_main_grad:
-            weight_saved = weight
-    saved = (xt_fp8, xt_scale, x_hp_saved, w_t_fp8, w_t_scale, weight_saved)
+        saved = saved_for_backward(x_hp, xt_fp8, xt_scale, weight, w_fp8, w_scale, recipe,
+                                   need_dx, need_dw)
     return y.reshape(*x.shape[:-1], n), saved
 
 
@@ -128,7 +136,8 @@ class FP8LinearFunction(torch.autograd.Function):
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
             dgrad_q = need_dx and recipe.dgrad_fp8
             wgrad_q = need_dw and recipe.wgrad_fp8 and ctx.num_tokens > 0
-            dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_layouts(grad_out_hp, pow2, dgrad_q, wgrad_q)
+            dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_layouts(
+                grad_out_hp, pow2, dgrad_q, wgrad_q)
 
             if need_dx:
                 if recipe.dgrad_fp8:
