@@ -29,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def native_backend():
+    """Force the native kernels for one test (GPU tests of the native paths)."""
+    from fp8train import ops
+
+    ops.set_backend("native")
+    yield
+    ops.set_backend("auto")

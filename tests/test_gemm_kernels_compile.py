@@ -31,16 +31,33 @@ M_GROUPED = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168)
              (8, 4096, 7168, 2048), (32, 1024, 4096, 7168), (64, 512, 2048, 7168)]
 
 
+def grouped_kernels():
+    """(config, n, k, accumulate, grouping) of the grouped benchmark's kernels: m-grouped
+    contiguous and masked (expected rows 64/128/256), k-grouped wgrad with and without
+    accumulation; the choices mirror the launchers in ops/native/sm90_fp8_gemm.py."""
+    seen = {}
+    for g, rows, n, k in M_GROUPED:
+        seen[(choose_config(g * rows, n, k, NUM_SMS, "1d2d"), n, k, False, "m_contiguous")] = None
+        for expected in (64, 128, 256):
+            block_m = 64 if expected <= 64 else 128
+            cfg = choose_config(g * -(-expected // block_m) * block_m, n, k, NUM_SMS, "1d2d",
+                                rows_per_group=expected)
+            seen[(cfg, n, k, False, "m_masked")] = None
+        for accumulate in (False, True):  # wgrad: a = dY^T [N, T], b = X^T [K, T]
+            seen[(choose_config(g * n, k, 128, NUM_SMS, "1d1d"), k, 0, accumulate, "k_contiguous")] = None
+    return list(seen)
+
+
 def bench_kernels():
-    """(config, n, k, accumulate, m_grouped) of every kernel the benchmark shapes launch."""
+    """(config, n, k, accumulate, grouping) of every kernel the benchmark shapes launch."""
     seen = {}
     for m, n, k in DENSE_1D2D:
-        seen[(choose_config(m, n, k, NUM_SMS, "1d2d"), n, k, False, False)] = None
+        seen[(choose_config(m, n, k, NUM_SMS, "1d2d"), n, k, False, "none")] = None
     for m, n, k in WGRAD_1D1D:
         for accumulate in (False, True):
-            seen[(choose_config(m, n, k, NUM_SMS, "1d1d"), n, k, accumulate, False)] = None
-    for g, rows, n, k in M_GROUPED:
-        seen[(choose_config(g * rows, n, k, NUM_SMS, "1d2d"), n, k, False, True)] = None
+            seen[(choose_config(m, n, k, NUM_SMS, "1d1d"), n, k, accumulate, "none")] = None
+    for key in grouped_kernels():
+        seen[key] = None
     return list(seen)
 
 
@@ -65,7 +82,7 @@ def test_bench_kernels_compile_to_qgmma_without_spills(tmp_path, monkeypatch):
     kernels = bench_kernels()
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         compiled = list(pool.map(lambda args: compile_kernel(*args), kernels))
-    for (cfg, n, k, acc, m_grouped), ck in zip(kernels, compiled):
+    for (cfg, n, k, acc, grouping), ck in zip(kernels, compiled):
         report = check_sass(ck.cubin_path)
         assert report.qgmma_count > 0, f"{ck.name}: no QGMMA, off the FP8 tensor-core path"
         assert report.local_memory_ops == 0 and ck.spill_bytes == 0, f"{ck.name}: spills"
@@ -92,3 +109,29 @@ def test_config_listing_runs_without_a_gpu(capsys):
     assert main(["--shapes", "4096,7168,2048;64,2112,7168", "--num-sms", "114"]) == 0
     out = capsys.readouterr().out
     assert "4096" in out and "2112" in out and len(out.strip().splitlines()) == 3
+
+
+@pytest.mark.parametrize("kind,accumulate,grouping,cluster,error", [
+    ("1d1d", False, "m_contiguous", 1, "runs the 1d2d kernel"),
+    ("1d2d", False, "k_contiguous", 1, "runs the 1d1d kernel"),
+    ("1d2d", True, "none", 1, "only the 1D1D"),
+    ("1d2d", False, "m_masked", 2, "without clusters"),
+    ("1d2d", False, "batched", 1, "grouping: expected one of"),
+])
+def test_render_rejects_impossible_kernels(kind, accumulate, grouping, cluster, error):
+    from fp8train.ops.native.gemm_config import GemmConfig
+    from fp8train.ops.native.sm90_fp8_gemm import render_source
+
+    cfg = GemmConfig(block_m=128, block_n=128, num_stages=4, num_ctas=132, group_n=8, kind=kind,
+                     cluster=cluster)
+    with pytest.raises(ValueError, match=error):
+        render_source(cfg, 4096, 7168, accumulate, grouping)
+
+
+def test_k_grouped_kernel_is_one_for_every_token_count():
+    from fp8train.ops.native.sm90_fp8_gemm import kernel_name, render_source
+
+    cfg = choose_config(8 * 4096, 7168, 128, NUM_SMS, "1d1d")
+    assert render_source(cfg, 7168, 128, False, "k_contiguous") == \
+        render_source(cfg, 7168, 4096, False, "k_contiguous")
+    assert "kvar" in kernel_name(cfg, 7168, 4096, False, "k_contiguous")

@@ -50,7 +50,7 @@ struct Sm90Fp8Gemm {
     static constexpr uint32_t kGcdN128 = (BLOCK_N & -BLOCK_N) < 128 ? (BLOCK_N & -BLOCK_N) : 128;
     static constexpr bool kMayStraddle = !SCALE_B_1X128 && (128 % BLOCK_N != 0);
 
-    static_assert(SHAPE_K % BLOCK_K == 0 && SHAPE_K > 0, "K must be a positive multiple of 128");
+    static_assert(SHAPE_K % BLOCK_K == 0, "K must be a multiple of 128");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M must be 64 or 128");
     static_assert(BLOCK_N % 8 == 0 && BLOCK_N >= 8 && BLOCK_N <= 256, "BLOCK_N: multiple of 8 in [8, 256]");
     static_assert(SCALE_B_1X128 || BLOCK_N <= 128 + kGcdN128,
@@ -83,39 +83,50 @@ struct Sm90Fp8Gemm {
     static constexpr uint32_t kSharedBytes = SharedStorage::kBytes + 1024;
 };
 
-// The expert g whose rows [offsets[g], offsets[g+1]) hold row m (m-grouped contiguous
-// layout; segments are multiples of BLOCK_M, so a tile never spans two experts). Empty
-// experts have offsets[g] == offsets[g+1] and are skipped by the search.
-__device__ __forceinline__ uint32_t group_of_row(const int32_t* __restrict__ offsets, uint32_t num_groups,
-                                                 uint32_t m) {
-    uint32_t lo = 0, hi = num_groups;  // invariant: offsets[lo] <= m < offsets[hi]
-    while (hi - lo > 1) {
-        const uint32_t mid = (lo + hi) / 2;
-        if (static_cast<uint32_t>(__ldg(offsets + mid)) <= m) lo = mid;
-        else hi = mid;
+// Hands a thread's accumulator pairs to `store(row * SHAPE_N + col, v0, v1)` straight from
+// registers (the wgmma m64 layout: rows `row` and `row + 8`, column pairs `col + 8j`),
+// skipping rows at or past `rows` and columns past N.
+template <uint32_t kAccum, uint32_t SHAPE_N, typename Store>
+__device__ __forceinline__ void store_from_registers(const float (&accum)[kAccum], uint32_t row,
+                                                     uint32_t col, uint32_t rows, Store store) {
+#pragma unroll
+    for (uint32_t half = 0; half < 2; ++half) {
+        if (row + half * 8 >= rows) continue;
+#pragma unroll
+        for (uint32_t j = 0; j < kAccum / 4; ++j) {
+            if (col + j * 8 < SHAPE_N)
+                store(static_cast<uint64_t>(row + half * 8) * SHAPE_N + col + j * 8,
+                      accum[j * 4 + half * 2], accum[j * 4 + half * 2 + 1]);
+        }
     }
-    return lo;
 }
 
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
           uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, uint32_t CLUSTER,
-          bool M_GROUPED, typename Wgmma>
+          Grouping GROUPING, typename Wgmma>
 __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __restrict__ scale_b,
                                               float* __restrict__ out_f32,
                                               const CUtensorMap* tmap_a, const CUtensorMap* tmap_b,
                                               const CUtensorMap* tmap_scale_a,
                                               const CUtensorMap* tmap_scale_b,
                                               const CUtensorMap* tmap_out,
-                                              const int32_t* __restrict__ group_offsets,
+                                              const int32_t* __restrict__ group_counts,
                                               uint32_t num_groups) {
     using G = Sm90Fp8Gemm<BLOCK_M, BLOCK_N, NUM_STAGES, SHAPE_N, SHAPE_K, SCALE_B_1X128, ACCUMULATE, GROUP_N, CLUSTER>;
     using S = typename G::SharedStorage;
     constexpr uint32_t kNumKBlocks = G::kNumKBlocks;
     static_assert(!ACCUMULATE || SCALE_B_1X128, "only the FP32 (1D1D) output accumulates");
-    // M_GROUPED: B is [G, N, K] (TMA'd as G*N rows) with 128x128 scales [G, N/128, K/128];
+    // m-grouped: B is [G, N, K] (TMA'd as G*N rows) with 128x128 scales [G, N/128, K/128];
     // each M tile multiplies its expert's B. Columns past N of a tile read the next
-    // expert's rows; they are never stored.
-    static_assert(!M_GROUPED || !SCALE_B_1X128, "m-grouped GEMMs are 1D2D (fprop/dgrad)");
+    // expert's rows; they are never stored. Masked: A is [G, M_max, K] (TMA'd as G*M_max
+    // rows, shape_m = M_max), D likewise; only the first masked_m[g] rows of D[g] are written.
+    // k-grouped (wgrad): A [shape_m, T], B [N, T], both 1x128 along T; D [G, shape_m, N] FP32;
+    // expert g reduces over its tokens only, so K is runtime and SHAPE_K is not used.
+    constexpr bool kMGrouped = GROUPING == Grouping::kMContiguous || GROUPING == Grouping::kMMasked;
+    constexpr bool kKGrouped = GROUPING == Grouping::kKContiguous;
+    static_assert(!kMGrouped || !SCALE_B_1X128, "m-grouped GEMMs are 1D2D (fprop/dgrad)");
+    static_assert(!kKGrouped || SCALE_B_1X128, "the k-grouped GEMM is 1D1D (wgrad)");
+    static_assert(kKGrouped || SHAPE_K > 0, "K must be positive");
 
     // Align by pointer arithmetic on the __shared__ array (not through an integer cast), so
     // the compiler keeps the shared address space and emits LDS/STS, not generic LD/ST.
@@ -143,20 +154,35 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     __syncthreads();
     if constexpr (CLUSTER > 1) cluster_sync();  // the peer's barriers exist before any multicast
 
-    const TileScheduler<BLOCK_M, BLOCK_N, SHAPE_N, GROUP_N, CLUSTER> scheduler(shape_m);
+    using Walker = TileWalker<GROUPING, BLOCK_M, BLOCK_N, SHAPE_N, GROUP_N, CLUSTER>;
     const uint32_t first_tile = blockIdx.x / CLUSTER, tile_stride = gridDim.x / CLUSTER;
+    // Where a tile's operands live: its rows of A (and of A's scales), of B, and its K blocks.
+    struct Operands {
+        uint32_t a_row, b_row, kb_begin, kb_end;
+    };
+    auto operands_of = [&](const Tile& t) {
+        Operands op;
+        op.a_row = (GROUPING == Grouping::kMMasked ? t.group * shape_m : 0) + t.m_block * BLOCK_M;
+        op.b_row = (kMGrouped ? t.group * SHAPE_N : 0) + t.n_block * BLOCK_N;
+        op.kb_begin = 0;
+        op.kb_end = kNumKBlocks;
+        if constexpr (kKGrouped) {
+            op.kb_begin = static_cast<uint32_t>(__ldg(group_counts + t.group)) / G::BLOCK_K;
+            op.kb_end = max(op.kb_begin, static_cast<uint32_t>(__ldg(group_counts + t.group + 1)) / G::BLOCK_K);
+        }
+        return op;
+    };
 
     if (threadIdx.x >= G::kNumMathThreads) {
         release_registers<G::kProducerRegisters>();
         // One thread issues every copy; the others wait at the end (cluster barrier).
         uint32_t iter = 0;
-        for (uint32_t tile = first_tile; threadIdx.x == G::kNumMathThreads && tile < scheduler.num_tiles;
-             tile += tile_stride) {
-            uint32_t m_block, n_block;
-            scheduler.tile_coords(tile, rank, m_block, n_block);
-            const int32_t m0 = m_block * BLOCK_M, n0 = n_block * BLOCK_N;
-            const int32_t b_row0 = (M_GROUPED ? group_of_row(group_offsets, num_groups, m0) * SHAPE_N : 0) + n0;
-            for (uint32_t kb = 0; kb < kNumKBlocks; ++kb, ++iter) {
+        Walker walker(group_counts, num_groups, shape_m, rank, first_tile, tile_stride);
+        Tile t;
+        while (threadIdx.x == G::kNumMathThreads && walker.next(t)) {
+            const Operands op = operands_of(t);
+            const int32_t n0 = t.n_block * BLOCK_N;
+            for (uint32_t kb = op.kb_begin; kb < op.kb_end; ++kb, ++iter) {
                 const uint32_t stage = iter % NUM_STAGES, round = iter / NUM_STAGES;
                 if constexpr (CLUSTER > 1) mbar_wait_cluster(&empty[stage], (round & 1) ^ 1);
                 else mbar_wait(&empty[stage], (round & 1) ^ 1);
@@ -169,13 +195,13 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 if constexpr (CLUSTER > 1) {
                     const uint32_t rows = rank * G::kRowsAPerCta;
                     tma_load_2d_multicast(tmap_a, bar, smem + S::kA + stage * G::kTileABytes + rows * 128,
-                                          kb * 128, m0 + rows, (1 << CLUSTER) - 1);
+                                          kb * 128, op.a_row + rows, (1 << CLUSTER) - 1);
                 } else {
-                    tma_load_2d(tmap_a, bar, smem + S::kA + stage * G::kTileABytes, kb * 128, m0);
+                    tma_load_2d(tmap_a, bar, smem + S::kA + stage * G::kTileABytes, kb * 128, op.a_row);
                 }
-                tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, b_row0);
+                tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, op.b_row);
                 const int32_t kb_box = kb & ~(G::kScaleCols - 1);
-                tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, kb_box, m0);
+                tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, kb_box, op.a_row);
                 if constexpr (SCALE_B_1X128)
                     tma_load_2d(tmap_scale_b, bar, smem + S::kScaleB + stage * G::kScaleBSlot, kb_box, n0);
             }
@@ -203,22 +229,22 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
         }
     };
 
-    for (uint32_t tile = first_tile; tile < scheduler.num_tiles; tile += tile_stride) {
-        uint32_t m_block, n_block;
-        scheduler.tile_coords(tile, rank, m_block, n_block);
-        const uint32_t m0 = m_block * BLOCK_M, n0 = n_block * BLOCK_N;
+    Walker walker(group_counts, num_groups, shape_m, rank, first_tile, tile_stride);
+    Tile t;
+    while (walker.next(t)) {
+        const Operands op = operands_of(t);
+        const uint32_t m0 = t.m_block * BLOCK_M, n0 = t.n_block * BLOCK_N;
         // 1D2D: columns at or past `split` (tile-relative) use the next 128x128 scale block.
         const uint32_t split = G::kMayStraddle ? (n0 / 128 + 1) * 128 - n0 : BLOCK_N;
         const float* scale_b_group = scale_b;
-        if constexpr (M_GROUPED)
-            scale_b_group += group_of_row(group_offsets, num_groups, m0) * G::kNumNScaleBlocks * kNumKBlocks;
+        if constexpr (kMGrouped) scale_b_group += t.group * G::kNumNScaleBlocks * kNumKBlocks;
         const float* scale_b_lo = scale_b_group + min(n0 / 128, G::kNumNScaleBlocks - 1) * kNumKBlocks;
         const float* scale_b_hi = scale_b_group + min(n0 / 128 + 1, G::kNumNScaleBlocks - 1) * kNumKBlocks;
 
 #pragma unroll
         for (uint32_t i = 0; i < G::kAccum; ++i) accum[i] = 0.0f;
 
-        for (uint32_t kb = 0; kb < kNumKBlocks; ++kb, ++iter) {
+        for (uint32_t kb = op.kb_begin; kb < op.kb_end; ++kb, ++iter) {
             const uint32_t stage = iter % NUM_STAGES, round = iter / NUM_STAGES;
             // 128x128 B scales are two floats per K block, the same for every thread: read
             // them through L1 before waiting so the latency hides behind the wait.
@@ -272,7 +298,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 __syncwarp();
                 if (lane == 0) release_stage(stage);
 #ifdef FP8TRAIN_DEBUG_NO_PROMOTION  // attribution experiments: tensor cores only
-                if (kb + 1 < kNumKBlocks) continue;
+                if (kb + 1 < op.kb_end) continue;
 #endif
                 const float lo0 = sa0 * sb_lo, lo1 = sa1 * sb_lo;
                 const float hi0 = sa0 * sb_hi, hi1 = sa1 * sb_hi;
@@ -289,27 +315,30 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
         }
 
         // Epilogue: each thread owns rows r and r + 8, and column pairs 8j + 2 (lane % 4).
+        const uint64_t out_group = (kKGrouped || GROUPING == Grouping::kMMasked)
+                                       ? static_cast<uint64_t>(t.group) * shape_m * SHAPE_N : 0;
         if constexpr (SCALE_B_1X128) {
-            const uint32_t col0 = n0 + (lane % 4) * 2;
-#pragma unroll
-            for (uint32_t half = 0; half < 2; ++half) {
-                const uint32_t row = m0 + row_in_tile + half * 8;
-                if (row >= shape_m) continue;
-                float* out_row = out_f32 + static_cast<uint64_t>(row) * SHAPE_N;
-#pragma unroll
-                for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
-                    const uint32_t col = col0 + j * 8;
-                    if (col >= SHAPE_N) continue;
-                    float2 value = make_float2(accum[j * 4 + half * 2], accum[j * 4 + half * 2 + 1]);
-                    float2* dst = reinterpret_cast<float2*>(out_row + col);
-                    if constexpr (ACCUMULATE) {
-                        const float2 old = *dst;
-                        value.x += old.x;
-                        value.y += old.y;
-                    }
-                    *dst = value;
+            // An expert without tokens has a zero gradient: written as zeros, or, when
+            // accumulating, nothing to add.
+            if (ACCUMULATE && kKGrouped && op.kb_begin == op.kb_end) continue;
+            store_from_registers<G::kAccum, SHAPE_N>(accum, m0 + row_in_tile, n0 + (lane % 4) * 2, t.rows,
+                                                     [&](uint64_t index, float v0, float v1) {
+                float2* dst = reinterpret_cast<float2*>(out_f32 + out_group + index);
+                if constexpr (ACCUMULATE) {
+                    const float2 old = *dst;
+                    v0 += old.x;
+                    v1 += old.y;
                 }
-            }
+                *dst = make_float2(v0, v1);
+            });
+        } else if (GROUPING == Grouping::kMMasked && m0 + BLOCK_M > t.rows) {
+            // The expert's last, partial tile: rows past masked_m[g] must stay untouched, and
+            // TMA would clip only at M_max. Stored from registers with a row guard instead.
+            __nv_bfloat16* out_bf16 = reinterpret_cast<__nv_bfloat16*>(out_f32) + out_group;
+            store_from_registers<G::kAccum, SHAPE_N>(accum, m0 + row_in_tile, n0 + (lane % 4) * 2, t.rows,
+                                                     [&](uint64_t index, float v0, float v1) {
+                *reinterpret_cast<__nv_bfloat162*>(out_bf16 + index) = __floats2bfloat162_rn(v0, v1);
+            });
         } else {
             // BF16 tile -> shared memory -> one TMA store (it clips rows/columns past M, N).
             // Thread 0 waits until the previous tile's store has read the buffer.
@@ -327,7 +356,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             fence_async_shared();
             named_barrier_sync(1, G::kNumMathThreads);
             if (threadIdx.x == 0) {
-                tma_store_2d(tmap_out, tile_out, n0, m0);
+                tma_store_2d(tmap_out, tile_out, n0, op.a_row);
                 tma_store_commit();
             }
         }

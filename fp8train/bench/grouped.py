@@ -1,9 +1,10 @@
-"""``python -m fp8train.bench grouped``: the m-grouped contiguous FP8 GEMM (issue 12).
+"""``python -m fp8train.bench grouped``: the grouped (MoE) FP8 GEMMs of issue 12.
 
-Native (checked against the reference first) vs a loop of cuBLAS blockwise ``_scaled_mm``
-per expert (same operands), ``torch._scaled_grouped_mm`` (rowwise FP8) and
-``torch._grouped_mm`` (bf16), on even splits and a Zipf-like uneven one. Masked and
-k-grouped kernels do not exist yet.
+m-grouped contiguous: native (checked against the reference first) vs a loop of cuBLAS
+blockwise ``_scaled_mm`` per expert (same operands), ``torch._scaled_grouped_mm`` (rowwise
+FP8) and ``torch._grouped_mm`` (bf16), on even splits and a Zipf-like uneven one.
+m-grouped masked: native at expected rows 64/128/256 per expert vs the contiguous kernel on
+the same rows. k-grouped wgrad: see ``grouped_wgrad``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from .. import ops
 from ..ops import reference as ref
 from ..quant import per_block_cast, per_token_cast
-from .timing import num_input_sets, time_calls
+from .timing import num_input_sets, time_candidates
 
 SHAPES = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168),
           (8, 4096, 7168, 2048), (32, 1024, 4096, 7168), (64, 512, 2048, 7168)]
@@ -72,17 +73,56 @@ def run_case(label: str, rows: list[int], n: int, k: int) -> dict:
         r[0], r[2], r[1], r[3], offs=r[4], out_dtype=torch.bfloat16) for r in rowwise]
     candidates["grouped_mm bf16"] = [lambda s=s: torch._grouped_mm(
         s[0], s[1].transpose(-2, -1), offs=s[2][1:]) for s in sets]
-    for name, calls in candidates.items():
-        try:
-            ms, host_us = time_calls(calls, batch=10)
-            row[name] = flops / (ms * 1e-3) / 1e12
-        except Exception as exc:  # a baseline this torch lacks must not end the run
-            print(f"{label}: {name} failed ({type(exc).__name__}: {str(exc)[:120]})", flush=True)
+    row.update(time_candidates(label, candidates, flops))
+    ops.set_backend("auto")
+    return row
+
+
+def run_masked_case(g: int, expected: int, n: int, k: int) -> dict:
+    """Every expert holds `expected` valid rows of M_max = 2 x expected: masked native vs the
+    contiguous kernel on the same rows (the bar: within 10%), and the batched baselines."""
+    m_max = 2 * expected
+    flops = 2 * g * expected * n * k
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    num_sets = num_input_sets(g * m_max * k + g * n * k, 8)
+    sets = []
+    for _ in range(num_sets):
+        x = torch.randn(g, m_max, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        w = torch.randn(g, n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        sets.append((x, w, per_token_cast(x), per_block_cast(w)))
+    masked_m = torch.full((g,), expected, dtype=torch.int32, device="cuda")
+    x, w, a, b = sets[0]
+    expect = torch.zeros(g, m_max, n, device="cuda", dtype=torch.bfloat16)
+    ref.m_grouped_masked_ref(a[0], a[1], b[0], b[1], [expected] * g, expect)
+    ops.set_backend("native")
+    got = ops.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m=expected)
+    torch.cuda.synchronize()
+    err = ((got.double() - expect.double()).norm() / expect.double().norm()).item()
+    row = {"case": f"masked {g}x{expected} {n},{k}", "m": g * expected, "n": n, "k": k,
+           "rel_err": err, "ok": err < 4e-3}
+    # The same valid rows, packed contiguously (expected is a multiple of 64; pad to 128).
+    padded = -(-expected // 128) * 128
+    offsets = torch.arange(g + 1, dtype=torch.int32, device="cuda") * padded
+    contiguous = [((s[2][0][:, :padded].reshape(-1, k), s[2][1][:, :padded].reshape(g * padded, -1)),
+                   s[3]) for s in sets]
+    valid = [s[0][:, :expected].contiguous() for s in sets]
+    candidates = {
+        "native masked": [lambda s=s: ops.m_grouped_fp8_gemm_nt_masked(
+            s[2], s[3], masked_m, expected_m=expected) for s in sets],
+        "native contiguous": [lambda c=c: ops.m_grouped_fp8_gemm_nt_contiguous(c[0], c[1], offsets)
+                              for c in contiguous],
+        "grouped_mm bf16": [lambda v=v, s=s: torch._grouped_mm(v, s[1].transpose(-2, -1))
+                            for v, s in zip(valid, sets)],
+    }
+    # Contiguous computes the padded rows too; count only the valid ones everywhere.
+    row.update(time_candidates(row["case"], candidates, flops))
     ops.set_backend("auto")
     return row
 
 
 def run(json_path: str | None) -> int:
+    from .grouped_wgrad import run_wgrad
+
     rows_out = []
     cases = [(f"{g}x{r} {n},{k}", [r] * g, n, k) for g, r, n, k in SHAPES]
     cases += [(f"zipf {g} {n},{k}", zipf_rows(g, g * r), n, k) for g, r, n, k in SHAPES[2:4]]
@@ -98,6 +138,16 @@ def run(json_path: str | None) -> int:
               if "native" in r and "scaled_grouped_mm rowwise" in r]
     if ratios:
         print(f"median native / scaled_grouped_mm rowwise: {statistics.median(ratios):.2f}")
+    for g, _, n, k in SHAPES:
+        for expected in (64, 128, 256):
+            row = run_masked_case(g, expected, n, k)
+            rows_out.append(row)
+            masked = row.get("native masked", float("nan"))
+            print(f"{row['case']:>28} {'ok ' if row['ok'] else 'BAD'} err {row['rel_err']:.1e} | masked "
+                  f"{masked:6.0f}" + "".join(f" | {name} {row[name]:6.0f} ({masked / row[name]:.2f}x)"
+                                             for name in ("native contiguous", "grouped_mm bf16")
+                                             if name in row), flush=True)
+    rows_out += run_wgrad(SHAPES)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows_out, f, indent=1)

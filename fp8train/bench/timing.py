@@ -49,3 +49,16 @@ def time_calls(calls: Sequence[Callable[[], object]], *, batch: int = 40, repeat
     if not gpu_ms:
         raise RuntimeError("could not keep the GPU busy while queueing; host too slow?")
     return statistics.median(gpu_ms), statistics.median(host_us)
+
+
+def time_candidates(label: str, candidates: dict, flops: int, *, batch: int = 10) -> dict:
+    """TFLOP/s of each named list of calls; a candidate that fails (a baseline this torch
+    lacks, say) is reported and left out rather than ending the run."""
+    result = {}
+    for name, calls in candidates.items():
+        try:
+            ms, _ = time_calls(calls, batch=batch)
+            result[name] = flops / (ms * 1e-3) / 1e12
+        except Exception as exc:
+            print(f"{label}: {name} failed ({type(exc).__name__}: {str(exc)[:120]})", flush=True)
+    return result

@@ -21,10 +21,6 @@ FP8Pair = Tuple[torch.Tensor, torch.Tensor]
 OUT_DTYPES = (torch.bfloat16, torch.float32)
 
 
-def _native_unavailable():
-    return False, "no native kernel for this operator yet"
-
-
 def _unpack(name: str, pair) -> FP8Pair:
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise TypeError(f"{name}: expected a (tensor_fp8, scale) pair, got {type(pair).__name__}")
@@ -187,7 +183,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     out = _check_out(out, (m, n), torch.bfloat16, a.device, False)
     path = _backend.resolve("m_grouped_fp8_gemm_nt_contiguous", a.device,
                             native_ok=lambda: _native.m_grouped_support(m, n, b),
-                            cublas_ok=False, native_in_auto=_native.M_GROUPED_VERIFIED)
+                            cublas_ok=False, native_in_auto=_native.GROUPED_VERIFIED["m_contiguous"])
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
     if path == "native":
@@ -202,12 +198,17 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
 
 
 def m_grouped_fp8_gemm_nt_masked(a: FP8Pair, b: FP8Pair, masked_m: torch.Tensor,
-                                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                                 out: Optional[torch.Tensor] = None, *,
+                                 expected_m: Optional[int] = None) -> torch.Tensor:
     """MoE GEMM on the masked layout: ``out[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g].T``.
 
     a: (e4m3 ``[G, M_max, K]``, float32 ``[G, M_max, K/128]``).
     b: (e4m3 ``[G, N, K]``, float32 ``[G, ceil(N/128), K/128]``).
-    masked_m: int32 ``[G]`` valid rows per group (0..M_max), on a's device.
+    masked_m: int32 ``[G]`` valid rows per group (0..M_max), on a's device. The reference
+       path checks the values (a host sync); the native kernel reads them on the device
+       (clipped to [0, M_max]) and never syncs, so it can be captured in a CUDA graph.
+    expected_m: rows per expert the caller expects (picks the native kernel's tile config;
+       default M_max). Any masked_m stays correct whatever the hint.
     Rows at or past ``masked_m[g]`` are not written (zeros when ``out`` is allocated here).
     """
     a, sa = _unpack("a", a)
@@ -225,14 +226,23 @@ def m_grouped_fp8_gemm_nt_masked(a: FP8Pair, b: FP8Pair, masked_m: torch.Tensor,
     check_shape("masked_m", masked_m, (g,))
     if masked_m.device != a.device:
         raise ValueError(f"masked_m: expected device {a.device}, got {masked_m.device}")
+    if expected_m is not None and (not isinstance(expected_m, int) or expected_m < 0):
+        raise ValueError(f"expected_m: expected a non-negative int, got {expected_m!r}")
+    out = _check_out(out, (g, m_max, n), torch.bfloat16, a.device, False)
+    path = _backend.resolve("m_grouped_fp8_gemm_nt_masked", a.device,
+                            native_ok=lambda: _native.m_grouped_masked_support(n, a, b),
+                            cublas_ok=False, native_in_auto=_native.GROUPED_VERIFIED["m_masked"])
+    if out is None:
+        out = torch.zeros(g, m_max, n, dtype=torch.bfloat16, device=a.device)
+    if path == "native":
+        from .native.sm90_fp8_gemm import m_grouped_masked_native
+
+        m_grouped_masked_native(a, sa.contiguous(), b, sb.contiguous(), masked_m, out,
+                                m_max if expected_m is None else min(expected_m, m_max))
+        return out
     counts = masked_m.tolist()
     if any(c < 0 or c > m_max for c in counts):
         raise ValueError(f"masked_m: expected values in [0, {m_max}], got {counts}")
-    out = _check_out(out, (g, m_max, n), torch.bfloat16, a.device, False)
-    if out is None:
-        out = torch.zeros(g, m_max, n, dtype=torch.bfloat16, device=a.device)
-    _backend.resolve("m_grouped_fp8_gemm_nt_masked", a.device,
-                     native_ok=_native_unavailable, cublas_ok=False)
     _ref.m_grouped_masked_ref(a, sa, b, sb, counts, out)
     return out
 
@@ -261,18 +271,27 @@ def k_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
         raise ValueError(f"a[0]: expected T (tokens) a multiple of {GROUP}, got {t}")
     check_shape("a[1]", sa, (n, tb))
     check_shape("b[1]", sb, (k, tb))
-    check_tensor("group_offsets", group_offsets, ndims=(1,))
+    check_tensor("group_offsets", group_offsets, dtypes=(torch.int32,), ndims=(1,))
     if group_offsets.shape[0] < 2:
         raise ValueError(f"group_offsets: expected [G+1] offsets with G >= 1, got shape "
                          f"{tuple(group_offsets.shape)}")
     g = group_offsets.shape[0] - 1
-    offsets = _check_offsets("group_offsets", group_offsets, g, t, a.device)
+    if group_offsets.device != a.device:
+        raise ValueError(f"group_offsets: expected device {a.device}, got {group_offsets.device}")
     out = _check_out(out, (g, n, k), torch.float32, a.device, accumulate)
+    if out is not None and out.dtype != torch.float32:
+        raise TypeError(f"out: expected torch.float32, got {out.dtype}")
+    path = _backend.resolve("k_grouped_fp8_gemm_nt_contiguous", a.device,
+                            native_ok=lambda: _native.k_grouped_support(n, k, a, b),
+                            cublas_ok=False, native_in_auto=_native.GROUPED_VERIFIED["k_contiguous"])
     if out is None:
         out = torch.empty(g, n, k, dtype=torch.float32, device=a.device)
-    elif out.dtype != torch.float32:
-        raise TypeError(f"out: expected torch.float32, got {out.dtype}")
-    _backend.resolve("k_grouped_fp8_gemm_nt_contiguous", a.device,
-                     native_ok=_native_unavailable, cublas_ok=False)
+    if path == "native":
+        from .native.sm90_fp8_gemm import k_grouped_native
+
+        # The kernel reads the offsets on the device (never a host sync) and trusts them.
+        k_grouped_native(a, sa, b, sb, group_offsets.contiguous(), out, accumulate)
+        return out
+    offsets = _check_offsets("group_offsets", group_offsets, g, t, a.device)
     _ref.k_grouped_contiguous_ref(a, sa, b, sb, offsets, out, accumulate)
     return out

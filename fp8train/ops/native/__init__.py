@@ -22,9 +22,16 @@ def toolchain_status() -> tuple[bool, str]:
     return True, "ok"
 
 
-# The m-grouped kernel compiles (CI checks its SASS) but has not yet run on a GPU: `auto`
-# keeps the reference until the GPU tests (tests/test_gemm_native.py) pass on the device.
-M_GROUPED_VERIFIED = False
+# The grouped kernels compile (CI checks their SASS) but have not yet run on a GPU: `auto`
+# keeps the reference for each until its GPU tests (tests/test_gemm_grouped_native.py) pass
+# on the device; the `native` backend runs them regardless.
+GROUPED_VERIFIED = {"m_contiguous": False, "m_masked": False, "k_contiguous": False}
+
+
+def _contiguous_3d(name: str, t: torch.Tensor) -> tuple[bool, str]:
+    if not t.is_contiguous():
+        return False, f"{name} is not contiguous"
+    return True, "ok"
 
 
 def m_grouped_support(m: int, n: int, b: torch.Tensor) -> tuple[bool, str]:
@@ -35,6 +42,27 @@ def m_grouped_support(m: int, n: int, b: torch.Tensor) -> tuple[bool, str]:
         return False, f"M = {m} is not a multiple of 128 (segments are padded to 128 rows)"
     if b.stride(-1) != 1 or b.stride(-2) != b.shape[-1] or b.stride(0) != b.shape[-1] * b.shape[-2]:
         return False, "b[0] is not contiguous [G, N, K]"
+    return toolchain_status()
+
+
+def m_grouped_masked_support(n: int, a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:
+    """Whether the native m-grouped masked GEMM serves this call."""
+    if n % 8:
+        return False, f"N = {n} is not a multiple of 8"
+    for name, t in (("a[0]", a), ("b[0]", b)):
+        ok, why = _contiguous_3d(name, t)
+        if not ok:
+            return ok, why
+    return toolchain_status()
+
+
+def k_grouped_support(m: int, n: int, a: torch.Tensor, b: torch.Tensor) -> tuple[bool, str]:
+    """Whether the native k-grouped (MoE wgrad) GEMM serves this call: a [M, T], b [N, T]."""
+    if n % 8:
+        return False, f"N = {n} (rows of b) is not a multiple of 8"
+    for name, t in (("a[0]", a), ("b[0]", b)):
+        if t.stride(-1) != 1 or t.stride(0) % 16:
+            return False, f"{name} rows are not 16-byte aligned and unit-stride"
     return toolchain_status()
 
 

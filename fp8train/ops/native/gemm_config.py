@@ -108,8 +108,13 @@ def relative_speed(block_n: int, kind: str) -> float:
 
 
 @functools.lru_cache(maxsize=4096)
-def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d") -> GemmConfig:
+def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
+                  rows_per_group: int | None = None) -> GemmConfig:
     """The config the native GEMM runs for this problem (cached per shape).
+
+    rows_per_group: for grouped GEMMs whose tiles never span two experts (masked), the rows
+    each expert has: BLOCK_M then fits an expert (64 when it has <= 64 rows), and `m`
+    counts the expert's padded rows times the experts.
 
     M <= 128 is bound by reading B: pick the tile that spreads N over the most SMs (fewest
     waves). Larger M is bound by the tensor cores: minimise waves x tile time, tile time
@@ -120,7 +125,7 @@ def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d") -> G
     if min(m, n, k, num_sms) < 1 or k % BLOCK_K or n % 8:
         raise ValueError(f"expected m, n, k, num_sms >= 1, k % 128 == 0 and n % 8 == 0, "
                          f"got m={m}, n={n}, k={k}, num_sms={num_sms}")
-    block_m = 64 if m <= 64 else 128
+    block_m = 64 if (m if rows_per_group is None else rows_per_group) <= 64 else 128
     best = None
     for block_n in range(16, max_block_n(block_m) + 1, 8):
         if (block_n > n and block_n != 16) or not block_n_is_legal(block_n, kind):

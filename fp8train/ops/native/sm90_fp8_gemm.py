@@ -18,15 +18,33 @@ from .wgmma import render_wgmma_e4m3
 
 KERNEL_NAME = "fp8train_gemm"
 
+# How the operands are grouped (csrc/fp8train/scheduler.cuh, enum Grouping), and the kernel
+# kind each grouping runs as: m-grouped GEMMs are fprop/dgrad (1D2D), k-grouped is wgrad.
+GROUPINGS = {"none": ("kNone", None), "m_contiguous": ("kMContiguous", "1d2d"),
+             "m_masked": ("kMMasked", "1d2d"), "k_contiguous": ("kKContiguous", "1d1d")}
 
-def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, m_grouped: bool = False) -> str:
-    """The .cu text of one kernel instance: N, K and the tile choice are compile-time.
-    m_grouped: B is [G, N, K] and each 128-row tile of A belongs to one expert."""
+
+def _check_grouping(config: GemmConfig, accumulate: bool, grouping: str) -> None:
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping: expected one of {sorted(GROUPINGS)}, got {grouping!r}")
     if accumulate and config.kind != "1d1d":
         raise ValueError("accumulate: only the 1D1D (FP32 out) kernel accumulates")
-    if m_grouped and config.kind != "1d2d":
-        raise ValueError("m_grouped: only the 1D2D kernel is m-grouped")
-    return f"""// Rendered by fp8train.ops.native.sm90_fp8_gemm: {config}, N={n}, K={k}
+    kind = GROUPINGS[grouping][1]
+    if kind is not None and config.kind != kind:
+        raise ValueError(f"grouping {grouping!r} runs the {kind} kernel, got config kind {config.kind!r}")
+    if grouping != "none" and config.cluster != 1:
+        raise ValueError(f"grouping {grouping!r} runs without clusters, got cluster={config.cluster}")
+
+
+def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none") -> str:
+    """The .cu text of one kernel instance: N, K and the tile choice are compile-time.
+    grouping: "m_contiguous"/"m_masked" (B is [G, N, K], every tile of A belongs to one
+    expert) or "k_contiguous" (wgrad over experts' token segments; K is then runtime and
+    `k` is ignored)."""
+    _check_grouping(config, accumulate, grouping)
+    if grouping == "k_contiguous":
+        k = 0
+    return f"""// Rendered by fp8train.ops.native.sm90_fp8_gemm: {config}, N={n}, K={k}, {grouping}
 #include "fp8train/sm90_fp8_gemm.cuh"
 
 namespace fp8train {{
@@ -39,20 +57,21 @@ extern "C" __global__ void __launch_bounds__({config.num_threads}, 1)
               const __grid_constant__ CUtensorMap tmap_scale_a,
               const __grid_constant__ CUtensorMap tmap_scale_b,
               const __grid_constant__ CUtensorMap tmap_out,
-              const int32_t* group_offsets, uint32_t num_groups) {{
+              const int32_t* group_counts, uint32_t num_groups) {{
     fp8train::sm90_fp8_gemm<{config.block_m}, {config.block_n}, {config.num_stages}, {n}, {k},
                             {str(config.kind == "1d1d").lower()}, {str(accumulate).lower()},
-                            {config.group_n}, {config.cluster}, {str(m_grouped).lower()},
+                            {config.group_n}, {config.cluster}, fp8train::Grouping::{GROUPINGS[grouping][0]},
                             fp8train::Wgmma_m64n{config.block_n}k32>(
         shape_m, scale_b, out_f32, &tmap_a, &tmap_b, &tmap_scale_a, &tmap_scale_b, &tmap_out,
-        group_offsets, num_groups);
+        group_counts, num_groups);
 }}
 """
 
 
-def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool, m_grouped: bool = False) -> str:
-    acc = ("_acc" if accumulate else "") + ("_mgrouped" if m_grouped else "")
-    return (f"sm90_fp8_gemm_{config.kind}{acc}_n{n}_k{k}_bm{config.block_m}_bn{config.block_n}"
+def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none") -> str:
+    acc = ("_acc" if accumulate else "") + ("" if grouping == "none" else "_" + grouping)
+    k_label = "var" if grouping == "k_contiguous" else k
+    return (f"sm90_fp8_gemm_{config.kind}{acc}_n{n}_k{k_label}_bm{config.block_m}_bn{config.block_n}"
             f"_s{config.num_stages}_g{config.group_n}_c{config.cluster}")
 
 
@@ -60,12 +79,12 @@ def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool, m_grouped:
 debug_flags: tuple = ()
 
 
-def compile_kernel(config: GemmConfig, n: int, k: int, accumulate: bool, m_grouped: bool = False):
+def compile_kernel(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none"):
     """Compile (or find in the cache) one kernel instance; returns the JIT's CompiledKernel."""
     from ..jit.compiler import compile_cubin
 
-    return compile_cubin(kernel_name(config, n, k, accumulate, m_grouped),
-                         render_source(config, n, k, accumulate, m_grouped), flags=debug_flags)
+    return compile_cubin(kernel_name(config, n, k, accumulate, grouping),
+                         render_source(config, n, k, accumulate, grouping), flags=debug_flags)
 
 
 @dataclass(frozen=True)
@@ -79,14 +98,14 @@ _launches: dict = {}
 
 
 def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int, num_sms: int,
-                config: GemmConfig | None = None, m_grouped: bool = False) -> _Launch:
-    key = (m, n, k, kind, accumulate, device, num_sms, config, debug_flags, m_grouped)
+                config: GemmConfig | None = None, grouping: str = "none") -> _Launch:
+    key = (m, n, k, kind, accumulate, device, num_sms, config, debug_flags, grouping)
     launch = _launches.get(key)
     if launch is None:
         from ..jit.runtime import load_kernel
 
         config = config or choose_config(m, n, k, num_sms, kind)
-        compiled = compile_kernel(config, n, k, accumulate, m_grouped)
+        compiled = compile_kernel(config, n, k, accumulate, grouping)
         launch = _Launch(config, load_kernel(compiled, KERNEL_NAME, device),
                          shared_bytes(config.block_m, config.block_n, config.num_stages, kind))
         _launches[key] = launch
@@ -161,32 +180,87 @@ def fp8_gemm_nt_native(a, sa, b, sb, out: torch.Tensor, kind: str, accumulate: b
     from ..jit.device import get_num_sms
 
     m, k = a.shape
-    m_grouped = group_offsets is not None
-    n = b.shape[-2]
-    b_rows = b.shape[0] * n if m_grouped else n  # experts' weights TMA'd as one [G*N, K]
-    kb = k // 128
-    device = a.device.index
-    launch = _launch_for(m, n, k, kind, accumulate, device, get_num_sms(), config, m_grouped)
+    grouping = "none" if group_offsets is None else "m_contiguous"
+    launch = _launch_for(m, b.shape[-2], k, kind, accumulate, a.device.index, get_num_sms(), config,
+                         grouping)
+    _launch(launch, launch.config.num_ctas, a, sa, b, sb, out, m, grouping, group_offsets)
+
+
+def m_grouped_masked_native(a, sa, b, sb, masked_m: torch.Tensor, out: torch.Tensor, expected_m: int,
+                            config: GemmConfig | None = None) -> None:
+    """out[g, :masked_m[g]] = a[g, :masked_m[g]] b[g]^T on the current stream, no host sync.
+    a [G, M_max, K], sa [G, M_max, K/128], b [G, N, K], sb [G, ceil(N/128), K/128], out
+    [G, M_max, N] bf16, all contiguous; masked_m int32 [G] on the device. The config is the
+    one for G x expected_m rows; every SM runs, since the real tile count is on the device."""
+    from ..jit.device import get_num_sms
+
+    g, m_max, k = a.shape
+    num_sms = get_num_sms()
+    expected_m = max(1, expected_m)
+    if config is None:
+        block_m = 64 if expected_m <= 64 else 128
+        config = choose_config(g * -(-expected_m // block_m) * block_m, b.shape[1], k, num_sms, "1d2d",
+                               rows_per_group=expected_m)
+    launch = _launch_for(g * expected_m, b.shape[1], k, "1d2d", False, a.device.index, num_sms,
+                         config, "m_masked")
+    _launch(launch, num_sms, a.view(g * m_max, k), sa.view(g * m_max, -1), b, sb, out, m_max,
+            "m_masked", masked_m)
+
+
+def k_grouped_native(a, sa, b, sb, group_offsets: torch.Tensor, out: torch.Tensor, accumulate: bool,
+                     config: GemmConfig | None = None) -> None:
+    """out[g] (+)= a[:, seg g] b[:, seg g]^T for every expert g (MoE wgrad), no host sync.
+    a [M, T] and b [N, T] e4m3 with 1x128 scales along T ([M, T/128], [N, T/128]); out
+    [G, M, N] fp32 contiguous; group_offsets int32 [G+1] on the device, multiples of 128.
+    One kernel serves every token count: T is read at run time."""
+    from ..jit.device import get_num_sms
+
+    m, t = a.shape
+    n = b.shape[0]
+    g = group_offsets.shape[0] - 1
+    num_sms = get_num_sms()
+    # The tile problem is G stacked [M, N] outputs; K (tokens) only sets the config's depth.
+    launch = _launch_for(g * m, n, 128, "1d1d", accumulate, a.device.index, num_sms, config,
+                         "k_contiguous")
     cfg = launch.config
+    tiles = g * -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    _launch(launch, max(1, min(num_sms, tiles)), a, sa, b, sb, out, m, "k_contiguous", group_offsets)
+
+
+def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, grouping: str,
+            counts: torch.Tensor | None) -> None:
+    """Fill the parameter block (TMA descriptors of 2D views: A [rows, K], B [rows, K],
+    1x128 scales, BF16 out [rows, N]) and launch. `counts` is group_offsets or masked_m."""
+    cfg = launch.config
+    rows_a, k = a.shape
+    n = b.shape[-2]
+    b_rows = b.numel() // k  # experts' weights TMA'd as one [G*N, K]
+    out_rows = out.numel() // n
+    kb = -(-k // 128)
+    device = a.device.index
     params = getattr(_local, "params", None)
     if params is None:
         params = _local.params = _ParamBlock()
     f32 = torch.float32
     sa, lda = tma_ready_scales(sa)
-    params.u32[0].value = m
-    params.u64[1].value = sb.data_ptr() if kind == "1d2d" else 0
+    params.u32[0].value = shape_m
+    params.u64[1].value = sb.data_ptr() if cfg.kind == "1d2d" else 0
     params.u64[2].value = out.data_ptr()
     slots, move = params.slots, ctypes.memmove
-    rows_a = cfg.block_m // cfg.cluster  # each CTA of a cluster loads its share of A
-    move(slots[3], _tma_address(a.data_ptr(), a.dtype, k, m, a.stride(0), 128, rows_a, 128), 128)
+    box_a = cfg.block_m // cfg.cluster  # each CTA of a cluster loads its share of A
+    move(slots[3], _tma_address(a.data_ptr(), a.dtype, k, rows_a, a.stride(0), 128, box_a, 128), 128)
     move(slots[4], _tma_address(b.data_ptr(), b.dtype, k, b_rows, b.stride(-2), 128, cfg.block_n, 128), 128)
-    move(slots[5], _tma_address(sa.data_ptr(), f32, kb, m, 4 * lda, 4, cfg.block_m, 0), 128)
-    if kind == "1d1d":
+    move(slots[5], _tma_address(sa.data_ptr(), f32, kb, rows_a, 4 * lda, 4, cfg.block_m, 0), 128)
+    if cfg.kind == "1d1d":
         sb, ldb = tma_ready_scales(sb)
-        move(slots[6], _tma_address(sb.data_ptr(), f32, kb, n, 4 * ldb, 4, cfg.block_n, 0), 128)
+        move(slots[6], _tma_address(sb.data_ptr(), f32, kb, b_rows, 4 * ldb, 4, cfg.block_n, 0), 128)
     else:
-        move(slots[7], _tma_address(out.data_ptr(), out.dtype, n, m, 2 * n, cfg.block_n, cfg.block_m, 0), 128)
-    params.u64[8].value = group_offsets.data_ptr() if m_grouped else 0
-    params.u32[9].value = group_offsets.shape[0] - 1 if m_grouped else 0
-    launch.kernel.launch_params(cfg.num_ctas, cfg.num_threads, launch.smem, params.address,
+        move(slots[7], _tma_address(out.data_ptr(), out.dtype, n, out_rows, 2 * n, cfg.block_n,
+                                    cfg.block_m, 0), 128)
+    params.u64[8].value = counts.data_ptr() if counts is not None else 0
+    num_groups = 0
+    if counts is not None:
+        num_groups = counts.shape[0] - (0 if grouping == "m_masked" else 1)
+    params.u32[9].value = num_groups
+    launch.kernel.launch_params(grid, cfg.num_threads, launch.smem, params.address,
                                 _raw_stream(device), cfg.cluster)

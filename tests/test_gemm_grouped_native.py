@@ -1,0 +1,149 @@
+"""Native grouped (MoE) GEMMs against the reference emulation (GPU tests; skipped without
+one): m-grouped contiguous and masked (fprop/dgrad), k-grouped contiguous (wgrad). Every
+case also checks what must stay untouched, and that no call syncs with the host."""
+import contextlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fp8train import ops
+from fp8train.ops import reference as ref
+from fp8train.quant import per_block_cast, per_token_cast
+from numerics import rel_err
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("native_backend")]
+
+
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Raise if anything inside syncs the device with the host (e.g. reads offsets)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def offsets_of(blocks):
+    return torch.tensor([0] + torch.tensor(blocks).mul(128).cumsum(0).tolist(), dtype=torch.int32,
+                        device="cuda")
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=8), st.integers(1, 48).map(lambda v: 8 * v),
+       st.integers(1, 4), st.integers(0, 2**31))
+def test_m_grouped_contiguous_matches_reference(blocks, n, kb, seed):
+    """Experts with 0..4 row blocks of 128 (empty experts included) against the reference."""
+    if sum(blocks) == 0:
+        blocks[0] = 1
+    g, k = len(blocks), 128 * kb
+    offsets = offsets_of(blocks)
+    m = int(offsets[-1])
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))
+    b = per_block_cast(torch.randn(g, n, k, device="cuda", generator=gen))
+    expect = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    ref.m_grouped_contiguous_ref(a[0], a[1], b[0], b[1], offsets.tolist(), expect)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    with no_host_sync():
+        ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, out)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any(), "unwritten or NaN output elements"
+    assert rel_err(out, expect) < 4e-3
+
+
+def masked_case(g, m_max, n, k, counts, seed, expected_m=None):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    a = per_token_cast(torch.randn(g, m_max, k, device="cuda", generator=gen))
+    b = per_block_cast(torch.randn(g, n, k, device="cuda", generator=gen))
+    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    expect = torch.full((g, m_max, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    ref.m_grouped_masked_ref(a[0], a[1], b[0], b[1], counts, expect)
+    out = torch.full((g, m_max, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    with no_host_sync():
+        ops.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, out, expected_m=expected_m)
+    torch.cuda.synchronize()
+    return a, b, masked_m, out, expect
+
+
+def check_masked(out, expect, counts):
+    for gi, rows in enumerate(counts):
+        assert out[gi, rows:].isnan().all(), f"expert {gi}: rows past masked_m = {rows} were written"
+        if rows:
+            assert not out[gi, :rows].isnan().any(), f"expert {gi}: unwritten rows"
+            assert rel_err(out[gi, :rows], expect[gi, :rows]) < 4e-3
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 300), st.integers(1, 40).map(lambda v: 8 * v),
+       st.integers(1, 4), st.data(), st.sampled_from([None, 32, 64, 128, 256]), st.integers(0, 2**31))
+def test_m_grouped_masked_matches_reference(g, m_max, n, kb, data, expected_m, seed):
+    """Any valid counts (0 and M_max included), M_max not a multiple of the tile, every hint."""
+    counts = data.draw(st.lists(st.integers(0, m_max), min_size=g, max_size=g))
+    _, _, _, out, expect = masked_case(g, m_max, n, 128 * kb, counts, seed, expected_m)
+    check_masked(out, expect, counts)
+
+
+def test_m_grouped_masked_replays_in_a_cuda_graph_with_new_counts():
+    """Counts live on the device: a captured call serves whatever counts the replay finds."""
+    g, m_max, n, k = 4, 256, 512, 512
+    a, b, masked_m, out, _ = masked_case(g, m_max, n, k, [256, 0, 17, 130], seed=1, expected_m=128)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        ops.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, out, expected_m=128)  # warm-up
+        with torch.cuda.graph(graph, stream=stream):
+            ops.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, out, expected_m=128)
+    for counts in ([0, 256, 200, 1], [64, 64, 64, 64]):
+        masked_m.copy_(torch.tensor(counts, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = torch.full_like(out, float("nan"))
+        ref.m_grouped_masked_ref(a[0], a[1], b[0], b[1], counts, expect)
+        check_masked(out, expect, counts)
+
+
+def k_grouped_case(blocks, m, n, accumulate, seed):
+    offsets = offsets_of(blocks)
+    t = int(offsets[-1])
+    g = len(blocks)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    a = per_token_cast(torch.randn(m, t, device="cuda", generator=gen))
+    b = per_token_cast(torch.randn(n, t, device="cuda", generator=gen))
+    out = (torch.randn(g, m, n, device="cuda", generator=gen) if accumulate
+           else torch.full((g, m, n), float("nan"), device="cuda"))
+    expect = out.clone()
+    ref.k_grouped_contiguous_ref(a[0], a[1], b[0], b[1], offsets.tolist(), expect, accumulate)
+    with no_host_sync():
+        ops.k_grouped_fp8_gemm_nt_contiguous(a, b, offsets, out, accumulate=accumulate)
+    torch.cuda.synchronize()
+    return out, expect
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=8), st.integers(1, 300),
+       st.integers(1, 40).map(lambda v: 8 * v), st.booleans(), st.integers(0, 2**31))
+def test_k_grouped_matches_reference(blocks, m, n, accumulate, seed):
+    """Experts with 0..3 token blocks: an empty one is zeros, or left exactly alone when
+    accumulating."""
+    if sum(blocks) == 0:
+        blocks[0] = 1
+    out, expect = k_grouped_case(blocks, m, n, accumulate, seed)
+    assert not out.isnan().any(), "unwritten or NaN output elements"
+    for gi, nb in enumerate(blocks):
+        if nb == 0:
+            assert torch.equal(out[gi], expect[gi]), f"empty expert {gi} was not zeros / left alone"
+        else:
+            assert rel_err(out[gi], expect[gi]) < 1e-3
+
+
+@pytest.mark.parametrize("g,tokens,m,n", [(8, 1024, 4096, 7168), (4, 2048, 7168, 2048)])
+def test_k_grouped_issue_shapes(g, tokens, m, n):
+    out, expect = k_grouped_case([tokens // 128] * g, m, n, False, 0)
+    assert rel_err(out, expect) < 1e-3
