@@ -1,48 +1,159 @@
-"""Native FP8 casts are bit-identical to the reference (GPU tests; skipped without one)."""
+"""Native FP8 casts are bit-identical to the reference: same e4m3 bytes, same float32 scales
+(NaN where the reference has NaN). GPU tests; skipped without a Hopper GPU.
+
+Shapes include partial tiles and row lengths that are not multiples of 16 (the element-wise
+fallback of the 16-byte loads/stores); magnitudes 1e-30..1e4, zero rows, outliers (see
+strategies.tensors), NaN/Inf; bf16, fp16 and fp32; both scale rules.
+"""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fp8train import ops
+from fp8train.nn.moe_layout import build_moe_layout
 from fp8train.quant import native
-from fp8train.quant.reference import dual_cast_ref
+from fp8train.quant.reference import (
+    dual_cast_ref,
+    per_block_cast_dual_ref,
+    per_token_cast_ref,
+    per_token_cast_transposed_ref,
+    permute_cast_ref,
+)
 from strategies import tensors
 
 pytestmark = pytest.mark.gpu
 
+# Row lengths: multiples of 16 (vector path) and not (element-wise tail), partial 128-tiles.
+LENGTHS = st.one_of(st.integers(1, 40).map(lambda v: 16 * v), st.integers(1, 700))
+
+
+def assert_same(got, want):
+    """Bit-identical outputs: e4m3 by bytes, scales by value with NaN where NaN."""
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            assert g is None, f"output {i}: expected None"
+            continue
+        assert g.shape == w.shape and g.dtype == w.dtype, f"output {i}: {g.shape} {g.dtype} vs {w.shape} {w.dtype}"
+        if g.dtype == torch.float8_e4m3fn:
+            diff = (g.view(torch.uint8) != w.view(torch.uint8)).nonzero()
+            assert diff.numel() == 0, f"output {i}: {diff.shape[0]} bytes differ, first at {diff[0].tolist()}"
+        else:
+            nan = w.isnan()
+            assert torch.equal(g.isnan(), nan), f"output {i}: NaN positions differ"
+            assert torch.equal(g[~nan], w[~nan]), f"output {i}: scales differ"
+
+
+def _misaligned(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of x whose base is not 16-byte aligned (scalar loads)."""
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:]
+    return flat.view(x.shape).copy_(x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.integers(1, 600), LENGTHS, st.booleans(), st.booleans())
+def test_dual_cast_bit_exact(data, t, k, pow2, misaligned):
+    x = data.draw(tensors((t, k))).cuda()
+    if misaligned:
+        x = _misaligned(x)
+    assert_same(native.dual_cast(x, pow2), dual_cast_ref(x, pow2))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data(), st.integers(1, 400), LENGTHS, st.booleans())
+def test_dual_cast_one_layout_and_unpadded_transpose(data, t, k, pow2):
+    x = data.draw(tensors((t, k))).cuda()
+    q, s, _, _ = dual_cast_ref(x, pow2)
+    assert_same(native.dual_cast(x, pow2, colwise=False), (q, s, None, None))
+    _, _, qt, st_ = native.dual_cast(x, pow2, rowwise=False, pad_columnwise=False)
+    assert_same((qt, st_), per_token_cast_transposed_ref(x, pow2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.tuples(st.integers(1, 300)) | st.tuples(st.integers(1, 40), st.integers(1, 6))
+       | st.tuples(st.integers(1, 8), st.integers(1, 6), st.integers(1, 6)), LENGTHS, st.booleans())
+def test_per_token_cast_bit_exact(data, lead, k, pow2):
+    x = data.draw(tensors((*lead, k))).cuda()
+    assert_same(native.per_token_cast(x, pow2), per_token_cast_ref(x, pow2))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.data(), st.integers(0, 3), st.integers(1, 400), LENGTHS, st.booleans(), st.booleans())
+def test_block_cast_bit_exact(data, experts, n, k, pow2, transposed):
+    shape = (n, k) if experts == 0 else (experts, n, k)
+    w = data.draw(tensors(shape)).cuda()
+    want = per_block_cast_dual_ref(w, pow2)
+    assert_same(native.block_cast(w, pow2, transposed), want if transposed else (*want[:2], None, None))
+
 
 @settings(max_examples=40, deadline=None)
-@given(st.data(), st.integers(1, 600), st.integers(1, 80).map(lambda v: 8 * v), st.booleans())
-def test_dual_cast_bit_exact(data, t, k, pow2):
-    x = data.draw(tensors((t, k))).cuda()
-    got = native.dual_cast(x, pow2)
-    want = dual_cast_ref(x, pow2)
-    for g, w in zip(got, want):
-        if g.dtype == torch.float8_e4m3fn:
-            assert torch.equal(g.view(torch.uint8), w.view(torch.uint8))
-        else:
-            assert torch.equal(g, w) or (torch.isnan(g) == torch.isnan(w)).all()
+@given(st.data(), st.integers(1, 300), LENGTHS, st.integers(1, 8), st.integers(1, 3),
+       st.booleans(), st.booleans())
+def test_permuted_cast_bit_exact(data, tokens, k, experts, top_k, pow2, colwise):
+    x = data.draw(tensors((tokens, k))).cuda()
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    ids = torch.randint(0, experts, (tokens, top_k), generator=torch.Generator().manual_seed(seed))
+    layout = build_moe_layout(ids.cuda(), experts)
+    src = layout.src_tokens
+    if colwise:
+        got = native.dual_cast(x, pow2, src_rows=src, num_rows=src.shape[0])
+    else:
+        got = native.per_token_cast(x, pow2, src_rows=src, num_rows=src.shape[0])
+    assert_same(got, permute_cast_ref(x, src, pow2, colwise))
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_dual_cast_non_finite_matches_reference(bad):
-    x = torch.randn(256, 384, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs_match_reference(dtype, bad):
+    x = torch.randn(256, 384, device="cuda").to(dtype)
     x[3, 200] = bad
-    for g, w in zip(native.dual_cast(x, False), dual_cast_ref(x, False)):
-        assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g.isnan(),
-                           w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w.isnan())
+    x[130, 5] = bad
+    for pow2 in (False, True):
+        assert_same(native.dual_cast(x, pow2), dual_cast_ref(x, pow2))
+        assert_same(native.per_token_cast(x, pow2), per_token_cast_ref(x, pow2))
+        assert_same(native.block_cast(x, pow2), per_block_cast_dual_ref(x, pow2))
 
 
-def test_native_backend_routes_the_public_dual_cast():
-    from fp8train.quant import per_token_cast_dual
+@pytest.mark.parametrize("value", [0.0, -0.0, 1e-40, 448.0, 1e30])
+def test_constant_tiles_match_reference(value):
+    """All-zero (and -0) groups, subnormal fp32 inputs, exact powers: the scale clamp and
+    the pow2 bump on their edges."""
+    x = torch.full((130, 272), value, device="cuda")
+    for pow2 in (False, True):
+        assert_same(native.dual_cast(x, pow2), dual_cast_ref(x, pow2))
+        assert_same(native.block_cast(x, pow2), per_block_cast_dual_ref(x, pow2))
 
-    x = torch.randn(200, 256, device="cuda")
+
+def test_native_backend_routes_the_public_casts():
+    from fp8train import quant
+
+    x = torch.randn(200, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2, 384, 256, device="cuda", dtype=torch.bfloat16)
+    layout = build_moe_layout(torch.randint(0, 4, (200, 2), device="cuda"), 4)
     ops.set_backend("native")
     try:
-        got = per_token_cast_dual(x)
+        got = {
+            "dual": quant.per_token_cast_dual(x),
+            "rowwise": quant.per_token_cast(x),
+            "transposed": quant.per_token_cast_transposed(x),
+            "block": quant.per_block_cast(w),
+            "block_dual": quant.per_block_cast_dual(w),
+            "permuted": quant.per_token_cast_permuted(x, layout.src_tokens, colwise=True),
+        }
     finally:
         ops.set_backend("auto")
-    for g, w in zip(got, dual_cast_ref(x)):
-        assert torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
-                           w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w)
+    assert_same(got["dual"], dual_cast_ref(x))
+    assert_same(got["rowwise"], per_token_cast_ref(x))
+    assert_same(got["transposed"], per_token_cast_transposed_ref(x))
+    assert_same(got["block"], per_block_cast_dual_ref(w)[:2])
+    assert_same(got["block_dual"], per_block_cast_dual_ref(w))
+    assert_same(got["permuted"], permute_cast_ref(x, layout.src_tokens, colwise=True))
+
+
+def test_reference_scales_are_device_independent():
+    """The GPU reference and the CPU reference agree (formats.INV_E4M3_MAX), so bit-exact
+    against one is bit-exact against both."""
+    x = torch.randn(512, 1024) * 37.0
+    for pow2 in (False, True):
+        assert_same(dual_cast_ref(x.cuda(), pow2), [t.cuda() for t in dual_cast_ref(x, pow2)])

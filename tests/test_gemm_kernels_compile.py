@@ -88,21 +88,6 @@ def test_bench_kernels_compile_to_qgmma_without_spills(tmp_path, monkeypatch):
         assert report.local_memory_ops == 0 and ck.spill_bytes == 0, f"{ck.name}: spills"
 
 
-@needs_toolchain
-def test_cast_kernels_compile_without_spills(tmp_path, monkeypatch):
-    import torch
-
-    from fp8train.ops.jit import compiler
-    from fp8train.ops.jit.sass import check_sass
-    from fp8train.quant import native
-
-    monkeypatch.setenv("FP8TRAIN_CACHE_DIR", str(tmp_path))
-    compiler._reset_process_caches()
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        ck = compiler.compile_cubin(f"cast_{str(dtype)[6:]}", native.render_source(dtype, True))
-        assert ck.spill_bytes == 0 and check_sass(ck.cubin_path).local_memory_ops == 0
-
-
 def test_config_listing_runs_without_a_gpu(capsys):
     from fp8train.ops.native.__main__ import main
 

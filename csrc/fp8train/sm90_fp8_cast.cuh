@@ -1,103 +1,94 @@
-// FP8 casts at memory speed, bit-identical to fp8train.quant.reference:
-//   scale = max(amax / 448, 2^-126) (optionally rounded up to a power of two on its bits),
-//   q = e4m3(x / scale), round to nearest even; NaN propagates through amax and the scale.
+// Fused dual cast of an activation or output gradient x [T, K] (bit-identical to
+// fp8train.quant.reference.dual_cast_ref; the scale rule is in cast_common.cuh).
 //
-// dual_cast: one 128 x 128 tile of x [T, K] per block, read once into shared memory, written
-// twice: row-wise (1x128 along K: q [T, K], scale [T, K/128]) and column-wise, transposed
-// (1x128 along T: qt [K, Tp], scale_t [K, Tp/128], Tp = T rounded up to 128, the padding
-// rows counting as zeros), both in the layouts the GEMMs read.
+// One 128 x 128 tile of x per block, read once with 16-byte loads, written twice:
+//   row-wise     1x128 along K: q [T, K], scale [T, ceil(K/128)], straight from registers;
+//   column-wise  1x128 along T of x.T: qt [K, qt_cols], scale_t [K, ceil(qt_cols/128)],
+//                through a swizzled float tile in shared memory. qt_cols is T (the plain
+//                transposed cast) or T rounded up to 128 (the wgrad operand; padding rows
+//                are zeros, which change no amax).
+// Every thread moves 16-element chunks: two (bf16/fp16) or four (fp32) 16-byte loads in,
+// one 16-byte e4m3 store out. Rows whose length is not a multiple of 16 fall back to
+// element-wise loads and byte stores (correct, slower).
+//
+// Gather (the MoE permutation fused in): with src_rows != nullptr, output row t reads input
+// row src_rows[t], and src_rows[t] >= src_count means a zero row (MoELayout.src_tokens).
 #pragma once
 
-#include <cstdint>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
+#include "fp8train/cast_common.cuh"
 
 namespace fp8train {
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-// max(|a|, b) that propagates NaN like torch's amax (fmaxf would drop it).
-__device__ __forceinline__ float nan_max(float a, float b) {
-    return (a != a || a > b) ? a : b;
-}
-
-__device__ __forceinline__ float scale_from_amax(float amax, bool pow2) {
-    float scale = amax / 448.0f;  // IEEE division, as torch computes it
-    if (!(scale != scale)) scale = fmaxf(scale, 1.17549435e-38f);  // 2^-126; NaN stays NaN
-    if (pow2) {
-        const uint32_t bits = __float_as_uint(scale);
-        if ((bits & 0x7F800000u) != 0x7F800000u)  // finite: bump a non-zero mantissa
-            return __uint_as_float((bits & 0x7F800000u) + ((bits & 0x7FFFFFu) ? 0x800000u : 0u));
-    }
-    return scale;
-}
-
-__device__ __forceinline__ uint8_t to_e4m3(float v, float scale) {
-    return static_cast<uint8_t>(__nv_cvt_float_to_fp8(__fdiv_rn(v, scale), __NV_NOSAT, __NV_E4M3));
-}
-
-// The scale of one 128-group spread over a warp (4 values per lane).
-__device__ __forceinline__ float warp_group_scale(const float (&v)[4], bool pow2) {
-    float amax = 0.0f;
-#pragma unroll
-    for (uint32_t j = 0; j < 4; ++j) amax = nan_max(fabsf(v[j]), amax);
-#pragma unroll
-    for (uint32_t offset = 16; offset > 0; offset /= 2)
-        amax = nan_max(__shfl_xor_sync(0xffffffffu, amax, offset), amax);
-    return scale_from_amax(amax, pow2);
-}
+constexpr uint32_t DUAL_CAST_THREADS = 256;
+constexpr uint32_t DUAL_CAST_SMEM_BYTES = cast::TILE_FLOATS * sizeof(float);
 
 template <typename T, bool POW2>
-__device__ __forceinline__ void dual_cast_tile(const T* __restrict__ x, uint32_t rows, uint32_t cols,
-                                               uint32_t padded_rows, uint8_t* __restrict__ q,
-                                               float* __restrict__ scale, uint8_t* __restrict__ qt,
+__device__ __forceinline__ void dual_cast_tile(const T* __restrict__ x, const int64_t* __restrict__ src_rows,
+                                               uint32_t src_count, uint32_t rows, uint32_t cols, bool vec_in,
+                                               uint8_t* __restrict__ q, float* __restrict__ scale,
+                                               uint8_t* __restrict__ qt, uint32_t qt_cols,
                                                float* __restrict__ scale_t, bool rowwise, bool colwise) {
-    constexpr uint32_t TILE = 128, THREADS = 256, PAD = 1;  // +1 float per row: no bank conflicts
-    static_assert(TILE / 32 == 4, "warp_group_scale takes 4 values per lane");
-    extern __shared__ float tile[];                          // [TILE][TILE + PAD]
-    const uint32_t t0 = blockIdx.y * TILE, k0 = blockIdx.x * TILE;
+    using namespace cast;
+    constexpr uint32_t WARPS = DUAL_CAST_THREADS / 32;
+    constexpr uint32_t ROWS_PER_STEP = 32 / LANES_PER_GROUP;            // 4 rows per warp step
+    constexpr uint32_t STEPS = GROUP / (WARPS * ROWS_PER_STEP);         // 4 steps per tile
+    static_assert(STEPS * WARPS * ROWS_PER_STEP == GROUP, "the warps must cover the tile");
+    extern __shared__ __align__(16) float tile[];                       // TILE_FLOATS, swizzled
+    const uint32_t t0 = blockIdx.y * GROUP, k0 = blockIdx.x * GROUP;
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const uint32_t col_blocks = (cols + TILE - 1) / TILE;
+    const uint32_t octet = lane / LANES_PER_GROUP, sub = lane % LANES_PER_GROUP;
+    const uint32_t col_blocks = gridDim.x;
+    const bool vec_out = cols % CHUNK == 0;  // q rows (and so their chunks) 16-byte aligned
 
-    // Load: each warp reads whole rows (coalesced); out-of-range elements are zeros.
-    for (uint32_t r = warp; r < TILE; r += THREADS / 32) {
+    // Issue every load of this thread first (STEPS chunks in flight), then use them.
+    Chunk<T> chunks[STEPS];
 #pragma unroll
-        for (uint32_t j = 0; j < TILE / 32; ++j) {
-            const uint32_t c = j * 32 + lane, t = t0 + r, k = k0 + c;
-            tile[r * (TILE + PAD) + c] = (t < rows && k < cols) ? to_float(x[static_cast<uint64_t>(t) * cols + k]) : 0.0f;
+    for (uint32_t s = 0; s < STEPS; ++s) {
+        const uint32_t t = t0 + (s * WARPS + warp) * ROWS_PER_STEP + octet;
+        const T* row = nullptr;
+        if (t < rows) {
+            const uint64_t src = src_rows != nullptr ? static_cast<uint64_t>(src_rows[t]) : t;
+            if (src < src_count) row = x + src * cols;
+        }
+        chunks[s] = load_chunk(row, k0 + CHUNK * sub, cols, vec_in);
+    }
+
+#pragma unroll
+    for (uint32_t s = 0; s < STEPS; ++s) {
+        const uint32_t r = (s * WARPS + warp) * ROWS_PER_STEP + octet, t = t0 + r;
+        const uint32_t k = k0 + CHUNK * sub;
+        float v[CHUNK];
+#pragma unroll
+        for (uint32_t j = 0; j < CHUNK; ++j) v[j] = element(chunks[s], j);
+        if (colwise) tile_store_chunk(tile, r, sub, v);
+        if (rowwise) {  // the 8 lanes of an octet hold one row's 128-group
+            const float s_row = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
+            if (t < rows) {
+                if (k < cols)
+                    store_e4m3(q + static_cast<uint64_t>(t) * cols + k, v, Divisor(s_row, POW2),
+                               cols - k, vec_out);
+                if (sub == 0) scale[static_cast<uint64_t>(t) * col_blocks + blockIdx.x] = s_row;
+            }
         }
     }
+    if (!colwise) return;
     __syncthreads();
 
-    if (rowwise) {  // one 128-group per row: warp w owns rows w, w + 8, ...
-        for (uint32_t r = warp; r < TILE && t0 + r < rows; r += THREADS / 32) {
-            float v[TILE / 32];
+    // Column pass: an octet owns one column's 128 tokens, 16 consecutive per lane, so each
+    // lane writes 16 contiguous bytes of qt's row.
+    const bool vec_t = qt_cols % CHUNK == 0;
 #pragma unroll
-            for (uint32_t j = 0; j < TILE / 32; ++j) v[j] = tile[r * (TILE + PAD) + j * 32 + lane];
-            const float s = warp_group_scale(v, POW2);
-            const uint64_t t = t0 + r;
-#pragma unroll
-            for (uint32_t j = 0; j < TILE / 32; ++j) {
-                const uint32_t k = k0 + j * 32 + lane;
-                if (k < cols) q[t * cols + k] = to_e4m3(v[j], s);
-            }
-            if (lane == 0) scale[t * col_blocks + blockIdx.x] = s;
-        }
-    }
-    if (colwise) {  // one 128-group per column (over the tile's 128 tokens)
-        for (uint32_t c = warp; c < TILE && k0 + c < cols; c += THREADS / 32) {
-            float v[TILE / 32];
-#pragma unroll
-            for (uint32_t j = 0; j < TILE / 32; ++j) v[j] = tile[(j * 32 + lane) * (TILE + PAD) + c];
-            const float s = warp_group_scale(v, POW2);
-            const uint64_t k = k0 + c;
-#pragma unroll
-            for (uint32_t j = 0; j < TILE / 32; ++j)
-                qt[k * padded_rows + t0 + j * 32 + lane] = to_e4m3(v[j], s);
-            if (lane == 0) scale_t[k * (padded_rows / TILE) + blockIdx.y] = s;
+    for (uint32_t s = 0; s < STEPS; ++s) {
+        const uint32_t c = (s * WARPS + warp) * ROWS_PER_STEP + octet, k = k0 + c;
+        float v[CHUNK];
+        tile_load_column(tile, sub, c, v);
+        const float s_col = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
+        const uint32_t t = t0 + CHUNK * sub;
+        if (k < cols) {
+            if (t < qt_cols)
+                store_e4m3(qt + static_cast<uint64_t>(k) * qt_cols + t, v, Divisor(s_col, POW2),
+                           qt_cols - t, vec_t);
+            if (sub == 0) scale_t[static_cast<uint64_t>(k) * gridDim.y + blockIdx.y] = s_col;
         }
     }
 }

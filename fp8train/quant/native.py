@@ -1,67 +1,179 @@
-"""Host side of the native FP8 casts (csrc/fp8train/sm90_fp8_cast.cuh), through the JIT.
+"""Host side of the native FP8 casts (csrc/fp8train/sm90_fp8_cast*.cuh), through the JIT.
+
+    dual_cast        x [T, K] -> row-wise and/or column-wise (transposed) 1x128 copies;
+                     with ``src_rows`` the MoE permutation is fused in (gather rows)
+    per_token_cast   x [R, K] -> row-wise 1x128 copy (optionally gathered)
+    block_cast       w [G?, N, K] -> 128x128 copy and optionally the transposed copy
 
 Not yet run on a GPU: `casts` uses them only with the `native` backend (VERIFIED is False
-until tests/test_cast_native.py passes on the device).
+until tests/test_cast_native.py passes on the device). No argument checks here beyond what
+keeps a launch in bounds; the public functions in `casts`/`moe_casts` check their inputs.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+from typing import Optional
 
 import torch
 
 from .formats import FP8_DTYPE, GROUP
 
 VERIFIED = False
-KERNEL_NAME = "fp8train_dual_cast"
 _C_TYPES = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
-_SHARED_BYTES = 128 * 129 * 4  # the float tile with one float of padding per row
+_THREADS = 256
+_TILE_SMEM = GROUP * GROUP * 4  # the swizzled float tile (dual and block casts)
+_U32_MAX = 2**32 - 1
+_GRID_YZ = 65535  # the most blocks along grid y and z (T/128 tiles, experts)
+_u32, _vp = ctypes.c_uint32, ctypes.c_void_p
+
+# kernel kind -> (header, C parameter list, device function call)
+_KINDS = {
+    "dual": ("sm90_fp8_cast.cuh",
+             "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
+             "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint8_t* qt, "
+             "uint32_t qt_cols, float* scale_t, uint32_t rowwise, uint32_t colwise",
+             "fp8train::dual_cast_tile<{T}, {POW2}>(x, src_rows, src_count, rows, cols, "
+             "vec_in != 0, q, scale, qt, qt_cols, scale_t, rowwise != 0, colwise != 0);"),
+    "per_token": ("sm90_fp8_cast_per_token.cuh",
+                  "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
+                  "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale",
+                  "fp8train::per_token_cast_chunk<{T}, {POW2}>(x, src_rows, src_count, rows, "
+                  "cols, vec_in != 0, q, scale);"),
+    "block": ("sm90_fp8_cast_block.cuh",
+              "const {T}* w, uint32_t n_rows, uint32_t cols, uint32_t vec_in, uint8_t* wq, "
+              "float* scale, uint8_t* wtq, float* scale_t",
+              "fp8train::block_cast_tile<{T}, {POW2}>(w, n_rows, cols, vec_in != 0, wq, scale, "
+              "wtq, scale_t);"),
+}
+KINDS = tuple(_KINDS)
+
+
+def kernel_name(kind: str) -> str:
+    return f"fp8train_{kind}_cast"
 
 
 def supports(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in _C_TYPES and x.dim() == 2 and x.is_contiguous() and x.numel() > 0
+    """A CUDA tensor the kernels take: bf16/fp16/fp32, contiguous, non-empty, with every
+    index in 32 bits and every grid within the launch limits (else the reference runs)."""
+    if not (x.is_cuda and x.dtype in _C_TYPES and x.is_contiguous() and x.numel() > 0):
+        return False
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    n = x.shape[-2] if x.dim() >= 2 else 1
+    experts = rows // n  # grid z of the block cast ([G, N, K])
+    return (max(x.shape) <= _U32_MAX and chunks_fit(rows, cols)
+            and -(-n // GROUP) <= _GRID_YZ and experts <= _GRID_YZ)
 
 
-def render_source(dtype: torch.dtype, pow2_scale: bool) -> str:
-    c_type = _C_TYPES[dtype]
-    return f"""// Rendered by fp8train.quant.native: {dtype}, pow2_scale={pow2_scale}
-#include "fp8train/sm90_fp8_cast.cuh"
+def chunks_fit(rows: int, cols: int) -> bool:
+    """The per-token kernel numbers its 16-element chunks (rows x 8 per 128-group) in 32 bits."""
+    return rows * -(-cols // GROUP) * (GROUP // 16) < 2**31
 
-extern "C" __global__ void __launch_bounds__(256)
-{KERNEL_NAME}(const {c_type}* x, uint32_t rows, uint32_t cols, uint32_t padded_rows,
-              uint8_t* q, float* scale, uint8_t* qt, float* scale_t, uint32_t rowwise,
-              uint32_t colwise) {{
-    fp8train::dual_cast_tile<{c_type}, {str(pow2_scale).lower()}>(
-        x, rows, cols, padded_rows, q, scale, qt, scale_t, rowwise != 0, colwise != 0);
+
+def render_source(kind: str, dtype: torch.dtype, pow2_scale: bool) -> str:
+    header, params, call = _KINDS[kind]
+    fill = {"T": _C_TYPES[dtype], "POW2": str(bool(pow2_scale)).lower()}
+    return f"""// Rendered by fp8train.quant.native: {kind} cast, {dtype}, pow2_scale={pow2_scale}
+#include "fp8train/{header}"
+
+extern "C" __global__ void __launch_bounds__({_THREADS})
+{kernel_name(kind)}({params.format(**fill)}) {{
+    {call.format(**fill)}
 }}
 """
 
 
+def compiled_name(kind: str, dtype: torch.dtype, pow2_scale: bool) -> str:
+    return f"sm90_fp8_{kind}_cast_{str(dtype).split('.')[-1]}{'_pow2' if pow2_scale else ''}"
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel(dtype: torch.dtype, pow2_scale: bool, device: int):
+def _kernel(kind: str, dtype: torch.dtype, pow2_scale: bool, device: int):
     from ..ops.jit.compiler import compile_cubin
     from ..ops.jit.runtime import load_kernel
 
-    name = f"sm90_fp8_dual_cast_{str(dtype).split('.')[-1]}{'_pow2' if pow2_scale else ''}"
-    return load_kernel(compile_cubin(name, render_source(dtype, pow2_scale)), KERNEL_NAME, device)
+    compiled = compile_cubin(compiled_name(kind, dtype, pow2_scale),
+                             render_source(kind, dtype, pow2_scale))
+    return load_kernel(compiled, kernel_name(kind), device)
 
 
-def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: bool = True):
-    """x [T, K] -> (q [T, K], scale [T, ceil(K/128)], qt [K, Tp], scale_t [K, Tp/128]) with
-    Tp = T rounded up to 128; the layouts not asked for come back as None."""
-    rows, cols = x.shape
-    padded = -(-rows // GROUP) * GROUP
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+def _vec_in(x: torch.Tensor) -> int:
+    """16-byte loads need every row's 16-element chunks aligned: K % 16 and the base."""
+    return int(x.shape[-1] % 16 == 0 and x.data_ptr() % 16 == 0)
+
+
+def _stream(dev: torch.device) -> int:
+    return torch.cuda.current_stream(dev).cuda_stream
+
+
+def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: bool = True,
+              *, pad_columnwise: bool = True, src_rows: Optional[torch.Tensor] = None,
+              num_rows: Optional[int] = None):
+    """x [T, K] -> (q [R, K], scale [R, ceil(K/128)], qt [K, Rt], scale_t [K, ceil(Rt/128)]);
+    R = T, or ``num_rows`` rows gathered through ``src_rows`` (int64 [R], values >= T are
+    zero rows); Rt = R rounded up to 128 with ``pad_columnwise`` (zero rows), else R. The
+    layouts not asked for come back as None."""
+    src_count, cols = x.shape
+    rows = src_count if src_rows is None else int(num_rows)
+    qt_cols = -(-rows // GROUP) * GROUP if pad_columnwise else rows
     col_blocks = -(-cols // GROUP)
     dev = x.device
     q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev) if rowwise else None
     s = torch.empty(rows, col_blocks, dtype=torch.float32, device=dev) if rowwise else None
-    qt = torch.empty(cols, padded, dtype=FP8_DTYPE, device=dev) if colwise else None
-    st = torch.empty(cols, padded // GROUP, dtype=torch.float32, device=dev) if colwise else None
-    ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
-    u32, vp = ctypes.c_uint32, ctypes.c_void_p
-    _kernel(x.dtype, bool(pow2_scale), dev.index).launch(
-        (col_blocks, padded // GROUP), 256, _SHARED_BYTES,
-        (x.data_ptr(), rows, cols, padded, ptr(q), ptr(s), ptr(qt), ptr(st), int(rowwise), int(colwise)),
-        (vp, u32, u32, u32, vp, vp, vp, vp, u32, u32),
-        torch.cuda.current_stream(dev).cuda_stream)
+    qt = torch.empty(cols, qt_cols, dtype=FP8_DTYPE, device=dev) if colwise else None
+    st = torch.empty(cols, -(-qt_cols // GROUP), dtype=torch.float32, device=dev) if colwise else None
+    if rows == 0 or not (rowwise or colwise):
+        return q, s, qt, st
+    _kernel("dual", x.dtype, bool(pow2_scale), dev.index).launch(
+        (col_blocks, -(-rows // GROUP)), _THREADS, _TILE_SMEM if colwise else 0,
+        (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), _ptr(q), _ptr(s),
+         _ptr(qt), qt_cols, _ptr(st), int(rowwise), int(colwise)),
+        (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _vp, _u32, _vp, _u32, _u32), _stream(dev))
     return q, s, qt, st
+
+
+def per_token_cast(x: torch.Tensor, pow2_scale: bool, *, src_rows: Optional[torch.Tensor] = None,
+                   num_rows: Optional[int] = None):
+    """x [..., K] -> (q [..., K], scale [..., ceil(K/128)]); with ``src_rows`` x is [T, K]
+    and the result has ``num_rows`` gathered rows (values >= T are zero rows)."""
+    cols = x.shape[-1]
+    src_count = x.numel() // cols
+    rows = src_count if src_rows is None else int(num_rows)
+    lead = x.shape[:-1] if src_rows is None else (rows,)
+    col_blocks = -(-cols // GROUP)
+    dev = x.device
+    q = torch.empty(*lead, cols, dtype=FP8_DTYPE, device=dev)
+    s = torch.empty(*lead, col_blocks, dtype=torch.float32, device=dev)
+    chunks = rows * col_blocks * (GROUP // 16)
+    if chunks == 0:
+        return q, s
+    _kernel("per_token", x.dtype, bool(pow2_scale), dev.index).launch(
+        -(-chunks // _THREADS), _THREADS, 0,
+        (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), q.data_ptr(), s.data_ptr()),
+        (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp), _stream(dev))
+    return q, s
+
+
+def block_cast(w: torch.Tensor, pow2_scale: bool, transposed: bool = True):
+    """w [..., N, K] (2-D or 3-D) -> (w_q [..., N, K], scale [..., ceil(N/128), ceil(K/128)],
+    wt_q [..., K, N], scale_t [..., ceil(K/128), ceil(N/128)]); the transposed pair is None
+    unless asked for."""
+    n, k = w.shape[-2:]
+    lead = w.shape[:-2]
+    experts = w.numel() // (n * k)
+    nb, kb = -(-n // GROUP), -(-k // GROUP)
+    dev = w.device
+    wq = torch.empty(w.shape, dtype=FP8_DTYPE, device=dev)
+    s = torch.empty(*lead, nb, kb, dtype=torch.float32, device=dev)
+    wtq = torch.empty(*lead, k, n, dtype=FP8_DTYPE, device=dev) if transposed else None
+    st = torch.empty(*lead, kb, nb, dtype=torch.float32, device=dev) if transposed else None
+    _kernel("block", w.dtype, bool(pow2_scale), dev.index).launch(
+        (kb, nb, experts), _THREADS, _TILE_SMEM if transposed else 0,
+        (w.data_ptr(), n, k, _vec_in(w), wq.data_ptr(), s.data_ptr(), _ptr(wtq), _ptr(st)),
+        (_vp, _u32, _u32, _u32, _vp, _vp, _vp, _vp), _stream(dev))
+    return wq, s, wtq, st

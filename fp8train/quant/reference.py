@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .formats import GROUP, cast_to_fp8, scale_from_amax
+from .formats import FP8_DTYPE, GROUP, cast_to_fp8, scale_from_amax
 
 
 def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -56,3 +56,37 @@ def dual_cast_ref(x: torch.Tensor, pow2_scale: bool = False):
     pad = -x.shape[0] % GROUP
     xt_fp8, xt_scale = per_token_cast_ref((F.pad(x, (0, 0, 0, pad)) if pad else x).t(), pow2_scale)
     return (*per_token_cast_ref(x, pow2_scale), xt_fp8, xt_scale)
+
+
+def per_block_cast_dual_ref(w: torch.Tensor, pow2_scale: bool = False):
+    """w [..., N, K] -> the 128x128 cast of w and of its transpose (dgrad's ``W^T``):
+    (w_fp8 [..., N, K], scale [..., Nb, Kb], wt_fp8 [..., K, N], wt_scale [..., Kb, Nb]).
+    A block's scale covers the same elements after transposing, so the transposed pair is
+    the first pair transposed, byte for byte (tests check it equals casting ``w.mT``)."""
+    w_fp8, scale = per_block_cast_ref(w, pow2_scale)
+    return w_fp8, scale, w_fp8.transpose(-1, -2).contiguous(), scale.transpose(-1, -2).contiguous()
+
+
+def per_token_cast_transposed_grouped_ref(x: torch.Tensor, group_offsets: torch.Tensor,
+                                          pow2_scale: bool = False):
+    """Column-wise cast over the contiguous expert layout: x [M, K] sorted by expert, expert
+    g owning rows ``[offsets[g], offsets[g+1])`` (multiples of 128), each segment cast on
+    its own (1x128 along T, never crossing a segment) -> ([K, M], [K, M/128]). Because the
+    segments start on multiples of 128 this equals the plain column-wise cast of x."""
+    bounds = [int(b) for b in group_offsets.tolist()]
+    parts = [per_token_cast_ref(x[s:e].t(), pow2_scale) for s, e in zip(bounds, bounds[1:]) if e > s]
+    if not parts:
+        return (x.new_empty(x.shape[1], 0, dtype=FP8_DTYPE),
+                x.new_empty(x.shape[1], 0, dtype=torch.float32))
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+
+def permute_cast_ref(x: torch.Tensor, src_tokens: torch.Tensor, pow2_scale: bool = False,
+                     colwise: bool = False):
+    """The MoE permutation into the padded layout followed by the 1x128 cast(s): row r of
+    the result is x[src_tokens[r]], or zeros where src_tokens[r] >= T (padding rows).
+    Returns the row-wise pair, plus with ``colwise`` the column-wise pair of the permuted
+    rows (T padded to a multiple of 128, as ``dual_cast_ref``)."""
+    x_ext = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    rows = x_ext[src_tokens.long().clamp(max=x.shape[0])]
+    return dual_cast_ref(rows, pow2_scale) if colwise else per_token_cast_ref(rows, pow2_scale)

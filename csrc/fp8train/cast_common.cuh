@@ -1,0 +1,173 @@
+// Shared pieces of the FP8 casts (sm90_fp8_cast*.cuh): the scale rule, the E4M3 conversion,
+// 16-element chunks moved with 16-byte loads and stores, and the swizzled shared tile.
+//
+// Bit-identical to fp8train.quant.formats / reference:
+//   scale = max(amax * float32(1/448), 2^-126) (optionally rounded up to a power of two on
+//   its bits; formats.py says why a multiply by the rounded reciprocal, not a division),
+//   q = e4m3(x / scale), x / scale an IEEE float32 division, then round to nearest even.
+// NaN propagates through amax and the scale (the whole group becomes NaN on purpose).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace fp8train {
+namespace cast {
+
+constexpr uint32_t GROUP = 128;   // elements per scale (1x128 groups, 128x128 blocks)
+constexpr uint32_t CHUNK = 16;    // elements per thread per step: one 16-byte e4m3 store
+constexpr uint32_t LANES_PER_GROUP = GROUP / CHUNK;  // 8 lanes share one 128-group
+static_assert(LANES_PER_GROUP == 8, "group reductions below shuffle over 8 lanes");
+
+// max(a, b) that propagates NaN like torch's amax (fmaxf would drop it).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+
+__device__ __forceinline__ float scale_from_amax(float amax, bool pow2) {
+    // 0x3B124925 = float32(1/448), formats.INV_E4M3_MAX; __fmul_rn keeps it a plain multiply.
+    float scale = __fmul_rn(amax, __uint_as_float(0x3B124925u));
+    if (!(scale != scale)) scale = fmaxf(scale, 1.17549435e-38f);  // 2^-126; NaN stays NaN
+    if (pow2) {
+        const uint32_t bits = __float_as_uint(scale);
+        if ((bits & 0x7F800000u) != 0x7F800000u)  // finite: bump a non-zero mantissa
+            return __uint_as_float((bits & 0x7F800000u) + ((bits & 0x7FFFFFu) ? 0x800000u : 0u));
+    }
+    return scale;
+}
+
+// What x / scale is computed with. A power-of-two scale has an exact reciprocal (scale is in
+// [2^-126, 2^127]), and x * 2^-e rounds the same real number as x / 2^e, so the multiply is
+// bit-identical and skips the ~10-instruction IEEE division.
+struct Divisor {
+    float scale, inverse;
+    bool pow2;
+    __device__ __forceinline__ Divisor(float s, bool is_pow2)
+        : scale(s), inverse(is_pow2 ? __frcp_rn(s) : 0.0f), pow2(is_pow2) {}
+    __device__ __forceinline__ float apply(float v) const {
+        return pow2 ? v * inverse : __fdiv_rn(v, scale);
+    }
+};
+
+// Two floats -> two e4m3 bytes (lo in the low byte), round to nearest even. satfinite only
+// differs from torch's non-saturating conversion above 464, and |x / scale| <= 448 * (1 + 2^-24)
+// by construction; NaN stays NaN (0x7F, as torch writes a positive NaN).
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+    uint16_t out;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(out) : "f"(hi), "f"(lo));
+    return out;
+}
+
+// ---- 16-element chunks -------------------------------------------------------------------
+// A chunk is 16 consecutive elements of one row kept as raw bits (bf16/fp16: 8 words, fp32:
+// 16 words): raw bits hold half the registers of floats while the loads are in flight.
+template <typename T>
+struct Chunk {
+    static constexpr uint32_t WORDS = CHUNK * sizeof(T) / 4;
+    uint32_t w[WORDS];
+};
+
+template <typename T> __device__ __forceinline__ float element(const Chunk<T>& c, uint32_t j);
+template <> __device__ __forceinline__ float element<float>(const Chunk<float>& c, uint32_t j) {
+    return __uint_as_float(c.w[j]);
+}
+template <> __device__ __forceinline__ float element<__nv_bfloat16>(const Chunk<__nv_bfloat16>& c, uint32_t j) {
+    return __uint_as_float((j % 2 ? c.w[j / 2] >> 16 : c.w[j / 2]) << 16);  // bf16 = top half of a float
+}
+template <> __device__ __forceinline__ float element<__half>(const Chunk<__half>& c, uint32_t j) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(j % 2 ? c.w[j / 2] >> 16 : c.w[j / 2])));
+}
+
+// Elements [k, k + 16) of `row` (nullptr: a zero row). `vec` says the row's 16-element
+// chunks are 16-byte aligned (row length a multiple of 16, aligned base); a chunk that is
+// not whole (the row's tail) is read element by element, out-of-range elements are zero.
+template <typename T>
+__device__ __forceinline__ Chunk<T> load_chunk(const T* __restrict__ row, uint32_t k, uint32_t cols, bool vec) {
+    Chunk<T> c;
+    if (row != nullptr && vec && k + CHUNK <= cols) {
+        const uint4* src = reinterpret_cast<const uint4*>(row + k);
+#pragma unroll
+        for (uint32_t i = 0; i < Chunk<T>::WORDS / 4; ++i) {
+            const uint4 u = __ldg(src + i);
+            c.w[4 * i] = u.x, c.w[4 * i + 1] = u.y, c.w[4 * i + 2] = u.z, c.w[4 * i + 3] = u.w;
+        }
+        return c;
+    }
+    constexpr uint32_t PER_WORD = 4 / sizeof(T);  // elements per 32-bit word
+    using Bits = typename std::conditional<sizeof(T) == 4, uint32_t, uint16_t>::type;
+    const Bits* bits = reinterpret_cast<const Bits*>(row);
+#pragma unroll
+    for (uint32_t i = 0; i < Chunk<T>::WORDS; ++i) {
+        uint32_t word = 0;
+#pragma unroll
+        for (uint32_t h = 0; h < PER_WORD; ++h) {
+            const uint32_t kk = k + i * PER_WORD + h;
+            if (row != nullptr && kk < cols) word |= static_cast<uint32_t>(bits[kk]) << (16 * h);
+        }
+        c.w[i] = word;
+    }
+    return c;
+}
+
+// 16 values -> 16 e4m3 bytes at out[0, 16), only the first `valid` of them when fewer fit
+// (then byte stores). `vec`: out is 16-byte aligned.
+__device__ __forceinline__ void store_e4m3(uint8_t* __restrict__ out, const float (&v)[CHUNK],
+                                           const Divisor& d, uint32_t valid, bool vec) {
+    uint32_t w[4];
+#pragma unroll
+    for (uint32_t i = 0; i < 4; ++i)
+        w[i] = e4m3x2(d.apply(v[4 * i]), d.apply(v[4 * i + 1])) |
+               (e4m3x2(d.apply(v[4 * i + 2]), d.apply(v[4 * i + 3])) << 16);
+    if (vec && valid >= CHUNK) {
+        *reinterpret_cast<uint4*>(out) = make_uint4(w[0], w[1], w[2], w[3]);
+        return;
+    }
+#pragma unroll
+    for (uint32_t j = 0; j < CHUNK; ++j)
+        if (j < valid) out[j] = static_cast<uint8_t>(w[j / 4] >> (8 * (j % 4)));
+}
+
+__device__ __forceinline__ float chunk_amax(const float (&v)[CHUNK]) {
+    float amax = 0.0f;
+#pragma unroll
+    for (uint32_t j = 0; j < CHUNK; ++j) amax = nan_max(fabsf(v[j]), amax);
+    return amax;
+}
+
+// amax over the 8 lanes (aligned octet of the warp) that share one 128-group.
+__device__ __forceinline__ float octet_amax(float amax) {
+#pragma unroll
+    for (uint32_t offset = LANES_PER_GROUP / 2; offset > 0; offset /= 2)
+        amax = nan_max(__shfl_xor_sync(0xffffffffu, amax, offset), amax);
+    return amax;
+}
+
+// ---- the shared 128 x 128 float tile -----------------------------------------------------
+// Row r, column c lives at r * 128 + c with its 4-float quad index u = c / 4 XOR-swizzled:
+//   u ^ (((u >> 3) & 3) ^ ((r >> 4) & 7)).
+// Row pass: 8 lanes write one row's 8 chunks with 16-byte stores; (u >> 3) & 3 spreads the
+// octet over all 32 banks. Column pass: lanes read rows 16a + j (a = 0..7) of 4 columns;
+// (r >> 4) & 7 = a spreads those over all 32 banks. Both passes are conflict-free.
+constexpr uint32_t TILE_FLOATS = GROUP * GROUP;
+
+__device__ __forceinline__ uint32_t tile_index(uint32_t r, uint32_t c) {
+    const uint32_t u = c / 4;
+    return r * GROUP + 4 * (u ^ (((u >> 3) & 3) ^ ((r >> 4) & 7))) + c % 4;
+}
+
+// Chunk `ch` (columns 16ch..16ch+15) of row r into the tile: four 16-byte stores.
+__device__ __forceinline__ void tile_store_chunk(float* tile, uint32_t r, uint32_t ch, const float (&v)[CHUNK]) {
+#pragma unroll
+    for (uint32_t i = 0; i < 4; ++i)
+        *reinterpret_cast<float4*>(tile + tile_index(r, CHUNK * ch + 4 * i)) =
+            make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+}
+
+// Rows 16a..16a+15 of column c.
+__device__ __forceinline__ void tile_load_column(const float* tile, uint32_t a, uint32_t c, float (&v)[CHUNK]) {
+#pragma unroll
+    for (uint32_t j = 0; j < CHUNK; ++j) v[j] = tile[tile_index(CHUNK * a + j, c)];
+}
+
+}  // namespace cast
+}  // namespace fp8train

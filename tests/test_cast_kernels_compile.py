@@ -1,0 +1,49 @@
+"""The native FP8 casts compile for sm_90a without spills (no LDL/STL in the SASS) and keep
+their 16-byte global loads and stores (LDG.E.128 / STG.E.128). Needs nvcc and
+cuobjdump/nvdisasm; no GPU. A representative set (every kernel, every dtype, both scale
+rules at least once) keeps CI at a few seconds on 2 cores."""
+import concurrent.futures
+import re
+
+import pytest
+import torch
+
+from fp8train.quant import native
+from test_gemm_kernels_compile import needs_toolchain
+
+# (kind, dtype, pow2): each kind once per dtype across the set; fp32 is the register-heaviest.
+REPRESENTATIVE = [
+    ("dual", torch.bfloat16, False), ("dual", torch.float32, True),
+    ("per_token", torch.float16, True), ("per_token", torch.bfloat16, False),
+    ("block", torch.bfloat16, True), ("block", torch.float32, False),
+]
+
+
+@needs_toolchain
+def test_cast_kernels_compile_without_spills(tmp_path, monkeypatch):
+    from fp8train.ops.jit import compiler
+    from fp8train.ops.jit.sass import disassemble, summarize_sass
+
+    monkeypatch.setenv("FP8TRAIN_CACHE_DIR", str(tmp_path))
+    compiler._reset_process_caches()
+
+    def build(case):
+        kind, dtype, pow2 = case
+        return compiler.compile_cubin(native.compiled_name(kind, dtype, pow2),
+                                      native.render_source(kind, dtype, pow2))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        compiled = list(pool.map(build, REPRESENTATIVE))
+    for (kind, dtype, pow2), ck in zip(REPRESENTATIVE, compiled):
+        sass = disassemble(ck.cubin_path)
+        report = summarize_sass(sass)
+        assert ck.spill_bytes == 0 and report.local_memory_ops == 0, f"{ck.name}: spills"
+        assert re.search(r"\bLDG\.E\.128", sass), f"{ck.name}: no 16-byte loads"
+        assert re.search(r"\bSTG\.E\.128", sass), f"{ck.name}: no 16-byte e4m3 stores"
+        assert ck.registers <= 128, f"{ck.name}: {ck.registers} registers"
+
+
+def test_render_source_names_each_kernel():
+    for kind in native.KINDS:
+        source = native.render_source(kind, torch.bfloat16, True)
+        assert native.kernel_name(kind) in source and "__nv_bfloat16, true" in source
