@@ -2,15 +2,20 @@
 from .casts import (
     dequantize,
     per_block_cast,
+    per_block_cast_dual,
     per_token_cast,
     per_token_cast_dual,
     per_token_cast_transposed,
 )
+from .moe_casts import per_token_cast_permuted, per_token_cast_transposed_grouped
 from .formats import E4M3_MAX, FP8_DTYPE, GROUP, MIN_SCALE
 
 __all__ = [
     "per_token_cast",
     "per_block_cast",
+    "per_block_cast_dual",
+    "per_token_cast_permuted",
+    "per_token_cast_transposed_grouped",
     "per_token_cast_transposed",
     "per_token_cast_dual",
     "dequantize",

@@ -1,5 +1,7 @@
-"""Public FP8 casts: checks, then the implementation (the plain-torch reference for now;
-native kernels plug in here when they exist).
+"""Public FP8 casts: checks, then the implementation: the native kernels (quant/native.py)
+when the `native` backend is selected, or under `auto` once ``native.VERIFIED`` is set (it
+stays False until tests/test_cast_native.py has passed on a Hopper GPU); else the plain-torch
+reference. Both give the same bytes and scales (that is what the GPU tests check).
 
 NaN and Inf are never clamped: a NaN or Inf anywhere in a group makes that group's scale
 NaN or Inf, so the dequantized group (and any GEMM that reads it) is non-finite too. That
@@ -18,6 +20,7 @@ from . import native as _native
 from .reference import (
     dequantize_ref,
     dual_cast_ref,
+    per_block_cast_dual_ref,
     per_block_cast_ref,
     per_token_cast_ref,
     per_token_cast_transposed_ref,
@@ -36,6 +39,8 @@ def per_token_cast(x: torch.Tensor, *, pow2_scale: bool = False) -> FP8Pair:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x: expected shape [..., K] with K >= 1, got {tuple(x.shape)}")
+    if _use_native(x):
+        return _native.per_token_cast(x, pow2_scale)
     return per_token_cast_ref(x, pow2_scale)
 
 
@@ -45,10 +50,29 @@ def per_block_cast(w: torch.Tensor, *, pow2_scale: bool = False) -> FP8Pair:
     Returns ``w_fp8`` e4m3 of w's shape and ``scale`` float32 ``[ceil(N/128), ceil(K/128)]``
     (``[G, ...]`` for 3-D input).
     """
+    _check_weight(w)
+    if _use_native(w):
+        return _native.block_cast(w, pow2_scale, transposed=False)[:2]
+    return per_block_cast_ref(w, pow2_scale)
+
+
+def per_block_cast_dual(w: torch.Tensor, *, pow2_scale: bool = False):
+    """The 128x128 casts of a weight and of its transpose from one read of w (fprop wants
+    ``W_q``, dgrad ``(W^T)_q``): w ``[N, K]`` or ``[G, N, K]`` ->
+    (``w_fp8`` ``[..., N, K]``, ``scale`` ``[..., ceil(N/128), ceil(K/128)]``,
+    ``wt_fp8`` ``[..., K, N]``, ``wt_scale`` ``[..., ceil(K/128), ceil(N/128)]``).
+    The transposed pair is exactly ``per_block_cast(w.mT)``.
+    """
+    _check_weight(w)
+    if _use_native(w):
+        return _native.block_cast(w, pow2_scale, transposed=True)
+    return per_block_cast_dual_ref(w, pow2_scale)
+
+
+def _check_weight(w: torch.Tensor) -> None:
     check_tensor("w", w, dtypes=FLOAT_DTYPES, ndims=(2, 3))
     if w.shape[-1] == 0 or w.shape[-2] == 0:
         raise ValueError(f"w: expected N >= 1 and K >= 1, got shape {tuple(w.shape)}")
-    return per_block_cast_ref(w, pow2_scale)
 
 
 def per_token_cast_transposed(x: torch.Tensor, *, pow2_scale: bool = False) -> FP8Pair:
@@ -60,11 +84,16 @@ def per_token_cast_transposed(x: torch.Tensor, *, pow2_scale: bool = False) -> F
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
     if x.shape[0] == 0:
         raise ValueError(f"x: expected T >= 1 rows, got shape {tuple(x.shape)}")
+    if x.shape[1] > 0 and _use_native(x):
+        _, _, xt_fp8, xt_scale = _native.dual_cast(x, pow2_scale, rowwise=False, pad_columnwise=False)
+        return xt_fp8, xt_scale
     return per_token_cast_transposed_ref(x, pow2_scale)
 
 
 def _use_native(x: torch.Tensor) -> bool:
-    """The native casts run when asked for (`native` backend) until verified on a GPU."""
+    """The native casts run when asked for (`native` backend) until verified on a GPU, and
+    only on what they take (CUDA, bf16/fp16/fp32, contiguous); anything else, fp64 included,
+    goes to the reference."""
     from ..ops import backend
 
     if not _native.supports(x):
