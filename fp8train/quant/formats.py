@@ -47,5 +47,11 @@ def scale_from_amax(amax: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
 
 
 def cast_to_fp8(x_f32: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale, rounded to nearest-even E4M3 (|x / scale| <= 448 by construction)."""
-    return (x_f32 / scale).to(FP8_DTYPE)
+    """x / scale, rounded to nearest-even E4M3 (|x / scale| <= 448 by construction).
+
+    Every NaN becomes the positive NaN byte 0x7F: torch keeps a NaN's sign bit, and x86
+    makes inf / inf a negative NaN where CUDA makes it positive; the hardware conversion the
+    native kernels use writes 0x7F for every NaN, so one rule holds on every device.
+    """
+    q = x_f32 / scale
+    return q.masked_fill(q.isnan(), float("nan")).to(FP8_DTYPE)
