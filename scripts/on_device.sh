@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
 # One device call: GPU tests (every native path against the reference), then the benchmark
 # tables. Logs land in $OUT (the device tool brings them back). Usage on the device:
-#   bash scripts/on_device.sh [bench suites...]      (default: gemm)
+#   bash scripts/on_device.sh [bench suite [its options]]...      (default: gemm)
+# e.g. bash scripts/on_device.sh gemm "gemm --split-k --shapes 64,2112,7168;128,4096,7168" grouped
+# Every step has its own time limit (STEP_TIMEOUT seconds, default 600), so one hang costs
+# one step, not the call; TESTS=0 skips the GPU tests.
 set -uo pipefail
 OUT=${OUT:-/tmp/fp8train-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 FP8TRAIN_CACHE_DIR=${FP8TRAIN_CACHE_DIR:-/tmp/fp8train-cache}
+export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1 FP8TRAIN_CACHE_DIR=${FP8TRAIN_CACHE_DIR:-/tmp/fp8train-cache}
+limit=${STEP_TIMEOUT:-600}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv | tee "$OUT/gpu.txt"
-python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-status=${PIPESTATUS[0]}
-for suite in "${@:-gemm}"; do
-    python -m fp8train.bench "$suite" --json "$OUT/bench_$suite.json" 2>&1 | tee "$OUT/bench_$suite.log"
+status=0
+if [ "${TESTS:-1}" != 0 ]; then
+    timeout "$limit" python -m pytest -q -m gpu tests -p no:cacheprovider -rf 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+    status=${PIPESTATUS[0]}
+fi
+for spec in "${@:-gemm}"; do
+    slug=$(echo "$spec" | tr -c 'A-Za-z0-9' '_' | cut -c1-60)
+    echo "=== bench $spec"
+    # shellcheck disable=SC2086  # the spec is a suite and its options
+    timeout "$limit" python -m fp8train.bench $spec --json "$OUT/bench_$slug.json" 2>&1 | tee "$OUT/bench_$slug.log"
     status=$((status | PIPESTATUS[0]))
 done
 exit $status

@@ -48,9 +48,23 @@ def grouped_kernels():
     return list(seen)
 
 
+def split_k_kernels():
+    """The split-K kernels the heuristic picks for the small-M bench shapes once enabled."""
+    from fp8train.ops.native import gemm_config
+
+    saved, gemm_config.split_k_enabled = gemm_config.split_k_enabled, True
+    choose_config.cache_clear()
+    try:
+        return [(choose_config(m, n, k, NUM_SMS, "1d2d"), n, k, False, "none")
+                for m, n, k in DENSE_1D2D if m <= 128]
+    finally:
+        gemm_config.split_k_enabled = saved
+        choose_config.cache_clear()
+
+
 def bench_kernels():
     """(config, n, k, accumulate, grouping) of every kernel the benchmark shapes launch."""
-    seen = {}
+    seen = dict.fromkeys(split_k_kernels())
     for m, n, k in DENSE_1D2D:
         seen[(choose_config(m, n, k, NUM_SMS, "1d2d"), n, k, False, "none")] = None
     for m, n, k in WGRAD_1D1D:

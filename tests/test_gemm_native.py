@@ -11,6 +11,7 @@ from numerics import rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("native_backend")]
 
+
 def run_case(m, n, k, kind, accumulate=False, seed=0, scale=1.0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(m, k, device="cuda", generator=gen) * scale
@@ -29,15 +30,18 @@ def run_case(m, n, k, kind, accumulate=False, seed=0, scale=1.0):
     limit = 4e-3 if out_dtype == torch.bfloat16 else 1e-3
     assert rel_err(out, expect) < limit
 
+
 @pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (4000, 2112, 7168), (128, 4096, 512),
                                    (1, 8, 128), (300, 136, 256), (4096, 7168, 2048)])
 def test_1d2d_fixed_shapes(m, n, k):
     run_case(m, n, k, "1d2d")
 
+
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("m,n,k", [(7168, 2048, 1024), (200, 264, 384), (64, 128, 128)])
 def test_1d1d_fixed_shapes(m, n, k, accumulate):
     run_case(m, n, k, "1d1d", accumulate)
+
 
 @pytest.mark.parametrize("kind", ["1d2d", "1d1d"])
 @pytest.mark.parametrize("cluster", [1, 2])
@@ -61,9 +65,52 @@ def test_forced_configs_with_odd_column_blocks(kind, cluster):
     assert not torch.isnan(out).any()
     assert rel_err(out, expect) < (4e-3 if kind == "1d2d" else 1e-3)
 
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 700), st.integers(1, 64).map(lambda v: 8 * v), st.integers(1, 6),
        st.sampled_from(["1d2d", "1d1d"]), st.booleans(), st.integers(0, 2**31),
        st.sampled_from([1e-20, 1.0, 1e4]))
 def test_random_shapes(m, n, kb, kind, accumulate, seed, scale):
     run_case(m, n, 128 * kb, kind, accumulate and kind == "1d1d", seed, scale)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([1, 17, 64, 100, 128]), st.integers(1, 40).map(lambda v: 8 * v),
+       st.integers(2, 24), st.integers(2, 8), st.sampled_from([64, 128, 136]), st.integers(0, 2**31))
+def test_split_k_matches_reference_and_is_deterministic(m, n, kb, split_k, block_n, seed):
+    """Forced split-K configs, K blocks not dividing evenly among the slices, partial tiles;
+    three launches give the same bits (the counters reset, slices add in a fixed order)."""
+    from fp8train.ops.native.gemm_config import GemmConfig
+    from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native
+
+    split_k = min(split_k, kb)
+    block_m = 64 if m <= 64 else 128
+    cfg = GemmConfig(block_m, block_n, 4, 132, 1, "1d2d", 1, split_k)
+    k = 128 * kb
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))
+    b = per_block_cast(torch.randn(n, k, device="cuda", generator=gen))
+    expect = ref.fp8_gemm_nt_ref(a[0], a[1], b[0], b[1])
+    outs = []
+    for _ in range(3):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, "1d2d", False, cfg)
+        outs.append(out)
+    torch.cuda.synchronize()
+    assert not torch.isnan(outs[0]).any(), "unwritten or NaN output elements"
+    assert rel_err(outs[0], expect) < 4e-3
+    assert all(torch.equal(outs[0], o) for o in outs[1:]), "split-K results differ between launches"
+
+
+def test_split_k_heuristic_shapes(monkeypatch):
+    """The configs the heuristic picks with split-K on, on the bench's small-M shapes."""
+    from fp8train.ops.native import gemm_config
+
+    monkeypatch.setattr(gemm_config, "split_k_enabled", True)
+    gemm_config.choose_config.cache_clear()
+    try:
+        for m, n, k in [(64, 2112, 7168), (128, 4096, 7168), (64, 7168, 2048), (128, 7168, 16384)]:
+            assert gemm_config.choose_config(m, n, k, 132).split_k > 1
+            run_case(m, n, k, "1d2d")
+    finally:
+        gemm_config.choose_config.cache_clear()

@@ -88,6 +88,18 @@ __device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
+// bar.sync on barrier `id` that also returns the OR of `value` over the `threads` threads.
+__device__ __forceinline__ bool named_barrier_or(uint32_t id, uint32_t threads, bool value) {
+    uint32_t result;
+    asm volatile(
+        "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, %3, p;\n"
+        " selp.u32 %0, 1, 0, q;\n}"
+        : "=r"(result)
+        : "r"(static_cast<uint32_t>(value)), "r"(id), "r"(threads)
+        : "memory");
+    return result != 0;
+}
+
 // Arrives on barrier `id` without waiting (the other `threads - arrivals` wait in bar.sync).
 __device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threads) {
     asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");

@@ -58,18 +58,24 @@ struct Tile {
     uint32_t group;    // expert (0 when dense)
     uint32_t m_block;  // row block inside the expert's rows (masked) or of the whole A
     uint32_t n_block;
+    uint32_t output;   // split-K: the output tile this slice of K adds into
+    uint32_t split;    // split-K: which slice of K
     uint32_t rows;     // valid rows of this tile's expert: M, M_max-clipped masked_m[g], or rows of A
 };
 
 // One CTA's walk over its tiles. Producer and math warpgroups each own a walker and call
 // next() in lockstep, so both see the same tiles without talking. `counts` is
-// group_offsets (m-contiguous, k-contiguous) or masked_m (m-masked).
+// group_offsets (m-contiguous, k-contiguous) or masked_m (m-masked). With SPLIT_K > 1 (dense
+// only) every output tile is SPLIT_K consecutive work tiles, one per slice of K, so the
+// slices of one output run at the same time and their partial sums meet in L2.
 template <Grouping GROUPING, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t SHAPE_N, uint32_t GROUP_N,
-          uint32_t CLUSTER>
+          uint32_t CLUSTER, uint32_t SPLIT_K = 1>
 struct TileWalker {
     using Raster = Rasterizer<BLOCK_N, SHAPE_N, GROUP_N, CLUSTER>;
     static constexpr uint32_t kN = Raster::kNumNClusterBlocks;
     static_assert(GROUPING == Grouping::kNone || CLUSTER == 1, "grouped GEMMs run without clusters");
+    static_assert(SPLIT_K == 1 || (GROUPING == Grouping::kNone && CLUSTER == 1),
+                  "split-K is for dense GEMMs without clusters");
 
     const int32_t* counts;
     uint32_t num_groups, shape_m, rank;
@@ -113,9 +119,11 @@ struct TileWalker {
             t.rows = shape_m;
             Raster::coords(tile - t.group * per_group, m_blocks(), rank, t.m_block, t.n_block);
         } else {
-            if (tile >= m_blocks() * kN) return false;
+            if (tile >= m_blocks() * kN * SPLIT_K) return false;
             t.rows = shape_m;
-            Raster::coords(tile, m_blocks(), rank, t.m_block, t.n_block);
+            t.output = tile / SPLIT_K;
+            t.split = tile - t.output * SPLIT_K;
+            Raster::coords(t.output, m_blocks(), rank, t.m_block, t.n_block);
             t.group = GROUPING == Grouping::kMContiguous
                           ? group_of_row(counts, num_groups, t.m_block * BLOCK_M) : 0;
         }

@@ -101,9 +101,54 @@ __device__ __forceinline__ void store_from_registers(const float (&accum)[kAccum
     }
 }
 
+// Split-K meeting point, called by every math thread of a CTA that computed one slice of an
+// output tile: leaves the slice's FP32 partial in its slot of `partials` [SPLIT_K][tile],
+// then counts arrivals on `counter`. The last slice to arrive gets true, with `accum` now
+// the sum of all slices in slice order; the others get false and are done with the tile.
+// Slots are laid out [register][thread] so each store and load is 16 coalesced bytes.
+template <uint32_t kAccum, uint32_t kThreads, uint32_t SPLIT_K>
+__device__ __forceinline__ bool reduce_split_k(float (&accum)[kAccum], float* __restrict__ partials,
+                                               uint32_t split, int32_t* counter) {
+    static_assert(kAccum % 4 == 0, "accumulators travel as float4");
+    constexpr uint32_t kSlot = kAccum * kThreads;  // floats per slice
+    float4* mine = reinterpret_cast<float4*>(partials + split * kSlot);
+#pragma unroll
+    for (uint32_t i = 0; i < kAccum / 4; ++i)
+        __stcg(mine + i * kThreads + threadIdx.x,
+               make_float4(accum[4 * i], accum[4 * i + 1], accum[4 * i + 2], accum[4 * i + 3]));
+    __threadfence();  // the partial is visible GPU-wide before the arrival is counted
+    bool last = false;
+    named_barrier_sync(1, kThreads);
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counter, 1) == static_cast<int32_t>(SPLIT_K - 1);
+        if (last) atomicExch(counter, 0);  // ready for the next launch
+    }
+    if (!named_barrier_or(1, kThreads, last)) return false;
+    __threadfence();
+#pragma unroll
+    for (uint32_t i = 0; i < kAccum / 4; ++i) {
+        float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (uint32_t s = 0; s < SPLIT_K; ++s) {
+            const float4 v = s == split ? make_float4(accum[4 * i], accum[4 * i + 1], accum[4 * i + 2], accum[4 * i + 3])
+                                        : __ldcg(reinterpret_cast<const float4*>(partials + s * kSlot) +
+                                                 i * kThreads + threadIdx.x);
+            sum.x += v.x;
+            sum.y += v.y;
+            sum.z += v.z;
+            sum.w += v.w;
+        }
+        accum[4 * i] = sum.x;
+        accum[4 * i + 1] = sum.y;
+        accum[4 * i + 2] = sum.z;
+        accum[4 * i + 3] = sum.w;
+    }
+    return true;
+}
+
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
           uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, uint32_t CLUSTER,
-          Grouping GROUPING, typename Wgmma>
+          Grouping GROUPING, uint32_t SPLIT_K, typename Wgmma>
 __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __restrict__ scale_b,
                                               float* __restrict__ out_f32,
                                               const CUtensorMap* tmap_a, const CUtensorMap* tmap_b,
@@ -111,7 +156,8 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                                               const CUtensorMap* tmap_scale_b,
                                               const CUtensorMap* tmap_out,
                                               const int32_t* __restrict__ group_counts,
-                                              uint32_t num_groups) {
+                                              uint32_t num_groups, float* __restrict__ split_partials,
+                                              int32_t* __restrict__ split_counters) {
     using G = Sm90Fp8Gemm<BLOCK_M, BLOCK_N, NUM_STAGES, SHAPE_N, SHAPE_K, SCALE_B_1X128, ACCUMULATE, GROUP_N, CLUSTER>;
     using S = typename G::SharedStorage;
     constexpr uint32_t kNumKBlocks = G::kNumKBlocks;
@@ -127,6 +173,12 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     static_assert(!kMGrouped || !SCALE_B_1X128, "m-grouped GEMMs are 1D2D (fprop/dgrad)");
     static_assert(!kKGrouped || SCALE_B_1X128, "the k-grouped GEMM is 1D1D (wgrad)");
     static_assert(kKGrouped || SHAPE_K > 0, "K must be positive");
+    // Split-K (small M: more CTAs stream B, each over a slice of K): the slices of an output
+    // tile leave FP32 partials in `split_partials` [outputs, SPLIT_K, tile]; the slice that
+    // arrives last on the tile's counter (self-resetting, zero between launches) adds them in
+    // slice order, so the result does not depend on arrival order, and stores BF16.
+    static_assert(SPLIT_K >= 1 && (SPLIT_K == 1 || (!SCALE_B_1X128 && GROUPING == Grouping::kNone)),
+                  "split-K is for the dense 1D2D GEMM");
 
     // Align by pointer arithmetic on the __shared__ array (not through an integer cast), so
     // the compiler keeps the shared address space and emits LDS/STS, not generic LD/ST.
@@ -154,7 +206,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     __syncthreads();
     if constexpr (CLUSTER > 1) cluster_sync();  // the peer's barriers exist before any multicast
 
-    using Walker = TileWalker<GROUPING, BLOCK_M, BLOCK_N, SHAPE_N, GROUP_N, CLUSTER>;
+    using Walker = TileWalker<GROUPING, BLOCK_M, BLOCK_N, SHAPE_N, GROUP_N, CLUSTER, SPLIT_K>;
     const uint32_t first_tile = blockIdx.x / CLUSTER, tile_stride = gridDim.x / CLUSTER;
     // Where a tile's operands live: its rows of A (and of A's scales), of B, and its K blocks.
     struct Operands {
@@ -166,6 +218,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
         op.b_row = (kMGrouped ? t.group * SHAPE_N : 0) + t.n_block * BLOCK_N;
         op.kb_begin = 0;
         op.kb_end = kNumKBlocks;
+        if constexpr (SPLIT_K > 1) {
+            op.kb_begin = t.split * kNumKBlocks / SPLIT_K;
+            op.kb_end = (t.split + 1) * kNumKBlocks / SPLIT_K;
+        }
         if constexpr (kKGrouped) {
             op.kb_begin = static_cast<uint32_t>(__ldg(group_counts + t.group)) / G::BLOCK_K;
             op.kb_end = max(op.kb_begin, static_cast<uint32_t>(__ldg(group_counts + t.group + 1)) / G::BLOCK_K);
@@ -340,6 +396,12 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 *reinterpret_cast<__nv_bfloat162*>(out_bf16 + index) = __floats2bfloat162_rn(v0, v1);
             });
         } else {
+            if constexpr (SPLIT_K > 1) {
+                if (!reduce_split_k<G::kAccum, G::kNumMathThreads, SPLIT_K>(
+                        accum, split_partials + static_cast<uint64_t>(t.output) * SPLIT_K * BLOCK_M * BLOCK_N,
+                        t.split, split_counters + t.output))
+                    continue;  // another slice of K finishes this tile
+            }
             // BF16 tile -> shared memory -> one TMA store (it clips rows/columns past M, N).
             // Thread 0 waits until the previous tile's store has read the buffer.
             __nv_bfloat16* tile_out = reinterpret_cast<__nv_bfloat16*>(smem + S::kOut);

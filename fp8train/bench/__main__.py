@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--multicast", action="store_true",
                         help="let the heuristic pick TMA multicast clusters (off by default)")
+    parser.add_argument("--split-k", action="store_true",
+                        help="let the heuristic split K for M <= 128 (off until verified)")
     args = parser.parse_args(argv)
     import torch
 
@@ -30,6 +32,10 @@ def main(argv=None) -> int:
         from ..ops.native import gemm_config
 
         gemm_config.multicast_enabled = True
+    if args.split_k:
+        from ..ops.native import gemm_config
+
+        gemm_config.split_k_enabled = True
     if args.suite == "gemm":
         from .gemm import run
 

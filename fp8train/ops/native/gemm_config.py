@@ -35,6 +35,9 @@ class GemmConfig:
     # CTAs per cluster: 2 shares each A tile between two neighbouring N tiles by TMA
     # multicast (half the A traffic from L2); 1 otherwise.
     cluster: int = 1
+    # Slices of K per output tile (1D2D, small M): each slice runs on its own CTA and the
+    # last to finish adds the FP32 partials; 1 = no split.
+    split_k: int = 1
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -52,6 +55,9 @@ class GemmConfig:
                              f"with num_ctas={self.num_ctas}")
         if shared_bytes(self.block_m, self.block_n, self.num_stages, self.kind) > SMEM_LIMIT:
             raise ValueError(f"config needs more than {SMEM_LIMIT} bytes of shared memory: {self}")
+        if self.split_k < 1 or (self.split_k > 1 and (self.kind != "1d2d" or self.cluster != 1)):
+            raise ValueError(f"split_k: expected 1, or > 1 for a 1d2d kernel without clusters, got "
+                             f"{self.split_k} ({self.kind}, cluster={self.cluster})")
         if self.num_ctas < 1 or self.group_n < 1:
             raise ValueError(f"num_ctas and group_n must be positive, got {self.num_ctas}, {self.group_n}")
 
@@ -93,6 +99,34 @@ def ceil_div(a: int, b: int) -> int:
 # TMA multicast clusters: correct (GPU tests) but measured ~3x slower than without on the
 # H100 (330 vs 1050 TFLOP/s at 4096x4096x7168, docs/kernels.md), so off until understood.
 multicast_enabled = False
+# Split-K for M <= 128: compiled and SASS-checked, not yet run on a GPU; the heuristic picks
+# it only once tests/test_gemm_native.py's split-K cases pass and the bench shows the gain.
+split_k_enabled = False
+MIN_K_BLOCKS_PER_SPLIT = 4  # fewer and the pipeline never fills; the fixup dominates
+
+
+def _small_m_choice(m: int, n: int, k: int, num_sms: int, kind: str, block_m: int):
+    """(block_n, split_k) for M <= 128, where reading A and B bounds the time: minimise the
+    bytes the busiest SM pulls, waves x (A and B slices + the split's FP32 partials)."""
+    kb = k // BLOCK_K
+    splits = range(1, 9) if split_k_enabled and kind == "1d2d" else (1,)
+    best = None
+    for block_n in range(16, max_block_n(block_m) + 1, 8):
+        if (block_n > n and block_n != 16) or not block_n_is_legal(block_n, kind):
+            continue
+        for split in splits:
+            if split > 1 and kb // split < MIN_K_BLOCKS_PER_SPLIT:
+                break
+            tiles = ceil_div(m, block_m) * ceil_div(n, block_n) * split
+            waves = ceil_div(tiles, num_sms)
+            last_wave = tiles - (waves - 1) * num_sms
+            per_tile = (block_m + block_n) * BLOCK_K * ceil_div(kb, split)
+            if split > 1:  # write the partial, and the last slice reads the others back
+                per_tile += block_m * block_n * 4 * 2
+            key = (waves * per_tile, -last_wave, split, -block_n)
+            if best is None or key < best[0]:
+                best = (key, block_n, split)
+    return best[1], best[2]
 
 
 def relative_speed(block_n: int, kind: str) -> float:
@@ -126,26 +160,33 @@ def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
         raise ValueError(f"expected m, n, k, num_sms >= 1, k % 128 == 0 and n % 8 == 0, "
                          f"got m={m}, n={n}, k={k}, num_sms={num_sms}")
     block_m = 64 if (m if rows_per_group is None else rows_per_group) <= 64 else 128
-    best = None
-    for block_n in range(16, max_block_n(block_m) + 1, 8):
-        if (block_n > n and block_n != 16) or not block_n_is_legal(block_n, kind):
-            continue  # never a block wider than the problem
-        tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
-        waves = ceil_div(tiles, num_sms)
-        last_wave = tiles - (waves - 1) * num_sms
-        if m <= 128:
-            key = (waves, -last_wave, -block_n)
-        else:
-            key = (waves * block_n / relative_speed(block_n, kind), -block_n)
-        if best is None or key < best[0]:
-            best = (key, block_n, tiles)
-    _, block_n, tiles = best
+    split_k = 1
+    if m <= 128 and split_k_enabled and rows_per_group is None:
+        block_n, split_k = _small_m_choice(m, n, k, num_sms, kind, block_m)
+    else:
+        best = None
+        for block_n in range(16, max_block_n(block_m) + 1, 8):
+            if (block_n > n and block_n != 16) or not block_n_is_legal(block_n, kind):
+                continue  # never a block wider than the problem
+            tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
+            waves = ceil_div(tiles, num_sms)
+            last_wave = tiles - (waves - 1) * num_sms
+            if m <= 128:
+                key = (waves, -last_wave, -block_n)
+            else:
+                key = (waves * block_n / relative_speed(block_n, kind), -block_n)
+            if best is None or key < best[0]:
+                best = (key, block_n)
+        block_n = best[1]
+    tiles = ceil_div(m, block_m) * ceil_div(n, block_n) * split_k
     stages = MAX_STAGES
     while shared_bytes(block_m, block_n, stages, kind) > SMEM_LIMIT:
         stages -= 1
     # Multicast pays where operand traffic from L2 limits: many row blocks sharing A.
-    cluster = 2 if multicast_enabled and m >= 512 and block_m == 128 and tiles >= num_sms else 1
+    cluster = 2 if multicast_enabled and m >= 512 and block_m == 128 and tiles >= num_sms and \
+        split_k == 1 else 1
     num_ctas = min(num_sms, tiles if cluster == 1 else 2 * ceil_div(tiles, 2))
     num_ctas -= num_ctas % cluster
     return GemmConfig(block_m=block_m, block_n=block_n, num_stages=stages, num_ctas=num_ctas,
-                      group_n=8 if ceil_div(m, block_m) > 1 else 1, kind=kind, cluster=cluster)
+                      group_n=8 if ceil_div(m, block_m) > 1 else 1, kind=kind, cluster=cluster,
+                      split_k=split_k)

@@ -32,8 +32,9 @@ def _check_grouping(config: GemmConfig, accumulate: bool, grouping: str) -> None
     kind = GROUPINGS[grouping][1]
     if kind is not None and config.kind != kind:
         raise ValueError(f"grouping {grouping!r} runs the {kind} kernel, got config kind {config.kind!r}")
-    if grouping != "none" and config.cluster != 1:
-        raise ValueError(f"grouping {grouping!r} runs without clusters, got cluster={config.cluster}")
+    if grouping != "none" and (config.cluster != 1 or config.split_k != 1):
+        raise ValueError(f"grouping {grouping!r} runs without clusters or split-K, got "
+                         f"cluster={config.cluster}, split_k={config.split_k}")
 
 
 def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none") -> str:
@@ -57,13 +58,15 @@ extern "C" __global__ void __launch_bounds__({config.num_threads}, 1)
               const __grid_constant__ CUtensorMap tmap_scale_a,
               const __grid_constant__ CUtensorMap tmap_scale_b,
               const __grid_constant__ CUtensorMap tmap_out,
-              const int32_t* group_counts, uint32_t num_groups) {{
+              const int32_t* group_counts, uint32_t num_groups, float* split_partials,
+              int32_t* split_counters) {{
     fp8train::sm90_fp8_gemm<{config.block_m}, {config.block_n}, {config.num_stages}, {n}, {k},
                             {str(config.kind == "1d1d").lower()}, {str(accumulate).lower()},
                             {config.group_n}, {config.cluster}, fp8train::Grouping::{GROUPINGS[grouping][0]},
+                            {config.split_k},
                             fp8train::Wgmma_m64n{config.block_n}k32>(
         shape_m, scale_b, out_f32, &tmap_a, &tmap_b, &tmap_scale_a, &tmap_scale_b, &tmap_out,
-        group_counts, num_groups);
+        group_counts, num_groups, split_partials, split_counters);
 }}
 """
 
@@ -72,7 +75,8 @@ def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: 
     acc = ("_acc" if accumulate else "") + ("" if grouping == "none" else "_" + grouping)
     k_label = "var" if grouping == "k_contiguous" else k
     return (f"sm90_fp8_gemm_{config.kind}{acc}_n{n}_k{k_label}_bm{config.block_m}_bn{config.block_n}"
-            f"_s{config.num_stages}_g{config.group_n}_c{config.cluster}")
+            f"_s{config.num_stages}_g{config.group_n}_c{config.cluster}"
+            + (f"_sk{config.split_k}" if config.split_k > 1 else ""))
 
 
 # Extra nvcc flags for experiments (e.g. -DFP8TRAIN_DEBUG_NO_LOADS); part of every cache key.
@@ -126,12 +130,12 @@ def tma_ready_scales(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class _ParamBlock:
-    """Kernel parameters in one persistent block: 8 slots of 128 bytes (a CUtensorMap is
+    """Kernel parameters in one persistent block: SLOTS slots of 128 bytes (a CUtensorMap is
     128 bytes) and the void* array pointing at them. A launch overwrites the slots and hands
     the driver the array's address, which it copies before cuLaunchKernelEx returns; this
     skips cuda-bindings' per-call argument packing. One block per thread."""
 
-    SLOTS = 10
+    SLOTS = 12
 
     def __init__(self):
         self._raw = (ctypes.c_uint8 * (128 * self.SLOTS + 64))()
@@ -159,6 +163,21 @@ def _tma_address(ptr, dtype, inner, outer, stride, box_inner, box_outer, swizzle
             _tma_cache.clear()
         hit = _tma_cache[key] = (tmap, tmap.getPtr())
     return hit[1]
+
+
+_counters: dict = {}  # (device, stream) -> int32 arrival counters, zero between launches
+
+
+def _split_counters(device: int, outputs: int) -> torch.Tensor:
+    """Split-K arrival counters for the current stream: one per output tile, zeroed once;
+    every launch leaves them zero again. One set per stream, so concurrent streams never
+    share a counter."""
+    key = (device, _raw_stream(device))
+    counters = _counters.get(key)
+    if counters is None or counters.numel() < outputs:
+        counters = _counters[key] = torch.zeros(max(outputs, 1024), dtype=torch.int32,
+                                                device=torch.device("cuda", device))
+    return counters
 
 
 def _raw_stream(device_index: int) -> int:
@@ -262,5 +281,13 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
     if counts is not None:
         num_groups = counts.shape[0] - (0 if grouping == "m_masked" else 1)
     params.u32[9].value = num_groups
+    params.u64[10].value = params.u64[11].value = 0
+    if cfg.split_k > 1:
+        outputs = -(-shape_m // cfg.block_m) * -(-n // cfg.block_n)
+        # Partials: stream-ordered scratch from the caching allocator (free once the kernel
+        # is done, as far as later work on this stream is concerned).
+        partials = torch.empty(outputs * cfg.split_k * cfg.block_m * cfg.block_n, dtype=f32, device=a.device)
+        params.u64[10].value = partials.data_ptr()
+        params.u64[11].value = _split_counters(device, outputs).data_ptr()
     launch.kernel.launch_params(grid, cfg.num_threads, launch.smem, params.address,
                                 _raw_stream(device), cfg.cluster)
