@@ -44,8 +44,9 @@ steps = {
     "encode_tma_2d x1": lambda: encode_tma_2d(a[0].data_ptr(), a[0].dtype, k, m, k, 128, 128, 128),
     "kernel.launch (tuples)": lambda: launch.kernel.launch(
         launch.config.num_ctas, launch.config.num_threads, launch.smem,
-        (m, b[1].data_ptr(), out.data_ptr(), tm_a, tm_b, tm_sa, tm_a, tm_out),
-        (ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p, None, None, None, None, None),
+        (m, b[1].data_ptr(), out.data_ptr(), tm_a, tm_b, tm_sa, tm_a, tm_out, 0, 0, 0, 0),
+        (ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p, None, None, None, None, None,
+         ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p),
         torch.cuda.current_stream().cuda_stream),
     "raw stream": lambda: native._raw_stream(0),
     "torch.empty bf16": lambda: torch.empty(m, n, device="cuda", dtype=torch.bfloat16),
