@@ -4,7 +4,8 @@
 // Bit-identical to fp8train.quant.formats / reference:
 //   scale = max(amax * float32(1/448), 2^-126) (optionally rounded up to a power of two on
 //   its bits; formats.py says why a multiply by the rounded reciprocal, not a division),
-//   q = e4m3(x / scale), x / scale an IEEE float32 division, then round to nearest even.
+//   q = e4m3(x * (1 / scale)): a correctly rounded reciprocal, one IEEE float32 multiply,
+//   then round to nearest even.
 // NaN propagates through amax and the scale (the whole group becomes NaN on purpose).
 #pragma once
 
@@ -21,8 +22,13 @@ constexpr uint32_t CHUNK = 16;    // elements per thread per step: one 16-byte e
 constexpr uint32_t LANES_PER_GROUP = GROUP / CHUNK;  // 8 lanes share one 128-group
 static_assert(LANES_PER_GROUP == 8, "group reductions below shuffle over 8 lanes");
 
-// max(a, b) that propagates NaN like torch's amax (fmaxf would drop it).
-__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+// max(a, b) that propagates NaN like torch's amax (fmaxf would drop it): max.NaN is one
+// FMNMX.NAN, where a compare-and-select costs three instructions per element.
+__device__ __forceinline__ float nan_max(float a, float b) {
+    float out;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(out) : "f"(a), "f"(b));
+    return out;
+}
 
 __device__ __forceinline__ float scale_from_amax(float amax, bool pow2) {
     // 0x3B124925 = float32(1/448), formats.INV_E4M3_MAX; __fmul_rn keeps it a plain multiply.
@@ -36,22 +42,18 @@ __device__ __forceinline__ float scale_from_amax(float amax, bool pow2) {
     return scale;
 }
 
-// What x / scale is computed with. A power-of-two scale has an exact reciprocal (scale is in
-// [2^-126, 2^127]), and x * 2^-e rounds the same real number as x / 2^e, so the multiply is
-// bit-identical and skips the ~10-instruction IEEE division.
-struct Divisor {
-    float scale, inverse;
-    bool pow2;
-    __device__ __forceinline__ Divisor(float s, bool is_pow2)
-        : scale(s), inverse(is_pow2 ? __frcp_rn(s) : 0.0f), pow2(is_pow2) {}
-    __device__ __forceinline__ float apply(float v) const {
-        return pow2 ? v * inverse : __fdiv_rn(v, scale);
-    }
+// q = x * (1 / scale), the reciprocal correctly rounded (rcp.rn, as torch.reciprocal), the
+// product one IEEE multiply: formats.cast_to_fp8's rule, one instruction per element (an IEEE
+// division per element, ~10 instructions, left the casts instruction-bound).
+struct Quantizer {
+    float inverse;
+    __device__ __forceinline__ explicit Quantizer(float scale) : inverse(__frcp_rn(scale)) {}
+    __device__ __forceinline__ float apply(float v) const { return __fmul_rn(v, inverse); }
 };
 
 // Two floats -> two e4m3 bytes (lo in the low byte), round to nearest even. satfinite only
-// differs from torch's non-saturating conversion above 464, and |x / scale| <= 448 * (1 + 2^-24)
-// by construction; NaN stays NaN (0x7F, as torch writes a positive NaN).
+// differs from torch's non-saturating conversion above 464, and |x / scale| <= 448 * (1 + 2^-22)
+// (four float32 roundings) by construction; NaN stays NaN (0x7F, as torch writes a positive NaN).
 __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
     uint16_t out;
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(out) : "f"(hi), "f"(lo));
@@ -112,7 +114,7 @@ __device__ __forceinline__ Chunk<T> load_chunk(const T* __restrict__ row, uint32
 // 16 values -> 16 e4m3 bytes at out[0, 16), only the first `valid` of them when fewer fit
 // (then byte stores). `vec`: out is 16-byte aligned.
 __device__ __forceinline__ void store_e4m3(uint8_t* __restrict__ out, const float (&v)[CHUNK],
-                                           const Divisor& d, uint32_t valid, bool vec) {
+                                           const Quantizer& d, uint32_t valid, bool vec) {
     uint32_t w[4];
 #pragma unroll
     for (uint32_t i = 0; i < 4; ++i)

@@ -47,11 +47,18 @@ def scale_from_amax(amax: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
 
 
 def cast_to_fp8(x_f32: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale, rounded to nearest-even E4M3 (|x / scale| <= 448 by construction).
+    """x * (1 / scale), rounded to nearest-even E4M3 (|x / scale| <= 448 * (1 + 2^-22)).
+
+    A multiply by the correctly rounded float32 reciprocal, not a division: a kernel then
+    spends one instruction per element instead of the ~10 of an IEEE division (which kept the
+    native casts instruction-bound, below memory speed). Identical to the division for
+    power-of-two scales; otherwise at most one float32 ulp away before the 3-bit E4M3
+    rounding. ``1 / scale`` and the multiply are exact IEEE operations on CPU and CUDA alike.
 
     Every NaN becomes the positive NaN byte 0x7F: torch keeps a NaN's sign bit, and x86
-    makes inf / inf a negative NaN where CUDA makes it positive; the hardware conversion the
-    native kernels use writes 0x7F for every NaN, so one rule holds on every device.
+    makes inf * 0 or inf / inf a negative NaN where CUDA makes it positive; the hardware
+    conversion the native kernels use writes 0x7F for every NaN, so one rule holds on every
+    device.
     """
-    q = x_f32 / scale
+    q = x_f32 * torch.reciprocal(scale)
     return q.masked_fill(q.isnan(), float("nan")).to(FP8_DTYPE)
