@@ -15,6 +15,18 @@ def backend() -> str:
     return value
 
 
+LAUNCHERS = ("auto", "bindings", "ctypes")
+
+
+def launcher() -> str:
+    """FP8TRAIN_LAUNCHER: how kernels are launched: cuda-bindings' cuLaunchKernelEx
+    (`bindings`), libcuda's through ctypes (`ctypes`, less host time), or `auto`."""
+    value = os.environ.get("FP8TRAIN_LAUNCHER", "auto").strip().lower()
+    if value not in LAUNCHERS:
+        raise ValueError(f"FP8TRAIN_LAUNCHER: expected one of {LAUNCHERS}, got {value!r}")
+    return value
+
+
 def cache_dir() -> Path:
     """FP8TRAIN_CACHE_DIR: where compiled kernels are cached (default ~/.cache/fp8train)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fp8train"

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ... import _env
+from . import ctypes_launch
 from .compiler import CompiledKernel
 
 __all__ = ["Kernel", "load_kernel", "encode_tma_2d", "encode_tma_3d"]
@@ -59,7 +61,8 @@ def _check(result: tuple, what: str):
 class Kernel:
     """One `__global__` function of a loaded cubin on one device. Use load_kernel()."""
 
-    __slots__ = ("name", "device_index", "_function", "_smem_optin", "_smem_limit", "_configs")
+    __slots__ = ("name", "device_index", "_function", "_handle", "_smem_optin", "_smem_limit", "_configs",
+                 "_ctypes_configs")
 
     def __init__(self, name: str, device_index: int, function, smem_limit: int):
         self.name = name
@@ -70,6 +73,9 @@ class Kernel:
         # (grid, block, smem, cluster, stream) -> CUlaunchConfig; the same few shapes repeat
         # every step, so building the config (the slow, validated part) happens once each.
         self._configs: dict[tuple, object] = {}
+        # The CUfunction as the pointer libcuda takes (None: a kernel built only for checks).
+        self._handle = int(function) if function is not None else 0
+        self._ctypes_configs: dict[tuple, ctypes_launch.CtypesLaunch] = {}
 
     def launch(self, grid: int | tuple, block: int, smem_bytes: int, args: tuple,
                arg_types: tuple, stream: int, cluster: int = 1) -> None:
@@ -93,6 +99,17 @@ class Kernel:
         """launch() for callers that keep their own parameter block: `params_address` is
         the address of a void* array, one pointer per kernel parameter. The driver copies
         the parameters before this returns, so the block may be rewritten right after."""
+        if _use_ctypes():
+            key = (grid, block, smem_bytes, cluster, stream)
+            launch = self._ctypes_configs.get(key)
+            if launch is None:
+                config = self._build_config(grid, block, smem_bytes, cluster, stream)  # validates
+                launch = self._ctypes_configs[key] = ctypes_launch.CtypesLaunch(
+                    (config.gridDimX, config.gridDimY, config.gridDimZ), block, smem_bytes, cluster, stream)
+            err = launch.launch(self._handle, params_address)
+            if err:
+                _check((_drv.CUresult(err),), f"cuLaunchKernelEx({self.name}) through ctypes")
+            return
         try:
             config = self._configs[(grid, block, smem_bytes, cluster, stream)]
         except (KeyError, TypeError):
@@ -143,6 +160,17 @@ class Kernel:
             self._configs.clear()
         self._configs[(grid, block, smem_bytes, cluster, stream)] = config
         return config
+
+
+_launcher = None  # FP8TRAIN_LAUNCHER, read at the first launch
+
+
+def _use_ctypes() -> bool:
+    """FP8TRAIN_LAUNCHER: `ctypes`, `bindings`, or `auto` (ctypes once verified on a GPU)."""
+    global _launcher
+    if _launcher is None:
+        _launcher = _env.launcher()
+    return _launcher == "ctypes" or (_launcher == "auto" and ctypes_launch.VERIFIED)
 
 
 _KERNELS: dict[tuple[str, str, int], Kernel] = {}
