@@ -47,6 +47,10 @@ _KINDS = {
               "wtq, scale_t);"),
 }
 KINDS = tuple(_KINDS)
+# Blocks per SM each kernel is compiled for. The tile kernels fit 3 in shared memory
+# (3 x 64 KB); asking for 3 caps fp32 at 80 registers, which would otherwise take 84 and
+# leave room for only 2 blocks (registers are allocated per warp in steps of 256).
+_MIN_BLOCKS = {"dual": 3, "per_token": 1, "block": 3}
 
 
 def kernel_name(kind: str) -> str:
@@ -77,7 +81,7 @@ def render_source(kind: str, dtype: torch.dtype, pow2_scale: bool) -> str:
     return f"""// Rendered by fp8train.quant.native: {kind} cast, {dtype}, pow2_scale={pow2_scale}
 #include "fp8train/{header}"
 
-extern "C" __global__ void __launch_bounds__({_THREADS})
+extern "C" __global__ void __launch_bounds__({_THREADS}, {_MIN_BLOCKS[kind]})
 {kernel_name(kind)}({params.format(**fill)}) {{
     {call.format(**fill)}
 }}
