@@ -36,13 +36,39 @@ def sweep(m, n, k, kind, candidates):
               f"{2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
 
 
+def sweep_split(m, n, k, candidates):
+    """1D2D at small M with (block_n, split_k) forced; TFLOP/s and the share of the HBM
+    roofline (A, B, their scales and the output, once each, at 3.35 TB/s)."""
+    sets = []
+    for seed in range(num_input_sets(m * k + n * k)):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        a = per_token_cast(torch.randn(m, k, device="cuda", generator=g))
+        b = per_block_cast(torch.randn(n, k, device="cuda", generator=g))
+        sets.append((a, b, torch.empty(m, n, device="cuda", dtype=torch.bfloat16)))
+    bytes_moved = m * k + n * k + 4 * (m * k // 128 + (n // 128 + 1) * (k // 128)) + 2 * m * n
+    for bn, split in candidates:
+        bm = 64 if m <= 64 else 128
+        tiles = -(-m // bm) * -(-n // bn) * split
+        cfg = GemmConfig(bm, bn, deepest(bm, bn, "1d2d"), min(132, tiles), 1, "1d2d", 1, split)
+        calls = [lambda s=s: fp8_gemm_nt_native(s[0][0], s[0][1], s[1][0], s[1][1], s[2], "1d2d", False, cfg)
+                 for s in sets]
+        ms, _ = time_calls(calls)
+        print(f"1d2d {m}x{n}x{k} bn{bn} split{split}: {2 * m * n * k / ms / 1e9:6.0f} TFLOP/s, "
+              f"{bytes_moved / (ms * 1e-3) / 3.35e12:4.0%} of the HBM roofline", flush=True)
+
+
 from fp8train.ops.native import sm90_fp8_gemm
 
-for flags in ((), ("-DFP8TRAIN_DEBUG_NO_LOADS",)):
+# Attribution on one large shape: what the loads, the scale loads and the promotion cost.
+for flags in ((), ("-DFP8TRAIN_DEBUG_NO_SCALE_LOADS",), ("-DFP8TRAIN_DEBUG_NO_LOADS",),
+              ("-DFP8TRAIN_DEBUG_NO_PROMOTION",), ("-DFP8TRAIN_DEBUG_NO_LOADS", "-DFP8TRAIN_DEBUG_NO_PROMOTION")):
     sm90_fp8_gemm.debug_flags = flags
     print("flags:", flags or "none", flush=True)
-    sweep(4096, 4096, 7168, "1d2d", [(128, 128, 0, 8, 1), (128, 128, 0, 8, 2), (128, 160, 0, 8, 2)])
+    sweep(4096, 4096, 7168, "1d2d", [(128, 128, 0, 8, 1)])
 sm90_fp8_gemm.debug_flags = ()
-sweep(8192, 8192, 8192, "1d2d", [(128, 128, 0, 8, 1), (128, 128, 0, 8, 2)])
-sweep(4096, 7168, 2048, "1d2d", [(128, 128, 0, 8, 1), (128, 128, 0, 8, 2), (128, 128, 0, 16, 2)])
-sweep(4096, 7168, 16384, "1d1d", [(128, 176, 0, 8, 1), (128, 176, 0, 8, 2)])
+sweep(8192, 8192, 8192, "1d2d", [(128, 128, 0, 8, 1), (128, 128, 0, 16, 1), (128, 128, 4, 8, 1)])
+sweep(4096, 7168, 2048, "1d2d", [(128, 128, 0, 8, 1), (128, 128, 0, 16, 1)])
+sweep(4096, 7168, 16384, "1d1d", [(128, 176, 0, 8, 1), (128, 128, 0, 8, 1)])
+# Split-K at small M: (block_n, split_k) pairs around the heuristic's choice.
+for m, n, k in ((64, 2112, 7168), (128, 4096, 7168), (128, 7168, 2048)):
+    sweep_split(m, n, k, [(16, 1), (32, 1), (64, 2), (64, 4), (128, 2), (128, 4), (136, 8), (128, 8)])

@@ -247,7 +247,11 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 mbar_arrive(bar);
                 continue;
 #endif
+#ifdef FP8TRAIN_DEBUG_NO_SCALE_LOADS  // attribution experiments: operands only, stale scales
+                mbar_arrive_expect_tx(bar, G::kTileABytes + G::kTileBBytes);
+#else
                 mbar_arrive_expect_tx(bar, G::kStageBytes);
+#endif
                 if constexpr (CLUSTER > 1) {
                     const uint32_t rows = rank * G::kRowsAPerCta;
                     tma_load_2d_multicast(tmap_a, bar, smem + S::kA + stage * G::kTileABytes + rows * 128,
@@ -256,6 +260,9 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                     tma_load_2d(tmap_a, bar, smem + S::kA + stage * G::kTileABytes, kb * 128, op.a_row);
                 }
                 tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, op.b_row);
+#ifdef FP8TRAIN_DEBUG_NO_SCALE_LOADS
+                continue;
+#endif
                 const int32_t kb_box = kb & ~(G::kScaleCols - 1);
                 tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, kb_box, op.a_row);
                 if constexpr (SCALE_B_1X128)
