@@ -290,3 +290,12 @@ def test_unswizzle_helper_inverts_the_documented_pattern():
         for c in range(8):
             swizzled[r, c ^ (r % 8)] = rows[r].view(8, 16)[c]
     assert torch.equal(_unswizzle_128b(swizzled.flatten(), 16), rows)
+
+
+@pytest.mark.gpu
+def test_max_active_clusters_of_a_big_smem_kernel(cache_dir):
+    """Clusters of two 160 KB CTAs: at least one fits, at most half the SMs' worth."""
+    kernel = _kernel("cluster_ranks")
+    fit = kernel.max_active_clusters(128, 160 * 1024, 2)
+    print(f"clusters of 2 x 160 KB that fit at once: {fit}")
+    assert 1 <= fit <= torch.cuda.get_device_properties(0).multi_processor_count // 2

@@ -117,6 +117,16 @@ class Kernel:
         _check(_drv.cuLaunchKernelEx(config, self._function, params_address, 0),
                f"cuLaunchKernelEx({self.name})")
 
+    def max_active_clusters(self, block: int, smem_bytes: int, cluster: int) -> int:
+        """How many clusters of `cluster` CTAs (each `block` threads, `smem_bytes` of
+        dynamic shared memory) the device runs at the same time."""
+        key = ("clusters", block, smem_bytes, cluster)
+        if key not in self._configs:
+            config = self._build_config(cluster, block, smem_bytes, cluster, 0)  # sets the smem opt-in
+            self._configs[key] = _check(_drv.cuOccupancyMaxActiveClusters(self._function, config),
+                                        f"cuOccupancyMaxActiveClusters({self.name})")
+        return self._configs[key]
+
     def _build_config(self, grid, block, smem_bytes, cluster, stream):
         dims = (grid,) if isinstance(grid, int) else grid
         if (not isinstance(dims, tuple) or not 1 <= len(dims) <= 3

@@ -96,6 +96,7 @@ class _Launch:
     config: GemmConfig
     kernel: object
     smem: int
+    grid: int  # CTAs: the config's, cut to the clusters that fit on the GPU at once
 
 
 _launches: dict = {}
@@ -110,8 +111,17 @@ def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int
 
         config = config or choose_config(m, n, k, num_sms, kind)
         compiled = compile_kernel(config, n, k, accumulate, grouping)
-        launch = _Launch(config, load_kernel(compiled, KERNEL_NAME, device),
-                         shared_bytes(config.block_m, config.block_n, config.num_stages, kind))
+        kernel = load_kernel(compiled, KERNEL_NAME, device)
+        smem = shared_bytes(config.block_m, config.block_n, config.num_stages, kind)
+        grid = config.num_ctas
+        if config.cluster > 1:
+            # A persistent grid must be resident all at once: clusters of big-smem CTAs need
+            # SM pairs in one GPC, and a GPC with an odd SM count leaves one idle, so fewer
+            # than SMs / 2 clusters may fit. A cluster that does not would run only after
+            # the others finished all their tiles, doubling the time.
+            fit = kernel.max_active_clusters(config.num_threads, smem, config.cluster)
+            grid = max(config.cluster, min(grid, fit * config.cluster))
+        launch = _Launch(config, kernel, smem, grid)
         _launches[key] = launch
     return launch
 
@@ -202,7 +212,7 @@ def fp8_gemm_nt_native(a, sa, b, sb, out: torch.Tensor, kind: str, accumulate: b
     grouping = "none" if group_offsets is None else "m_contiguous"
     launch = _launch_for(m, b.shape[-2], k, kind, accumulate, a.device.index, get_num_sms(), config,
                          grouping)
-    _launch(launch, launch.config.num_ctas, a, sa, b, sb, out, m, grouping, group_offsets)
+    _launch(launch, launch.grid, a, sa, b, sb, out, m, grouping, group_offsets)
 
 
 def m_grouped_masked_native(a, sa, b, sb, masked_m: torch.Tensor, out: torch.Tensor, expected_m: int,
