@@ -147,6 +147,7 @@ def test_fp8_moe_close_to_fp32_moe(t, e, k, shared, seed, dtype):
     ref.load_state_dict({key: v.float() for key, v in fp8.state_dict().items()})
     x = rand(2, t, 256, seed=seed, dtype=dtype)
     grad_out = rand(2, t, 256, seed=seed + 1, dtype=dtype)
+    router_scale = router_error_scale(ref, x.float(), grad_out.float())
     results = []
     for module, xi in ((fp8, x.clone()), (ref, x.float())):
         xi.requires_grad_()
@@ -164,7 +165,34 @@ def test_fp8_moe_close_to_fp32_moe(t, e, k, shared, seed, dtype):
             # float32 noise in both modules, so only its smallness is comparable.
             assert got.abs().max() < 1e-4 and want.abs().max() < 1e-4
             continue
+        if name == "router.weight":
+            # The router's gradient is a difference of expert outputs (dL/dw_j = y_j . g):
+            # FP8 errors in the y_j do not cancel where the y_j . g do, so it is bounded
+            # against the size of the terms, not of their difference.
+            assert (got.double() - want.double()).norm() <= MOE_REL_BOUND * router_scale
+            continue
         assert rel_err(got, want) < MOE_REL_BOUND, name
+
+
+def router_error_scale(moe: MoE, x: torch.Tensor, grad_out: torch.Tensor) -> float:
+    """What the router gradient's error scales with when each expert output y_tj carries
+    an independent relative error: the error of y_tj . g_t is ~ ||y_tj|| ||g_t|| / sqrt(H),
+    and the gradient adds x_t times those over tokens and slots (root sum of squares)."""
+    captured = {}
+    hooks = [moe.router.register_forward_hook(lambda m, i, o: captured.__setitem__("route", o)),
+             moe.experts_down.register_forward_hook(lambda m, i, o: captured.__setitem__("y", o))]
+    try:
+        with torch.no_grad():
+            moe(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    _, ids = captured["route"]
+    layout = build_moe_layout(ids, moe.num_experts)
+    x_t, g_t = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+    y_norms = captured["y"][layout.dest_rows].double().norm(dim=-1).view(ids.shape)  # [T, k]
+    terms = x_t.double().norm(dim=-1, keepdim=True) * y_norms * g_t.double().norm(dim=-1, keepdim=True)
+    return (terms.square().sum().sqrt() / x.shape[-1] ** 0.5).item()
 
 
 def test_fp8_moe_compiles_fullgraph():
