@@ -53,13 +53,11 @@ def split_k_kernels():
     from fp8train.ops.native import gemm_config
 
     saved, gemm_config.split_k_enabled = gemm_config.split_k_enabled, True
-    choose_config.cache_clear()
     try:
         return [(choose_config(m, n, k, NUM_SMS, "1d2d"), n, k, False, "none")
                 for m, n, k in DENSE_1D2D if m <= 128]
     finally:
         gemm_config.split_k_enabled = saved
-        choose_config.cache_clear()
 
 
 def bench_kernels():
@@ -134,3 +132,21 @@ def test_k_grouped_kernel_is_one_for_every_token_count():
     assert render_source(cfg, 7168, 128, False, "k_contiguous") == \
         render_source(cfg, 7168, 4096, False, "k_contiguous")
     assert "kvar" in kernel_name(cfg, 7168, 4096, False, "k_contiguous")
+
+
+def test_grouped_configs_never_take_split_k_or_clusters(monkeypatch):
+    """Grouped GEMMs run without split-K or clusters whatever the switches say, and the
+    config cache follows the switches."""
+    from fp8train.ops.native import gemm_config
+    from fp8train.ops.native.sm90_fp8_gemm import render_source
+
+    monkeypatch.setattr(gemm_config, "split_k_enabled", True)
+    monkeypatch.setattr(gemm_config, "multicast_enabled", True)
+    assert choose_config(128, 4096, 7168, NUM_SMS).split_k > 1
+    assert choose_config(8192, 4096, 7168, NUM_SMS).cluster == 2
+    for m, rows in ((128, None), (8192, None), (1024, 128)):
+        cfg = choose_config(m, 4096, 7168, NUM_SMS, "1d2d", rows_per_group=rows, grouped=True)
+        assert (cfg.split_k, cfg.cluster) == (1, 1)
+        render_source(cfg, 4096, 7168, False, "m_contiguous")
+    monkeypatch.setattr(gemm_config, "split_k_enabled", False)
+    assert choose_config(128, 4096, 7168, NUM_SMS).split_k == 1

@@ -88,6 +88,15 @@ __device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
+// atomicAdd at GPU scope with acquire-release semantics: the writes this thread has seen
+// (a CTA's, through a barrier before it) are published with the add, and whoever reads the
+// count sees the writes published by the adds before it.
+__device__ __forceinline__ int32_t atomic_add_acq_rel_gpu(int32_t* address, int32_t value) {
+    int32_t old;
+    asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], %2;" : "=r"(old) : "l"(address), "r"(value) : "memory");
+    return old;
+}
+
 // bar.sync on barrier `id` that also returns the OR of `value` over the `threads` threads.
 __device__ __forceinline__ bool named_barrier_or(uint32_t id, uint32_t threads, bool value) {
     uint32_t result;

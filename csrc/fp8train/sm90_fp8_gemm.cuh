@@ -116,15 +116,16 @@ __device__ __forceinline__ bool reduce_split_k(float (&accum)[kAccum], float* __
     for (uint32_t i = 0; i < kAccum / 4; ++i)
         __stcg(mine + i * kThreads + threadIdx.x,
                make_float4(accum[4 * i], accum[4 * i + 1], accum[4 * i + 2], accum[4 * i + 3]));
-    __threadfence();  // the partial is visible GPU-wide before the arrival is counted
+    // The barrier orders every thread's partial before thread 0's release-add (release is
+    // cumulative); the last arrival's acquire-add, then the barrier, orders the other
+    // slices' partials before every thread's loads.
     bool last = false;
     named_barrier_sync(1, kThreads);
     if (threadIdx.x == 0) {
-        last = atomicAdd(counter, 1) == static_cast<int32_t>(SPLIT_K - 1);
-        if (last) atomicExch(counter, 0);  // ready for the next launch
+        last = atomic_add_acq_rel_gpu(counter, 1) == static_cast<int32_t>(SPLIT_K - 1);
+        if (last) *counter = 0;  // every slice has counted: ready for the next launch
     }
     if (!named_barrier_or(1, kThreads, last)) return false;
-    __threadfence();
 #pragma unroll
     for (uint32_t i = 0; i < kAccum / 4; ++i) {
         float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);

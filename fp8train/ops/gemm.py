@@ -108,7 +108,8 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
 
         if out is None:
             out = torch.empty(m, n, dtype=dtype, device=x.device)
-        fp8_gemm_nt_native(x, sx, y, sy if kind == "1d1d" else sy.contiguous(), out, kind, accumulate)
+        if m and n:  # TMA descriptors cannot describe an empty tensor; there is nothing to do
+            fp8_gemm_nt_native(x, sx, y, sy if kind == "1d1d" else sy.contiguous(), out, kind, accumulate)
         return out
     if path == "cublas":
         result = _cublas.fp8_gemm_nt_cublas(x, sx, y, sy, dtype)
@@ -189,8 +190,9 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     if path == "native":
         from .native.sm90_fp8_gemm import fp8_gemm_nt_native
 
-        fp8_gemm_nt_native(a, sa, b, sb.contiguous(), out, "1d2d", False,
-                           group_offsets=group_offsets.contiguous())
+        if m and n:
+            fp8_gemm_nt_native(a, sa, b, sb.contiguous(), out, "1d2d", False,
+                               group_offsets=group_offsets.contiguous())
         return out
     offsets = _check_offsets("group_offsets", group_offsets, g, m, a.device)
     _ref.m_grouped_contiguous_ref(a, sa, b, sb, offsets, out)
@@ -237,8 +239,9 @@ def m_grouped_fp8_gemm_nt_masked(a: FP8Pair, b: FP8Pair, masked_m: torch.Tensor,
     if path == "native":
         from .native.sm90_fp8_gemm import m_grouped_masked_native
 
-        m_grouped_masked_native(a, sa.contiguous(), b, sb.contiguous(), masked_m, out,
-                                m_max if expected_m is None else min(expected_m, m_max))
+        if g and m_max and n:
+            m_grouped_masked_native(a, sa.contiguous(), b, sb.contiguous(), masked_m.contiguous(), out,
+                                    m_max if expected_m is None else min(expected_m, m_max))
         return out
     counts = masked_m.tolist()
     if any(c < 0 or c > m_max for c in counts):
@@ -289,8 +292,11 @@ def k_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     if path == "native":
         from .native.sm90_fp8_gemm import k_grouped_native
 
-        # The kernel reads the offsets on the device (never a host sync) and trusts them.
-        k_grouped_native(a, sa, b, sb, group_offsets.contiguous(), out, accumulate)
+        if t == 0 and not accumulate:
+            out.zero_()  # every expert is empty: zero gradients
+        elif t and n and k:
+            # The kernel reads the offsets on the device (never a host sync) and trusts them.
+            k_grouped_native(a, sa, b, sb, group_offsets.contiguous(), out, accumulate)
         return out
     offsets = _check_offsets("group_offsets", group_offsets, g, t, a.device)
     _ref.k_grouped_contiguous_ref(a, sa, b, sb, offsets, out, accumulate)

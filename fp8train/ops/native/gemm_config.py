@@ -103,19 +103,20 @@ multicast_enabled = False
 # it only once tests/test_gemm_native.py's split-K cases pass and the bench shows the gain.
 split_k_enabled = False
 MIN_K_BLOCKS_PER_SPLIT = 4  # fewer and the pipeline never fills; the fixup dominates
+MAX_SPLIT_BLOCK_N = 136  # wider split-K tiles spill in the reduction (BM 64, BN 192: 8 bytes)
 
 
-def _small_m_choice(m: int, n: int, k: int, num_sms: int, kind: str, block_m: int):
-    """(block_n, split_k) for M <= 128, where reading A and B bounds the time: minimise the
-    bytes the busiest SM pulls, waves x (A and B slices + the split's FP32 partials)."""
-    kb = k // BLOCK_K
-    splits = range(1, 9) if split_k_enabled and kind == "1d2d" else (1,)
+def _small_m_choice(m: int, n: int, k: int, num_sms: int, block_m: int):
+    """(block_n, split_k) of a 1D2D GEMM with M <= 128, where reading A and B bounds the
+    time: minimise the bytes the busiest SM pulls, waves x (A and B slices + the split's
+    FP32 partials)."""
+    kind, kb = "1d2d", k // BLOCK_K
     best = None
     for block_n in range(16, max_block_n(block_m) + 1, 8):
         if (block_n > n and block_n != 16) or not block_n_is_legal(block_n, kind):
             continue
-        for split in splits:
-            if split > 1 and kb // split < MIN_K_BLOCKS_PER_SPLIT:
+        for split in range(1, 9):
+            if split > 1 and (kb // split < MIN_K_BLOCKS_PER_SPLIT or block_n > MAX_SPLIT_BLOCK_N):
                 break
             tiles = ceil_div(m, block_m) * ceil_div(n, block_n) * split
             waves = ceil_div(tiles, num_sms)
@@ -141,19 +142,31 @@ def relative_speed(block_n: int, kind: str) -> float:
     return 0.61 * block_n / 64 if block_n <= 64 else 0.85
 
 
-@functools.lru_cache(maxsize=4096)
 def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
-                  rows_per_group: int | None = None) -> GemmConfig:
-    """The config the native GEMM runs for this problem (cached per shape).
+                  rows_per_group: int | None = None, grouped: bool = False) -> GemmConfig:
+    """The config the native GEMM runs for this problem (cached per shape and per setting
+    of the module's multicast / split-K switches).
 
+    grouped: a grouped (MoE) GEMM, which runs without clusters or split-K.
     rows_per_group: for grouped GEMMs whose tiles never span two experts (masked), the rows
     each expert has: BLOCK_M then fits an expert (64 when it has <= 64 rows), and `m`
     counts the expert's padded rows times the experts.
 
     M <= 128 is bound by reading B: pick the tile that spreads N over the most SMs (fewest
-    waves). Larger M is bound by the tensor cores: minimise waves x tile time, tile time
-    being BLOCK_N over the measured relative speed of that BLOCK_N.
+    waves), or with split-K the (tile, slices) that pull the fewest bytes per SM. Larger M
+    is bound by the tensor cores: minimise waves x tile time, tile time being BLOCK_N over
+    the measured relative speed of that BLOCK_N.
     """
+    grouped = grouped or rows_per_group is not None
+    return _choose_config(m, n, k, num_sms, kind, rows_per_group, split_k_enabled and not grouped,
+                          multicast_enabled and not grouped)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_config(m: int, n: int, k: int, num_sms: int, kind: str, rows_per_group: int | None,
+                   split_k_on: bool, multicast_on: bool) -> GemmConfig:
+    """choose_config with the switches as arguments, so the cache never serves a config
+    chosen under other settings."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     if min(m, n, k, num_sms) < 1 or k % BLOCK_K or n % 8:
@@ -161,8 +174,8 @@ def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
                          f"got m={m}, n={n}, k={k}, num_sms={num_sms}")
     block_m = 64 if (m if rows_per_group is None else rows_per_group) <= 64 else 128
     split_k = 1
-    if m <= 128 and split_k_enabled and rows_per_group is None:
-        block_n, split_k = _small_m_choice(m, n, k, num_sms, kind, block_m)
+    if m <= 128 and split_k_on and kind == "1d2d":
+        block_n, split_k = _small_m_choice(m, n, k, num_sms, block_m)
     else:
         best = None
         for block_n in range(16, max_block_n(block_m) + 1, 8):
@@ -183,8 +196,7 @@ def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
     while shared_bytes(block_m, block_n, stages, kind) > SMEM_LIMIT:
         stages -= 1
     # Multicast pays where operand traffic from L2 limits: many row blocks sharing A.
-    cluster = 2 if multicast_enabled and m >= 512 and block_m == 128 and tiles >= num_sms and \
-        split_k == 1 else 1
+    cluster = 2 if multicast_on and m >= 512 and block_m == 128 and tiles >= num_sms and split_k == 1 else 1
     num_ctas = min(num_sms, tiles if cluster == 1 else 2 * ceil_div(tiles, 2))
     num_ctas -= num_ctas % cluster
     return GemmConfig(block_m=block_m, block_n=block_n, num_stages=stages, num_ctas=num_ctas,

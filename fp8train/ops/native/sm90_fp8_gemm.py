@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import gemm_config as _gemm_config
 from .gemm_config import GemmConfig, choose_config, shared_bytes
 from .wgmma import render_wgmma_e4m3
 
@@ -104,12 +105,13 @@ _launches: dict = {}
 
 def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int, num_sms: int,
                 config: GemmConfig | None = None, grouping: str = "none") -> _Launch:
-    key = (m, n, k, kind, accumulate, device, num_sms, config, debug_flags, grouping)
+    key = (m, n, k, kind, accumulate, device, num_sms, config, debug_flags, grouping,
+           _gemm_config.split_k_enabled, _gemm_config.multicast_enabled)
     launch = _launches.get(key)
     if launch is None:
         from ..jit.runtime import load_kernel
 
-        config = config or choose_config(m, n, k, num_sms, kind)
+        config = config or choose_config(m, n, k, num_sms, kind, grouped=grouping != "none")
         compiled = compile_kernel(config, n, k, accumulate, grouping)
         kernel = load_kernel(compiled, KERNEL_NAME, device)
         smem = shared_bytes(config.block_m, config.block_n, config.num_stages, kind)
@@ -182,6 +184,10 @@ def _split_counters(device: int, outputs: int) -> torch.Tensor:
     """Split-K arrival counters for the current stream: one per output tile, zeroed once;
     every launch leaves them zero again. One set per stream, so concurrent streams never
     share a counter."""
+    if torch.cuda.is_current_stream_capturing():
+        # A zero-fill made during capture exists only as a node of that graph: counters
+        # cached from it would start from garbage outside the graph. The graph gets its own.
+        return torch.zeros(outputs, dtype=torch.int32, device=torch.device("cuda", device))
     key = (device, _raw_stream(device))
     counters = _counters.get(key)
     if counters is None or counters.numel() < outputs:
