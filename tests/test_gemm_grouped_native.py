@@ -147,3 +147,23 @@ def test_k_grouped_matches_reference(blocks, m, n, accumulate, seed):
 def test_k_grouped_issue_shapes(g, tokens, m, n):
     out, expect = k_grouped_case([tokens // 128] * g, m, n, False, 0)
     assert rel_err(out, expect) < 1e-3
+
+
+def test_empty_problems_launch_nothing():
+    """No tokens at all: outputs are empty, zeros (wgrad) or left alone (accumulating)."""
+    k = 256
+    a = per_token_cast(torch.randn(0, k, device="cuda"))
+    b = per_block_cast(torch.randn(3, 64, k, device="cuda"))
+    offsets = torch.zeros(4, dtype=torch.int32, device="cuda")
+    assert ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets).shape == (0, 64)
+    masked = per_token_cast(torch.randn(3, 0, k, device="cuda"))
+    assert ops.m_grouped_fp8_gemm_nt_masked(masked, b, torch.zeros(3, dtype=torch.int32, device="cuda")).shape == \
+        (3, 0, 64)
+    no_tokens = [(torch.empty(rows, 0, device="cuda", dtype=torch.float8_e4m3fn),
+                  torch.empty(rows, 0, device="cuda")) for rows in (64, 128)]
+    dy, x = no_tokens
+    out = torch.full((3, 64, 128), float("nan"), device="cuda")
+    assert torch.equal(ops.k_grouped_fp8_gemm_nt_contiguous(dy, x, offsets, out), torch.zeros_like(out))
+    kept = torch.ones(3, 64, 128, device="cuda")
+    ops.k_grouped_fp8_gemm_nt_contiguous(dy, x, offsets, kept, accumulate=True)
+    assert torch.equal(kept, torch.ones_like(kept))

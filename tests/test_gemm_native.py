@@ -110,3 +110,9 @@ def test_split_k_heuristic_shapes(monkeypatch):
     for m, n, k in [(64, 2112, 7168), (128, 4096, 7168), (64, 7168, 2048), (128, 7168, 16384)]:
         assert gemm_config.choose_config(m, n, k, 132).split_k > 1
         run_case(m, n, k, "1d2d")
+
+
+def test_zero_rows_launch_nothing():
+    a = per_token_cast(torch.randn(0, 256, device="cuda"))
+    b = per_block_cast(torch.randn(64, 256, device="cuda"))
+    assert ops.fp8_gemm_nt(a, b).shape == (0, 64)
