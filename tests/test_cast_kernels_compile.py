@@ -11,11 +11,12 @@ import torch
 from fp8train.quant import native
 from test_gemm_kernels_compile import needs_toolchain
 
-# (kind, dtype, pow2): each kind once per dtype across the set; fp32 is the register-heaviest.
+# (kind, dtype, pow2): every kind and dtype, both scale rules; the register-heaviest
+# (fp32 and non-pow2, which carries the division's range branch) included.
 REPRESENTATIVE = [
-    ("dual", torch.bfloat16, False), ("dual", torch.float32, True),
+    ("dual", torch.bfloat16, True), ("dual", torch.float32, False),
     ("per_token", torch.float16, True), ("per_token", torch.bfloat16, False),
-    ("block", torch.bfloat16, True), ("block", torch.float32, False),
+    ("block", torch.bfloat16, False), ("block", torch.float32, False), ("block", torch.float16, True),
 ]
 
 

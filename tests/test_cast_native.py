@@ -115,13 +115,16 @@ def test_non_finite_inputs_match_reference(dtype, bad):
         assert_same(native.block_cast(x, pow2), per_block_cast_dual_ref(x, pow2))
 
 
-@pytest.mark.parametrize("value", [0.0, -0.0, 1e-40, 448.0, 1e30])
-def test_constant_tiles_match_reference(value):
-    """All-zero (and -0) groups, subnormal fp32 inputs, exact powers: the scale clamp and
-    the pow2 bump on their edges."""
-    x = torch.full((130, 272), value, device="cuda")
+@pytest.mark.parametrize("value", [0.0, -0.0, 1e-40, 448.0, 1e30, 3e-20, 4e-16, 5e20])
+def test_magnitude_edges_match_reference(value):
+    """All-zero (and -0) groups, subnormal fp32 inputs, and scales on both sides of the fast
+    division's range (2^-60..2^60, cast_common.cuh): the scale clamp, the pow2 bump and the
+    division fallback on their edges. One constant row per tile keeps amax exactly `value`."""
+    x = (torch.rand(130, 272, device="cuda") * 2 - 1) * value
+    x[0] = value
     for pow2 in (False, True):
         assert_same(native.dual_cast(x, pow2), dual_cast_ref(x, pow2))
+        assert_same(native.per_token_cast(x, pow2), per_token_cast_ref(x, pow2))
         assert_same(native.block_cast(x, pow2), per_block_cast_dual_ref(x, pow2))
 
 
@@ -152,8 +155,8 @@ def test_native_backend_routes_the_public_casts():
 
 
 def test_reference_scales_are_device_independent():
-    """The GPU reference and the CPU reference agree (formats.INV_E4M3_MAX), so bit-exact
-    against one is bit-exact against both."""
+    """The GPU reference and the CPU reference agree (formats divides by a device tensor, an
+    IEEE division on both), so bit-exact against one is bit-exact against both."""
     x = torch.randn(512, 1024) * 37.0
     for pow2 in (False, True):
         assert_same(dual_cast_ref(x.cuda(), pow2), [t.cuda() for t in dual_cast_ref(x, pow2)])

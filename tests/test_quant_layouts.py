@@ -1,7 +1,6 @@
 """The casts that produce GEMM operand layouts in one pass (CPU: reference and public API):
 the weight cast with its transpose, and the MoE casts over the padded contiguous layout."""
-import struct
-
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -17,7 +16,7 @@ from fp8train.quant import (
     per_token_cast_transposed,
     per_token_cast_transposed_grouped,
 )
-from fp8train.quant.formats import INV_E4M3_MAX
+from fp8train.quant.formats import MIN_SCALE, scale_from_amax
 from fp8train.quant.reference import per_token_cast_transposed_grouped_ref
 from strategies import tensors
 
@@ -30,8 +29,12 @@ def same(a, b):
     return torch.equal(a, b)
 
 
-def test_scale_constant_is_float32_one_over_448():
-    assert struct.pack("<f", INV_E4M3_MAX) == struct.pack("<I", 0x3B124925)
+def test_scale_is_a_true_division_by_448():
+    """formats divides by a device tensor: the IEEE division on every device (a Python
+    divisor would make CUDA multiply by a rounded 1/448 instead)."""
+    amax = torch.rand(100_000) * 1e3
+    want = torch.from_numpy(amax.numpy() / np.float32(448))
+    assert torch.equal(scale_from_amax(amax, False), torch.clamp_min(want, MIN_SCALE))
 
 
 @given(st.data(), st.integers(0, 3), dims, dims, st.booleans())

@@ -2,15 +2,16 @@
 // 16-element chunks moved with 16-byte loads and stores, and the swizzled shared tile.
 //
 // Bit-identical to fp8train.quant.formats / reference:
-//   scale = max(amax * float32(1/448), 2^-126) (optionally rounded up to a power of two on
-//   its bits; formats.py says why a multiply by the rounded reciprocal, not a division),
-//   q = e4m3(x * (1 / scale)): a correctly rounded reciprocal, one IEEE float32 multiply,
-//   then round to nearest even.
+//   scale = max(amax / 448, 2^-126) (optionally rounded up to a power of two on its bits),
+//   q = e4m3(x / scale), both IEEE float32 divisions (computed as div_rn.cuh says), then
+//   round to nearest even.
 // NaN propagates through amax and the scale (the whole group becomes NaN on purpose).
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
+
+#include "fp8train/div_rn.cuh"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -31,9 +32,9 @@ __device__ __forceinline__ float nan_max(float a, float b) {
 }
 
 __device__ __forceinline__ float scale_from_amax(float amax, bool pow2) {
-    // 0x3B124925 = float32(1/448), formats.INV_E4M3_MAX; __fmul_rn keeps it a plain multiply.
-    float scale = __fmul_rn(amax, __uint_as_float(0x3B124925u));
-    if (!(scale != scale)) scale = fmaxf(scale, 1.17549435e-38f);  // 2^-126; NaN stays NaN
+    // amax >= 0; Inf / 448 = Inf and NaN stays NaN, so those pass through unchanged.
+    float scale = amax;
+    if (amax <= 3.40282347e38f) scale = fmaxf(div_rn::div_by_448(amax), 0x1p-126f);  // MIN_SCALE
     if (pow2) {
         const uint32_t bits = __float_as_uint(scale);
         if ((bits & 0x7F800000u) != 0x7F800000u)  // finite: bump a non-zero mantissa
@@ -42,18 +43,45 @@ __device__ __forceinline__ float scale_from_amax(float amax, bool pow2) {
     return scale;
 }
 
-// q = x * (1 / scale), the reciprocal correctly rounded (rcp.rn, as torch.reciprocal), the
-// product one IEEE multiply: formats.cast_to_fp8's rule, one instruction per element (an IEEE
-// division per element, ~10 instructions, left the casts instruction-bound).
+// x / scale for the elements of one group, bit-identical to IEEE division (div_rn.cuh).
+//   pow2 scale:     1/scale is exact (bits 254 - exponent: scales lie in [2^-126, 2^119]), so
+//                   x * (1/scale) is the correctly rounded quotient: one FMUL.
+//   Inf/NaN scale:  x * rcp(scale) (0 or NaN) gives x / scale's IEEE results (+-0, NaN).
+//   otherwise:      both operands times `pre` (2^100 below 2^-60, 2^-100 above 2^60, else 1)
+//                   keep the Markstein division in the normal range. Scaling x down can
+//                   make tiny elements subnormal, but those quotients are below 2^-86 and
+//                   round to +-0 in E4M3 either way.
 struct Quantizer {
-    float inverse;
-    __device__ __forceinline__ explicit Quantizer(float scale) : inverse(__frcp_rn(scale)) {}
-    __device__ __forceinline__ float apply(float v) const { return __fmul_rn(v, inverse); }
+    float scale, inverse, pre;
+    bool multiply;  // the quotient is x * inverse (pow2 or non-finite scale)
+    __device__ __forceinline__ Quantizer(float s, bool pow2) {
+        const bool finite = s <= 3.40282347e38f;  // s > 0; false for Inf and NaN
+        multiply = pow2 || !finite;
+        pre = multiply || (s >= 0x1p-60f && s <= 0x1p60f) ? 1.0f : (s < 0x1p-60f ? 0x1p100f : 0x1p-100f);
+        scale = __fmul_rn(s, pre);
+        if (!finite) {
+            asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inverse) : "f"(s));  // 0 or NaN
+        } else if (pow2) {
+            inverse = __uint_as_float((254u << 23) - (__float_as_uint(s) & 0x7F800000u));
+        } else {
+            inverse = div_rn::reciprocal_normal(scale);
+        }
+    }
+    template <uint32_t N>
+    __device__ __forceinline__ void apply(float (&q)[N], const float (&v)[N]) const {
+        if (multiply) {
+#pragma unroll
+            for (uint32_t j = 0; j < N; ++j) q[j] = __fmul_rn(v[j], inverse);
+        } else {
+#pragma unroll
+            for (uint32_t j = 0; j < N; ++j) q[j] = div_rn::quotient(__fmul_rn(v[j], pre), scale, inverse);
+        }
+    }
 };
 
 // Two floats -> two e4m3 bytes (lo in the low byte), round to nearest even. satfinite only
-// differs from torch's non-saturating conversion above 464, and |x / scale| <= 448 * (1 + 2^-22)
-// (four float32 roundings) by construction; NaN stays NaN (0x7F, as torch writes a positive NaN).
+// differs from torch's non-saturating conversion above 464, and |x / scale| <= 448 * (1 + 2^-23)
+// by construction; NaN stays NaN (0x7F, as torch writes a positive NaN).
 __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
     uint16_t out;
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(out) : "f"(hi), "f"(lo));
@@ -115,11 +143,12 @@ __device__ __forceinline__ Chunk<T> load_chunk(const T* __restrict__ row, uint32
 // (then byte stores). `vec`: out is 16-byte aligned.
 __device__ __forceinline__ void store_e4m3(uint8_t* __restrict__ out, const float (&v)[CHUNK],
                                            const Quantizer& d, uint32_t valid, bool vec) {
+    float q[CHUNK];
+    d.apply(q, v);
     uint32_t w[4];
 #pragma unroll
     for (uint32_t i = 0; i < 4; ++i)
-        w[i] = e4m3x2(d.apply(v[4 * i]), d.apply(v[4 * i + 1])) |
-               (e4m3x2(d.apply(v[4 * i + 2]), d.apply(v[4 * i + 3])) << 16);
+        w[i] = e4m3x2(q[4 * i], q[4 * i + 1]) | (e4m3x2(q[4 * i + 2], q[4 * i + 3]) << 16);
     if (vec && valid >= CHUNK) {
         *reinterpret_cast<uint4*>(out) = make_uint4(w[0], w[1], w[2], w[3]);
         return;
