@@ -72,6 +72,9 @@ struct Quantizer {
         if (multiply) {
 #pragma unroll
             for (uint32_t j = 0; j < N; ++j) q[j] = __fmul_rn(v[j], inverse);
+        } else if (pre == 1.0f) {  // the usual case: no operand scaling, one FMUL less
+#pragma unroll
+            for (uint32_t j = 0; j < N; ++j) q[j] = div_rn::quotient(v[j], scale, inverse);
         } else {
 #pragma unroll
             for (uint32_t j = 0; j < N; ++j) q[j] = div_rn::quotient(__fmul_rn(v[j], pre), scale, inverse);

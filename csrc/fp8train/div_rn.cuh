@@ -30,11 +30,12 @@ __device__ __forceinline__ float reciprocal_normal(float b) {
 }
 
 // RN(a / b) given r = RN(1/b), for a, b scaled into the normal range as described above.
-// The FMAs would turn -0 / b into +0, so the sign is a's (b > 0 for every caller).
+// The residual is formed as t = q0 * b - a = -e and folded in as q0 - t * r: the same values,
+// but a zero quotient keeps a's sign (-0 + -0 = -0), where a - q0 * b would give +0 for a = -0.
 __device__ __forceinline__ float quotient(float a, float b, float r) {
     const float q0 = __fmul_rn(a, r);
-    const float e = __fmaf_rn(-q0, b, a);
-    return copysignf(__fmaf_rn(e, r, q0), a);
+    const float t = __fmaf_rn(q0, b, -a);
+    return __fmaf_rn(-t, r, q0);
 }
 
 // RN(amax / 448) for amax >= 0 finite. RN(1/448) = 0x3B124925 exactly. An amax below 2^-90
