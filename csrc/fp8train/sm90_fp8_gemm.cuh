@@ -22,6 +22,10 @@
 #include "fp8train/ptx.cuh"
 #include "fp8train/scheduler.cuh"
 
+#ifndef FP8TRAIN_SWIZZLED_EPILOGUE
+#define FP8TRAIN_SWIZZLED_EPILOGUE 1
+#endif
+
 namespace fp8train {
 
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
@@ -44,6 +48,9 @@ struct Sm90Fp8Gemm {
     static constexpr uint32_t kScaleASlot = (kScaleABytes + 127) / 128 * 128;
     static constexpr uint32_t kScaleBSlot = (kScaleBBytes + 127) / 128 * 128;
     static constexpr uint32_t kOutTileBytes = SCALE_B_1X128 ? 0 : BLOCK_M * BLOCK_N * 2;
+    // The BF16 output tile in 64-column parts with the TMA 128-byte swizzle (bank-conflict
+    // free writes) where BLOCK_N allows; the host's output descriptor must agree.
+    static constexpr bool kSwizzledOut = FP8TRAIN_SWIZZLED_EPILOGUE && !SCALE_B_1X128 && BLOCK_N % 64 == 0;
     static constexpr uint32_t kAccum = BLOCK_N / 2;  // FP32 accumulator registers per thread
     // With 128x128 B scales a tile spans at most two scale blocks: its start offset inside a
     // block is at most 128 - gcd(BLOCK_N, 128).
@@ -410,23 +417,36 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                         t.split, split_counters + t.output))
                     continue;  // another slice of K finishes this tile
             }
-            // BF16 tile -> shared memory -> one TMA store (it clips rows/columns past M, N).
+            // BF16 tile -> shared memory -> TMA store (it clips rows/columns past M, N).
             // Thread 0 waits until the previous tile's store has read the buffer.
             __nv_bfloat16* tile_out = reinterpret_cast<__nv_bfloat16*>(smem + S::kOut);
             if (threadIdx.x == 0) tma_store_wait_read();
             named_barrier_sync(1, G::kNumMathThreads);
 #pragma unroll
             for (uint32_t half = 0; half < 2; ++half) {
-                __nv_bfloat16* row_ptr = tile_out + (row_in_tile + half * 8) * BLOCK_N + (lane % 4) * 2;
+                const uint32_t row = row_in_tile + half * 8;
 #pragma unroll
-                for (uint32_t j = 0; j < G::kAccum / 4; ++j)
-                    *reinterpret_cast<__nv_bfloat162*>(row_ptr + j * 8) =
+                for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
+                    // A warp writes 8 rows x 16 bytes per j: row-major, those 8 rows share
+                    // banks (8-way conflicts); the 128-byte swizzle moves each row's 16
+                    // bytes to chunk (j % 8) ^ (row % 8), spreading them over all banks.
+                    __nv_bfloat16* dst = G::kSwizzledOut
+                        ? tile_out + (j / 8) * BLOCK_M * 64 + row * 64 + (((j % 8) ^ (row % 8)) * 8) + (lane % 4) * 2
+                        : tile_out + row * BLOCK_N + j * 8 + (lane % 4) * 2;
+                    *reinterpret_cast<__nv_bfloat162*>(dst) =
                         __floats2bfloat162_rn(accum[j * 4 + half * 2], accum[j * 4 + half * 2 + 1]);
+                }
             }
             fence_async_shared();
             named_barrier_sync(1, G::kNumMathThreads);
             if (threadIdx.x == 0) {
-                tma_store_2d(tmap_out, tile_out, n0, op.a_row);
+                if constexpr (G::kSwizzledOut) {  // one store per 64 columns (128-byte rows)
+#pragma unroll
+                    for (uint32_t part = 0; part < BLOCK_N / 64; ++part)
+                        tma_store_2d(tmap_out, tile_out + part * BLOCK_M * 64, n0 + part * 64, op.a_row);
+                } else {
+                    tma_store_2d(tmap_out, tile_out, n0, op.a_row);
+                }
                 tma_store_commit();
             }
         }

@@ -47,6 +47,7 @@ def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, grouping
     if grouping == "k_contiguous":
         k = 0
     return f"""// Rendered by fp8train.ops.native.sm90_fp8_gemm: {config}, N={n}, K={k}, {grouping}
+#define FP8TRAIN_SWIZZLED_EPILOGUE {int(SWIZZLED_EPILOGUE)}
 #include "fp8train/sm90_fp8_gemm.cuh"
 
 namespace fp8train {{
@@ -82,6 +83,14 @@ def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: 
 
 # Extra nvcc flags for experiments (e.g. -DFP8TRAIN_DEBUG_NO_LOADS); part of every cache key.
 debug_flags: tuple = ()
+# BF16 output tiles written 128-byte swizzled and stored in 64-column parts where BLOCK_N is
+# a multiple of 64 (no bank conflicts); False renders the plain row-major tile everywhere.
+SWIZZLED_EPILOGUE = True
+
+
+def swizzled_out(config: GemmConfig) -> bool:
+    """Whether this config's kernel writes the swizzled output tile (mirrors kSwizzledOut)."""
+    return SWIZZLED_EPILOGUE and config.kind == "1d2d" and config.block_n % 64 == 0
 
 
 def compile_kernel(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none"):
@@ -290,8 +299,9 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
         sb, ldb = tma_ready_scales(sb)
         move(slots[6], _tma_address(sb.data_ptr(), f32, kb, b_rows, 4 * ldb, 4, cfg.block_n, 0), 128)
     else:
-        move(slots[7], _tma_address(out.data_ptr(), out.dtype, n, out_rows, 2 * n, cfg.block_n,
-                                    cfg.block_m, 0), 128)
+        box_n, swizzle = (64, 128) if swizzled_out(cfg) else (cfg.block_n, 0)
+        move(slots[7], _tma_address(out.data_ptr(), out.dtype, n, out_rows, 2 * n, box_n, cfg.block_m, swizzle),
+             128)
     params.u64[8].value = counts.data_ptr() if counts is not None else 0
     num_groups = 0
     if counts is not None:
