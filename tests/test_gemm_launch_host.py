@@ -1,0 +1,70 @@
+"""The native GEMM launcher's host side without a GPU: driver calls stubbed, CPU tensors
+standing in for device ones. Checks the parameter blocks it hands the driver: built once
+per (kernel, pointers, shapes) and reused, rebuilt when anything in them changes, never
+cached when a padded scale copy (new every call) is involved."""
+import ctypes
+
+import pytest
+import torch
+
+from fp8train.ops.jit import device
+from fp8train.ops.native import sm90_fp8_gemm as native
+from fp8train.quant import per_block_cast, per_token_cast
+
+
+class RecordingKernel:
+    def __init__(self):
+        self.calls = []
+
+    def launch_params(self, grid, block, smem, params_address, stream, cluster):
+        self.calls.append(params_address)
+
+
+@pytest.fixture
+def stubbed(monkeypatch):
+    """A launch whose kernel records parameter blocks; TMA encoding stubbed."""
+    from fp8train.ops.jit import runtime
+
+    buf = (ctypes.c_uint8 * 128)()
+
+    class FakeMap:
+        def getPtr(self):
+            return ctypes.addressof(buf)
+
+    monkeypatch.setattr(runtime, "encode_tma_2d", lambda *args: FakeMap())
+    monkeypatch.setattr(native, "_raw_stream", lambda index: 0)
+    monkeypatch.setattr(native._local, "blocks", {}, raising=False)
+    monkeypatch.setattr(device, "_override", 132)
+    kernel = RecordingKernel()
+
+    def launch_for(m, n, k, *args, **kwargs):
+        cfg = native.choose_config(m, n, k, 132)
+        return native._Launch(cfg, kernel, 1024, cfg.num_ctas)
+
+    monkeypatch.setattr(native, "_launch_for", launch_for)
+    return kernel
+
+
+def operands(m, n, k):
+    return per_token_cast(torch.randn(m, k)), per_block_cast(torch.randn(n, k))
+
+
+def test_repeated_calls_reuse_one_parameter_block(stubbed):
+    a, b = operands(256, 256, 512)
+    out = torch.empty(256, 256, dtype=torch.bfloat16)
+    for _ in range(3):
+        native.fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, "1d2d", False)
+    assert len(set(stubbed.calls)) == 1
+    other_out = torch.empty(256, 256, dtype=torch.bfloat16)
+    native.fp8_gemm_nt_native(a[0], a[1], b[0], b[1], other_out, "1d2d", False)
+    assert len(set(stubbed.calls)) == 2, "a new output pointer must get its own block"
+    params = ctypes.c_void_p.from_address(stubbed.calls[-1] + 2 * 8).value  # slot 2: out
+    assert ctypes.c_uint64.from_address(params).value == other_out.data_ptr()
+
+
+def test_padded_scale_copies_are_not_cached(stubbed):
+    a, b = operands(128, 128, 384)  # K/128 = 3: the scales get a padded copy per call
+    out = torch.empty(128, 128, dtype=torch.bfloat16)
+    for _ in range(2):
+        native.fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, "1d2d", False)
+    assert not native._local.blocks
