@@ -65,7 +65,7 @@ __device__ __forceinline__ void dual_cast_tile(const T* __restrict__ x, const in
             const float s_row = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
             if (t < rows) {
                 if (k < cols)
-                    store_e4m3(q + static_cast<uint64_t>(t) * cols + k, v, Quantizer(s_row),
+                    store_e4m3(q + static_cast<uint64_t>(t) * cols + k, v, Quantizer(s_row, POW2),
                                cols - k, vec_out);
                 if (sub == 0) scale[static_cast<uint64_t>(t) * col_blocks + blockIdx.x] = s_row;
             }
@@ -86,7 +86,7 @@ __device__ __forceinline__ void dual_cast_tile(const T* __restrict__ x, const in
         const uint32_t t = t0 + CHUNK * sub;
         if (k < cols) {
             if (t < qt_cols)
-                store_e4m3(qt + static_cast<uint64_t>(k) * qt_cols + t, v, Quantizer(s_col),
+                store_e4m3(qt + static_cast<uint64_t>(k) * qt_cols + t, v, Quantizer(s_col, POW2),
                            qt_cols - t, vec_t);
             if (sub == 0) scale_t[static_cast<uint64_t>(k) * gridDim.y + blockIdx.y] = s_col;
         }

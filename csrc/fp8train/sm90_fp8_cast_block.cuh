@@ -63,7 +63,7 @@ __device__ __forceinline__ void block_cast_tile(const T* __restrict__ w, uint32_
 #pragma unroll
     for (uint32_t i = 1; i < WARPS; ++i) amax = nan_max(warp_amax[i], amax);
     const float s_block = scale_from_amax(amax, POW2);
-    const Quantizer d(s_block);
+    const Quantizer d(s_block, POW2);
     if (threadIdx.x == 0) {
         scale[blockIdx.y * gridDim.x + blockIdx.x] = s_block;
         if (transposed) scale_t[blockIdx.x * gridDim.y + blockIdx.y] = s_block;

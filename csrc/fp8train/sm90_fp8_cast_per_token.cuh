@@ -41,7 +41,7 @@ __device__ __forceinline__ void per_token_cast_chunk(const T* __restrict__ x, co
     const float s = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
     if (r >= rows) return;
     if (k < cols)
-        store_e4m3(q + static_cast<uint64_t>(r) * cols + k, v, Quantizer(s), cols - k, cols % CHUNK == 0);
+        store_e4m3(q + static_cast<uint64_t>(r) * cols + k, v, Quantizer(s, POW2), cols - k, cols % CHUNK == 0);
     if (in_row % LANES_PER_GROUP == 0) scale[static_cast<uint64_t>(r) * col_blocks + in_row / LANES_PER_GROUP] = s;
 }
 
