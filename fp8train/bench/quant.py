@@ -61,28 +61,28 @@ def _bit_exact(got, want) -> bool:
     return True
 
 
-def _cases(t: int, k: int):
-    """name -> (bytes moved, native cast of x, reference cast of x) for [T, K] bf16 inputs."""
-    tokens = t // 2
-    ids = torch.randint(0, MOE_EXPERTS, (tokens, MOE_TOP_K), device="cuda")
-    src = build_moe_layout(ids, MOE_EXPERTS).src_tokens
-    m = src.shape[0]
+def _cases(t: int, k: int, src: torch.Tensor, ref):
+    """name -> (bytes moved, native cast of x, reference cast of x) for [T, K] bf16 inputs;
+    ``ref`` maps each reference function to what to call for it (itself, or its compiled
+    version), ``src`` is the MoE layout's src_tokens for the permuted casts."""
+    tokens, m = t // 2, src.shape[0]
     weight_bytes = 2 * t * k + 2 * (t * k + 4 * -(-t // 128) * -(-k // 128))
     # Each assignment reads its token's row (2 bytes an element) and its int64 index.
     permuted_bytes = 2 * k * tokens * MOE_TOP_K + 8 * m + _rowwise_bytes(m, k)
+    per_token, dual = ref[per_token_cast_ref], ref[dual_cast_ref]
+    block, permuted = ref[per_block_cast_dual_ref], ref[permute_cast_ref]
     return {
         "per-token": (_bytes(t, k, False), lambda x: native.per_token_cast(x, False),
-                      lambda x: per_token_cast_ref(x, False)),
-        "dual": (_bytes(t, k, True), lambda x: native.dual_cast(x, False),
-                 lambda x: dual_cast_ref(x, False)),
+                      lambda x: per_token(x, False)),
+        "dual": (_bytes(t, k, True), lambda x: native.dual_cast(x, False), lambda x: dual(x, False)),
         "weight+T": (weight_bytes, lambda x: native.block_cast(x, False, True),
-                     lambda x: per_block_cast_dual_ref(x, False)),
+                     lambda x: block(x, False)),
         "permuted": (permuted_bytes,
                      lambda x: native.per_token_cast(x[:tokens], False, src_rows=src, num_rows=m),
-                     lambda x: permute_cast_ref(x[:tokens], src, False)),
+                     lambda x: permuted(x[:tokens], src, False)),
         "permuted dual": (permuted_bytes + _colwise_bytes(m, k),
                           lambda x: native.dual_cast(x[:tokens], False, src_rows=src, num_rows=m),
-                          lambda x: permute_cast_ref(x[:tokens], src, False, colwise=True)),
+                          lambda x: permuted(x[:tokens], src, False, True)),
     }
 
 
@@ -96,6 +96,11 @@ def _time(calls) -> float | None:
 
 def run(json_path: str | None) -> int:
     rows, failures = [], 0
+    references = (per_token_cast_ref, dual_cast_ref, per_block_cast_dual_ref, permute_cast_ref)
+    eager = {f: f for f in references}
+    # One compiled function per reference, shared by the shapes (dynamo recompiles per shape
+    # as it needs), so the run compiles a handful of graphs, not one per case and shape.
+    compiled = {f: torch.compile(f) for f in references}
     for t, k in SHAPES:
         sets = [torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
                 for _ in range(num_input_sets(2 * t * k, limit=8))]
@@ -103,11 +108,13 @@ def run(json_path: str | None) -> int:
         copy_ms = _time([lambda x=x, c=c: c.copy_(x) for x, c in zip(sets, copies)])
         copy = _gbps(4 * t * k, copy_ms) if copy_ms else float("nan")
         print(f"[{t:>5}x{k:>5}] copy {copy:6.0f} GB/s", flush=True)
+        ids = torch.randint(0, MOE_EXPERTS, (t // 2, MOE_TOP_K), device="cuda")
+        src = build_moe_layout(ids, MOE_EXPERTS).src_tokens
+        checks = _cases(t, k, src, eager)
         row = {"shape": [t, k], "copy": copy}
-        for name, (nbytes, cast, ref) in _cases(t, k).items():
-            ok = _bit_exact(cast(sets[0]), ref(sets[0]))
+        for name, (nbytes, cast, fn) in _cases(t, k, src, compiled).items():
+            ok = _bit_exact(cast(sets[0]), checks[name][2](sets[0]))
             failures += not ok
-            fn = torch.compile(ref)  # per shape: the lambdas close over this shape's layout
             ms_native = _time([lambda x=x: cast(x) for x in sets])
             ms_ref = _time([lambda x=x: fn(x) for x in sets])
             gb_native = _gbps(nbytes, ms_native) if ms_native else float("nan")
