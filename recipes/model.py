@@ -161,7 +161,9 @@ class HFCausalLM(nn.Module):
         self.hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.hf, **kwargs))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        logits = self.hf(input_ids=idx).logits  # (B, T, vocab)
+        # No KV cache: training never reads it, and its per-layer update makes torch.compile
+        # recompile each decoder layer (past the recompile limit, layers run eager).
+        logits = self.hf(input_ids=idx, use_cache=False).logits  # (B, T, vocab)
         return logits, lm_loss(logits, targets)
 
     def num_params(self) -> int:

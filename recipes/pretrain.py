@@ -136,8 +136,10 @@ def main(argv=None) -> Path:
         fused=accelerator.device.type == "cuda")
     # The LR schedule is lr_at(step), set by hand each step: nothing to prepare or save for it.
     model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.compile:
-        model = torch.compile(model)
+    # The loop calls `forward`; `model` stays the prepared module: torch.compile's wrapper
+    # prefixes every state-dict key with "_orig_mod.", which the FP8 export's fresh model
+    # would reject at the very end of a compile=true run.
+    forward = torch.compile(model) if cfg.compile else model
     state = TrainState(accelerator.device, rank=accelerator.process_index)
     accelerator.register_for_checkpointing(state)
     if resume_from is not None:
@@ -153,7 +155,7 @@ def main(argv=None) -> Path:
         model.eval()
         losses = torch.zeros(cfg.eval_batches, device=accelerator.device)
         for i in range(cfg.eval_batches):
-            _, losses[i] = model(*batches.get("val", i))
+            _, losses[i] = forward(*batches.get("val", i))
         model.train()
         return accelerator.reduce(losses.mean(), reduction="mean").item()
 
@@ -175,7 +177,7 @@ def main(argv=None) -> Path:
             # Gradients sync across processes only on the last micro-step.
             sync = micro == cfg.grad_accum_steps - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                _, loss = model(x, y)
+                _, loss = forward(x, y)
                 accelerator.backward(loss / cfg.grad_accum_steps)
             state.loss_sum += loss.detach() / cfg.grad_accum_steps
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None

@@ -42,3 +42,52 @@ def test_hf_config_errors():
     # Without model.hf an unknown key is still an error.
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(None, ["model.num_experts=8"])
+
+
+def test_bench_hf_bf16_experts_run_in_the_autocast_dtype():
+    """`bench hf`'s BF16 baseline: transformers' grouped_mm experts casts the tokens to the
+    weights' dtype, so FP32 master weights would make it an FP32 baseline; the bench's
+    implementation casts the weights to autocast's dtype instead. Same result as BF16
+    weights, the GEMM inputs are BF16, and dynamo traces it into one graph per layer class
+    (with use_cache=False, as the bench calls the model)."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fp8train.bench import hf as bench_hf
+
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=128, intermediate_size=256,
+                                  moe_intermediate_size=128, num_hidden_layers=3,
+                                  num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+                                  num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                                  vocab_size=256, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    experts = model.model.layers[0].mlp.experts
+    x = torch.randn(32, 128)
+    ids = torch.stack([torch.randperm(4)[:2] for _ in range(32)])
+    weights = torch.rand(32, 2)
+    seen = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        proxy = bench_hf._CastExperts(experts, torch.bfloat16)
+        seen.append(proxy.gate_up_proj.dtype)
+        out = bench_hf._grouped_mm_autocast_forward(experts, x, ids, weights)
+    assert seen == [torch.bfloat16] and experts.gate_up_proj.dtype == torch.float32
+    ref_experts = bench_hf._CastExperts(experts, torch.bfloat16)  # explicit BF16 weights
+    from transformers.integrations.moe import grouped_mm_experts_forward
+    ref = grouped_mm_experts_forward(ref_experts, x, ids, weights)
+    assert torch.equal(out, ref)
+
+    from transformers.integrations.moe import ExpertsInterface
+    ExpertsInterface.register(bench_hf.BF16_EXPERTS, bench_hf._grouped_mm_autocast_forward)
+    model.set_experts_implementation(bench_hf.BF16_EXPERTS)
+    for layer in model.model.layers:
+        layer.compile(backend="eager")
+    counters.clear()
+    tokens = torch.randint(0, 256, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+    loss.backward()
+    torch._dynamo.reset()
+    assert torch.isfinite(loss)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # not one per layer
+    assert experts.gate_up_proj.grad is not None

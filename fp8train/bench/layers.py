@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 
 import torch
 import torch.nn as nn
@@ -59,10 +60,42 @@ def compare(baseline: nn.Module, fp8: nn.Module, x: torch.Tensor, grad: torch.Te
     return errors
 
 
-def measure(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
-    """(median ms per forward+backward, peak GiB of one step)."""
+def time_synced(step, *, warmup: int = 3, iters: int = 10) -> float:
+    """Median ms per call of `step`, each timed alone between two synchronizations.
+
+    For layers that read values back to the host mid-step (the BF16 MoE's per-expert loop
+    and the reference grouped GEMMs read the group offsets): `time_calls` keeps the GPU busy
+    with a sleep while the host queues, which a host sync waits out, so it would drop every
+    batch and fail. The host gaps such a layer causes are part of its step time here.
+    """
+    for _ in range(warmup):  # JIT compiles, cuBLAS handles, allocator
+        step()
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure(module: nn.Module, x: torch.Tensor, grad: torch.Tensor,
+            host_syncs: bool = False) -> tuple[float, float]:
+    """(median ms per forward+backward, peak GiB of one step above what was allocated
+    before it: activations, saved tensors, gradients, workspaces)."""
     step = step_fn(module, x, grad)
-    ms, _ = time_calls([step], batch=10, repeats=5)
+    if host_syncs:
+        ms = time_synced(step)
+    else:
+        ms, _ = time_calls([step], batch=10, repeats=5)
+    # Free the last step's gradients first: still allocated, they would count in the base
+    # and then be freed and reallocated inside the step, hiding their size from the peak.
+    x.grad = None
+    for p in module.parameters():
+        p.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -92,12 +125,15 @@ def run_suite(suite: str, json_path: str | None, backends=("auto", "native")) ->
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(t, k, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_(True)
         grad = torch.randn(t, n_out, device=device, dtype=torch.bfloat16, generator=gen)
-        bf16_ms, bf16_gib = measure(base, x, grad)
+        # The MoE (both the BF16 loop over experts and, until the grouped kernels are
+        # verified, the FP8 reference path) syncs the host inside a step.
+        host_syncs = suite == "moe"
+        bf16_ms, bf16_gib = measure(base, x, grad, host_syncs)
         for backend in backends:
             ops.set_backend(backend)
             try:
                 errors = compare(base, fp8, x, grad)
-                ms, gib = measure(fp8, x, grad)
+                ms, gib = measure(fp8, x, grad, host_syncs)
             except RuntimeError as exc:  # e.g. a backend that cannot serve this layer
                 print(f"{suite} {shape} backend={backend}: skipped ({exc})", flush=True)
                 continue
@@ -114,7 +150,8 @@ def run_suite(suite: str, json_path: str | None, backends=("auto", "native")) ->
             print(f"{suite} {shape} backend={backend:6s} {'ok ' if ok else 'BAD'} "
                   f"err out {errors['out']:.3f} dx {errors['dx']:.3f} dw {errors['dw']:.3f} | "
                   f"bf16 {bf16_ms:7.3f} ms fp8 {ms:7.3f} ms speedup {bf16_ms / ms:.2f}"
-                  + (f" (bar {bar})" if bar else "")
+                  + (f" (issue 4 bar >= {bar}: {'met' if bf16_ms / ms >= bar else 'MISSED'})"
+                     if bar else "")
                   + f" | peak GiB {bf16_gib:.2f} / {gib:.2f}", flush=True)
     if json_path:
         with open(json_path, "w") as f:
