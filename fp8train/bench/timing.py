@@ -40,9 +40,9 @@ def time_calls(calls: Sequence[Callable[[], object]], *, batch: int = 40, repeat
         end.synchronize()
         queue_s = t1 - t0
         # The sleep must outlast the queueing, or host gaps leak into the GPU time: grow it
-        # (≈1.5 GHz clocks) and drop this batch if it did not.
-        if queue_s * 1.5e9 * 1.3 > sleep_cycles:
-            sleep_cycles = int(queue_s * 1.5e9 * 2)
+        # (at up to 2 GHz, the H100's boost clock) and drop this batch if it did not.
+        if queue_s * 2.0e9 * 1.3 > sleep_cycles:
+            sleep_cycles = int(queue_s * 2.0e9 * 2)
             continue
         gpu_ms.append(start.elapsed_time(end) / batch)
         host_us.append(queue_s / batch * 1e6)
