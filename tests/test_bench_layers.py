@@ -24,3 +24,18 @@ def test_moe_comparison_is_within_fp8_bounds():
     grad = torch.randn(256, 256, dtype=torch.bfloat16)
     errors = compare(base, fp8, x, grad)
     assert all(errors[key] < limit for key, limit in zip(("out", "dx", "dw"), LIMITS["moe"]))
+
+
+def test_tensorwise_stand_in_is_a_working_fp8_linear():
+    """The torchao-style reference the linear bench times next to ours computes the layer
+    (per-tensor scales: looser than 1x128, still within a few percent on Gaussian data)."""
+    from fp8train.bench.tensorwise_linear import TensorwiseFP8Linear
+
+    base, _ = build_linear(256, 256, 384, "cpu")
+    twin = TensorwiseFP8Linear(256, 384, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        twin.weight.copy_(base.weight)
+    x = torch.randn(2, 128, 256, dtype=torch.bfloat16)
+    grad = torch.randn(2, 128, 384, dtype=torch.bfloat16)
+    errors = compare(base, twin, x, grad)
+    assert all(errors[key] < limit for key, limit in zip(("out", "dx", "dw"), LIMITS["linear"])), errors

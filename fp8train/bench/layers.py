@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..nn import FP8Linear, FP8MoE, MoE
+from .tensorwise_linear import tensorwise_twin, torchao_twin
 from .timing import time_calls
 
 LINEAR_SHAPES = [(16384, 4096, 14336), (16384, 7168, 2048), (8192, 8192, 8192)]  # (T, K, N)
@@ -153,7 +154,33 @@ def run_suite(suite: str, json_path: str | None, backends=("auto", "native")) ->
                   + (f" (issue 4 bar >= {bar}: {'met' if bf16_ms / ms >= bar else 'MISSED'})"
                      if bar else "")
                   + f" | peak GiB {bf16_gib:.2f} / {gib:.2f}", flush=True)
+        if suite == "linear":
+            rows += reference_rows(base, x, grad, shape, bf16_ms, bf16_gib)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
     return 1 if failures else 0
+
+
+def reference_rows(base: nn.Module, x: torch.Tensor, grad: torch.Tensor, shape, bf16_ms: float,
+                   bf16_gib: float) -> list[dict]:
+    """The torchao-style tensorwise FP8 linear (and torchao's own, where installed) timed
+    like the FP8 rows, for the side-by-side issue 4 asks for. Not bars: context."""
+    rows = []
+    for name, build in (("tensorwise stand-in", tensorwise_twin), ("torchao tensorwise", torchao_twin)):
+        try:
+            module = build(base)
+            if module is None:
+                print(f"linear {shape} {name}: torchao not installed", flush=True)
+                continue
+            errors = compare(base, module, x, grad)
+            ms, gib = measure(module, x, grad)
+        except Exception as exc:  # a reference this torch cannot run must not end the run
+            print(f"linear {shape} {name}: failed ({type(exc).__name__}: {str(exc)[:160]})", flush=True)
+            continue
+        rows.append({"suite": "linear", "shape": shape, "backend": name, **errors, "bf16_ms": bf16_ms,
+                     "fp8_ms": ms, "speedup": bf16_ms / ms, "bf16_peak_gib": bf16_gib, "fp8_peak_gib": gib})
+        print(f"linear {shape} {name:19s} err out {errors['out']:.3f} dx {errors['dx']:.3f} "
+              f"dw {errors['dw']:.3f} | {ms:7.3f} ms speedup {bf16_ms / ms:.2f} | peak GiB {gib:.2f}",
+              flush=True)
+    return rows
