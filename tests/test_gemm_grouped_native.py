@@ -36,14 +36,15 @@ def offsets_of(blocks):
 
 @settings(max_examples=20, deadline=None)
 @given(st.lists(st.integers(0, 4), min_size=1, max_size=8), st.integers(1, 48).map(lambda v: 8 * v),
-       st.integers(1, 4), st.integers(0, 2**31))
-def test_m_grouped_contiguous_matches_reference(blocks, n, kb, seed):
-    """Experts with 0..4 row blocks of 128 (empty experts included) against the reference."""
+       st.integers(1, 4), st.integers(0, 2), st.integers(0, 2**31))
+def test_m_grouped_contiguous_matches_reference(blocks, n, kb, spare, seed):
+    """Experts with 0..4 row blocks of 128 (empty experts included), and 0..2 spare row
+    blocks past the last expert (zeros out), against the reference."""
     if sum(blocks) == 0:
         blocks[0] = 1
     g, k = len(blocks), 128 * kb
     offsets = offsets_of(blocks)
-    m = int(offsets[-1])
+    m = int(offsets[-1]) + 128 * spare
     gen = torch.Generator(device="cuda").manual_seed(seed)
     a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))
     b = per_block_cast(torch.randn(g, n, k, device="cuda", generator=gen))
@@ -109,9 +110,9 @@ def test_m_grouped_masked_replays_in_a_cuda_graph_with_new_counts():
         check_masked(out, expect, counts)
 
 
-def k_grouped_case(blocks, m, n, accumulate, seed):
+def k_grouped_case(blocks, m, n, accumulate, seed, spare=0):
     offsets = offsets_of(blocks)
-    t = int(offsets[-1])
+    t = int(offsets[-1]) + 128 * spare  # spare tokens past the last expert are left out
     g = len(blocks)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     a = per_token_cast(torch.randn(m, t, device="cuda", generator=gen))
@@ -128,13 +129,13 @@ def k_grouped_case(blocks, m, n, accumulate, seed):
 
 @settings(max_examples=20, deadline=None)
 @given(st.lists(st.integers(0, 3), min_size=1, max_size=8), st.integers(1, 300),
-       st.integers(1, 40).map(lambda v: 8 * v), st.booleans(), st.integers(0, 2**31))
-def test_k_grouped_matches_reference(blocks, m, n, accumulate, seed):
+       st.integers(1, 40).map(lambda v: 8 * v), st.booleans(), st.integers(0, 1), st.integers(0, 2**31))
+def test_k_grouped_matches_reference(blocks, m, n, accumulate, spare, seed):
     """Experts with 0..3 token blocks: an empty one is zeros, or left exactly alone when
     accumulating."""
     if sum(blocks) == 0:
         blocks[0] = 1
-    out, expect = k_grouped_case(blocks, m, n, accumulate, seed)
+    out, expect = k_grouped_case(blocks, m, n, accumulate, seed, spare)
     assert not out.isnan().any(), "unwritten or NaN output elements"
     for gi, nb in enumerate(blocks):
         if nb == 0:

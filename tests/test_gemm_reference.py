@@ -105,11 +105,13 @@ def offsets_of(sizes):
     return torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist(), dtype=torch.int32)
 
 
-@given(group_sizes(), st.integers(1, 260), st.integers(1, 3), st.integers(0, 2**31))
-def test_m_grouped_contiguous_equals_loop(sizes, n, kb, seed):
+@given(group_sizes(), st.integers(1, 260), st.integers(1, 3), st.integers(0, 2), st.integers(0, 2**31))
+def test_m_grouped_contiguous_equals_loop(sizes, n, kb, spare, seed):
+    """Spare row blocks past the last expert (a static-size buffer) come out as zeros."""
     m, k, g = sum(sizes), 128 * kb, len(sizes)
     if m == 0:
         sizes[0], m = 128, 128
+    m += 128 * spare
     a = per_token_cast(rand(m, k, seed=seed))
     b = per_block_cast(rand(g, n, k, seed=seed + 1))
     offsets = offsets_of(sizes)
@@ -119,6 +121,7 @@ def test_m_grouped_contiguous_equals_loop(sizes, n, kb, seed):
         rows = slice(offsets[i], offsets[i + 1])
         expect = fp8_gemm_nt((a[0][rows], a[1][rows]), (b[0][i], b[1][i]))
         assert torch.equal(out[rows], expect)
+    assert torch.all(out[m - 128 * spare:] == 0)
 
 
 @given(st.integers(1, 5), st.integers(1, 200), st.integers(1, 260), st.integers(1, 3),
@@ -136,11 +139,14 @@ def test_m_grouped_masked_equals_loop(g, m_max, n, kb, seed, data):
         assert torch.all(out[i, rows:] == 7.0), "rows past masked_m were written"
 
 
-@given(group_sizes(), st.integers(1, 200), st.integers(1, 200), st.booleans(), st.integers(0, 2**31))
-def test_k_grouped_contiguous_equals_loop(sizes, n, k, accumulate, seed):
+@given(group_sizes(), st.integers(1, 200), st.integers(1, 200), st.booleans(), st.integers(0, 2),
+       st.integers(0, 2**31))
+def test_k_grouped_contiguous_equals_loop(sizes, n, k, accumulate, spare, seed):
+    """Spare tokens past the last expert are left out of every expert's gradient."""
     t, g = sum(sizes), len(sizes)
     if t == 0:
         sizes[-1], t = 128, 128
+    t += 128 * spare
     dy, x = rand(t, n, seed=seed), rand(t, k, seed=seed + 1)
     a, b = per_token_cast(dy.t()), per_token_cast(x.t())  # [N, T] and [K, T], 1x128 along T
     offsets = offsets_of(sizes)

@@ -124,8 +124,14 @@ struct TileWalker {
             t.output = tile / SPLIT_K;
             t.split = tile - t.output * SPLIT_K;
             Raster::coords(t.output, m_blocks(), rank, t.m_block, t.n_block);
-            t.group = GROUPING == Grouping::kMContiguous
-                          ? group_of_row(counts, num_groups, t.m_block * BLOCK_M) : 0;
+            t.group = 0;
+            if constexpr (GROUPING == Grouping::kMContiguous) {
+                // Rows past the last offset belong to no expert (a static-size buffer's
+                // spare rows): group == num_groups, a tile with no K blocks.
+                const uint32_t m0 = t.m_block * BLOCK_M;
+                t.group = m0 >= static_cast<uint32_t>(__ldg(counts + num_groups))
+                              ? num_groups : group_of_row(counts, num_groups, m0);
+            }
         }
         tile += stride;
         return true;

@@ -226,6 +226,9 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
         op.b_row = (kMGrouped ? t.group * SHAPE_N : 0) + t.n_block * BLOCK_N;
         op.kb_begin = 0;
         op.kb_end = kNumKBlocks;
+        if constexpr (GROUPING == Grouping::kMContiguous) {
+            if (t.group >= num_groups) op.kb_end = 0;  // no expert: the tile is stored as zeros
+        }
         if constexpr (SPLIT_K > 1) {
             op.kb_begin = t.split * kNumKBlocks / SPLIT_K;
             op.kb_end = (t.split + 1) * kNumKBlocks / SPLIT_K;

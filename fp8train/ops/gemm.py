@@ -56,7 +56,9 @@ def _check_out(out, shape, dtype, device, accumulate: bool) -> Optional[torch.Te
 
 
 def _check_offsets(name: str, offsets, groups: int, total: int, device) -> list[int]:
-    """int32 [G+1] offsets: 0 first, `total` last, non-decreasing, multiples of 128.
+    """int32 [G+1] offsets: 0 first, at most `total` last, non-decreasing, multiples of 128.
+    Rows (tokens) past the last offset belong to no group: a static-size buffer's spare
+    rows, left out of the math.
 
     Values are checked on the host here (the reference path); native kernels read them on
     the device and trust them, so that no call syncs.
@@ -66,11 +68,11 @@ def _check_offsets(name: str, offsets, groups: int, total: int, device) -> list[
     if offsets.device != device:
         raise ValueError(f"{name}: expected device {device}, got {offsets.device}")
     values = offsets.tolist()
-    ok = values[0] == 0 and values[-1] == total and all(
+    ok = values[0] == 0 and values[-1] <= total and all(
         b >= a for a, b in zip(values, values[1:])) and all(v % GROUP == 0 for v in values)
     if not ok:
-        raise ValueError(f"{name}: expected non-decreasing multiples of {GROUP} from 0 to "
-                         f"{total}, got {values}")
+        raise ValueError(f"{name}: expected non-decreasing multiples of {GROUP} from 0 to at "
+                         f"most {total}, got {values}")
     return values
 
 
@@ -161,7 +163,9 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     a: (e4m3 ``[M, K]``, float32 ``[M, K/128]``), rows sorted by group, segments padded to
        multiples of 128 (padding rows are computed like any other row).
     b: (e4m3 ``[G, N, K]``, float32 ``[G, ceil(N/128), K/128]``).
-    group_offsets: int32 ``[G+1]`` row offsets, 0 to M, non-decreasing multiples of 128.
+    group_offsets: int32 ``[G+1]`` row offsets from 0, non-decreasing multiples of 128, the
+       last at most M: rows past it belong to no expert (the spare rows of a static-size
+       buffer) and come out as zeros without costing math.
        The reference path checks the values (a host sync); the native kernel reads them on
        the device and trusts them, so a native call never syncs.
     Returns bf16 ``[M, N]`` (written into ``out`` when given).
@@ -257,7 +261,8 @@ def k_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
 
     a: (e4m3 ``[N, T]``, float32 ``[N, T/128]``) and b: (e4m3 ``[K, T]``, float32
     ``[K, T/128]``), both 1x128 along T (tokens sorted by expert).
-    group_offsets: int32 ``[G+1]`` token offsets, 0 to T, non-decreasing multiples of 128.
+    group_offsets: int32 ``[G+1]`` token offsets from 0, non-decreasing multiples of 128, the
+       last at most T (tokens past it belong to no expert and are left out).
     Returns float32 ``[G, N, K]``; an expert with no tokens gets zeros, or is left alone
     when ``accumulate``.
     """

@@ -37,6 +37,7 @@ def m_grouped_contiguous_ref(a, sa, b, sb, offsets: list[int], out: torch.Tensor
         rows = slice(offsets[g], offsets[g + 1])
         if offsets[g + 1] > offsets[g]:
             out[rows] = fp8_gemm_nt_ref(a[rows], sa[rows], b[g], sb[g]).to(out.dtype)
+    out[offsets[-1]:] = 0  # rows of no expert
 
 
 def m_grouped_masked_ref(a, sa, b, sb, masked_m: list[int], out: torch.Tensor) -> None:
