@@ -84,15 +84,24 @@ def test_post_all_gather_reuses_its_buffers():
         shard.fsdp_post_all_gather(outputs, None, torch.bfloat16, out=other)
 
 
+def count_weight_casts(monkeypatch) -> list:
+    """A list that gets the shape of every weight the layers cast 128x128 (alone or with
+    its transpose, ``cast_128x128_dual``)."""
+    casts = []
+    for name in ("cast_128x128", "cast_128x128_dual"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda w, p, original=original:
+                            casts.append(w.shape) or original(w, p))
+    return casts
+
+
 RECIPES = [FP8Recipe(), FP8Recipe(save_fp8_weight=True), FP8Recipe.from_name("wgrad_hp"),
            FP8Recipe.from_name("fprop_only"), FP8Recipe(fprop_fp8=False)]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=str)
 def test_pre_cast_weight_gives_the_same_outputs_and_gradients(recipe, monkeypatch):
-    casts = []
-    original = ops.cast_128x128
-    monkeypatch.setattr(ops, "cast_128x128", lambda w, p: casts.append(w.shape) or original(w, p))
+    casts = count_weight_casts(monkeypatch)
     torch.manual_seed(0)
     master = torch.randn(256, 384)
     x = torch.randn(3, 100, 384, dtype=torch.bfloat16)
@@ -119,9 +128,7 @@ def test_pre_cast_weight_gives_the_same_outputs_and_gradients(recipe, monkeypatc
 
 @pytest.mark.parametrize("recipe", RECIPES[:3], ids=str)
 def test_pre_cast_expert_weights_give_the_same_outputs_and_gradients(recipe, monkeypatch):
-    casts = []
-    original = ops.cast_128x128
-    monkeypatch.setattr(ops, "cast_128x128", lambda w, p: casts.append(w.shape) or original(w, p))
+    casts = count_weight_casts(monkeypatch)
     torch.manual_seed(0)
     layers = [FP8GroupedLinear(3, 256, 128, recipe=recipe) for _ in range(2)]
     layers[0].weight = nn.Parameter(FP8BlockWeight(*per_block_cast(layers[0].weight.detach()),

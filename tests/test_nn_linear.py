@@ -231,6 +231,51 @@ def test_main_grad_accumulates_in_fp32_and_leaves_grad_none():
         FP8Linear(128, 128, recipe=FP8Recipe(accumulate_into_main_grad=True))(torch.ones(1, 128))
 
 
+def count_weight_casts(monkeypatch) -> dict:
+    """Calls of the 128x128 casts (W alone, W with W^T) and of the FP8 block transpose."""
+    import fp8train.quant.casts as casts
+    from fp8train.nn import _custom_ops
+
+    calls = {"per_block_cast": 0, "per_block_cast_dual": 0, "transpose_128x128": 0}
+    for module, name in ((casts, "per_block_cast"), (casts, "per_block_cast_dual"),
+                         (_custom_ops, "transpose_128x128")):
+        def counted(*args, _name=name, _original=getattr(module, name), **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("save_fp8_weight", [False, True])
+def test_training_step_makes_w_t_with_one_dual_cast(save_fp8_weight, monkeypatch):
+    """(W^T)_q comes from the dual cast (one read of W, native kernel once VERIFIED), never
+    from transposing a cast W: in the forward with save_fp8_weight (W_q feeds fprop), else
+    in backward."""
+    calls = count_weight_casts(monkeypatch)
+    module = FP8Linear(256, 384, recipe=FP8Recipe(save_fp8_weight=save_fp8_weight))
+    x = rand(70, 256, seed=11).requires_grad_()
+    y = module(x)
+    assert calls == {"per_block_cast": 0 if save_fp8_weight else 1,
+                     "per_block_cast_dual": 1 if save_fp8_weight else 0, "transpose_128x128": 0}
+    y.backward(rand(70, 384, seed=12))
+    assert calls == {"per_block_cast": 0 if save_fp8_weight else 1, "per_block_cast_dual": 1,
+                     "transpose_128x128": 0}
+
+
+def test_save_fp8_weight_with_main_grad():
+    """The weight is kept for main_grad even when dgrad reads the saved (W^T)_q."""
+    plain = FP8Linear(256, 128)
+    fused = FP8Linear.from_linear(copy.deepcopy(plain), FP8Recipe(
+        save_fp8_weight=True, accumulate_into_main_grad=True))
+    fused.weight.main_grad = torch.zeros(128, 256)
+    x, grad_out = rand(64, 256, seed=13), rand(64, 128, seed=14)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    plain(xs[0]).backward(grad_out)
+    fused(xs[1]).backward(grad_out)
+    assert fused.weight.grad is None and torch.equal(fused.weight.main_grad, plain.weight.grad)
+    assert torch.equal(xs[0].grad, xs[1].grad)
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_activation_checkpointing_gives_identical_gradients(use_reentrant):
     torch.manual_seed(0)

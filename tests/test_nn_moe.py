@@ -135,6 +135,70 @@ def test_fp8_grouped_linear_main_grad():
     assert torch.equal(fused.weight.main_grad, plain.weight.grad + 1)
 
 
+def count_permutations(monkeypatch) -> list:
+    """Records each permuted high-precision copy the grouped layers make ("gather") and
+    each cast with the permutation fused ("cast", colwise)."""
+    import fp8train.nn.grouped_linear as grouped_linear
+    import fp8train.quant.moe_casts as moe_casts
+
+    calls = []
+    gather, cast = grouped_linear.gather_rows, moe_casts.per_token_cast_permuted
+    monkeypatch.setattr(grouped_linear, "gather_rows",
+                        lambda *a: calls.append(("gather",)) or gather(*a))
+    monkeypatch.setattr(moe_casts, "per_token_cast_permuted", lambda *a, **kw: calls.append(
+        ("cast", kw.get("colwise", False))) or cast(*a, **kw))
+    return calls
+
+
+FUSED_RECIPES = [FP8Recipe(), FP8Recipe(pow2_scale=True, save_fp8_weight=True),
+                 FP8Recipe.from_name("wgrad_hp"), FP8Recipe.from_name("fprop_only"),
+                 FP8Recipe(fprop_fp8=False), FP8Recipe(dgrad_fp8=False)]
+
+
+@pytest.mark.parametrize("recipe", FUSED_RECIPES, ids=str)
+def test_grouped_linear_with_src_tokens_equals_permute_then_layer(recipe, monkeypatch):
+    """FP8GroupedLinear(x, offsets, src_tokens) fuses the permutation into its casts: the
+    same bits as permute() and the layer, and the permuted high-precision copy is made only
+    for a high-precision GEMM (fprop in forward, wgrad in backward)."""
+    torch.manual_seed(0)
+    t, e, k = 150, 4, 3
+    layout = build_moe_layout(torch.stack([torch.randperm(e)[:k] for _ in range(t)]), e)
+    fused = FP8GroupedLinear(e, 256, 128, dtype=torch.bfloat16, recipe=recipe)
+    unfused = copy.deepcopy(fused)
+    x = rand(t, 256, seed=1, dtype=torch.bfloat16)
+    grad_out = rand(layout.num_rows, 128, seed=2, dtype=torch.bfloat16)
+    calls = count_permutations(monkeypatch)
+    x_fused = x.clone().requires_grad_()
+    y = fused(x_fused, layout.group_offsets, layout.src_tokens)
+    y.backward(grad_out)
+    expected = [("cast", recipe.wgrad_fp8)] if recipe.fprop_fp8 else [("gather",)]
+    if not recipe.wgrad_fp8:
+        expected.append(("gather",))  # the rows for the high-precision wgrad, in backward
+    assert calls == expected
+    x_unfused = x.clone().requires_grad_()
+    y_ref = unfused(permute(x_unfused, layout), layout.group_offsets)
+    y_ref.backward(grad_out)
+    assert torch.equal(y, y_ref) and torch.equal(x_fused.grad, x_unfused.grad)
+    assert torch.equal(fused.weight.grad, unfused.weight.grad)
+    with torch.no_grad():  # inference: the row-wise cast alone
+        calls.clear()
+        assert torch.equal(fused(x, layout.group_offsets, layout.src_tokens), y)
+        assert calls == ([("cast", False)] if recipe.fprop_fp8 else [("gather",)])
+
+
+def test_fp8_moe_step_casts_tokens_with_the_permutation_fused(monkeypatch):
+    """One training step: the gate_up input is cast once, row-wise and column-wise, straight
+    from the tokens; no permuted BF16 copy is made."""
+    calls = count_permutations(monkeypatch)
+    moe = FP8MoE(256, 128, 4, 2, dtype=torch.bfloat16)
+    x = rand(90, 256, seed=3, dtype=torch.bfloat16).requires_grad_()
+    moe(x).float().square().sum().backward()
+    assert calls == [("cast", True)]
+    with pytest.raises(ValueError, match="src_tokens"):
+        moe.experts_gate_up(x, torch.tensor([0, 0, 0, 0, 100], dtype=torch.int32),
+                            torch.zeros(100, dtype=torch.int64))
+
+
 @settings(max_examples=8)
 @given(t=st.integers(1, 160), e=st.sampled_from([1, 4, 8]), k=st.integers(1, 2),
        shared=st.booleans(), seed=st.integers(0, 2**31 - 1),

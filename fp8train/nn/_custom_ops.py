@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..ops import backend as _backend
 from ..ops import gemm as _gemm
 from ..quant import casts as _casts
+from ..quant import moe_casts as _moe_casts
 from ..quant.formats import FP8_DTYPE, GROUP
 
 Tensor = torch.Tensor
@@ -141,6 +142,83 @@ def _(w, pow2_scale):
             w.new_empty(*w.shape[:-2], *grid, dtype=torch.float32))
 
 
+@torch.library.custom_op("fp8train::cast_128x128_dual", mutates_args=())
+def cast_128x128_dual(w: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The 128x128 casts of a weight [N, K] (or [G, N, K]) and of its transpose from one
+    read of w: (W_q, scale, (W^T)_q, scale^T). The transposed pair is byte for byte the
+    first one transposed (``transpose_128x128``), written by the same kernel pass."""
+    with _run_scope(w.device, ""):
+        w_fp8, w_scale, wt_fp8, wt_scale = _casts.per_block_cast_dual(w, pow2_scale=pow2_scale)
+    # A custom op's outputs must not alias each other: the reference transposes the scale
+    # grid with .contiguous(), a view when the grid has a single row or column.
+    if wt_scale.untyped_storage().data_ptr() == w_scale.untyped_storage().data_ptr():
+        wt_scale = wt_scale.clone()
+    return w_fp8, w_scale, wt_fp8, wt_scale
+
+
+@cast_128x128_dual.register_fake
+def _(w, pow2_scale):
+    n, k = w.shape[-2:]
+    nb, kb = _ceil_to(n, GROUP) // GROUP, _ceil_to(k, GROUP) // GROUP
+    lead = w.shape[:-2]
+    return (w.new_empty(w.shape, dtype=FP8_DTYPE),
+            w.new_empty(*lead, nb, kb, dtype=torch.float32),
+            w.new_empty(*lead, k, n, dtype=FP8_DTYPE),
+            w.new_empty(*lead, kb, nb, dtype=torch.float32))
+
+
+# The MoE casts with the permutation into the padded layout fused in: x [T, K] holds the
+# tokens, src_tokens int64 [M] the token each padded row copies (T: a zero row), and the
+# results are those of cast_1x128 / cast_1x128_both on ``permute(x)`` [M, K], which never
+# exists in high precision.
+def _fake_permuted_rowwise(x, src_tokens):
+    return _fake_rowwise(x.new_empty(src_tokens.shape[0], x.shape[1]))
+
+
+def _fake_permuted_colwise(x, src_tokens):
+    return _fake_colwise(x.new_empty(src_tokens.shape[0], x.shape[1]))
+
+
+@torch.library.custom_op("fp8train::cast_1x128_permuted", mutates_args=())
+def cast_1x128_permuted(x: Tensor, src_tokens: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
+    """Row-wise 1x128 cast of the padded layout's rows x[src_tokens] -> [M, K], [M, K/128]."""
+    if src_tokens.shape[0] == 0:  # no rows: empty operands of the right shapes
+        return _fake_permuted_rowwise(x, src_tokens)
+    with _run_scope(x.device, ""):
+        return _moe_casts.per_token_cast_permuted(x, src_tokens, pow2_scale=pow2_scale)
+
+
+@cast_1x128_permuted.register_fake
+def _(x, src_tokens, pow2_scale):
+    return _fake_permuted_rowwise(x, src_tokens)
+
+
+@torch.library.custom_op("fp8train::cast_1x128_permuted_both", mutates_args=())
+def cast_1x128_permuted_both(x: Tensor, src_tokens: Tensor,
+                             pow2_scale: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Row-wise and column-wise (along the M padded rows) casts of x[src_tokens]: the
+    fprop operand and the wgrad operand of the padded layout from one gathered read."""
+    if src_tokens.shape[0] == 0:
+        return (*_fake_permuted_rowwise(x, src_tokens), *_fake_permuted_colwise(x, src_tokens))
+    with _run_scope(x.device, ""):
+        return _moe_casts.per_token_cast_permuted(x, src_tokens, pow2_scale=pow2_scale,
+                                                  colwise=True)
+
+
+@cast_1x128_permuted_both.register_fake
+def _(x, src_tokens, pow2_scale):
+    return (*_fake_permuted_rowwise(x, src_tokens), *_fake_permuted_colwise(x, src_tokens))
+
+
+def cast_1x128_permuted_layouts(x_hp: Tensor, src_tokens: Tensor, pow2_scale: bool,
+                                colwise: bool):
+    """``cast_1x128_layouts(permute(x_hp), pow2_scale, True, colwise)`` without the permuted
+    copy: (fp8, scale, t_fp8, t_scale), the last two None unless ``colwise``."""
+    if colwise:
+        return cast_1x128_permuted_both(x_hp, src_tokens, pow2_scale)
+    return (*cast_1x128_permuted(x_hp, src_tokens, pow2_scale), None, None)
+
+
 # --------------------------------------------------------------------------- GEMMs
 @torch.library.custom_op("fp8train::gemm_nt", mutates_args=())
 def gemm_nt(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
@@ -210,5 +288,7 @@ def _(a, a_scale, b, b_scale, group_offsets, out, backend):
 
 def transpose_128x128(w_fp8: Tensor, w_scale: Tensor) -> Tuple[Tensor, Tensor]:
     """The exact FP8 copy of W^T from W's 128x128 cast: each block's scale covers the same
-    elements after transposing, so transposing data and scale grid loses nothing."""
+    elements after transposing, so transposing data and scale grid loses nothing. Used only
+    for a weight that arrives already cast (``FP8BlockWeight``); a high-precision weight
+    gets both copies from ``cast_128x128_dual``."""
     return (w_fp8.transpose(-1, -2).contiguous(), w_scale.transpose(-1, -2).contiguous())

@@ -9,6 +9,13 @@
 
 Segments are padded to multiples of 128 rows, so the token count of each expert is a legal
 wgrad contraction length without any further padding. No bias (MoE experts have none).
+
+Given ``src_tokens`` (``MoELayout.src_tokens``), x is the tokens ``[T, K]`` and the layer
+reads the padded rows ``x[src_tokens]`` itself: the FP8 casts gather them
+(``per_token_cast_permuted``), so the permuted high-precision copy is only made where a
+high-precision GEMM reads it (fprop or wgrad of a partial recipe), and dgrad sums the rows'
+gradients back onto their tokens. W_q and (W^T)_q come from one dual cast, as in
+``linear_function``.
 """
 from __future__ import annotations
 
@@ -20,7 +27,9 @@ from torch import nn
 
 from .._checks import FLOAT_DTYPES, check_tensor
 from . import _custom_ops as ops
-from .linear_function import GROUP, cast_weight, check_main_grad, compute_dtype, saved_for_backward
+from .linear_function import (GROUP, cast_weight_dual, check_main_grad, compute_dtype,
+                              forward_weight_casts, saved_for_backward)
+from .moe_layout import gather_rows, scatter_add_rows
 from .recipe import FP8Recipe
 
 
@@ -39,25 +48,32 @@ def segment_wgrad(dy: torch.Tensor, x: torch.Tensor, group_offsets: torch.Tensor
                         for s, e in zip(bounds[:-1], bounds[1:])])
 
 
-def _forward(x, weight, group_offsets, recipe: FP8Recipe, out_dtype: torch.dtype,
+def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype: torch.dtype,
              need_dx: bool, need_dw: bool):
     """The grouped forward GEMM and what backward needs for the gradients asked for:
-    (y, (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight))."""
+    (y, (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight)). x: the rows ``[M, K]``, or
+    with ``src_tokens`` ``[M]`` the tokens ``[T, K]`` they copy (then x_hp is the tokens)."""
     pow2, backend = recipe.pow2_scale, recipe.backend_arg
     with torch.autocast(device_type=x.device.type, enabled=False):
-        w_fp8 = w_scale = None
-        x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_layouts(
-            x, pow2, recipe.fprop_fp8, need_dw and recipe.wgrad_fp8)
+        rowwise, colwise = recipe.fprop_fp8, need_dw and recipe.wgrad_fp8
+        if src_tokens is not None and rowwise:  # the permutation fused into the casts
+            x_rows = None
+            x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_permuted_layouts(
+                x, src_tokens, pow2, colwise)
+        else:  # the rows in high precision: the fprop GEMM reads them
+            x_rows = x if src_tokens is None else gather_rows(x, src_tokens)
+            x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_layouts(
+                x_rows, pow2, rowwise, colwise)
+        w_fp8, w_scale, w_t_fp8, w_t_scale = forward_weight_casts(weight, recipe, need_dx)
 
         if recipe.fprop_fp8:
-            w_fp8, w_scale = cast_weight(weight, pow2)
             # The grouped kernel writes BF16 (DeepGEMM's contract).
             y = ops.m_grouped_gemm_nt_contiguous(x_fp8, x_scale, w_fp8, w_scale,
                                                  group_offsets, backend).to(out_dtype)
         else:
-            y = segment_matmul(x.to(out_dtype), weight.to(out_dtype), group_offsets)
+            y = segment_matmul(x_rows.to(out_dtype), weight.to(out_dtype), group_offsets)
 
-        saved = saved_for_backward(x, xt_fp8, xt_scale, weight, w_fp8, w_scale, recipe,
+        saved = saved_for_backward(x, xt_fp8, xt_scale, weight, w_t_fp8, w_t_scale, recipe,
                                    need_dx, need_dw)
     return y, saved
 
@@ -65,23 +81,31 @@ def _forward(x, weight, group_offsets, recipe: FP8Recipe, out_dtype: torch.dtype
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """Autograd of the grouped ``y[seg g] = x[seg g] @ weight[g].T`` on FP8 GEMMs.
 
-    ``apply(x, weight, group_offsets, recipe, out_dtype)``; see ``FP8GroupedLinear``.
+    ``apply(x, weight, group_offsets, recipe, out_dtype[, src_tokens])``: x the rows
+    ``[M, K]``, or with ``src_tokens`` int64 ``[M]`` the tokens ``[T, K]`` that the rows
+    copy; see ``FP8GroupedLinear``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, group_offsets, recipe: FP8Recipe, out_dtype: torch.dtype):
+    def forward(ctx, x, weight, group_offsets, recipe: FP8Recipe, out_dtype: torch.dtype,
+                src_tokens=None):
         need_dx = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1] or (recipe.accumulate_into_main_grad
                                               and weight.requires_grad)
-        y, saved = _forward(x, weight, group_offsets, recipe, out_dtype, need_dx, need_dw)
-        ctx.save_for_backward(*saved, group_offsets)
+        y, saved = _forward(x, weight, group_offsets, src_tokens, recipe, out_dtype,
+                            need_dx, need_dw)
+        ctx.save_for_backward(*saved, group_offsets, src_tokens)
         ctx.recipe, ctx.need_dw = recipe, need_dw
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.num_tokens = x.shape[0]
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight, group_offsets = ctx.saved_tensors
+        (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight, group_offsets,
+         src_tokens) = ctx.saved_tensors
+        if x_hp is not None and src_tokens is not None:
+            x_hp = gather_rows(x_hp, src_tokens)  # the rows of a high-precision wgrad
         recipe: FP8Recipe = ctx.recipe
         pow2, backend = recipe.pow2_scale, recipe.backend_arg
         grad_out_hp = grad_out.contiguous()  # [M, N], K-major rows for the casts
@@ -95,14 +119,15 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             if need_dx:
                 if recipe.dgrad_fp8:
                     if w_t_fp8 is None:
-                        w_t_fp8, w_t_scale = ops.transpose_128x128(
-                            *cast_weight(weight, pow2))
+                        w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2)[2:]
                     dx = ops.m_grouped_gemm_nt_contiguous(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
                                                           group_offsets, backend)
                 else:
                     dx = segment_matmul(grad_out_hp, weight.to(grad_out_hp.dtype).transpose(1, 2),
                                         group_offsets)
                 dx = dx.to(ctx.x_dtype)
+                if src_tokens is not None:  # rows -> tokens: each token's k copies summed
+                    dx = scatter_add_rows(dx, src_tokens, ctx.num_tokens)
 
             if need_dw:
                 if recipe.accumulate_into_main_grad:
@@ -113,7 +138,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                                                           group_offsets, backend).to(ctx.w_dtype)
                 else:
                     dw = segment_wgrad(grad_out_hp, x_hp, group_offsets).to(ctx.w_dtype)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 def _check_int(name: str, value) -> int:
@@ -126,7 +151,9 @@ def _check_int(name: str, value) -> int:
 
 class GroupedLinear(nn.Module):
     """``num_experts`` bias-free linear layers, weight ``[G, out_features, in_features]``,
-    applied to rows sorted by expert: ``forward(x [M, K], group_offsets int32 [G+1])``.
+    applied to rows sorted by expert: ``forward(x [M, K], group_offsets int32 [G+1])``, or
+    ``forward(x [T, K], group_offsets, src_tokens int64 [M])`` to the rows ``x[src_tokens]``
+    (``MoELayout.src_tokens``: a value T is a zero row), M rows out either way.
 
     The high-precision reference of ``FP8GroupedLinear`` (same parameter, same init as
     ``nn.Linear`` per expert).
@@ -147,17 +174,28 @@ class GroupedLinear(nn.Module):
         if self.weight.device.type != "meta":
             nn.init.uniform_(self.weight, -bound, bound)
 
-    def _check_inputs(self, x: torch.Tensor, group_offsets: torch.Tensor) -> None:
+    def _check_inputs(self, x: torch.Tensor, group_offsets: torch.Tensor,
+                      src_tokens: Optional[torch.Tensor]) -> int:
+        """The checks of ``forward``'s arguments; returns M, the number of rows."""
         check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
         if x.shape[1] != self.in_features:
-            raise ValueError(f"x: expected shape [M, {self.in_features}], got {tuple(x.shape)}")
+            raise ValueError(f"x: expected shape [{'T' if src_tokens is not None else 'M'}, "
+                             f"{self.in_features}], got {tuple(x.shape)}")
         check_tensor("group_offsets", group_offsets, dtypes=(torch.int32,), ndims=(1,))
         if group_offsets.shape[0] != self.num_experts + 1:
             raise ValueError(f"group_offsets: expected shape ({self.num_experts + 1},), got "
                              f"{tuple(group_offsets.shape)}")
+        if src_tokens is None:
+            return x.shape[0]
+        # Values are not checked: reading them would sync a CUDA stream.
+        check_tensor("src_tokens", src_tokens, dtypes=(torch.int64,), ndims=(1,))
+        return src_tokens.shape[0]
 
-    def forward(self, x: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(x, group_offsets)
+    def forward(self, x: torch.Tensor, group_offsets: torch.Tensor,
+                src_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_inputs(x, group_offsets, src_tokens)
+        if src_tokens is not None:
+            x = gather_rows(x, src_tokens)
         return segment_matmul(x, self.weight.to(compute_dtype(x)), group_offsets)
 
     def extra_repr(self) -> str:
@@ -168,10 +206,12 @@ class GroupedLinear(nn.Module):
 class FP8GroupedLinear(GroupedLinear):
     """``GroupedLinear`` with FP8 fprop, dgrad (m-grouped GEMMs) and wgrad (k-grouped).
 
-    ``forward(x, group_offsets)``: x ``[M, K]`` (M a multiple of 128), rows sorted by
-    expert; group_offsets int32 ``[G+1]``, multiples of 128 from 0 to M. in_features and
-    out_features must be multiples of 128. Output in x's dtype (or autocast's), computed
-    through the kernels' BF16 output.
+    ``forward(x, group_offsets, src_tokens=None)``: x ``[M, K]`` (M a multiple of 128), rows
+    sorted by expert, or x the tokens ``[T, K]`` and ``src_tokens`` int64 ``[M]`` the token
+    of each row (the permutation then happens inside the FP8 casts); group_offsets int32
+    ``[G+1]``, multiples of 128 from 0 to M. in_features and out_features must be multiples
+    of 128. Output ``[M, N]`` in x's dtype (or autocast's), computed through the kernels'
+    BF16 output.
     """
 
     def __init__(self, num_experts: int, in_features: int, out_features: int,
@@ -196,18 +236,20 @@ class FP8GroupedLinear(GroupedLinear):
         new.weight = module.weight
         return new
 
-    def forward(self, x: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(x, group_offsets)
-        if x.shape[0] % GROUP:
-            raise ValueError(f"x: expected rows padded to a multiple of {GROUP}, got {x.shape[0]}")
+    def forward(self, x: torch.Tensor, group_offsets: torch.Tensor,
+                src_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        rows = self._check_inputs(x, group_offsets, src_tokens)
+        if rows % GROUP:
+            name = "x" if src_tokens is None else "src_tokens"
+            raise ValueError(f"{name}: expected rows padded to a multiple of {GROUP}, got {rows}")
         if self.recipe.accumulate_into_main_grad:
             check_main_grad(self.weight)
         out_dtype = compute_dtype(x)
         if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
-            return _forward(x, self.weight, group_offsets, self.recipe, out_dtype,
+            return _forward(x, self.weight, group_offsets, src_tokens, self.recipe, out_dtype,
                             False, False)[0]
         return FP8GroupedLinearFunction.apply(x, self.weight, group_offsets, self.recipe,
-                                              out_dtype)
+                                              out_dtype, src_tokens)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"

@@ -9,8 +9,8 @@
   ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``) keep their Parameters and their
   class; their forward is switched to the experts implementation ``"fp8train"`` registered
   with ``ExpertsInterface``. It permutes tokens into fp8train's padded contiguous layout
-  (``moe_layout``) and runs both projections through ``FP8GroupedLinearFunction``: fprop and
-  dgrad m-grouped, wgrad k-grouped. So ``state_dict``, ``save_pretrained`` and
+  (``moe_layout``; for the first projection inside its FP8 casts) and runs both projections
+  through ``FP8GroupedLinearFunction``: fprop and dgrad m-grouped, wgrad k-grouped. So ``state_dict``, ``save_pretrained`` and
   ``from_pretrained`` see exactly the model they saw before.
 
 transformers is imported here only, and only when an HF model is converted.
@@ -22,9 +22,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .._checks import check_tensor
 from .grouped_linear import FP8GroupedLinearFunction, _forward as _grouped_forward
 from .linear_function import GROUP, check_main_grad, compute_dtype
-from .moe_layout import build_moe_layout, permute, unpermute
+from .moe_layout import build_moe_layout, unpermute
 from .recipe import FP8Recipe
 
 EXPERTS_IMPLEMENTATION = "fp8train"
@@ -69,8 +70,11 @@ def experts_fp8_ineligible(module: nn.Module) -> Optional[str]:
 
 
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, layout, recipe: FP8Recipe,
-                    transposed: bool, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``out[seg g] = x[seg g] @ W[g]^T (+ bias[g])`` on the FP8 grouped GEMMs."""
+                    transposed: bool, bias: Optional[torch.Tensor],
+                    src_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out[seg g] = x[seg g] @ W[g]^T (+ bias[g])`` on the FP8 grouped GEMMs; with
+    ``src_tokens`` x is the tokens and the rows are ``x[src_tokens]``, gathered inside the
+    FP8 casts (``FP8GroupedLinear``)."""
     if recipe.accumulate_into_main_grad:
         if transposed:
             raise ValueError("recipe: accumulate_into_main_grad needs experts stored [E, N, K] "
@@ -82,9 +86,10 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, layout, recipe: FP8Re
         weight = weight.transpose(1, 2).contiguous()
     out_dtype = compute_dtype(x)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        out = FP8GroupedLinearFunction.apply(x, weight, layout.group_offsets, recipe, out_dtype)
+        out = FP8GroupedLinearFunction.apply(x, weight, layout.group_offsets, recipe, out_dtype,
+                                             src_tokens)
     else:
-        out = _grouped_forward(x, weight, layout.group_offsets, recipe, out_dtype,
+        out = _grouped_forward(x, weight, layout.group_offsets, src_tokens, recipe, out_dtype,
                                False, False)[0]
     if bias is not None:
         # Expert of each padded row; padding rows get a bias too, but unpermute never reads
@@ -120,8 +125,13 @@ def fp8train_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
     if self.has_bias:
         up_bias = self.gate_up_proj_bias if self.has_gate else self.up_proj_bias
         down_bias = self.down_proj_bias
-    x = permute(hidden_states, layout)                                         # [rows, H]
-    h = _grouped_linear(x, up, layout, recipe, self.is_transposed, up_bias)    # [rows, 2I]
+    check_tensor("hidden_states", hidden_states, ndims=(2,))
+    if hidden_states.shape[0] != layout.num_tokens:
+        raise ValueError(f"hidden_states: expected {layout.num_tokens} rows (tokens), got "
+                         f"{hidden_states.shape[0]}")
+    # The permutation into the padded layout happens inside the FP8 casts.
+    h = _grouped_linear(hidden_states, up, layout, recipe, self.is_transposed, up_bias,
+                        layout.src_tokens)                                     # [rows, 2I]
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)               # [rows, I]
     y = _grouped_linear(h, self.down_proj, layout, recipe, self.is_transposed, down_bias)
     if getattr(self, "has_post_expert_norm", False):

@@ -9,6 +9,10 @@ either the master weight (already alive as a parameter: no extra memory, W is re
 backward) or, with ``recipe.save_fp8_weight``, W^T in FP8. No high-precision activation is
 kept unless the recipe runs wgrad in high precision.
 
+W_q and (W^T)_q come from one dual cast (one read of W) wherever (W^T)_q is made: in the
+forward with ``save_fp8_weight`` (W_q feeds fprop), else in backward (W_q is dropped; the
+dual cast still moves fewer bytes than casting W and transposing the FP8 result).
+
 The wgrad contraction runs over tokens, which must be a multiple of 128: the column-wise
 casts pad T with zero rows (zero rows change no scale and add nothing to dW).
 """
@@ -38,6 +42,31 @@ def cast_weight(weight: torch.Tensor, pow2_scale: bool):
     return ops.cast_128x128(weight, pow2_scale)
 
 
+def cast_weight_dual(weight: torch.Tensor, pow2_scale: bool):
+    """(W_q, scale, (W^T)_q, scale^T): the 128x128 casts of ``weight`` and of its transpose,
+    from one pass over a high-precision weight; a pre-cast ``FP8BlockWeight``'s blocks are
+    transposed as they are (the same bytes)."""
+    if isinstance(weight, FP8BlockWeight):
+        w_fp8, w_scale = cast_weight(weight, pow2_scale)
+        return (w_fp8, w_scale, *ops.transpose_128x128(w_fp8, w_scale))
+    return ops.cast_128x128_dual(weight, pow2_scale)
+
+
+def forward_weight_casts(weight: torch.Tensor, recipe: FP8Recipe, need_dx: bool) -> tuple:
+    """The weight operands the forward makes: W_q for an FP8 fprop, and (W^T)_q when backward
+    keeps it (``save_fp8_weight``); one dual cast when both are needed.
+    Returns (w_fp8, w_scale, w_t_fp8, w_t_scale), None where not needed."""
+    pow2 = recipe.pow2_scale
+    if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
+        w_fp8, w_scale, w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2)
+        if not recipe.fprop_fp8:
+            w_fp8 = w_scale = None
+        return w_fp8, w_scale, w_t_fp8, w_t_scale
+    if recipe.fprop_fp8:
+        return (*cast_weight(weight, pow2), None, None)
+    return None, None, None, None
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype nn.Linear would produce: autocast's dtype when autocast is on, else x's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -51,20 +80,15 @@ def gemm_out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def saved_for_backward(x_hp, xt_fp8, xt_scale, weight, w_fp8, w_scale, recipe: FP8Recipe,
+def saved_for_backward(x_hp, xt_fp8, xt_scale, weight, w_t_fp8, w_t_scale, recipe: FP8Recipe,
                        need_dx: bool, need_dw: bool) -> tuple:
     """What backward reads, None where a gradient is not needed:
-    (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight). The weight is kept as the master
-    (re-cast in backward) unless the recipe saves its transposed FP8 copy."""
+    (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight). The forward's (W^T)_q
+    (``forward_weight_casts``) is kept when it made one; otherwise the master weight is kept
+    (by reference: no extra memory) for dgrad to re-cast, and for ``main_grad``."""
     x_hp_saved = x_hp if (need_dw and not recipe.wgrad_fp8) else None
-    w_t_fp8 = w_t_scale = weight_saved = None
-    if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
-        if w_fp8 is None:
-            w_fp8, w_scale = cast_weight(weight, recipe.pow2_scale)
-        w_t_fp8, w_t_scale = ops.transpose_128x128(w_fp8, w_scale)
-    elif need_dx or recipe.accumulate_into_main_grad:
-        weight_saved = weight
-    return xt_fp8, xt_scale, x_hp_saved, w_t_fp8, w_t_scale, weight_saved
+    keep_weight = (need_dx and w_t_fp8 is None) or recipe.accumulate_into_main_grad
+    return xt_fp8, xt_scale, x_hp_saved, w_t_fp8, w_t_scale, weight if keep_weight else None
 
 
 def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
@@ -75,12 +99,11 @@ def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
     x_hp = x.reshape(-1, k)  # [T, K]
     pow2, backend = recipe.pow2_scale, recipe.backend_arg
     with torch.autocast(device_type=x.device.type, enabled=False):
-        w_fp8 = w_scale = None
         x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_layouts(
             x_hp, pow2, recipe.fprop_fp8, need_dw and recipe.wgrad_fp8)
+        w_fp8, w_scale, w_t_fp8, w_t_scale = forward_weight_casts(weight, recipe, need_dx)
 
         if recipe.fprop_fp8:
-            w_fp8, w_scale = cast_weight(weight, pow2)
             # Bias is added in FP32 before the single rounding to out_dtype.
             y_dtype = gemm_out_dtype(out_dtype) if bias is None else torch.float32
             y = ops.gemm_nt(x_fp8, x_scale, w_fp8, w_scale, y_dtype, backend)
@@ -92,7 +115,7 @@ def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
                 x_hp.to(out_dtype), weight.to(out_dtype),
                 None if bias is None else bias.to(out_dtype))
 
-        saved = saved_for_backward(x_hp, xt_fp8, xt_scale, weight, w_fp8, w_scale, recipe,
+        saved = saved_for_backward(x_hp, xt_fp8, xt_scale, weight, w_t_fp8, w_t_scale, recipe,
                                    need_dx, need_dw)
     return y.reshape(*x.shape[:-1], n), saved
 
@@ -142,8 +165,7 @@ class FP8LinearFunction(torch.autograd.Function):
             if need_dx:
                 if recipe.dgrad_fp8:
                     if w_t_fp8 is None:
-                        w_t_fp8, w_t_scale = ops.transpose_128x128(
-                            *cast_weight(weight, pow2))
+                        w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2)[2:]
                     dx = ops.gemm_nt(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
                                      gemm_out_dtype(ctx.x_dtype), backend)
                 else:

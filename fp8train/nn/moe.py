@@ -3,7 +3,8 @@
     probs  = softmax(x W_router^T)            FP32, never quantized
     w, ids = top-k(probs)  (renormalised when norm_topk_prob)
     x_perm = permute(x)                         padded contiguous layout (moe_layout)
-    h      = x_perm W_gate_up[e]^T              grouped GEMM, [rows, 2I]
+    h      = x_perm W_gate_up[e]^T              grouped GEMM, [rows, 2I]  (x_perm gathered
+                                                inside it: FP8 fuses it into the casts)
     a      = silu(h[:, :I]) * h[:, I:]          SwiGLU
     y_perm = a W_down[e]^T                      grouped GEMM, [rows, H]
     out    = sum_j w[t, j] y_perm[row(t, j)]  (+ shared_expert(x))
@@ -24,7 +25,7 @@ from torch import nn
 
 from .grouped_linear import FP8GroupedLinear, GroupedLinear, _check_int
 from .linear_function import GROUP
-from .moe_layout import build_moe_layout, permute, unpermute
+from .moe_layout import build_moe_layout, unpermute
 from .recipe import FP8Recipe
 
 
@@ -121,7 +122,7 @@ class MoE(nn.Module):
         topk_weights, topk_ids = self.router(x_tokens)                      # [T, k] each
         layout = build_moe_layout(topk_ids, self.num_experts)
         self.last_tokens_per_expert = layout.tokens_per_expert.detach()
-        h = self.experts_gate_up(permute(x_tokens, layout), layout.group_offsets)  # [rows, 2I]
+        h = self.experts_gate_up(x_tokens, layout.group_offsets, layout.src_tokens)  # [rows, 2I]
         gate, up = h.chunk(2, dim=-1)
         y_perm = self.experts_down(F.silu(gate) * up, layout.group_offsets)        # [rows, H]
         out = unpermute(y_perm, layout, topk_weights)                               # [T, H]

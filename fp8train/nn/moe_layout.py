@@ -91,8 +91,23 @@ def permute(x: torch.Tensor, layout: MoELayout) -> torch.Tensor:
     check_tensor("x", x, ndims=(2,))
     if x.shape[0] != layout.num_tokens:
         raise ValueError(f"x: expected {layout.num_tokens} rows (tokens), got {x.shape[0]}")
+    return gather_rows(x, layout.src_tokens)
+
+
+def gather_rows(x: torch.Tensor, src_tokens: torch.Tensor) -> torch.Tensor:
+    """Rows ``x[src_tokens[r]]`` of x ``[T, K]``, zero where ``src_tokens[r] == T`` (no checks:
+    ``permute`` checks, and the FP8 layers fuse this gather into their casts)."""
     x_ext = torch.cat([x, x.new_zeros(1, x.shape[1])])
-    return x_ext[layout.src_tokens]
+    return x_ext[src_tokens]
+
+
+def scatter_add_rows(grad_rows: torch.Tensor, src_tokens: torch.Tensor,
+                     num_tokens: int) -> torch.Tensor:
+    """The gradient of ``gather_rows``: ``[num_tokens, K]``, each token the sum of its rows'
+    gradients. The same ``index_put_`` accumulation autograd runs for the gather's backward,
+    so a layer that fuses the gather gives the same bits as ``permute`` followed by it."""
+    grad = grad_rows.new_zeros(num_tokens + 1, grad_rows.shape[1])
+    return grad.index_put_((src_tokens,), grad_rows, accumulate=True)[:num_tokens]
 
 
 def unpermute(y: torch.Tensor, layout: MoELayout, topk_weights: torch.Tensor) -> torch.Tensor:
