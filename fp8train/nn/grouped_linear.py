@@ -38,7 +38,8 @@ def segment_matmul(a: torch.Tensor, b: torch.Tensor, group_offsets: torch.Tensor
     on the host, which is why only the reference and fallback paths use it)."""
     bounds = group_offsets.tolist()
     parts = [a[bounds[g]:bounds[g + 1]] @ b[g].t() for g in range(b.shape[0])]
-    return torch.cat(parts) if parts else a.new_zeros(0, b.shape[1])
+    parts.append(a.new_zeros(a.shape[0] - bounds[-1], b.shape[1]))  # spare rows of no expert
+    return torch.cat(parts)
 
 
 def segment_wgrad(dy: torch.Tensor, x: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,9 @@
 Each (token, slot) assignment of the router's top-k goes to one row of a buffer sorted by
 expert; each expert's segment starts on a multiple of 128 rows, and rows no assignment
 fills are zero. Everything is plain torch on the device with no host sync: the buffer has a
-static row count, the upper bound ``floor((T*k + E*127) / 128) * 128``, and the last expert's
-segment runs to its end (extra zero rows cost compute, never correctness; they are at most
-``E*127 + 127`` rows).
+static row count, the upper bound ``floor((T*k + E*127) / 128) * 128``; the rows past the
+experts' segments are spare zero rows that belong to no expert (the grouped GEMMs write them
+as zeros without math, and the weight gradients leave them out).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ class MoELayout:
     """Where every assignment lives in the padded contiguous layout.
 
     group_offsets: int32 ``[E+1]``: expert e owns rows ``[offsets[e], offsets[e+1])``; all
-        multiples of 128, ``offsets[E] == num_rows``.
+        multiples of 128; rows from ``offsets[E]`` (at most ``num_rows``) to ``num_rows`` are
+        spare (zero rows of no expert).
     dest_rows: int64 ``[T*k]``: padded row of assignment ``t*k + j`` (token t, slot j).
     src_tokens: int64 ``[num_rows]``: token each padded row copies; ``T`` (a zero row) for
         padding rows.
@@ -77,8 +78,9 @@ def build_moe_layout(topk_ids: torch.Tensor, num_experts: int, align: int = ALIG
 
     group_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
     group_offsets[0] = 0
-    group_offsets[1:num_experts] = torch.cumsum(padded, 0)[:num_experts - 1].to(torch.int32)
-    group_offsets[num_experts] = num_rows
+    # The last offset is where the experts' rows end, not the buffer's static end: the
+    # grouped GEMMs give the spare rows past it no math.
+    group_offsets[1:] = torch.cumsum(padded, 0).to(torch.int32)
     return MoELayout(group_offsets, dest_rows, src_tokens, counts, num_tokens, top_k)
 
 
