@@ -38,6 +38,32 @@ def sweep(m, n, k, kind, candidates):
               f"{2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
 
 
+def sweep_scale_layout(m, n, k):
+    """A's 1x128 scales row-major [M, K/128] (16-byte TMA boxes of 4 K blocks per row) vs
+    K-block-major [K/128, M] (one contiguous box per stage), BLOCK 128x128, same operands;
+    the two outputs must agree bit for bit."""
+    sets = []
+    for seed in range(num_input_sets(m * k + n * k)):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        a = per_token_cast(torch.randn(m, k, device="cuda", generator=g))
+        b = per_block_cast(torch.randn(n, k, device="cuda", generator=g))
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        sets.append((a[0], a[1], sm90_fp8_gemm._mn_major(a[1]), b, out))
+    cfg = GemmConfig(128, 128, deepest(128, 128, "1d2d"), min(132, -(-m // 128) * -(-n // 128)), 8, "1d2d")
+    outputs = []
+    for name, flags, which in (("row-major", (), 1), ("K-block-major", ("-DFP8TRAIN_SCALE_A_MN_MAJOR",), 2)):
+        sm90_fp8_gemm.debug_flags = flags
+        calls = [lambda s=s, w=which: fp8_gemm_nt_native(s[0], s[w], s[3][0], s[3][1], s[4], "1d2d", False, cfg)
+                 for s in sets]
+        calls[0]()
+        torch.cuda.synchronize()
+        outputs.append(sets[0][4].clone())
+        ms, _ = time_calls(calls)
+        print(f"1d2d {m}x{n}x{k} A scales {name}: {2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
+    sm90_fp8_gemm.debug_flags = ()
+    print(f"  outputs identical: {torch.equal(outputs[0], outputs[1])}", flush=True)
+
+
 def sweep_split(m, n, k, candidates):
     """1D2D at small M with (block_n, split_k) forced; TFLOP/s and the share of the HBM
     roofline (A, B, their scales and the output, once each, at 3.35 TB/s)."""
@@ -66,6 +92,8 @@ for flags in ((), ("-DFP8TRAIN_DEBUG_NO_SCALE_LOADS",), ("-DFP8TRAIN_DEBUG_NO_LO
     print("flags:", flags or "none", flush=True)
     sweep(4096, 4096, 7168, "1d2d", [(128, 128, 0, 8, 1)])
 sm90_fp8_gemm.debug_flags = ()
+sweep_scale_layout(4096, 4096, 7168)
+sweep_scale_layout(4096, 7168, 2048)
 # Multicast with the grid cut to the clusters that fit at once (v7 ran 3x slower without).
 sweep(4096, 4096, 7168, "1d2d", [(128, 128, 0, 8, 2), (128, 160, 0, 8, 2)])
 sweep(8192, 8192, 8192, "1d2d", [(128, 128, 0, 8, 1), (128, 128, 0, 16, 1), (128, 128, 4, 8, 1)])

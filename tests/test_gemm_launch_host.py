@@ -36,10 +36,13 @@ def stubbed(monkeypatch):
     monkeypatch.setattr(native._local, "blocks", {}, raising=False)
     monkeypatch.setattr(device, "_override", 132)
     kernel = RecordingKernel()
+    launches = {}
 
     def launch_for(m, n, k, *args, **kwargs):
-        cfg = native.choose_config(m, n, k, 132)
-        return native._Launch(cfg, kernel, 1024, cfg.num_ctas)
+        if (m, n, k) not in launches:  # one launch per problem, as the real cache keeps them
+            cfg = native.choose_config(m, n, k, 132)
+            launches[m, n, k] = native._Launch(cfg, kernel, 1024, cfg.num_ctas)
+        return launches[m, n, k]
 
     monkeypatch.setattr(native, "_launch_for", launch_for)
     return kernel

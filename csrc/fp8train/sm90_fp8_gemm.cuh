@@ -40,7 +40,15 @@ struct Sm90Fp8Gemm {
     static constexpr uint32_t kTileABytes = BLOCK_M * BLOCK_K;
     static constexpr uint32_t kTileBBytes = BLOCK_N * BLOCK_K;
     static constexpr uint32_t kScaleCols = 4;  // K blocks per scale box (16 bytes a row)
+#ifdef FP8TRAIN_SCALE_A_MN_MAJOR
+    // Experiment: A's scales stored [K/128, M] (M contiguous); a stage's box is one K block's
+    // BLOCK_M floats, one contiguous 512-byte read instead of BLOCK_M 16-byte pieces.
+    static constexpr bool kScaleAMNMajor = true;
+    static constexpr uint32_t kScaleABytes = BLOCK_M * 4;
+#else
+    static constexpr bool kScaleAMNMajor = false;
     static constexpr uint32_t kScaleABytes = BLOCK_M * kScaleCols * 4;
+#endif
     static constexpr uint32_t kScaleBBytes = SCALE_B_1X128 ? BLOCK_N * kScaleCols * 4 : 0;
     // What one stage's TMA copies deliver (the barrier's transaction count).
     static constexpr uint32_t kStageBytes = kTileABytes + kTileBBytes + kScaleABytes + kScaleBBytes;
@@ -275,7 +283,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 continue;
 #endif
                 const int32_t kb_box = kb & ~(G::kScaleCols - 1);
-                tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, kb_box, op.a_row);
+                if constexpr (G::kScaleAMNMajor)
+                    tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, op.a_row, kb);
+                else
+                    tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, kb_box, op.a_row);
                 if constexpr (SCALE_B_1X128)
                     tma_load_2d(tmap_scale_b, bar, smem + S::kScaleB + stage * G::kScaleBSlot, kb_box, n0);
             }
@@ -331,8 +342,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             // This stage's A scales, read now so their latency hides behind the wgmmas.
             const float* scale_a_smem = reinterpret_cast<const float*>(smem + S::kScaleA + stage * G::kScaleASlot);
             const uint32_t kb_col = kb % G::kScaleCols;
-            const float sa0 = scale_a_smem[row_in_tile * G::kScaleCols + kb_col];
-            const float sa1 = scale_a_smem[(row_in_tile + 8) * G::kScaleCols + kb_col];
+            const float sa0 = G::kScaleAMNMajor ? scale_a_smem[row_in_tile]
+                                                : scale_a_smem[row_in_tile * G::kScaleCols + kb_col];
+            const float sa1 = G::kScaleAMNMajor ? scale_a_smem[row_in_tile + 8]
+                                                : scale_a_smem[(row_in_tile + 8) * G::kScaleCols + kb_col];
 
             const uint64_t desc_a = smem_desc_k_major_sw128(smem + S::kA + stage * G::kTileABytes + group * 64 * 128);
             const uint64_t desc_b = smem_desc_k_major_sw128(smem + S::kB + stage * G::kTileBBytes);

@@ -101,7 +101,7 @@ def compile_kernel(config: GemmConfig, n: int, k: int, accumulate: bool, groupin
                          render_source(config, n, k, accumulate, grouping), flags=debug_flags)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: a cheap, exact key for cached parameter blocks
 class _Launch:
     config: GemmConfig
     kernel: object
@@ -279,12 +279,16 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
     Python a launch costs); only split-K's scratch pointer changes per call."""
     cfg = launch.config
     device = a.device.index
-    sa_ready, lda = tma_ready_scales(sa)
+    if "-DFP8TRAIN_SCALE_A_MN_MAJOR" in debug_flags:  # experiment: sa stored [K/128, rows]
+        mn_ready = sa.stride(0) == 1 and sa.stride(1) % 4 == 0 and sa.data_ptr() % 16 == 0
+        sa_ready, lda = (sa if mn_ready else _mn_major(sa)), 0
+    else:
+        sa_ready, lda = tma_ready_scales(sa)
     sb_ready, ldb = tma_ready_scales(sb) if cfg.kind == "1d1d" else (sb, 0)
     blocks = getattr(_local, "blocks", None)
     if blocks is None:
         blocks = _local.blocks = {}
-    key = (id(launch), grid, shape_m, a.data_ptr(), a.shape, a.stride(0), sa.data_ptr(), sa.stride(0),
+    key = (launch, grid, shape_m, a.data_ptr(), a.shape, a.stride(0), sa.data_ptr(), sa.stride(),
            b.data_ptr(), b.shape, b.stride(-2), sb.data_ptr(), sb.stride(0), out.data_ptr(), out.shape,
            None if counts is None else (counts.data_ptr(), counts.shape[0]))
     params = blocks.get(key)
@@ -310,6 +314,17 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
 _PARAM_CACHE_LIMIT = 1024  # parameter blocks per thread (1.6 KB each)
 
 
+def _mn_major(scale: torch.Tensor) -> torch.Tensor:
+    """1x128 scales [R, Kb] stored K-block-major ([Kb, R4] underneath, R4 = R rounded up to
+    4 so rows of the storage are 16-byte multiples), as the MN-major experiment reads them.
+    A new copy each call: benchmarks pass scales already stored so (`scale.t()` of such a
+    buffer) to time the kernel alone."""
+    rows, kb = scale.shape
+    buffer = torch.empty(kb, -(-rows // 4) * 4, dtype=torch.float32, device=scale.device)
+    buffer[:, :rows].copy_(scale.t())
+    return buffer[:, :rows].t()
+
+
 def _fill_params(cfg: GemmConfig, a, sa, lda: int, b, sb, ldb: int, out, shape_m: int, grouping: str,
                  counts: torch.Tensor | None) -> _ParamBlock:
     """A new parameter block: TMA descriptors of 2D views (A [rows, K], B [rows, K], the
@@ -329,7 +344,10 @@ def _fill_params(cfg: GemmConfig, a, sa, lda: int, b, sb, ldb: int, out, shape_m
     box_a = cfg.block_m // cfg.cluster  # each CTA of a cluster loads its share of A
     move(slots[3], _tma_address(a.data_ptr(), a.dtype, k, rows_a, a.stride(0), 128, box_a, 128), 128)
     move(slots[4], _tma_address(b.data_ptr(), b.dtype, k, b_rows, b.stride(-2), 128, cfg.block_n, 128), 128)
-    move(slots[5], _tma_address(sa.data_ptr(), f32, kb, rows_a, 4 * lda, 4, cfg.block_m, 0), 128)
+    if "-DFP8TRAIN_SCALE_A_MN_MAJOR" in debug_flags:  # experiment: sa stored [K/128, rows]
+        move(slots[5], _tma_address(sa.data_ptr(), f32, rows_a, kb, 4 * sa.stride(1), cfg.block_m, 1, 0), 128)
+    else:
+        move(slots[5], _tma_address(sa.data_ptr(), f32, kb, rows_a, 4 * lda, 4, cfg.block_m, 0), 128)
     if cfg.kind == "1d1d":
         move(slots[6], _tma_address(sb.data_ptr(), f32, kb, b_rows, 4 * ldb, 4, cfg.block_n, 0), 128)
     else:
