@@ -193,3 +193,24 @@ def test_dual_cast_is_rowwise_plus_padded_columnwise(data, t, k, pow2):
     col_fp8, col_scale = per_token_cast_transposed(padded, pow2_scale=pow2)
     assert torch.equal(xt_fp8.view(torch.uint8), col_fp8.view(torch.uint8))
     assert torch.equal(xt_scale, col_scale)
+
+
+def test_native_casts_only_on_an_sm90_gpu(monkeypatch):
+    """Verified native casts under `auto` fall back to the reference on a GPU they cannot
+    serve (not sm_90); the `native` backend there raises instead of failing in the driver."""
+    from fp8train import ops
+    from fp8train.ops import backend
+    from fp8train.quant import casts, native
+
+    x = torch.randn(4, 128)
+    monkeypatch.setattr(native, "supports", lambda t: True)
+    monkeypatch.setattr(native, "VERIFIED", True)
+    monkeypatch.setattr(backend, "is_hopper", lambda index: False)
+    try:
+        ops.set_backend("auto")
+        assert casts._use_native(x) is False
+        ops.set_backend("native")
+        with pytest.raises(RuntimeError, match="not an sm_90 GPU"):
+            casts._use_native(x)
+    finally:
+        ops.set_backend("auto")

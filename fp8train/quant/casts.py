@@ -92,14 +92,22 @@ def per_token_cast_transposed(x: torch.Tensor, *, pow2_scale: bool = False) -> F
 
 def _use_native(x: torch.Tensor) -> bool:
     """The native casts run when asked for (`native` backend) until verified on a GPU, and
-    only on what they take (CUDA, bf16/fp16/fp32, contiguous); anything else, fp64 included,
-    goes to the reference."""
+    only on what they take (an sm_90 GPU with the toolchain; bf16/fp16/fp32, contiguous);
+    anything else, fp64 included, goes to the reference. The `native` backend on a GPU the
+    kernels cannot serve raises, as the GEMMs' does."""
     from ..ops import backend
+    from ..ops.native import toolchain_status
 
     if not _native.supports(x):
         return False
     chosen = backend.get_backend()
-    return chosen == "native" or (chosen == "auto" and _native.VERIFIED)
+    if chosen not in ("native", "auto") or (chosen == "auto" and not _native.VERIFIED):
+        return False
+    ok, why = (toolchain_status() if backend.is_hopper(x.device.index or 0)
+               else (False, f"tensors on {x.device}, not an sm_90 GPU"))
+    if not ok and chosen == "native":
+        raise RuntimeError(f"FP8 cast: backend 'native' requested but unavailable: {why}")
+    return ok
 
 
 def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False):
