@@ -160,3 +160,32 @@ def test_reference_scales_are_device_independent():
     x = torch.randn(512, 1024) * 37.0
     for pow2 in (False, True):
         assert_same(dual_cast_ref(x.cuda(), pow2), [t.cuda() for t in dual_cast_ref(x, pow2)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_unaligned_bases_for_per_token_and_weight_casts(dtype):
+    """The per-token and 128x128 weight casts on inputs whose base is not 16-byte aligned
+    (their element-wise fallbacks), next to the dual cast's hypothesis case."""
+    x = _misaligned(torch.randn(300, 520, device="cuda", dtype=dtype))
+    for pow2 in (False, True):
+        assert_same(native.per_token_cast(x, pow2), per_token_cast_ref(x, pow2))
+        assert_same(native.block_cast(x, pow2), per_block_cast_dual_ref(x, pow2))
+
+
+def test_subnormal_quotients_keep_their_sign():
+    """A group whose amax is huge next to a tiny negative element: the quotient is subnormal
+    in float32 and must round to the same (negative zero) byte as the reference."""
+    x = torch.randn(130, 272, device="cuda")
+    x[0, 0], x[0, 1], x[5, 3] = 1e30, -1e-40, -1e-38
+    x[9, 0], x[9, 1] = -3e25, 2e-41
+    for pow2 in (False, True):
+        assert_same(native.dual_cast(x, pow2), dual_cast_ref(x, pow2))
+        assert_same(native.per_token_cast(x, pow2), per_token_cast_ref(x, pow2))
+        assert_same(native.block_cast(x, pow2), per_block_cast_dual_ref(x, pow2))
+
+
+def test_offsets_past_two_to_the_31_bytes():
+    """An fp32 input of 2.15e9 bytes: byte offsets past 2^31 in every kernel's indexing."""
+    x = torch.randn(65600, 8208, device="cuda")
+    assert_same(native.per_token_cast(x, False), per_token_cast_ref(x, False))
+    assert_same(native.dual_cast(x, False), dual_cast_ref(x, False))
