@@ -16,6 +16,7 @@ each costs is unknown until measured on the device.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -91,8 +92,9 @@ class Kernel:
             raise TypeError("args, arg_types: expected two tuples")
         if len(args) != len(arg_types):
             raise ValueError(f"args: {len(args)} values but {len(arg_types)} arg_types")
-        _check(_drv.cuLaunchKernelEx(config, self._function, (args, arg_types), 0),
-               f"cuLaunchKernelEx({self.name})")
+        with self._device_current():
+            _check(_drv.cuLaunchKernelEx(config, self._function, (args, arg_types), 0),
+                   f"cuLaunchKernelEx({self.name})")
 
     def launch_params(self, grid: int | tuple, block: int, smem_bytes: int, params_address: int,
                       stream: int, cluster: int = 1) -> None:
@@ -106,7 +108,8 @@ class Kernel:
                 config = self._build_config(grid, block, smem_bytes, cluster, stream)  # validates
                 launch = self._ctypes_configs[key] = ctypes_launch.CtypesLaunch(
                     (config.gridDimX, config.gridDimY, config.gridDimZ), block, smem_bytes, cluster, stream)
-            err = launch.launch(self._handle, params_address)
+            with self._device_current():
+                err = launch.launch(self._handle, params_address)
             if err:
                 _check((_drv.CUresult(err),), f"cuLaunchKernelEx({self.name}) through ctypes")
             return
@@ -114,8 +117,16 @@ class Kernel:
             config = self._configs[(grid, block, smem_bytes, cluster, stream)]
         except (KeyError, TypeError):
             config = self._build_config(grid, block, smem_bytes, cluster, stream)
-        _check(_drv.cuLaunchKernelEx(config, self._function, params_address, 0),
-               f"cuLaunchKernelEx({self.name})")
+        with self._device_current():
+            _check(_drv.cuLaunchKernelEx(config, self._function, params_address, 0),
+                   f"cuLaunchKernelEx({self.name})")
+
+    def _device_current(self):
+        """Make the kernel's device current for a launch if it is not: the function lives in
+        that device's primary context (one process driving several GPUs)."""
+        if torch.cuda.current_device() == self.device_index:
+            return contextlib.nullcontext()
+        return torch.cuda.device(self.device_index)
 
     def max_active_clusters(self, block: int, smem_bytes: int, cluster: int) -> int:
         """How many clusters of `cluster` CTAs (each `block` threads, `smem_bytes` of
