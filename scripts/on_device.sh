@@ -3,6 +3,7 @@
 # tables. Logs land in $OUT (the device tool brings them back). Usage on the device:
 #   bash scripts/on_device.sh [bench suite [its options]]...      (default: gemm)
 # e.g. bash scripts/on_device.sh gemm "gemm --split-k --shapes 64,2112,7168;128,4096,7168" grouped
+#      bash scripts/on_device.sh none      (the GPU tests only)
 # Every step has its own time limit (STEP_TIMEOUT seconds, default 600), so one hang costs
 # one step, not the call; TESTS=0 skips the GPU tests.
 set -uo pipefail
@@ -26,7 +27,8 @@ if [ "${TESTS:-1}" != 0 ]; then
     done
     cat "$OUT/gpu_tests_summary.txt"
 fi
-for spec in "${@:-gemm}"; do
+if [ "${1:-}" = none ]; then suites=(); elif [ $# -eq 0 ]; then suites=(gemm); else suites=("$@"); fi
+for spec in ${suites[@]+"${suites[@]}"}; do
     slug=$(echo "$spec" | tr -c 'A-Za-z0-9' '_' | cut -c1-60)
     echo "=== bench $spec"
     # shellcheck disable=SC2086  # the spec is a suite and its options
