@@ -109,4 +109,5 @@ def test_new_casts_check_their_arguments():
     with pytest.raises(ValueError, match="group_offsets: expected non-decreasing multiples"):
         per_token_cast_transposed_grouped(x, torch.tensor([0, 100, 256], dtype=torch.int32))
     with pytest.raises(ValueError, match="group_offsets: expected non-decreasing multiples"):
-        per_token_cast_transposed_grouped(x, _offsets([1]))
+        per_token_cast_transposed_grouped(x, _offsets([x.shape[0] // 128 + 1]))  # past the rows
+    per_token_cast_transposed_grouped(x, _offsets([1]))  # rows past the last offset: spare
