@@ -116,3 +116,31 @@ def test_zero_rows_launch_nothing():
     a = per_token_cast(torch.randn(0, 256, device="cuda"))
     b = per_block_cast(torch.randn(64, 256, device="cuda"))
     assert ops.fp8_gemm_nt(a, b).shape == (0, 64)
+
+
+def test_split_k_in_a_cuda_graph_then_eager(monkeypatch):
+    """Split-K captured in a graph (its counters are the graph's own) replays correctly,
+    and eager calls on the same stream afterwards still start from zeroed counters."""
+    from fp8train.ops.native import gemm_config
+
+    monkeypatch.setattr(gemm_config, "split_k_enabled", True)
+    m, n, k = 64, 2112, 7168
+    assert gemm_config.choose_config(m, n, k, 132).split_k > 1
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))
+    b = per_block_cast(torch.randn(n, k, device="cuda", generator=gen))
+    expect = ref.fp8_gemm_nt_ref(a[0], a[1], b[0], b[1])
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            ops.fp8_gemm_nt(a, b, out)
+        for _ in range(2):
+            out.fill_(float("nan"))
+            graph.replay()
+            stream.synchronize()
+            assert rel_err(out, expect) < 4e-3
+        eager = ops.fp8_gemm_nt(a, b)
+        stream.synchronize()
+    assert torch.equal(eager, out)
