@@ -329,14 +329,24 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
 #pragma unroll
         for (uint32_t i = 0; i < G::kAccum; ++i) accum[i] = 0.0f;
 
+        // 128x128 B scales are two floats per K block, the same for every thread, read
+        // through L1 one K block ahead: a miss to L2 then has a whole block of MMAs to land
+        // in (ptxas sinks a same-iteration load below the barrier wait, next to its use).
+        float sb_lo_next = 0.0f, sb_hi_next = 0.0f;
+        if constexpr (!SCALE_B_1X128) {
+            if (op.kb_begin < op.kb_end) {
+                sb_lo_next = __ldg(scale_b_lo + op.kb_begin);
+                sb_hi_next = G::kMayStraddle ? __ldg(scale_b_hi + op.kb_begin) : sb_lo_next;
+            }
+        }
         for (uint32_t kb = op.kb_begin; kb < op.kb_end; ++kb, ++iter) {
             const uint32_t stage = iter % NUM_STAGES, round = iter / NUM_STAGES;
-            // 128x128 B scales are two floats per K block, the same for every thread: read
-            // them through L1 before waiting so the latency hides behind the wait.
-            float sb_lo = 0.0f, sb_hi = 0.0f;
+            const float sb_lo = sb_lo_next, sb_hi = sb_hi_next;
             if constexpr (!SCALE_B_1X128) {
-                sb_lo = __ldg(scale_b_lo + kb);
-                sb_hi = G::kMayStraddle ? __ldg(scale_b_hi + kb) : sb_lo;
+                if (kb + 1 < op.kb_end) {
+                    sb_lo_next = __ldg(scale_b_lo + kb + 1);
+                    sb_hi_next = G::kMayStraddle ? __ldg(scale_b_hi + kb + 1) : sb_lo_next;
+                }
             }
             mbar_wait(&full[stage], round & 1);
             // This stage's A scales, read now so their latency hides behind the wgmmas.
