@@ -88,3 +88,23 @@ def test_save_pretrained_fp8_argument_checks(tmp_path):
         fp8train.save_pretrained_fp8(model, 3)
     with pytest.raises(ValueError, match="state_dict"):
         fp8train.save_pretrained_fp8(model, tmp_path, state_dict={})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_fp8_checkpoint_loads_on_the_gpu_in_fp8(arch, tmp_path):
+    """On a GPU transformers keeps the checkpoint's weights in e4m3 (its fine-grained FP8
+    layers) rather than dequantizing them; the logits stay close to the converted model's."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(arch)
+    fp8train.convert_to_fp8(model)
+    fp8train.save_pretrained_fp8(model, tmp_path / "fp8")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", device_map="cuda")
+    kept_fp8 = [k for k, v in loaded.state_dict().items() if v.dtype == torch.float8_e4m3fn]
+    assert kept_fp8, "transformers dequantized the checkpoint on the GPU"
+    ids = batch(5).cuda()
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+        want = model.cuda()(input_ids=ids).logits
+    assert rel_err(got.float(), want.float()) < LOGITS_BOUND
