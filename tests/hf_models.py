@@ -3,6 +3,8 @@ every GEMM dim a multiple of 128 except DeepSeek-V3's kv_a_proj_with_mqa (kv_lor
 qk_rope_head_dim = 192), which conversion must keep in high precision and report."""
 import torch
 
+from numerics import rel_err  # noqa: F401  (the HF tests import it from here)
+
 ARCHS = {
     "llama": dict(intermediate_size=256, head_dim=64),
     "qwen3_moe": dict(intermediate_size=256, moe_intermediate_size=128, num_experts=4,
@@ -45,6 +47,3 @@ def batch(seed: int = 0, batch_size: int = 2, seq_len: int = 32) -> torch.Tensor
     return torch.randint(0, VOCAB, (batch_size, seq_len), generator=gen)
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()

@@ -8,6 +8,7 @@ import torch
 from fp8train import ops
 from fp8train.ops import reference as ref
 from fp8train.quant import per_block_cast, per_token_cast
+from numerics import rel_err_of_output as rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -17,11 +18,6 @@ def cublas_backend():
     ops.set_backend("cublas")
     yield
     ops.set_backend("auto")
-
-
-def rel_err(x, y):
-    x, y = x.double(), y.double()
-    return ((x - y).norm() / y.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("kind", ["1d2d", "1d1d"])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fp8train import ops
 from fp8train.ops import reference as ref
 from fp8train.quant import per_block_cast, per_token_cast
-from numerics import rel_err
+from numerics import rel_err_of_output as rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("native_backend")]
 

@@ -14,17 +14,9 @@ from fp8train.ops import (
     m_grouped_fp8_gemm_nt_masked,
 )
 from fp8train.quant import dequantize, per_block_cast, per_token_cast
+from numerics import rand, rel_err
 
 warnings.filterwarnings("ignore", message="fp8train: .* runs on the reference")
-
-
-def rel_err(x, ref):
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
-def rand(*shape, seed, scale=1.0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
 @given(st.integers(1, 200), st.integers(1, 300), st.integers(1, 5), st.integers(0, 2**31),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fp8train.ops.jit import (compile_cubin, compiler, device, encode_tma_2d, encode_tma_3d,
-                              load_kernel, runtime, toolkit)
+                              load_kernel, runtime)
+from test_jit_nvcc import needs_nvcc
 
 FILL = r"""
 extern "C" __global__ void fill(float* out, float value, int n) {
@@ -72,14 +73,6 @@ extern "C" __global__ void tma_load_2d(const __grid_constant__ CUtensorMap desc,
 SOURCES = {"fill": FILL, "cluster_ranks": CLUSTER, "tma_load_2d": TMA_LOAD}
 
 
-def _have_nvcc() -> bool:
-    try:
-        toolkit.nvcc_path()
-        return True
-    except RuntimeError:
-        return False
-
-
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("FP8TRAIN_CACHE_DIR", str(tmp_path))
@@ -93,7 +86,7 @@ def _kernel(name):
                        torch.cuda.current_device())
 
 
-@pytest.mark.skipif(not _have_nvcc(), reason="nvcc not found")
+@needs_nvcc
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_gpu_test_kernels_compile(cache_dir, name):
     compiled = compile_cubin(f"test_{name}", SOURCES[name])

@@ -8,7 +8,7 @@ import torch
 
 from fp8train import ops
 from fp8train.nn import FP8Linear, FP8MoE, FP8Recipe
-from numerics import rel_err
+from numerics import rel_err_of_output as rel_err
 
 pytestmark = pytest.mark.gpu
 

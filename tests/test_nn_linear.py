@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from fp8train.nn import FP8Linear, FP8LinearFunction, FP8Recipe, fp8_linear
 from fp8train.ops import fp8_gemm_nt
 from fp8train.quant import per_block_cast, per_token_cast, per_token_cast_transposed
+from numerics import rand, rel_err
 
 warnings.filterwarnings("ignore", message="fp8train: .* runs on the reference")
 
@@ -22,16 +23,6 @@ warnings.filterwarnings("ignore", message="fp8train: .* runs on the reference")
 # of itself, relative, away from subnormals. A product of two such operands is then off by
 # at most (2 * 2^-4 + 2^-8) of sum |a||b|, elementwise.
 PAIR_BOUND = 2 * 2.0**-4 + 2.0**-8
-
-
-def rel_err(x, ref):
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
-def rand(*shape, seed, scale=1.0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
 
 
 def assert_within_fp8_bound(got, a, b, exact, out_dtype):

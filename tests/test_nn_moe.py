@@ -12,6 +12,7 @@ from fp8train.nn import FP8GroupedLinear, FP8MoE, FP8Recipe, GroupedLinear, MoE
 from fp8train.nn.moe_layout import build_moe_layout, padded_rows_bound, permute, unpermute
 from fp8train.ops import k_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_contiguous
 from fp8train.quant import per_block_cast, per_token_cast, per_token_cast_transposed
+from numerics import rand, rel_err
 
 warnings.filterwarnings("ignore", message="fp8train: .* runs on the reference")
 
@@ -19,16 +20,6 @@ warnings.filterwarnings("ignore", message="fp8train: .* runs on the reference")
 # bound); the longest chain in an MoE step (dx: down dgrad, SwiGLU, gate_up dgrad, and the
 # forward that feeds them) goes through at most four FP8 GEMMs.
 MOE_REL_BOUND = 4 * 0.025
-
-
-def rel_err(x, ref):
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
-def rand(*shape, seed, scale=1.0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
 
 
 @given(t=st.integers(0, 300), e=st.integers(1, 9), k=st.integers(1, 3),
