@@ -33,3 +33,19 @@ def test_cublas_matches_reference(kind, m, n, k):
     expect = ref.fp8_gemm_nt_ref(a[0], a[1], b[0], b[1])
     assert got.dtype == out_dtype and not torch.isnan(got).any()
     assert rel_err(got, expect) < (4e-3 if kind == "1d2d" else 1e-3)
+
+
+@pytest.mark.parametrize("m,n,k", [(256, 272, 384), (256, 256, 256), (256, 272, 512), (256, 384, 384),
+                                   (128, 136, 256), (256, 2112, 1024)])
+def test_cublas_supports_exactly_the_shapes_it_gets_right(m, n, k):
+    """`supports` refuses what the cuBLAS wrapper gets wrong and nothing else: the square
+    128x128 scale matrix hypothesis (wrong at 3x3) against N % 128 (2112 was right)."""
+    from fp8train.ops import cublas
+
+    gen = torch.Generator(device="cuda").manual_seed(k + n)
+    a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))
+    b = per_block_cast(torch.randn(n, k, device="cuda", generator=gen))
+    got = cublas.fp8_gemm_nt_cublas(a[0], a[1], b[0], b[1], torch.bfloat16)
+    right = bool(rel_err(got, ref.fp8_gemm_nt_ref(a[0], a[1], b[0], b[1])) < 4e-3)
+    assert right == cublas.supports(a[0], n, torch.bfloat16, False, "1d2d"), \
+        f"cuBLAS {'right' if right else 'wrong'} at {m}x{n}x{k}"

@@ -12,14 +12,14 @@ from numerics import rel_err_of_output as rel_err
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("native_backend")]
 
 
-def run_case(m, n, k, kind, accumulate=False, seed=0, scale=1.0):
+def run_case(m, n, k, kind, accumulate=False, seed=0, scale=1.0, out_dtype=None):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(m, k, device="cuda", generator=gen) * scale
     w = torch.randn(n, k, device="cuda", generator=gen)
     a = per_token_cast(x)
     b = per_block_cast(w) if kind == "1d2d" else per_token_cast(w)
     expect = ref.fp8_gemm_nt_ref(a[0], a[1], b[0], b[1])
-    out_dtype = torch.bfloat16 if kind == "1d2d" else torch.float32
+    out_dtype = out_dtype or (torch.bfloat16 if kind == "1d2d" else torch.float32)
     out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
     if accumulate:
         out = torch.randn(m, n, device="cuda", generator=gen)
@@ -35,6 +35,12 @@ def run_case(m, n, k, kind, accumulate=False, seed=0, scale=1.0):
                                    (1, 8, 128), (300, 136, 256), (4096, 7168, 2048)])
 def test_1d2d_fixed_shapes(m, n, k):
     run_case(m, n, k, "1d2d")
+
+
+@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (2100, 768, 1024), (300, 136, 256)])
+def test_1d2d_float32_output(m, n, k):
+    """FP32 models without autocast: the 1D2D kernel stores FP32 from registers."""
+    run_case(m, n, k, "1d2d", out_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("accumulate", [False, True])

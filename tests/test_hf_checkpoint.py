@@ -1,6 +1,7 @@
 """fp8train.save_pretrained_fp8: a converted transformers model written as a fine-grained
 FP8 checkpoint, loaded back with AutoModelForCausalLM.from_pretrained (which dequantizes it
 on a machine without a GPU)."""
+import importlib.util
 import json
 import warnings
 
@@ -103,6 +104,10 @@ def test_fp8_checkpoint_loads_on_the_gpu_in_fp8(arch, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", device_map="cuda")
     kept_fp8 = [k for k, v in loaded.state_dict().items() if v.dtype == torch.float8_e4m3fn]
     assert kept_fp8, "transformers dequantized the checkpoint on the GPU"
+    if importlib.util.find_spec("kernels") is None:
+        # transformers' FP8 matmul on the GPU comes from the hub through the `kernels`
+        # package; without it (the offline device) only the e4m3 load above is checkable.
+        pytest.skip("loaded in e4m3 (checked); the FP8 forward needs the `kernels` package")
     ids = batch(5).cuda()
     with torch.no_grad():
         got = loaded(input_ids=ids).logits

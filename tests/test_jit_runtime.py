@@ -212,6 +212,32 @@ def test_launch_writes_a_tensor(cache_dir):
 
 
 @pytest.mark.gpu
+def test_launch_from_a_thread_without_cuda_calls(cache_dir):
+    # Autograd runs backward on its own thread; our launch can be that thread's first CUDA
+    # call, with no driver context current (CUDA_ERROR_INVALID_CONTEXT before the fix).
+    import threading
+
+    n = 256
+    out = torch.zeros(n, device="cuda")
+    kernel = _kernel("fill")
+    stream = torch.cuda.current_stream().cuda_stream
+    errors = []
+
+    def launch():
+        try:
+            kernel.launch(2, 128, 0, (out.data_ptr(), 2.5, n),
+                          (ctypes.c_void_p, ctypes.c_float, ctypes.c_int), stream)
+        except Exception as exc:  # reported in the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=launch)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    torch.testing.assert_close(out.cpu(), 2.5 + torch.arange(n, dtype=torch.float32))
+
+
+@pytest.mark.gpu
 def test_launch_with_cluster_and_large_smem(cache_dir):
     blocks, smem = 8, 160 * 1024
     out = torch.full((2 * blocks,), -1, dtype=torch.int32, device="cuda")

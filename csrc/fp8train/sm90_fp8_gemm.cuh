@@ -25,6 +25,10 @@
 #ifndef FP8TRAIN_SWIZZLED_EPILOGUE
 #define FP8TRAIN_SWIZZLED_EPILOGUE 1
 #endif
+// 1D2D with FP32 output (an FP32 model without autocast): stored from registers like 1D1D.
+#ifndef FP8TRAIN_OUT_F32
+#define FP8TRAIN_OUT_F32 0
+#endif
 
 namespace fp8train {
 
@@ -55,10 +59,12 @@ struct Sm90Fp8Gemm {
     // TMA writes shared memory at 128-byte aligned addresses: scale slots are padded to that.
     static constexpr uint32_t kScaleASlot = (kScaleABytes + 127) / 128 * 128;
     static constexpr uint32_t kScaleBSlot = (kScaleBBytes + 127) / 128 * 128;
-    static constexpr uint32_t kOutTileBytes = SCALE_B_1X128 ? 0 : BLOCK_M * BLOCK_N * 2;
+    // FP32 output leaves from registers; BF16 through a shared tile and a TMA store.
+    static constexpr bool kOutF32 = SCALE_B_1X128 || FP8TRAIN_OUT_F32;
+    static constexpr uint32_t kOutTileBytes = kOutF32 ? 0 : BLOCK_M * BLOCK_N * 2;
     // The BF16 output tile in 64-column parts with the TMA 128-byte swizzle (bank-conflict
     // free writes) where BLOCK_N allows; the host's output descriptor must agree.
-    static constexpr bool kSwizzledOut = FP8TRAIN_SWIZZLED_EPILOGUE && !SCALE_B_1X128 && BLOCK_N % 64 == 0;
+    static constexpr bool kSwizzledOut = FP8TRAIN_SWIZZLED_EPILOGUE && !kOutF32 && BLOCK_N % 64 == 0;
     static constexpr uint32_t kAccum = BLOCK_N / 2;  // FP32 accumulator registers per thread
     // With 128x128 B scales a tile spans at most two scale blocks: its start offset inside a
     // block is at most 128 - gcd(BLOCK_N, 128).
@@ -193,8 +199,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     // tile leave FP32 partials in `split_partials` [outputs, SPLIT_K, tile]; the slice that
     // arrives last on the tile's counter (self-resetting, zero between launches) adds them in
     // slice order, so the result does not depend on arrival order, and stores BF16.
-    static_assert(SPLIT_K >= 1 && (SPLIT_K == 1 || (!SCALE_B_1X128 && GROUPING == Grouping::kNone)),
-                  "split-K is for the dense 1D2D GEMM");
+    static_assert(SPLIT_K >= 1 && (SPLIT_K == 1 || (!G::kOutF32 && GROUPING == Grouping::kNone)),
+                  "split-K is for the dense 1D2D GEMM with BF16 output");
+    static_assert(SCALE_B_1X128 || !G::kOutF32 || GROUPING == Grouping::kNone,
+                  "m-grouped GEMMs write BF16");
 
     // Align by pointer arithmetic on the __shared__ array (not through an integer cast), so
     // the compiler keeps the shared address space and emits LDS/STS, not generic LD/ST.
@@ -211,7 +219,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
         prefetch_tma_descriptor(tmap_b);
         prefetch_tma_descriptor(tmap_scale_a);
         if constexpr (SCALE_B_1X128) prefetch_tma_descriptor(tmap_scale_b);
-        else prefetch_tma_descriptor(tmap_out);
+        if constexpr (!G::kOutF32) prefetch_tma_descriptor(tmap_out);
         for (uint32_t s = 0; s < NUM_STAGES; ++s) {
             mbar_init(&full[s], 1);                          // the producer's arrive + TMA bytes
             // One arrival per math warp of every CTA that reads what this CTA multicasts.
@@ -414,7 +422,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
         // Epilogue: each thread owns rows r and r + 8, and column pairs 8j + 2 (lane % 4).
         const uint64_t out_group = (kKGrouped || GROUPING == Grouping::kMMasked)
                                        ? static_cast<uint64_t>(t.group) * shape_m * SHAPE_N : 0;
-        if constexpr (SCALE_B_1X128) {
+        if constexpr (G::kOutF32) {
             // An expert without tokens has a zero gradient: written as zeros, or, when
             // accumulating, nothing to add.
             if (ACCUMULATE && kKGrouped && op.kb_begin == op.kb_end) continue;
@@ -477,7 +485,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             }
         }
     }
-    if constexpr (!SCALE_B_1X128) {
+    if constexpr (!G::kOutF32) {
         if (threadIdx.x == 0) tma_store_wait_all();  // shared memory must outlive the store
     }
     if constexpr (CLUSTER > 1) {

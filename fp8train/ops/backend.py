@@ -14,12 +14,19 @@ from .. import _env
 
 _backend = None  # None: read FP8TRAIN_BACKEND at first use
 
-# cuBLAS blockwise beats the native dense kernels on large shapes today (0.77x / 0.89x
-# median, docs/kernels.md), but our `_scaled_mm` wrapper (ops/cublas.py) has only been
-# timed on a GPU, never checked against the reference; the native kernels have. So `auto`
-# runs native kernels first, and prefers cuBLAS once tests/test_gemm_cublas.py has passed
-# on the device (set this to True then, if cuBLAS is still the faster one).
-PREFER_CUBLAS = False
+# cuBLAS blockwise beats the native dense kernels on most shapes today (native 0.74x /
+# 0.85x median on the H100, session 3, docs/kernels.md), and our `_scaled_mm` wrapper
+# (ops/cublas.py) matches the reference there (tests/test_gemm_cublas.py). So `auto` runs a
+# dense GEMM on cuBLAS where cuBLAS serves it, except where the native kernel measured
+# faster (`native_beats_cublas`); the grouped GEMMs have no cuBLAS counterpart.
+PREFER_CUBLAS = True
+
+
+def native_beats_cublas(m: int, n: int, k: int) -> bool:
+    """Dense shapes where the native kernel measured faster than cuBLAS (H100, session 3):
+    few rows, a narrow weight and a deep K (64/128 x 2112/4096 x 7168: 1.0-1.7x); cuBLAS
+    wins everywhere else in the bench (0.53-0.89x)."""
+    return m <= 128 and n <= 4096 and k >= 4096
 
 
 def set_backend(name: str) -> None:
@@ -49,12 +56,12 @@ def announce(message: str) -> None:
 
 
 def resolve(op: str, device: torch.device, *, native_ok, cublas_ok: bool,
-            native_in_auto: bool = True) -> str:
+            native_in_auto: bool = True, cublas_first: bool = False) -> str:
     """Pick the implementation of ``op`` for tensors on ``device``.
 
     native_ok: callable returning (available, reason); cublas_ok: cuBLAS serves this call;
     native_in_auto: False keeps a native kernel opt-in (``native`` backend) until it has
-    been verified on a GPU.
+    been verified on a GPU. cublas_first: ``auto`` takes cuBLAS over a native kernel.
     """
     chosen = get_backend()
     on_hopper = device.type == "cuda" and is_hopper(device.index or 0)
@@ -72,7 +79,7 @@ def resolve(op: str, device: torch.device, *, native_ok, cublas_ok: bool,
         return "cublas"
     # auto
     if on_hopper:
-        if cublas_ok and PREFER_CUBLAS:
+        if cublas_ok and cublas_first:
             return "cublas"
         ok, why = native_ok() if native_in_auto else (False, "not yet verified on a GPU")
         if ok:

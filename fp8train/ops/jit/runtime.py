@@ -17,6 +17,7 @@ each costs is unknown until measured on the device.
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 
 import torch
@@ -63,9 +64,9 @@ class Kernel:
     """One `__global__` function of a loaded cubin on one device. Use load_kernel()."""
 
     __slots__ = ("name", "device_index", "_function", "_handle", "_smem_optin", "_smem_limit", "_configs",
-                 "_ctypes_configs")
+                 "_ctypes_configs", "_context")
 
-    def __init__(self, name: str, device_index: int, function, smem_limit: int):
+    def __init__(self, name: str, device_index: int, function, smem_limit: int, context=None):
         self.name = name
         self.device_index = device_index
         self._function = function
@@ -77,6 +78,7 @@ class Kernel:
         # The CUfunction as the pointer libcuda takes (None: a kernel built only for checks).
         self._handle = int(function) if function is not None else 0
         self._ctypes_configs: dict[tuple, ctypes_launch.CtypesLaunch] = {}
+        self._context = context  # the device's primary context (None: a kernel built only for checks)
 
     def launch(self, grid: int | tuple, block: int, smem_bytes: int, args: tuple,
                arg_types: tuple, stream: int, cluster: int = 1) -> None:
@@ -125,8 +127,24 @@ class Kernel:
         """Make the kernel's device current for a launch if it is not: the function lives in
         that device's primary context (one process driving several GPUs)."""
         if torch.cuda.current_device() == self.device_index:
+            self._bind_thread()
             return contextlib.nullcontext()
         return torch.cuda.device(self.device_index)
+
+    def _bind_thread(self) -> None:
+        """A thread that has made no CUDA runtime call yet (autograd's backward thread, whose
+        first GPU work may be our launch) has no current driver context: torch's current
+        device reads 0 there without creating one. Make the primary context current, once
+        per thread and device."""
+        bound = getattr(_THREAD, "devices", None)
+        if bound is None:
+            bound = _THREAD.devices = set()
+        if self.device_index in bound or self._context is None:
+            return
+        current = _check(_drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        if int(current) == 0:
+            _check(_drv.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
+        bound.add(self.device_index)
 
     def max_active_clusters(self, block: int, smem_bytes: int, cluster: int) -> int:
         """How many clusters of `cluster` CTAs (each `block` threads, `smem_bytes` of
@@ -195,6 +213,7 @@ def _use_ctypes() -> bool:
 
 
 _KERNELS: dict[tuple[str, str, int], Kernel] = {}
+_THREAD = threading.local()  # per thread: the devices whose context is known current
 
 
 def load_kernel(compiled: CompiledKernel, kernel_name: str, device_index: int) -> Kernel:
@@ -235,7 +254,7 @@ def _load(cubin_path: Path, kernel_name: str, device_index: int) -> Kernel:
         smem_limit = _check(drv.cuDeviceGetAttribute(optin, device), "cuDeviceGetAttribute")
     finally:
         _check(drv.cuCtxPopCurrent(), "cuCtxPopCurrent")
-    return Kernel(kernel_name, device_index, function, smem_limit)
+    return Kernel(kernel_name, device_index, function, smem_limit, context)
 
 
 # ---- TMA descriptors -------------------------------------------------------------------

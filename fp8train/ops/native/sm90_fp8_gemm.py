@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,7 +25,7 @@ GROUPINGS = {"none": ("kNone", None), "m_contiguous": ("kMContiguous", "1d2d"),
              "m_masked": ("kMMasked", "1d2d"), "k_contiguous": ("kKContiguous", "1d1d")}
 
 
-def _check_grouping(config: GemmConfig, accumulate: bool, grouping: str) -> None:
+def _check_grouping(config: GemmConfig, accumulate: bool, grouping: str, out_f32: bool = False) -> None:
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping: expected one of {sorted(GROUPINGS)}, got {grouping!r}")
     if accumulate and config.kind != "1d1d":
@@ -33,21 +33,27 @@ def _check_grouping(config: GemmConfig, accumulate: bool, grouping: str) -> None
     kind = GROUPINGS[grouping][1]
     if kind is not None and config.kind != kind:
         raise ValueError(f"grouping {grouping!r} runs the {kind} kernel, got config kind {config.kind!r}")
+    if out_f32 and (config.kind != "1d2d" or grouping != "none" or config.split_k != 1):
+        raise ValueError("out_f32: only the dense 1D2D kernel without split-K takes the FP32 "
+                         f"output switch, got kind {config.kind!r}, grouping {grouping!r}, "
+                         f"split_k={config.split_k}")
     if grouping != "none" and (config.cluster != 1 or config.split_k != 1):
         raise ValueError(f"grouping {grouping!r} runs without clusters or split-K, got "
                          f"cluster={config.cluster}, split_k={config.split_k}")
 
 
-def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none") -> str:
+def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none",
+                  out_f32: bool = False) -> str:
     """The .cu text of one kernel instance: N, K and the tile choice are compile-time.
     grouping: "m_contiguous"/"m_masked" (B is [G, N, K], every tile of A belongs to one
     expert) or "k_contiguous" (wgrad over experts' token segments; K is then runtime and
-    `k` is ignored)."""
-    _check_grouping(config, accumulate, grouping)
+    `k` is ignored). out_f32: a dense 1D2D kernel writing FP32 instead of BF16."""
+    _check_grouping(config, accumulate, grouping, out_f32)
     if grouping == "k_contiguous":
         k = 0
     return f"""// Rendered by fp8train.ops.native.sm90_fp8_gemm: {config}, N={n}, K={k}, {grouping}
 #define FP8TRAIN_SWIZZLED_EPILOGUE {int(SWIZZLED_EPILOGUE)}
+#define FP8TRAIN_OUT_F32 {int(out_f32)}
 #include "fp8train/sm90_fp8_gemm.cuh"
 
 namespace fp8train {{
@@ -73,8 +79,10 @@ extern "C" __global__ void __launch_bounds__({config.num_threads}, 1)
 """
 
 
-def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none") -> str:
+def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none",
+                out_f32: bool = False) -> str:
     acc = ("_acc" if accumulate else "") + ("" if grouping == "none" else "_" + grouping)
+    acc += "_f32" if out_f32 else ""
     k_label = "var" if grouping == "k_contiguous" else k
     return (f"sm90_fp8_gemm_{config.kind}{acc}_n{n}_k{k_label}_bm{config.block_m}_bn{config.block_n}"
             f"_s{config.num_stages}_g{config.group_n}_c{config.cluster}"
@@ -93,12 +101,13 @@ def swizzled_out(config: GemmConfig) -> bool:
     return SWIZZLED_EPILOGUE and config.kind == "1d2d" and config.block_n % 64 == 0
 
 
-def compile_kernel(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none"):
+def compile_kernel(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none",
+                   out_f32: bool = False):
     """Compile (or find in the cache) one kernel instance; returns the JIT's CompiledKernel."""
     from ..jit.compiler import compile_cubin
 
-    return compile_cubin(kernel_name(config, n, k, accumulate, grouping),
-                         render_source(config, n, k, accumulate, grouping), flags=debug_flags)
+    return compile_cubin(kernel_name(config, n, k, accumulate, grouping, out_f32),
+                         render_source(config, n, k, accumulate, grouping, out_f32), flags=debug_flags)
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: a cheap, exact key for cached parameter blocks
@@ -113,15 +122,17 @@ _launches: dict = {}
 
 
 def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int, num_sms: int,
-                config: GemmConfig | None = None, grouping: str = "none") -> _Launch:
-    key = (m, n, k, kind, accumulate, device, num_sms, config, debug_flags, grouping,
+                config: GemmConfig | None = None, grouping: str = "none", out_f32: bool = False) -> _Launch:
+    key = (m, n, k, kind, accumulate, device, num_sms, config, debug_flags, grouping, out_f32,
            _gemm_config.split_k_enabled, _gemm_config.multicast_enabled)
     launch = _launches.get(key)
     if launch is None:
         from ..jit.runtime import load_kernel
 
         config = config or choose_config(m, n, k, num_sms, kind, grouped=grouping != "none")
-        compiled = compile_kernel(config, n, k, accumulate, grouping)
+        if out_f32 and config.split_k > 1:  # split-K reduces into the BF16 epilogue only
+            config = replace(config, split_k=1, num_ctas=min(config.num_ctas, num_sms))
+        compiled = compile_kernel(config, n, k, accumulate, grouping, out_f32)
         kernel = load_kernel(compiled, KERNEL_NAME, device)
         smem = shared_bytes(config.block_m, config.block_n, config.num_stages, kind)
         grid = config.num_ctas
@@ -225,8 +236,9 @@ def fp8_gemm_nt_native(a, sa, b, sb, out: torch.Tensor, kind: str, accumulate: b
 
     m, k = a.shape
     grouping = "none" if group_offsets is None else "m_contiguous"
+    out_f32 = kind == "1d2d" and out.dtype == torch.float32
     launch = _launch_for(m, b.shape[-2], k, kind, accumulate, a.device.index, get_num_sms(), config,
-                         grouping)
+                         grouping, out_f32)
     _launch(launch, launch.grid, a, sa, b, sb, out, m, grouping, group_offsets)
 
 
@@ -350,7 +362,7 @@ def _fill_params(cfg: GemmConfig, a, sa, lda: int, b, sb, ldb: int, out, shape_m
         move(slots[5], _tma_address(sa.data_ptr(), f32, kb, rows_a, 4 * lda, 4, cfg.block_m, 0), 128)
     if cfg.kind == "1d1d":
         move(slots[6], _tma_address(sb.data_ptr(), f32, kb, b_rows, 4 * ldb, 4, cfg.block_n, 0), 128)
-    else:
+    elif out.dtype == torch.bfloat16:  # an FP32 1D2D output is stored from registers
         box_n, swizzle = (64, 128) if swizzled_out(cfg) else (cfg.block_n, 0)
         move(slots[7], _tma_address(out.data_ptr(), out.dtype, n, out_rows, 2 * n, box_n, cfg.block_m, swizzle),
              128)
