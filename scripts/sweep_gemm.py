@@ -1,7 +1,11 @@
 """Sweep native GEMM configs on a few shapes (device only) to see what limits the kernel.
 
-    PYTHONPATH=. python scripts/sweep_gemm.py
+    PYTHONPATH=. python scripts/sweep_gemm.py [section ...]   (default: every section)
+
+Sections: attribution, scale_layout, multicast, configs, split.
 """
+import sys
+
 import torch
 
 from fp8train.bench.timing import num_input_sets, time_calls
@@ -85,20 +89,51 @@ def sweep_split(m, n, k, candidates):
               f"{bytes_moved / (ms * 1e-3) / 3.35e12:4.0%} of the HBM roofline", flush=True)
 
 
-# Attribution on one large shape: what the loads, the scale loads and the promotion cost.
-for flags in ((), ("-DFP8TRAIN_DEBUG_NO_SCALE_LOADS",), ("-DFP8TRAIN_DEBUG_NO_LOADS",),
-              ("-DFP8TRAIN_DEBUG_NO_PROMOTION",), ("-DFP8TRAIN_DEBUG_NO_LOADS", "-DFP8TRAIN_DEBUG_NO_PROMOTION")):
-    sm90_fp8_gemm.debug_flags = flags
-    print("flags:", flags or "none", flush=True)
-    sweep(4096, 4096, 7168, "1d2d", [(128, 128, 0, 8, 1)])
-sm90_fp8_gemm.debug_flags = ()
-sweep_scale_layout(4096, 4096, 7168)
-sweep_scale_layout(4096, 7168, 2048)
-# Multicast with the grid cut to the clusters that fit at once (v7 ran 3x slower without).
-sweep(4096, 4096, 7168, "1d2d", [(128, 128, 0, 8, 2), (128, 160, 0, 8, 2)])
-sweep(8192, 8192, 8192, "1d2d", [(128, 128, 0, 8, 1), (128, 128, 0, 16, 1), (128, 128, 4, 8, 1)])
-sweep(4096, 7168, 2048, "1d2d", [(128, 128, 0, 8, 1), (128, 128, 0, 16, 1)])
-sweep(4096, 7168, 16384, "1d1d", [(128, 176, 0, 8, 1), (128, 128, 0, 8, 1)])
-# Split-K at small M: (block_n, split_k) pairs around the heuristic's choice.
-for m, n, k in ((64, 2112, 7168), (128, 4096, 7168), (128, 7168, 2048)):
-    sweep_split(m, n, k, [(16, 1), (32, 1), (64, 2), (64, 4), (128, 2), (128, 4), (136, 8), (128, 8)])
+def attribution():
+    """What the loads, the scale loads and the promotion cost, on one large shape."""
+    for flags in ((), ("-DFP8TRAIN_DEBUG_NO_SCALE_LOADS",), ("-DFP8TRAIN_DEBUG_NO_LOADS",),
+                  ("-DFP8TRAIN_DEBUG_NO_PROMOTION",),
+                  ("-DFP8TRAIN_DEBUG_NO_LOADS", "-DFP8TRAIN_DEBUG_NO_PROMOTION")):
+        sm90_fp8_gemm.debug_flags = flags
+        print("flags:", flags or "none", flush=True)
+        sweep(4096, 4096, 7168, "1d2d", [(128, 128, 0, 8, 1)])
+    sm90_fp8_gemm.debug_flags = ()
+
+
+def scale_layout():
+    sweep_scale_layout(4096, 4096, 7168)
+    sweep_scale_layout(4096, 7168, 2048)
+
+
+def multicast():
+    """Clusters of two sharing A, the grid cut to the clusters that fit at once (v7 ran 3x
+    slower without the cut), next to the same tiles without a cluster."""
+    sweep(4096, 4096, 7168, "1d2d", [(128, 128, 0, 8, 1), (128, 128, 0, 8, 2), (128, 160, 0, 8, 2)])
+    sweep(8192, 8192, 8192, "1d2d", [(128, 128, 0, 8, 1), (128, 128, 0, 8, 2), (128, 128, 0, 16, 2)])
+    sweep(4096, 7168, 2048, "1d2d", [(128, 128, 0, 8, 1), (128, 128, 0, 8, 2)])
+    sweep(4096, 7168, 16384, "1d1d", [(128, 176, 0, 8, 1), (128, 176, 0, 8, 2), (128, 128, 0, 8, 2)])
+
+
+def configs():
+    sweep(8192, 8192, 8192, "1d2d", [(128, 128, 0, 8, 1), (128, 128, 0, 16, 1), (128, 128, 4, 8, 1)])
+    sweep(4096, 7168, 2048, "1d2d", [(128, 128, 0, 8, 1), (128, 128, 0, 16, 1)])
+    sweep(4096, 7168, 16384, "1d1d", [(128, 176, 0, 8, 1), (128, 128, 0, 8, 1)])
+
+
+def split():
+    """Split-K at small M: (block_n, split_k) pairs around the heuristic's choice."""
+    for m, n, k in ((64, 2112, 7168), (128, 4096, 7168), (128, 7168, 2048)):
+        sweep_split(m, n, k, [(16, 1), (32, 1), (64, 2), (64, 4), (128, 2), (128, 4), (136, 8), (128, 8)])
+
+
+SECTIONS = {"attribution": attribution, "scale_layout": scale_layout, "multicast": multicast,
+            "configs": configs, "split": split}
+
+if __name__ == "__main__":
+    chosen = sys.argv[1:] or list(SECTIONS)
+    unknown = [c for c in chosen if c not in SECTIONS]
+    if unknown:
+        sys.exit(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    for name in chosen:
+        print(f"== {name}", flush=True)
+        SECTIONS[name]()

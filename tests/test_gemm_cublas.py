@@ -22,7 +22,7 @@ def cublas_backend():
 
 @pytest.mark.parametrize("kind", ["1d2d", "1d1d"])
 @pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (4000, 2112, 7168), (128, 4096, 512),
-                                   (256, 136 * 2, 384), (7168, 2048, 1024)])
+                                   (256, 136 * 2, 512), (7168, 2048, 1024)])
 def test_cublas_matches_reference(kind, m, n, k):
     gen = torch.Generator(device="cuda").manual_seed(m + n)
     a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))
@@ -38,14 +38,19 @@ def test_cublas_matches_reference(kind, m, n, k):
 @pytest.mark.parametrize("m,n,k", [(256, 272, 384), (256, 256, 256), (256, 272, 512), (256, 384, 384),
                                    (128, 136, 256), (256, 2112, 1024)])
 def test_cublas_supports_exactly_the_shapes_it_gets_right(m, n, k):
-    """`supports` refuses what the cuBLAS wrapper gets wrong and nothing else: the square
-    128x128 scale matrix hypothesis (wrong at 3x3) against N % 128 (2112 was right)."""
+    """`supports` refuses what the cuBLAS wrapper gets wrong or cannot run, and nothing else.
+    H100, torch 2.11: square 128x128 scale matrices (2x2, 3x3) come out wrong whatever N % 128;
+    N % 16 != 0 is refused by torch."""
     from fp8train.ops import cublas
 
     gen = torch.Generator(device="cuda").manual_seed(k + n)
     a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))
     b = per_block_cast(torch.randn(n, k, device="cuda", generator=gen))
-    got = cublas.fp8_gemm_nt_cublas(a[0], a[1], b[0], b[1], torch.bfloat16)
-    right = bool(rel_err(got, ref.fp8_gemm_nt_ref(a[0], a[1], b[0], b[1])) < 4e-3)
+    try:
+        got = cublas.fp8_gemm_nt_cublas(a[0], a[1], b[0], b[1], torch.bfloat16)
+    except RuntimeError:  # torch's own shape rules (e.g. N % 16)
+        right = False
+    else:
+        right = bool(rel_err(got, ref.fp8_gemm_nt_ref(a[0], a[1], b[0], b[1])) < 4e-3)
     assert right == cublas.supports(a[0], n, torch.bfloat16, False, "1d2d"), \
         f"cuBLAS {'right' if right else 'wrong'} at {m}x{n}x{k}"

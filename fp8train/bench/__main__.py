@@ -17,6 +17,8 @@ def main(argv=None) -> int:
                         help="only these shapes, e.g. '4096,7168,2048;128,2112,7168'")
     parser.add_argument("--models", default=None,
                         help="hf suite: only these models, e.g. 'llama-1b,qwen3-moe-1b'")
+    parser.add_argument("--eager-only", action="store_true",
+                        help="hf suite: skip the compiled rows (each compiles every layer)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--multicast", action="store_true",
                         help="let the heuristic pick TMA multicast clusters (off by default)")
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
     if args.suite == "hf":
         from .hf import run as run_hf  # needs transformers (the hf extra)
 
-        return run_hf(args.models, args.json)
+        return run_hf(args.models, args.json, compiled=(False,) if args.eager_only else (False, True))
     return 1
 
 

@@ -148,9 +148,10 @@ def _measure(name: str, spec: dict, fp8: bool, compiled: bool, batch: int, seq_l
 
 
 def run(models: Optional[str] = None, json_path: Optional[str] = None, *, batch: int = 4,
-        seq_len: int = 2048, steps: int = 10, warmup: int = 3) -> int:
-    """Measure ``models`` (comma-separated names of ``MODELS``; None: all); 0 on success,
-    1 if a correctness check failed."""
+        seq_len: int = 2048, steps: int = 10, warmup: int = 3, compiled=(False, True)) -> int:
+    """Measure ``models`` (comma-separated names of ``MODELS``; None: all), eager and/or
+    with compiled layers (``compiled``); 0 on success, 1 if a correctness check failed."""
+    compiled_rows = tuple(compiled)
     names = list(MODELS) if models is None else [m.strip() for m in models.split(",")]
     unknown = [m for m in names if m not in MODELS]
     if unknown:
@@ -160,7 +161,7 @@ def run(models: Optional[str] = None, json_path: Optional[str] = None, *, batch:
     print(f"{'model':<14} {'compiled':>8} {'params':>8} {'bf16 tok/s':>11} {'fp8 tok/s':>10} "
           f"{'speedup':>7} {'bf16 GiB':>8} {'fp8 GiB':>7} {'mem ratio':>9}")
     for name in names:
-        for compiled in (False, True):
+        for compiled in compiled_rows:
             bf16, fp8 = (_measure(name, MODELS[name], is_fp8, compiled, batch, seq_len, steps,
                                   warmup) for is_fp8 in (False, True))
             h_bf16, h_fp8 = bf16.pop("hidden").double(), fp8.pop("hidden").double()
