@@ -55,8 +55,9 @@ def sweep_scale_layout(m, n, k):
         sets.append((a[0], a[1], sm90_fp8_gemm._mn_major(a[1]), b, out))
     cfg = GemmConfig(128, 128, deepest(128, 128, "1d2d"), min(132, -(-m // 128) * -(-n // 128)), 8, "1d2d")
     outputs = []
-    for name, flags, which in (("row-major", (), 1), ("K-block-major", ("-DFP8TRAIN_SCALE_A_MN_MAJOR",), 2)):
-        sm90_fp8_gemm.debug_flags = flags
+    saved = sm90_fp8_gemm.SCALE_A_MN_MAJOR
+    for name, mn_major, which in (("row-major", False, 1), ("K-block-major", True, 2)):
+        sm90_fp8_gemm.SCALE_A_MN_MAJOR = mn_major
         calls = [lambda s=s, w=which: fp8_gemm_nt_native(s[0], s[w], s[3][0], s[3][1], s[4], "1d2d", False, cfg)
                  for s in sets]
         calls[0]()
@@ -64,7 +65,7 @@ def sweep_scale_layout(m, n, k):
         outputs.append(sets[0][4].clone())
         ms, _ = time_calls(calls)
         print(f"1d2d {m}x{n}x{k} A scales {name}: {2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
-    sm90_fp8_gemm.debug_flags = ()
+    sm90_fp8_gemm.SCALE_A_MN_MAJOR = saved
     print(f"  outputs identical: {torch.equal(outputs[0], outputs[1])}", flush=True)
 
 

@@ -2,10 +2,11 @@
 //
 // A [M, K] e4m3 with 1x128 scales; B [N, K] e4m3 with either 128x128 scales
 // ([ceil(N/128), K/128] row-major, "1D2D": fprop/dgrad, BF16 out) or 1x128 scales ("1D1D":
-// wgrad, FP32 out, optionally accumulated into D). 1x128 scales are row-major [rows, K/128]
-// with a row stride that is a multiple of 4 floats: one TMA box of 4 K blocks x BLOCK rows
-// travels with each stage (TMA moves at least 16 bytes a row), and the math threads pick
-// their K block's column out of it.
+// wgrad, FP32 out, optionally accumulated into D). A's 1x128 scales are read K-block-major
+// ([K/128, rows], one contiguous box of BLOCK_M floats per stage); B's 1x128 scales (1D1D)
+// row-major [rows, K/128] with a row stride that is a multiple of 4 floats: one TMA box of 4
+// K blocks x BLOCK_N rows travels with each stage (TMA moves at least 16 bytes a row), and
+// the math threads pick their K block's column out of it.
 //
 // Persistent and warp-specialised: one thread of the last warpgroup issues TMA for A, B and
 // their 1x128 scales into a ring of stages; BLOCK_M/64 math warpgroups consume. Each K
@@ -24,6 +25,13 @@
 
 #ifndef FP8TRAIN_SWIZZLED_EPILOGUE
 #define FP8TRAIN_SWIZZLED_EPILOGUE 1
+#endif
+// A's 1x128 scales K-block-major ([K/128, rows], rows contiguous, the row count padded to 4):
+// a stage's box is one contiguous BLOCK_M-float read. Row-major [rows, K/128] (0) needs a
+// 16-byte box per row, BLOCK_M pieces per stage: measured 10% (4096x4096x7168) to 36%
+// (4096x7168x2048) slower on the H100.
+#ifndef FP8TRAIN_SCALE_A_MN_MAJOR
+#define FP8TRAIN_SCALE_A_MN_MAJOR 1
 #endif
 // 1D2D with FP32 output (an FP32 model without autocast): stored from registers like 1D1D.
 #ifndef FP8TRAIN_OUT_F32
@@ -44,15 +52,8 @@ struct Sm90Fp8Gemm {
     static constexpr uint32_t kTileABytes = BLOCK_M * BLOCK_K;
     static constexpr uint32_t kTileBBytes = BLOCK_N * BLOCK_K;
     static constexpr uint32_t kScaleCols = 4;  // K blocks per scale box (16 bytes a row)
-#ifdef FP8TRAIN_SCALE_A_MN_MAJOR
-    // Experiment: A's scales stored [K/128, M] (M contiguous); a stage's box is one K block's
-    // BLOCK_M floats, one contiguous 512-byte read instead of BLOCK_M 16-byte pieces.
-    static constexpr bool kScaleAMNMajor = true;
-    static constexpr uint32_t kScaleABytes = BLOCK_M * 4;
-#else
-    static constexpr bool kScaleAMNMajor = false;
-    static constexpr uint32_t kScaleABytes = BLOCK_M * kScaleCols * 4;
-#endif
+    static constexpr bool kScaleAMNMajor = FP8TRAIN_SCALE_A_MN_MAJOR;
+    static constexpr uint32_t kScaleABytes = kScaleAMNMajor ? BLOCK_M * 4 : BLOCK_M * kScaleCols * 4;
     static constexpr uint32_t kScaleBBytes = SCALE_B_1X128 ? BLOCK_N * kScaleCols * 4 : 0;
     // What one stage's TMA copies deliver (the barrier's transaction count).
     static constexpr uint32_t kStageBytes = kTileABytes + kTileBBytes + kScaleABytes + kScaleBBytes;
