@@ -11,13 +11,19 @@ import torch
 
 def supports(a: torch.Tensor, b_rows: int, out_dtype: torch.dtype, accumulate: bool,
              kind: str = "1d1d") -> bool:
-    """cuBLAS blockwise scaling: sm_90 only, no in-place accumulation. With 128x128 B scales
-    ("1d2d"), a square scale matrix (ceil(N/128) == K/128) is refused: on the H100 (torch
-    2.11, cu130) 256x272x384 (3x3 scale blocks) came out wrong while 64x2112x7168 (N not a
-    multiple of 128 either) was right; tests/test_gemm_cublas.py pins the rule down."""
+    """cuBLAS blockwise scaling: sm_90 only, no in-place accumulation, and only where its
+    results were right on the H100 (torch 2.11, cu130; tests/test_gemm_cublas.py). Wrong
+    there: 128x128 B scales of 2x2 and 3x3 blocks (256x256x256, 256x384x384, 256x272x384),
+    whatever N % 128. Every case seen right had K/128 and M multiples of 4, the leading
+    dimensions of the scale views passed below; the FP8 `small` recipe (K = 768: K/128 = 6)
+    diverged on this path. Until a device run separates the two explanations both are
+    refused: square 128x128 scale matrices, and K/128 or M not a multiple of 4."""
+    m, kb = a.shape[0], a.shape[-1] // 128
     return (
         a.is_cuda
-        and (kind != "1d2d" or -(-b_rows // 128) != a.shape[-1] // 128)
+        and kb % 4 == 0
+        and m % 4 == 0
+        and (kind != "1d2d" or -(-b_rows // 128) != kb)
         and hasattr(torch, "_scaled_mm")
         and torch.cuda.get_device_capability(a.device) == (9, 0)
         and out_dtype in (torch.bfloat16, torch.float32)

@@ -54,7 +54,7 @@ def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, grouping
     return f"""// Rendered by fp8train.ops.native.sm90_fp8_gemm: {config}, N={n}, K={k}, {grouping}
 #define FP8TRAIN_SWIZZLED_EPILOGUE {int(SWIZZLED_EPILOGUE)}
 #define FP8TRAIN_OUT_F32 {int(out_f32)}
-#define FP8TRAIN_SCALE_A_MN_MAJOR {int(SCALE_A_MN_MAJOR)}
+#define FP8TRAIN_SCALE_A_MN_MAJOR {int(scale_a_mn_major(grouping))}
 #include "fp8train/sm90_fp8_gemm.cuh"
 
 namespace fp8train {{
@@ -98,8 +98,17 @@ SWIZZLED_EPILOGUE = True
 # A's 1x128 scales read K-block-major ([K/128, rows] underneath): one 512-byte TMA box per
 # stage instead of 128 16-byte ones, +10% to +36% on the H100 (sweep_gemm.py scale_layout).
 # Scales the caller passes row-major are copied into that layout (`_mn_major`) per call;
-# False reads them row-major in place.
+# False reads them row-major in place everywhere.
 SCALE_A_MN_MAJOR = True
+# Groupings verified on the H100 with K-block-major scales. The masked kernel (an expert's
+# rows start at g * M_max, so the box's inner coordinate is not 16-byte aligned) hit an
+# illegal instruction; it and the k-grouped kernel (not yet re-run) keep the row-major read.
+_MN_MAJOR_GROUPINGS = ("none", "m_contiguous")
+
+
+def scale_a_mn_major(grouping: str) -> bool:
+    """Whether this grouping's kernel reads A's scales K-block-major."""
+    return SCALE_A_MN_MAJOR and grouping in _MN_MAJOR_GROUPINGS
 
 
 def swizzled_out(config: GemmConfig) -> bool:
@@ -297,7 +306,7 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
     Python a launch costs); only split-K's scratch pointer changes per call."""
     cfg = launch.config
     device = a.device.index
-    if SCALE_A_MN_MAJOR:  # sa read as [K/128, rows] underneath
+    if scale_a_mn_major(grouping):  # sa read as [K/128, rows] underneath
         mn_ready = sa.stride(0) == 1 and sa.stride(1) % 4 == 0 and sa.data_ptr() % 16 == 0
         sa_ready, lda = (sa if mn_ready else _mn_major(sa)), 0
     else:
@@ -362,7 +371,7 @@ def _fill_params(cfg: GemmConfig, a, sa, lda: int, b, sb, ldb: int, out, shape_m
     box_a = cfg.block_m // cfg.cluster  # each CTA of a cluster loads its share of A
     move(slots[3], _tma_address(a.data_ptr(), a.dtype, k, rows_a, a.stride(0), 128, box_a, 128), 128)
     move(slots[4], _tma_address(b.data_ptr(), b.dtype, k, b_rows, b.stride(-2), 128, cfg.block_n, 128), 128)
-    if SCALE_A_MN_MAJOR:  # sa stored [K/128, rows]: one BLOCK_M-float box per K block
+    if scale_a_mn_major(grouping):  # sa stored [K/128, rows]: one BLOCK_M-float box per K block
         move(slots[5], _tma_address(sa.data_ptr(), f32, rows_a, kb, 4 * sa.stride(1), cfg.block_m, 1, 0), 128)
     else:
         move(slots[5], _tma_address(sa.data_ptr(), f32, kb, rows_a, 4 * lda, 4, cfg.block_m, 0), 128)
