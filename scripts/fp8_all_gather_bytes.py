@@ -13,7 +13,6 @@ the same init and see the same tokens. Bytes are counted at ``all_gather_single`
 ``torch.profiler`` trace.
 """
 import argparse
-import contextlib
 import os
 import sys
 
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fp8train.bench.collectives import count_all_gather_bytes
 from fp8train.nn import FP8Linear
 from fp8train.nn.fsdp import enable_fp8_all_gather
 
@@ -31,21 +31,6 @@ def make_model(dim: int, ffn: int, pairs: int, device: torch.device) -> nn.Seque
     for _ in range(pairs):
         layers += [FP8Linear(dim, ffn, bias=False), nn.GELU(), FP8Linear(ffn, dim, bias=False)]
     return nn.Sequential(*layers).to(device)
-
-
-@contextlib.contextmanager
-def counting_all_gather_bytes(record: list):
-    original = dist.all_gather_single
-
-    def counting(output_tensor, input_tensor, *args, **kwargs):
-        record.append(input_tensor.numel() * input_tensor.element_size())
-        return original(output_tensor, input_tensor, *args, **kwargs)
-
-    dist.all_gather_single = counting
-    try:
-        yield
-    finally:
-        dist.all_gather_single = original
 
 
 def run(args, fp8_all_gather: bool, device: torch.device, rank: int, world: int) -> dict:
@@ -77,7 +62,7 @@ def run(args, fp8_all_gather: bool, device: torch.device, rank: int, world: int)
     step()  # warm-up: JIT compiles, NCCL communicators
     losses.clear()
     gather_us = None
-    with counting_all_gather_bytes(gathered):
+    with count_all_gather_bytes(gathered):
         if device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
 

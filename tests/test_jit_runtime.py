@@ -199,15 +199,18 @@ def test_num_sms_without_gpu(monkeypatch):
 
 # ---- on the GPU ---------------------------------------------------------------------------
 
+def _launch_fill(kernel, out, value, stream):
+    n = out.numel()
+    kernel.launch((n + 127) // 128, 128, 0, (out.data_ptr(), value, n),
+                  (ctypes.c_void_p, ctypes.c_float, ctypes.c_int), stream)
+
+
 @pytest.mark.gpu
 def test_launch_writes_a_tensor(cache_dir):
-    n = 1000
-    out = torch.zeros(n, device="cuda")
+    out = torch.zeros(1000, device="cuda")
     kernel = _kernel("fill")
-    stream = torch.cuda.current_stream().cuda_stream
-    kernel.launch((n + 127) // 128, 128, 0, (out.data_ptr(), 1.5, n),
-                  (ctypes.c_void_p, ctypes.c_float, ctypes.c_int), stream)
-    torch.testing.assert_close(out.cpu(), 1.5 + torch.arange(n, dtype=torch.float32))
+    _launch_fill(kernel, out, 1.5, torch.cuda.current_stream().cuda_stream)
+    torch.testing.assert_close(out.cpu(), 1.5 + torch.arange(1000, dtype=torch.float32))
     assert load_kernel(compile_cubin("test_fill", FILL), "fill", out.device.index) is kernel
 
 
@@ -217,16 +220,14 @@ def test_launch_from_a_thread_without_cuda_calls(cache_dir):
     # call, with no driver context current (CUDA_ERROR_INVALID_CONTEXT before the fix).
     import threading
 
-    n = 256
-    out = torch.zeros(n, device="cuda")
+    out = torch.zeros(256, device="cuda")
     kernel = _kernel("fill")
     stream = torch.cuda.current_stream().cuda_stream
     errors = []
 
     def launch():
         try:
-            kernel.launch(2, 128, 0, (out.data_ptr(), 2.5, n),
-                          (ctypes.c_void_p, ctypes.c_float, ctypes.c_int), stream)
+            _launch_fill(kernel, out, 2.5, stream)
         except Exception as exc:  # reported in the main thread
             errors.append(exc)
 
@@ -234,7 +235,7 @@ def test_launch_from_a_thread_without_cuda_calls(cache_dir):
     thread.start()
     thread.join()
     assert not errors, errors
-    torch.testing.assert_close(out.cpu(), 2.5 + torch.arange(n, dtype=torch.float32))
+    torch.testing.assert_close(out.cpu(), 2.5 + torch.arange(256, dtype=torch.float32))
 
 
 @pytest.mark.gpu

@@ -7,7 +7,6 @@
 Each test spawns two processes (``torch.multiprocessing``, file rendezvous); they write
 their results to a file that the test reads. Processes run with one thread each (2 cores).
 """
-import contextlib
 import copy
 import os
 import sys
@@ -20,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from fp8train.bench.collectives import count_all_gather_bytes
 from fp8train.nn import FP8Linear
 from fp8train.nn import _custom_ops as ops
 from fp8train.nn.fsdp import FP8AllGatherWeight, enable_fp8_all_gather
@@ -59,22 +59,6 @@ def train(model, x, y, steps=STEPS, reduce=None):
             loss /= WORLD
         losses.append(loss.item())
     return losses
-
-
-@contextlib.contextmanager
-def count_all_gather_bytes(record: list):
-    """Append each FSDP all-gather's input bytes (what this rank puts on the wire)."""
-    original = dist.all_gather_single
-
-    def counting(output_tensor, input_tensor, *args, **kwargs):
-        record.append(input_tensor.numel() * input_tensor.element_size())
-        return original(output_tensor, input_tensor, *args, **kwargs)
-
-    dist.all_gather_single = counting
-    try:
-        yield
-    finally:
-        dist.all_gather_single = original
 
 
 def _local(x, rank):
