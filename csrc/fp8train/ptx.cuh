@@ -128,24 +128,24 @@ __device__ __forceinline__ void cluster_sync() {
 }
 
 // Arrives on the mbarrier at the same shared-memory offset in CTA `rank` of the cluster.
+// The default .release.cta semantics: what the arrive publishes is "this warp is done
+// reading a stage" (its wgmmas have completed), not global writes. `.release.cluster`
+// compiled to MEMBAR.ALL.GPU before every arrive (SASS, nvcc 13.0): a GPU-wide fence per
+// warp per K block, the likely cause of multicast running at ~330 TFLOP/s on every shape.
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
     asm volatile(
         "{\n"
         ".reg .b32 remote;\n"
         "mapa.shared::cluster.u32 remote, %0, %1;\n"
-        "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+        "mbarrier.arrive.shared::cluster.b64 _, [remote];\n"
         "}\n" ::"r"(smem_u32(bar)), "r"(rank) : "memory");
 }
 
-// mbar_wait for barriers that other CTAs of the cluster arrive on.
+// mbar_wait for barriers that other CTAs of the cluster arrive on: the producer only issues
+// TMA after it, so the CTA-scope acquire suffices (`.acquire.cluster` added CCTL.IVALL, an L1
+// invalidation, after every wait).
 __device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
-    asm volatile(
-        "{\n"
-        ".reg .pred done;\n"
-        "FP8TRAIN_WAITC_%=:\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra FP8TRAIN_WAITC_%=;\n"
-        "}\n" ::"r"(smem_u32(bar)), "r"(parity) : "memory");
+    mbar_wait(bar, parity);
 }
 
 // 2-D tile load written to the same shared-memory offset in every CTA of `cta_mask`, each
