@@ -306,22 +306,29 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
     Python a launch costs); only split-K's scratch pointer changes per call."""
     cfg = launch.config
     device = a.device.index
+    reusable = True  # False: a scale copy made for this call only (its block is not kept)
     if scale_a_mn_major(grouping):  # sa read as [K/128, rows] underneath
         mn_ready = sa.stride(0) == 1 and sa.stride(1) % 4 == 0 and sa.data_ptr() % 16 == 0
-        sa_ready, lda = (sa if mn_ready else _mn_major(sa)), 0
+        if mn_ready:
+            sa_ready = sa
+        else:
+            sa_ready, reusable = _mn_major_staged(sa, device)
+        lda = 0
     else:
         sa_ready, lda = tma_ready_scales(sa)
+        reusable = sa_ready is sa
     sb_ready, ldb = tma_ready_scales(sb) if cfg.kind == "1d1d" else (sb, 0)
+    reusable = reusable and sb_ready is sb
     blocks = getattr(_local, "blocks", None)
     if blocks is None:
         blocks = _local.blocks = {}
-    key = (launch, grid, shape_m, a.data_ptr(), a.shape, a.stride(0), sa.data_ptr(), sa.stride(),
+    key = (launch, grid, shape_m, a.data_ptr(), a.shape, a.stride(0), sa_ready.data_ptr(), sa_ready.stride(),
            b.data_ptr(), b.shape, b.stride(-2), sb.data_ptr(), sb.stride(0), out.data_ptr(), out.shape,
            None if counts is None else (counts.data_ptr(), counts.shape[0]))
     params = blocks.get(key)
     if params is None:
         params = _fill_params(cfg, a, sa_ready, lda, b, sb_ready, ldb, out, shape_m, grouping, counts)
-        if sa_ready is sa and sb_ready is sb:  # a padded scale copy is new every call: not reusable
+        if reusable:
             if len(blocks) >= _PARAM_CACHE_LIMIT:
                 blocks.clear()
             blocks[key] = params
@@ -339,6 +346,30 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
 
 
 _PARAM_CACHE_LIMIT = 1024  # parameter blocks per thread (1.6 KB each)
+
+
+_staging: dict = {}  # (device, stream, rows, K/128) -> K-block-major buffer for A's scales
+_STAGING_LIMIT = 64
+
+
+def _mn_major_staged(scale: torch.Tensor, device: int) -> tuple[torch.Tensor, bool]:
+    """`_mn_major` into a buffer kept per (device, stream, shape): every call on a stream
+    rewrites it after the previous kernel on that stream has read it (stream order), so a
+    repeated GEMM keeps one scale pointer and its cached parameter block, and skips an
+    allocation. Under graph capture the copy gets its own buffer (the graph owns it).
+    Returns the view and whether it may back a cached parameter block."""
+    if torch.cuda.is_current_stream_capturing():
+        return _mn_major(scale), False
+    rows, kb = scale.shape
+    key = (device, _raw_stream(device), rows, kb)
+    buffer = _staging.get(key)
+    if buffer is None:
+        if len(_staging) >= _STAGING_LIMIT:
+            _staging.clear()
+        buffer = _staging[key] = torch.empty(kb, -(-rows // 4) * 4, dtype=torch.float32, device=scale.device)
+    view = buffer[:, :rows]
+    view.copy_(scale.t())
+    return view.t(), True
 
 
 def _mn_major(scale: torch.Tensor) -> torch.Tensor:
