@@ -380,3 +380,19 @@ def test_recipe_backend_is_applied_per_layer():
     assert fp8train.get_backend() == before  # restored after the call
     assert torch.equal(FP8Linear.from_linear(module, FP8Recipe(backend="reference"))(
         torch.ones(4, 128)), FP8Linear.from_linear(module)(torch.ones(4, 128)))
+
+
+def test_output_of_3d_input_is_not_a_view():
+    """Like nn.Linear's: FSDP2 drops its pre-backward hook from a view output after an
+    in-place op downstream (and warns about every view output), so the layer's [B, S, N]
+    output must own its shape; in-place use keeps gradients right."""
+    torch.manual_seed(0)
+    layer = FP8Linear(256, 128)
+    x = torch.randn(2, 64, 256, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 64, 128) and y._base is None
+    y.add_(1.0)
+    y.sum().backward()
+    ref = x.detach().clone().requires_grad_()
+    layer(ref).sum().backward()
+    assert torch.equal(x.grad, ref.grad)

@@ -117,7 +117,10 @@ def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
 
         saved = saved_for_backward(x_hp, xt_fp8, xt_scale, weight, w_t_fp8, w_t_scale, recipe,
                                    need_dx, need_dw)
-    return y.reshape(*x.shape[:-1], n), saved
+    # y is this call's own [T, N] tensor: give it the input's leading shape without making
+    # it a view (as aten's matmul does), so FSDP2's hooks on the layer's output survive an
+    # in-place op downstream (FSDP2 warns about view outputs for that reason).
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], n)), saved
 
 
 class FP8LinearFunction(torch.autograd.Function):
