@@ -35,7 +35,7 @@ def stubbed(monkeypatch):
     monkeypatch.setattr(runtime, "encode_tma_2d", lambda *args: FakeMap())
     monkeypatch.setattr(native, "_raw_stream", lambda index: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(native, "_staging", {})
+    monkeypatch.setattr(native._local, "staging", {}, raising=False)
     monkeypatch.setattr(native._local, "blocks", {}, raising=False)
     monkeypatch.setattr(device, "_override", 132)
     kernel = RecordingKernel()
@@ -80,7 +80,7 @@ def test_row_major_scales_are_staged_and_the_block_reused(stubbed):
     for _ in range(2):
         native.fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, "1d2d", False)
     assert len(set(stubbed.calls)) == 1, "the staged copy keeps one pointer: one block"
-    (staged,) = native._staging.values()
+    (staged,) = native._local.staging.values()
     assert torch.equal(staged[:, :128].t(), a[1]), "the staged buffer holds the scales"
     other = per_token_cast(torch.randn(128, 384))
     native.fp8_gemm_nt_native(other[0], other[1], b[0], b[1], out, "1d2d", False)

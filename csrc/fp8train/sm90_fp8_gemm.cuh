@@ -3,10 +3,11 @@
 // A [M, K] e4m3 with 1x128 scales; B [N, K] e4m3 with either 128x128 scales
 // ([ceil(N/128), K/128] row-major, "1D2D": fprop/dgrad, BF16 out) or 1x128 scales ("1D1D":
 // wgrad, FP32 out, optionally accumulated into D). A's 1x128 scales are read K-block-major
-// ([K/128, rows], one contiguous box of BLOCK_M floats per stage); B's 1x128 scales (1D1D)
-// row-major [rows, K/128] with a row stride that is a multiple of 4 floats: one TMA box of 4
-// K blocks x BLOCK_N rows travels with each stage (TMA moves at least 16 bytes a row), and
-// the math threads pick their K block's column out of it.
+// ([K/128, rows], one contiguous box of BLOCK_M floats per stage) where
+// FP8TRAIN_SCALE_A_MN_MAJOR is 1, else row-major like B's 1x128 scales (1D1D): [rows, K/128]
+// with a row stride that is a multiple of 4 floats, one TMA box of 4 K blocks x BLOCK rows
+// per stage (TMA moves at least 16 bytes a row), the math threads picking their K block's
+// column out of it.
 //
 // Persistent and warp-specialised: one thread of the last warpgroup issues TMA for A, B and
 // their 1x128 scales into a ring of stages; BLOCK_M/64 math warpgroups consume. Each K

@@ -348,25 +348,29 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
 _PARAM_CACHE_LIMIT = 1024  # parameter blocks per thread (1.6 KB each)
 
 
-_staging: dict = {}  # (device, stream, rows, K/128) -> K-block-major buffer for A's scales
-_STAGING_LIMIT = 64
+_STAGING_LIMIT = 64  # staged scale buffers per thread
 
 
 def _mn_major_staged(scale: torch.Tensor, device: int) -> tuple[torch.Tensor, bool]:
-    """`_mn_major` into a buffer kept per (device, stream, shape): every call on a stream
-    rewrites it after the previous kernel on that stream has read it (stream order), so a
-    repeated GEMM keeps one scale pointer and its cached parameter block, and skips an
-    allocation. Under graph capture the copy gets its own buffer (the graph owns it).
-    Returns the view and whether it may back a cached parameter block."""
+    """`_mn_major` into a buffer kept per (thread, device, stream, shape): every call on a
+    stream rewrites it after the previous kernel on that stream has read it (stream order),
+    so a repeated GEMM keeps one scale pointer and its cached parameter block, and skips an
+    allocation. Per thread, since two threads enqueueing on one stream could interleave a
+    copy between another's copy and launch. Under graph capture the copy gets its own
+    buffer (the graph owns it). Returns the view and whether it may back a cached
+    parameter block."""
     if torch.cuda.is_current_stream_capturing():
         return _mn_major(scale), False
+    staging = getattr(_local, "staging", None)
+    if staging is None:
+        staging = _local.staging = {}
     rows, kb = scale.shape
     key = (device, _raw_stream(device), rows, kb)
-    buffer = _staging.get(key)
+    buffer = staging.get(key)
     if buffer is None:
-        if len(_staging) >= _STAGING_LIMIT:
-            _staging.clear()
-        buffer = _staging[key] = torch.empty(kb, -(-rows // 4) * 4, dtype=torch.float32, device=scale.device)
+        if len(staging) >= _STAGING_LIMIT:
+            staging.clear()
+        buffer = staging[key] = torch.empty(kb, -(-rows // 4) * 4, dtype=torch.float32, device=scale.device)
     view = buffer[:, :rows]
     view.copy_(scale.t())
     return view.t(), True
