@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/sweep_gemm.py [section ...]   (default: every section)
 
-Sections: attribution, scale_layout, multicast, configs, split.
+Sections: attribution, scale_layout, scale_layout_b, multicast, configs, split.
 """
 import sys
 
@@ -69,6 +69,35 @@ def sweep_scale_layout(m, n, k):
     print(f"  outputs identical: {torch.equal(outputs[0], outputs[1])}", flush=True)
 
 
+def sweep_scale_layout_b(m, n, k):
+    """1D1D (wgrad): B's 1x128 scales row-major vs K-block-major (`SCALE_B_MN_MAJOR`), the
+    heuristic's config, B's scales prepared in each layout outside the timing; the two
+    outputs must agree bit for bit."""
+    from fp8train.ops.native.gemm_config import choose_config
+
+    sets = []
+    for seed in range(num_input_sets(m * k + n * k)):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        a = per_token_cast(torch.randn(m, k, device="cuda", generator=g))
+        b = per_token_cast(torch.randn(n, k, device="cuda", generator=g))
+        out = torch.empty(m, n, device="cuda", dtype=torch.float32)
+        sets.append((a, b[0], b[1], sm90_fp8_gemm._mn_major(b[1]), out))
+    cfg = choose_config(m, n, k, 132, "1d1d")
+    outputs = []
+    saved = sm90_fp8_gemm.SCALE_B_MN_MAJOR
+    for name, mn_major, which in (("row-major", False, 2), ("K-block-major", True, 3)):
+        sm90_fp8_gemm.SCALE_B_MN_MAJOR = mn_major
+        calls = [lambda s=s, w=which: fp8_gemm_nt_native(s[0][0], s[0][1], s[1], s[w], s[4], "1d1d", False, cfg)
+                 for s in sets]
+        calls[0]()
+        torch.cuda.synchronize()
+        outputs.append(sets[0][4].clone())
+        ms, _ = time_calls(calls)
+        print(f"1d1d {m}x{n}x{k} B scales {name}: {2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
+    sm90_fp8_gemm.SCALE_B_MN_MAJOR = saved
+    print(f"  outputs identical: {torch.equal(outputs[0], outputs[1])}", flush=True)
+
+
 def sweep_split(m, n, k, candidates):
     """1D2D at small M with (block_n, split_k) forced; TFLOP/s and the share of the HBM
     roofline (A, B, their scales and the output, once each, at 3.35 TB/s)."""
@@ -106,6 +135,11 @@ def scale_layout():
     sweep_scale_layout(4096, 7168, 2048)
 
 
+def scale_layout_b():
+    for m, n, k in ((7168, 2048, 16384), (4096, 4096, 32768), (4096, 14336, 16384)):
+        sweep_scale_layout_b(m, n, k)
+
+
 def multicast():
     """Clusters of two sharing A, the grid cut to the clusters that fit at once (v7 ran 3x
     slower without the cut), next to the same tiles without a cluster."""
@@ -127,7 +161,8 @@ def split():
         sweep_split(m, n, k, [(16, 1), (32, 1), (64, 2), (64, 4), (128, 2), (128, 4), (136, 8), (128, 8)])
 
 
-SECTIONS = {"attribution": attribution, "scale_layout": scale_layout, "multicast": multicast,
+SECTIONS = {"attribution": attribution, "scale_layout": scale_layout, "scale_layout_b": scale_layout_b,
+            "multicast": multicast,
             "configs": configs, "split": split}
 
 if __name__ == "__main__":

@@ -41,11 +41,11 @@ def stubbed(monkeypatch):
     kernel = RecordingKernel()
     launches = {}
 
-    def launch_for(m, n, k, *args, **kwargs):
-        if (m, n, k) not in launches:  # one launch per problem, as the real cache keeps them
-            cfg = native.choose_config(m, n, k, 132)
-            launches[m, n, k] = native._Launch(cfg, kernel, 1024, cfg.num_ctas)
-        return launches[m, n, k]
+    def launch_for(m, n, k, kind, *args, **kwargs):
+        if (m, n, k, kind) not in launches:  # one launch per problem, as the real cache keeps them
+            cfg = native.choose_config(m, n, k, 132, kind)
+            launches[m, n, k, kind] = native._Launch(cfg, kernel, 1024, cfg.num_ctas)
+        return launches[m, n, k, kind]
 
     monkeypatch.setattr(native, "_launch_for", launch_for)
     return kernel
@@ -85,3 +85,16 @@ def test_row_major_scales_are_staged_and_the_block_reused(stubbed):
     other = per_token_cast(torch.randn(128, 384))
     native.fp8_gemm_nt_native(other[0], other[1], b[0], b[1], out, "1d2d", False)
     assert torch.equal(staged[:, :128].t(), other[1]), "a later call rewrites the staged scales"
+
+
+def test_a_and_b_scales_of_one_shape_are_staged_apart(stubbed, monkeypatch):
+    """1D1D with both operands' scales read K-block-major (the SCALE_B_MN_MAJOR experiment)
+    and A and B of the same shape: each operand keeps its own staged buffer."""
+    monkeypatch.setattr(native, "SCALE_B_MN_MAJOR", True)
+    a, b = per_token_cast(torch.randn(256, 512)), per_token_cast(torch.randn(256, 512))
+    out = torch.empty(256, 256, dtype=torch.float32)
+    native.fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, "1d1d", False)
+    staged = native._local.staging
+    assert {key[0] for key in staged} == {"a", "b"}
+    by_role = {key[0]: buf for key, buf in staged.items()}
+    assert torch.equal(by_role["a"][:, :256].t(), a[1]) and torch.equal(by_role["b"][:, :256].t(), b[1])

@@ -34,6 +34,10 @@
 #ifndef FP8TRAIN_SCALE_A_MN_MAJOR
 #define FP8TRAIN_SCALE_A_MN_MAJOR 1
 #endif
+// Experiment (1D1D): B's 1x128 scales K-block-major too, one BLOCK_N-float box per stage.
+#ifndef FP8TRAIN_SCALE_B_MN_MAJOR
+#define FP8TRAIN_SCALE_B_MN_MAJOR 0
+#endif
 // 1D2D with FP32 output (an FP32 model without autocast): stored from registers like 1D1D.
 #ifndef FP8TRAIN_OUT_F32
 #define FP8TRAIN_OUT_F32 0
@@ -55,7 +59,8 @@ struct Sm90Fp8Gemm {
     static constexpr uint32_t kScaleCols = 4;  // K blocks per scale box (16 bytes a row)
     static constexpr bool kScaleAMNMajor = FP8TRAIN_SCALE_A_MN_MAJOR;
     static constexpr uint32_t kScaleABytes = kScaleAMNMajor ? BLOCK_M * 4 : BLOCK_M * kScaleCols * 4;
-    static constexpr uint32_t kScaleBBytes = SCALE_B_1X128 ? BLOCK_N * kScaleCols * 4 : 0;
+    static constexpr bool kScaleBMNMajor = SCALE_B_1X128 && FP8TRAIN_SCALE_B_MN_MAJOR;
+    static constexpr uint32_t kScaleBBytes = !SCALE_B_1X128 ? 0 : kScaleBMNMajor ? BLOCK_N * 4 : BLOCK_N * kScaleCols * 4;
     // What one stage's TMA copies deliver (the barrier's transaction count).
     static constexpr uint32_t kStageBytes = kTileABytes + kTileBBytes + kScaleABytes + kScaleBBytes;
     // TMA writes shared memory at 128-byte aligned addresses: scale slots are padded to that.
@@ -297,7 +302,9 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                     tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, op.a_row, kb);
                 else
                     tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, kb_box, op.a_row);
-                if constexpr (SCALE_B_1X128)
+                if constexpr (G::kScaleBMNMajor)
+                    tma_load_2d(tmap_scale_b, bar, smem + S::kScaleB + stage * G::kScaleBSlot, n0, kb);
+                else if constexpr (SCALE_B_1X128)
                     tma_load_2d(tmap_scale_b, bar, smem + S::kScaleB + stage * G::kScaleBSlot, kb_box, n0);
             }
         }
@@ -389,8 +396,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
 #pragma unroll
                 for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
                     const uint32_t col = j * 8 + (lane % 4) * 2;
-                    sb[j] = make_float2(scale_b_smem[col * G::kScaleCols + kb_col],
-                                        scale_b_smem[(col + 1) * G::kScaleCols + kb_col]);
+                    sb[j] = G::kScaleBMNMajor
+                        ? make_float2(scale_b_smem[col], scale_b_smem[col + 1])
+                        : make_float2(scale_b_smem[col * G::kScaleCols + kb_col],
+                                      scale_b_smem[(col + 1) * G::kScaleCols + kb_col]);
                 }
                 __syncwarp();
                 if (lane == 0) release_stage(stage);

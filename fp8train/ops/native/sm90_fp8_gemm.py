@@ -55,6 +55,7 @@ def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, grouping
 #define FP8TRAIN_SWIZZLED_EPILOGUE {int(SWIZZLED_EPILOGUE)}
 #define FP8TRAIN_OUT_F32 {int(out_f32)}
 #define FP8TRAIN_SCALE_A_MN_MAJOR {int(scale_a_mn_major(grouping))}
+#define FP8TRAIN_SCALE_B_MN_MAJOR {int(scale_b_mn_major(config.kind, grouping))}
 #include "fp8train/sm90_fp8_gemm.cuh"
 
 namespace fp8train {{
@@ -111,6 +112,16 @@ def scale_a_mn_major(grouping: str) -> bool:
     return SCALE_A_MN_MAJOR and grouping in _MN_MAJOR_GROUPINGS
 
 
+# Experiment, not yet run on a GPU: the dense 1D1D kernel reading B's 1x128 scales
+# K-block-major as well (`sweep_gemm.py scale_layout_b` times both and checks the bits).
+SCALE_B_MN_MAJOR = False
+
+
+def scale_b_mn_major(kind: str, grouping: str) -> bool:
+    """Whether this kernel reads B's 1x128 scales K-block-major (dense 1D1D only)."""
+    return SCALE_B_MN_MAJOR and kind == "1d1d" and grouping == "none"
+
+
 def swizzled_out(config: GemmConfig) -> bool:
     """Whether this config's kernel writes the swizzled output tile (mirrors kSwizzledOut)."""
     return SWIZZLED_EPILOGUE and config.kind == "1d2d" and config.block_n % 64 == 0
@@ -138,7 +149,8 @@ _launches: dict = {}
 
 def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int, num_sms: int,
                 config: GemmConfig | None = None, grouping: str = "none", out_f32: bool = False) -> _Launch:
-    key = (m, n, k, kind, accumulate, device, num_sms, config, debug_flags, grouping, out_f32, SCALE_A_MN_MAJOR,
+    key = (m, n, k, kind, accumulate, device, num_sms, config, debug_flags, grouping, out_f32,
+           SCALE_A_MN_MAJOR, SCALE_B_MN_MAJOR,
            _gemm_config.split_k_enabled, _gemm_config.multicast_enabled)
     launch = _launches.get(key)
     if launch is None:
@@ -312,18 +324,25 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
         if mn_ready:
             sa_ready = sa
         else:
-            sa_ready, reusable = _mn_major_staged(sa, device)
+            sa_ready, reusable = _mn_major_staged(sa, device, "a")
         lda = 0
     else:
         sa_ready, lda = tma_ready_scales(sa)
         reusable = sa_ready is sa
-    sb_ready, ldb = tma_ready_scales(sb) if cfg.kind == "1d1d" else (sb, 0)
-    reusable = reusable and sb_ready is sb
+    if scale_b_mn_major(cfg.kind, grouping):
+        if sb.stride(0) == 1 and sb.stride(1) % 4 == 0 and sb.data_ptr() % 16 == 0:
+            sb_ready, staged_b = sb, True
+        else:
+            sb_ready, staged_b = _mn_major_staged(sb, device, "b")
+        ldb, reusable = 0, reusable and staged_b
+    else:
+        sb_ready, ldb = tma_ready_scales(sb) if cfg.kind == "1d1d" else (sb, 0)
+        reusable = reusable and sb_ready is sb
     blocks = getattr(_local, "blocks", None)
     if blocks is None:
         blocks = _local.blocks = {}
     key = (launch, grid, shape_m, a.data_ptr(), a.shape, a.stride(0), sa_ready.data_ptr(), sa_ready.stride(),
-           b.data_ptr(), b.shape, b.stride(-2), sb.data_ptr(), sb.stride(0), out.data_ptr(), out.shape,
+           b.data_ptr(), b.shape, b.stride(-2), sb_ready.data_ptr(), sb_ready.stride(), out.data_ptr(), out.shape,
            None if counts is None else (counts.data_ptr(), counts.shape[0]))
     params = blocks.get(key)
     if params is None:
@@ -351,21 +370,22 @@ _PARAM_CACHE_LIMIT = 1024  # parameter blocks per thread (1.6 KB each)
 _STAGING_LIMIT = 64  # staged scale buffers per thread
 
 
-def _mn_major_staged(scale: torch.Tensor, device: int) -> tuple[torch.Tensor, bool]:
+def _mn_major_staged(scale: torch.Tensor, device: int, role: str) -> tuple[torch.Tensor, bool]:
     """`_mn_major` into a buffer kept per (thread, device, stream, shape): every call on a
     stream rewrites it after the previous kernel on that stream has read it (stream order),
     so a repeated GEMM keeps one scale pointer and its cached parameter block, and skips an
     allocation. Per thread, since two threads enqueueing on one stream could interleave a
     copy between another's copy and launch. Under graph capture the copy gets its own
-    buffer (the graph owns it). Returns the view and whether it may back a cached
-    parameter block."""
+    buffer (the graph owns it). `role` ("a", "b") keeps the two operands' scales of one
+    launch apart when their shapes match. Returns the view and whether it may back a
+    cached parameter block."""
     if torch.cuda.is_current_stream_capturing():
         return _mn_major(scale), False
     staging = getattr(_local, "staging", None)
     if staging is None:
         staging = _local.staging = {}
     rows, kb = scale.shape
-    key = (device, _raw_stream(device), rows, kb)
+    key = (role, device, _raw_stream(device), rows, kb)
     buffer = staging.get(key)
     if buffer is None:
         if len(staging) >= _STAGING_LIMIT:
@@ -410,7 +430,9 @@ def _fill_params(cfg: GemmConfig, a, sa, lda: int, b, sb, ldb: int, out, shape_m
         move(slots[5], _tma_address(sa.data_ptr(), f32, rows_a, kb, 4 * sa.stride(1), cfg.block_m, 1, 0), 128)
     else:
         move(slots[5], _tma_address(sa.data_ptr(), f32, kb, rows_a, 4 * lda, 4, cfg.block_m, 0), 128)
-    if cfg.kind == "1d1d":
+    if scale_b_mn_major(cfg.kind, grouping):  # sb stored [K/128, rows]: one BLOCK_N-float box
+        move(slots[6], _tma_address(sb.data_ptr(), f32, b_rows, kb, 4 * sb.stride(1), cfg.block_n, 1, 0), 128)
+    elif cfg.kind == "1d1d":
         move(slots[6], _tma_address(sb.data_ptr(), f32, kb, b_rows, 4 * ldb, 4, cfg.block_n, 0), 128)
     elif out.dtype == torch.bfloat16:  # an FP32 1D2D output is stored from registers
         box_n, swizzle = (64, 128) if swizzled_out(cfg) else (cfg.block_n, 0)
