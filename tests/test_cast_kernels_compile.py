@@ -11,12 +11,16 @@ import torch
 from fp8train.quant import native
 from test_gemm_kernels_compile import needs_toolchain
 
-# (kind, dtype, pow2): every kind and dtype, both scale rules; the register-heaviest
-# (fp32 and non-pow2, which carries the division's range branch) included.
+# (kind, dtype, pow2, K-block-major row scales): every kind and dtype, both scale rules,
+# both row-scale layouts; the register-heaviest (fp32 and non-pow2, which carries the
+# division's range branch) included.
 REPRESENTATIVE = [
-    ("dual", torch.bfloat16, True), ("dual", torch.float32, False),
-    ("per_token", torch.float16, True), ("per_token", torch.bfloat16, False),
-    ("block", torch.bfloat16, False), ("block", torch.float32, False), ("block", torch.float16, True),
+    ("dual", torch.bfloat16, True, False), ("dual", torch.float32, False, False),
+    ("dual", torch.float32, False, True),
+    ("per_token", torch.float16, True, False), ("per_token", torch.bfloat16, False, False),
+    ("per_token", torch.bfloat16, False, True),
+    ("block", torch.bfloat16, False, False), ("block", torch.float32, False, False),
+    ("block", torch.float16, True, False),
 ]
 
 
@@ -29,13 +33,13 @@ def test_cast_kernels_compile_without_spills(tmp_path, monkeypatch):
     compiler._reset_process_caches()
 
     def build(case):
-        kind, dtype, pow2 = case
-        return compiler.compile_cubin(native.compiled_name(kind, dtype, pow2),
-                                      native.render_source(kind, dtype, pow2))
+        kind, dtype, pow2, kmajor = case
+        return compiler.compile_cubin(native.compiled_name(kind, dtype, pow2, kmajor),
+                                      native.render_source(kind, dtype, pow2, kmajor))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         compiled = list(pool.map(build, REPRESENTATIVE))
-    for (kind, dtype, pow2), ck in zip(REPRESENTATIVE, compiled):
+    for (kind, dtype, pow2, _), ck in zip(REPRESENTATIVE, compiled):
         sass = disassemble(ck.cubin_path)
         report = summarize_sass(sass)
         assert ck.spill_bytes == 0 and report.local_memory_ops == 0, f"{ck.name}: spills"

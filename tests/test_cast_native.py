@@ -189,3 +189,33 @@ def test_offsets_past_two_to_the_31_bytes():
     x = torch.randn(65600, 8208, device="cuda")
     assert_same(native.per_token_cast(x, False), per_token_cast_ref(x, False))
     assert_same(native.dual_cast(x, False), dual_cast_ref(x, False))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data(), st.integers(1, 600), LENGTHS, st.booleans(), st.sampled_from(["per_token", "dual", "permuted"]))
+def test_k_block_major_row_scales(data, t, k, pow2, kind):
+    """With formats.ROWWISE_SCALES_KBLOCK_MAJOR the kernels write the row-wise scales
+    K-block-major: same bits as the reference, in the layout the GEMMs read."""
+    from fp8train.quant import formats
+
+    x = data.draw(tensors((t, k))).cuda()
+    saved = formats.ROWWISE_SCALES_KBLOCK_MAJOR
+    formats.ROWWISE_SCALES_KBLOCK_MAJOR = True
+    try:
+        if kind == "per_token":
+            got, want = native.per_token_cast(x, pow2), per_token_cast_ref(x, pow2)
+        elif kind == "dual":
+            got, want = native.dual_cast(x, pow2), dual_cast_ref(x, pow2)
+        else:
+            src = torch.randint(0, t + 1, (t + 37,), device="cuda")
+            got = native.dual_cast(x, pow2, src_rows=src, num_rows=src.shape[0])
+            want = permute_cast_ref(x, src, pow2, colwise=True)
+    finally:
+        formats.ROWWISE_SCALES_KBLOCK_MAJOR = saved
+    assert_same(got, want)
+    scale = got[1]
+    rows, kb = scale.shape
+    if rows > 1:
+        assert scale.stride(0) == 1, scale.stride()
+    if kb > 1:
+        assert scale.stride(1) == max(4, -(-rows // 4) * 4), scale.stride()

@@ -52,7 +52,9 @@ def stubbed(monkeypatch):
 
 
 def operands(m, n, k):
-    return per_token_cast(torch.randn(m, k)), per_block_cast(torch.randn(n, k))
+    """A with its scales row-major (whatever layout the casts write), B 128x128."""
+    a = per_token_cast(torch.randn(m, k))
+    return (a[0], a[1].contiguous()), per_block_cast(torch.randn(n, k))
 
 
 def kernel_layout(a):
@@ -82,7 +84,7 @@ def test_row_major_scales_are_staged_and_the_block_reused(stubbed):
     assert len(set(stubbed.calls)) == 1, "the staged copy keeps one pointer: one block"
     (staged,) = native._local.staging.values()
     assert torch.equal(staged[:, :128].t(), a[1]), "the staged buffer holds the scales"
-    other = per_token_cast(torch.randn(128, 384))
+    other = operands(128, 128, 384)[0]
     native.fp8_gemm_nt_native(other[0], other[1], b[0], b[1], out, "1d2d", False)
     assert torch.equal(staged[:, :128].t(), other[1]), "a later call rewrites the staged scales"
 
@@ -91,7 +93,7 @@ def test_a_and_b_scales_of_one_shape_are_staged_apart(stubbed, monkeypatch):
     """1D1D with both operands' scales read K-block-major (the SCALE_B_MN_MAJOR experiment)
     and A and B of the same shape: each operand keeps its own staged buffer."""
     monkeypatch.setattr(native, "SCALE_B_MN_MAJOR", True)
-    a, b = per_token_cast(torch.randn(256, 512)), per_token_cast(torch.randn(256, 512))
+    a, b = operands(256, 256, 512)[0], operands(256, 256, 512)[0]
     out = torch.empty(256, 256, dtype=torch.float32)
     native.fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, "1d1d", False)
     staged = native._local.staging

@@ -22,11 +22,13 @@ namespace fp8train {
 constexpr uint32_t DUAL_CAST_THREADS = 256;
 constexpr uint32_t DUAL_CAST_SMEM_BYTES = cast::TILE_FLOATS * sizeof(float);
 
-template <typename T, bool POW2>
+// KMAJOR: the row-wise scale (t, block) lives at block * scale_ld + t (K-block-major, the
+// GEMMs' layout for A's scales), else at t * ceil(cols/128) + block.
+template <typename T, bool POW2, bool KMAJOR>
 __device__ __forceinline__ void dual_cast_tile(const T* __restrict__ x, const int64_t* __restrict__ src_rows,
                                                uint32_t src_count, uint32_t rows, uint32_t cols, bool vec_in,
                                                uint8_t* __restrict__ q, float* __restrict__ scale,
-                                               uint8_t* __restrict__ qt, uint32_t qt_cols,
+                                               uint32_t scale_ld, uint8_t* __restrict__ qt, uint32_t qt_cols,
                                                float* __restrict__ scale_t, bool rowwise, bool colwise) {
     using namespace cast;
     constexpr uint32_t WARPS = DUAL_CAST_THREADS / 32;
@@ -67,7 +69,9 @@ __device__ __forceinline__ void dual_cast_tile(const T* __restrict__ x, const in
                 if (k < cols)
                     store_e4m3(q + static_cast<uint64_t>(t) * cols + k, v, Quantizer(s_row, POW2),
                                cols - k, vec_out);
-                if (sub == 0) scale[static_cast<uint64_t>(t) * col_blocks + blockIdx.x] = s_row;
+                if (sub == 0)
+                    scale[KMAJOR ? static_cast<uint64_t>(blockIdx.x) * scale_ld + t
+                                 : static_cast<uint64_t>(t) * col_blocks + blockIdx.x] = s_row;
             }
         }
     }

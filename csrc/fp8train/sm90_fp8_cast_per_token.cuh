@@ -15,11 +15,13 @@ namespace fp8train {
 
 constexpr uint32_t PER_TOKEN_CAST_THREADS = 256;
 
-template <typename T, bool POW2>
+// KMAJOR: scale (r, block) lives at block * scale_ld + r (K-block-major, the GEMMs' layout
+// for A's scales), else at r * ceil(cols/128) + block.
+template <typename T, bool POW2, bool KMAJOR>
 __device__ __forceinline__ void per_token_cast_chunk(const T* __restrict__ x, const int64_t* __restrict__ src_rows,
                                                      uint32_t src_count, uint32_t rows, uint32_t cols,
                                                      bool vec_in, uint8_t* __restrict__ q,
-                                                     float* __restrict__ scale) {
+                                                     float* __restrict__ scale, uint32_t scale_ld) {
     using namespace cast;
     const uint32_t col_blocks = (cols + GROUP - 1) / GROUP;
     const uint32_t chunks_per_row = col_blocks * LANES_PER_GROUP;
@@ -42,7 +44,10 @@ __device__ __forceinline__ void per_token_cast_chunk(const T* __restrict__ x, co
     if (r >= rows) return;
     if (k < cols)
         store_e4m3(q + static_cast<uint64_t>(r) * cols + k, v, Quantizer(s, POW2), cols - k, cols % CHUNK == 0);
-    if (in_row % LANES_PER_GROUP == 0) scale[static_cast<uint64_t>(r) * col_blocks + in_row / LANES_PER_GROUP] = s;
+    if (in_row % LANES_PER_GROUP == 0) {
+        const uint64_t block = in_row / LANES_PER_GROUP;
+        scale[KMAJOR ? block * scale_ld + r : static_cast<uint64_t>(r) * col_blocks + block] = s;
+    }
 }
 
 }  // namespace fp8train

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..ops import backend as _backend
 from ..ops import gemm as _gemm
 from ..quant import casts as _casts
+from ..quant import formats as _formats
 from ..quant import moe_casts as _moe_casts
 from ..quant.formats import FP8_DTYPE, GROUP
 
@@ -64,15 +65,38 @@ def _colwise(x: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- casts
 @torch.library.custom_op("fp8train::cast_1x128", mutates_args=())
 def cast_1x128(x: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
-    """Row-wise 1x128 cast of x [T, K] (the fprop/dgrad A operand)."""
+    """Row-wise 1x128 cast of x [T, K] (the fprop/dgrad A operand); the scale packed
+    (`_pack_rowwise`)."""
     with _run_scope(x.device, ""):
-        return _casts.per_token_cast(x, pow2_scale=pow2_scale)
+        q, scale = _casts.per_token_cast(x, pow2_scale=pow2_scale)
+    return q, _pack_rowwise(scale)
+
+
+# Row-wise scales cross the custom-op boundary contiguous: Inductor assumes contiguous
+# outputs of these ops, so a K-block-major scale (formats.ROWWISE_SCALES_KBLOCK_MAJOR)
+# leaves an op as its storage [K/128, rows rounded up to 4] and the wrappers below take the
+# [rows, K/128] view of it outside the op.
+def _pack_rowwise(scale: Tensor) -> Tensor:
+    if not _formats.ROWWISE_SCALES_KBLOCK_MAJOR:
+        return scale
+    rows, kb = scale.shape
+    ld = max(4, _ceil_to(rows, 4))  # formats.empty_rowwise_scales' storage (size-1 dims' strides say nothing)
+    if (rows > 1 and scale.stride(0) != 1) or (kb > 1 and scale.stride(1) != ld) or scale.storage_offset():
+        raise RuntimeError(f"row-wise scales: expected K-block-major storage [{kb}, {ld}], got "
+                           f"strides {scale.stride()} at offset {scale.storage_offset()}")
+    return scale.as_strided((kb, ld), (ld, 1))
+
+
+def _unpack_rowwise(packed: Tensor, rows: int) -> Tensor:
+    return packed[:, :rows].t() if _formats.ROWWISE_SCALES_KBLOCK_MAJOR else packed
 
 
 def _fake_rowwise(x):
     t, k = x.shape
-    return (x.new_empty(t, k, dtype=FP8_DTYPE),
-            x.new_empty(t, _ceil_to(k, GROUP) // GROUP, dtype=torch.float32))
+    kb = _ceil_to(k, GROUP) // GROUP
+    scale = (x.new_empty(kb, max(4, _ceil_to(t, 4)), dtype=torch.float32)
+             if _formats.ROWWISE_SCALES_KBLOCK_MAJOR else x.new_empty(t, kb, dtype=torch.float32))
+    return x.new_empty(t, k, dtype=FP8_DTYPE), scale
 
 
 def _fake_colwise(x):
@@ -106,7 +130,8 @@ def cast_1x128_both(x: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor, Tensor
     if x.shape[0] == 0:  # no tokens: nothing to cast, empty operands of the right shapes
         return (*_fake_rowwise(x), *_colwise(x, pow2_scale))
     with _run_scope(x.device, ""):
-        return _casts.per_token_cast_dual(x, pow2_scale=pow2_scale)
+        q, scale, qt, scale_t = _casts.per_token_cast_dual(x, pow2_scale=pow2_scale)
+    return q, _pack_rowwise(scale), qt, scale_t
 
 
 @cast_1x128_both.register_fake
@@ -118,10 +143,13 @@ def cast_1x128_layouts(x_hp: Tensor, pow2_scale: bool, rowwise: bool, colwise: b
     """The 1x128 layouts of an activation or output gradient [T, K] that the GEMMs need,
     from one cast when both are: row-wise (fprop/dgrad A operand) and column-wise along
     tokens (wgrad operand). Returns (fp8, scale, t_fp8, t_scale); unneeded ones are None."""
+    rows = x_hp.shape[0]
     if rowwise and colwise:
-        return cast_1x128_both(x_hp, pow2_scale)
+        q, packed, qt, scale_t = cast_1x128_both(x_hp, pow2_scale)
+        return q, _unpack_rowwise(packed, rows), qt, scale_t
     if rowwise:
-        return (*cast_1x128(x_hp, pow2_scale), None, None)
+        q, packed = cast_1x128(x_hp, pow2_scale)
+        return q, _unpack_rowwise(packed, rows), None, None
     if colwise:
         return (None, None, *cast_1x128_colwise(x_hp, pow2_scale))
     return None, None, None, None
@@ -185,7 +213,8 @@ def cast_1x128_permuted(x: Tensor, src_tokens: Tensor, pow2_scale: bool) -> Tupl
     if src_tokens.shape[0] == 0:  # no rows: empty operands of the right shapes
         return _fake_permuted_rowwise(x, src_tokens)
     with _run_scope(x.device, ""):
-        return _moe_casts.per_token_cast_permuted(x, src_tokens, pow2_scale=pow2_scale)
+        q, scale = _moe_casts.per_token_cast_permuted(x, src_tokens, pow2_scale=pow2_scale)
+    return q, _pack_rowwise(scale)
 
 
 @cast_1x128_permuted.register_fake
@@ -201,8 +230,9 @@ def cast_1x128_permuted_both(x: Tensor, src_tokens: Tensor,
     if src_tokens.shape[0] == 0:
         return (*_fake_permuted_rowwise(x, src_tokens), *_fake_permuted_colwise(x, src_tokens))
     with _run_scope(x.device, ""):
-        return _moe_casts.per_token_cast_permuted(x, src_tokens, pow2_scale=pow2_scale,
-                                                  colwise=True)
+        q, scale, qt, scale_t = _moe_casts.per_token_cast_permuted(x, src_tokens, pow2_scale=pow2_scale,
+                                                                   colwise=True)
+    return q, _pack_rowwise(scale), qt, scale_t
 
 
 @cast_1x128_permuted_both.register_fake
@@ -214,9 +244,12 @@ def cast_1x128_permuted_layouts(x_hp: Tensor, src_tokens: Tensor, pow2_scale: bo
                                 colwise: bool):
     """``cast_1x128_layouts(permute(x_hp), pow2_scale, True, colwise)`` without the permuted
     copy: (fp8, scale, t_fp8, t_scale), the last two None unless ``colwise``."""
+    rows = src_tokens.shape[0]
     if colwise:
-        return cast_1x128_permuted_both(x_hp, src_tokens, pow2_scale)
-    return (*cast_1x128_permuted(x_hp, src_tokens, pow2_scale), None, None)
+        q, packed, qt, scale_t = cast_1x128_permuted_both(x_hp, src_tokens, pow2_scale)
+        return q, _unpack_rowwise(packed, rows), qt, scale_t
+    q, packed = cast_1x128_permuted(x_hp, src_tokens, pow2_scale)
+    return q, _unpack_rowwise(packed, rows), None, None
 
 
 # --------------------------------------------------------------------------- GEMMs

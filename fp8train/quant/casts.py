@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 
 from .._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor, ceil_div
-from .formats import FP8_DTYPE, GROUP
+from .formats import FP8_DTYPE, GROUP, to_rowwise_layout
 from . import native as _native
 from .reference import (
     dequantize_ref,
@@ -34,14 +34,16 @@ def per_token_cast(x: torch.Tensor, *, pow2_scale: bool = False) -> FP8Pair:
 
     x: ``[..., K]`` float tensor (fp32, bf16, fp16 or fp64), K >= 1.
     Returns ``x_fp8`` e4m3 ``[..., K]`` (contiguous) and ``scale`` float32
-    ``[..., ceil(K/128)]`` with ``x ~= x_fp8.float() * scale`` per group.
+    ``[..., ceil(K/128)]`` with ``x ~= x_fp8.float() * scale`` per group (stored
+    K-block-major when ``formats.ROWWISE_SCALES_KBLOCK_MAJOR`` is set).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x: expected shape [..., K] with K >= 1, got {tuple(x.shape)}")
     if _use_native(x):
         return _native.per_token_cast(x, pow2_scale)
-    return per_token_cast_ref(x, pow2_scale)
+    x_fp8, scale = per_token_cast_ref(x, pow2_scale)
+    return x_fp8, to_rowwise_layout(scale)
 
 
 def per_block_cast(w: torch.Tensor, *, pow2_scale: bool = False) -> FP8Pair:
@@ -120,7 +122,8 @@ def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False):
         raise ValueError(f"x: expected T >= 1 and K >= 1, got shape {tuple(x.shape)}")
     if _use_native(x):
         return _native.dual_cast(x, pow2_scale)
-    return dual_cast_ref(x, pow2_scale)
+    x_fp8, scale, xt_fp8, xt_scale = dual_cast_ref(x, pow2_scale)
+    return x_fp8, to_rowwise_layout(scale), xt_fp8, xt_scale
 
 
 def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block=(1, GROUP)) -> torch.Tensor:

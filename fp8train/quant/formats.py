@@ -10,6 +10,12 @@ FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 GROUP = 128  # elements per scale along the contraction dim (1x128 and 128x128 blocks)
 
+# Row-wise 1x128 scales ([..., ceil(K/128)]) stored K-block-major underneath ([ceil(K/128),
+# rows rounded up to 4]): the layout the GEMM kernels and cuBLAS read A's scales in, so
+# neither has to copy them. The logical shape and every value stay the same; only strides
+# change. Off until the native casts that write it pass tests/test_cast_native.py on a GPU.
+ROWWISE_SCALES_KBLOCK_MAJOR = False
+
 # The smallest normal float32. A group whose amax/448 falls below it (all-zero groups
 # included) gets this scale: finite, never zero, so dividing by it never makes NaN.
 # Magnitudes down to ~5e-36 keep the full E4M3 relative precision.
@@ -51,3 +57,29 @@ def cast_to_fp8(x_f32: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """
     q = x_f32 / scale
     return q.masked_fill(q.isnan(), float("nan")).to(FP8_DTYPE)
+
+
+def empty_rowwise_scales(lead: tuple, col_blocks: int, device, kblock_major: bool | None = None) -> torch.Tensor:
+    """float32 scales of logical shape ``[*lead, col_blocks]`` for a row-wise cast: contiguous,
+    or (``ROWWISE_SCALES_KBLOCK_MAJOR``, 2-D and up) K-block-major underneath, with the
+    flattened row index contiguous and a block stride of the row count rounded up to 4."""
+    if kblock_major is None:
+        kblock_major = ROWWISE_SCALES_KBLOCK_MAJOR
+    if not kblock_major or len(lead) == 0:
+        return torch.empty(*lead, col_blocks, dtype=torch.float32, device=device)
+    rows = 1
+    for size in lead:
+        rows *= size
+    storage = torch.empty(col_blocks, max(4, -(-rows // 4) * 4), dtype=torch.float32, device=device)
+    return storage[:, :rows].t().view(*lead, col_blocks)
+
+
+def to_rowwise_layout(scale: torch.Tensor) -> torch.Tensor:
+    """Row-wise scales in the layout ``empty_rowwise_scales`` gives (a copy only when it
+    differs): what the reference casts return, so both implementations agree on strides."""
+    if not ROWWISE_SCALES_KBLOCK_MAJOR or scale.dim() < 2:
+        return scale
+    out = empty_rowwise_scales(tuple(scale.shape[:-1]), scale.shape[-1], scale.device)
+    if out.stride() == scale.stride():
+        return scale
+    return out.copy_(scale)

@@ -16,7 +16,7 @@ import torch
 
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from .casts import _use_native, per_token_cast_transposed
-from .formats import FP8_DTYPE, GROUP
+from .formats import FP8_DTYPE, GROUP, to_rowwise_layout
 from . import native as _native
 from .reference import permute_cast_ref
 
@@ -50,7 +50,8 @@ def per_token_cast_permuted(x: torch.Tensor, src_tokens: torch.Tensor, *,
         if colwise:
             return _native.dual_cast(x, pow2_scale, src_rows=src_tokens, num_rows=rows)
         return _native.per_token_cast(x, pow2_scale, src_rows=src_tokens, num_rows=rows)
-    return permute_cast_ref(x, src_tokens, pow2_scale, colwise)
+    q, scale, *colwise_pair = permute_cast_ref(x, src_tokens, pow2_scale, colwise)
+    return (q, to_rowwise_layout(scale), *colwise_pair)
 
 
 def per_token_cast_transposed_grouped(x: torch.Tensor, group_offsets: torch.Tensor, *,

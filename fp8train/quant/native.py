@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from . import formats
 from .formats import FP8_DTYPE, GROUP
 
 VERIFIED = True
@@ -31,15 +32,15 @@ _u32, _vp = ctypes.c_uint32, ctypes.c_void_p
 _KINDS = {
     "dual": ("sm90_fp8_cast.cuh",
              "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
-             "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint8_t* qt, "
-             "uint32_t qt_cols, float* scale_t, uint32_t rowwise, uint32_t colwise",
-             "fp8train::dual_cast_tile<{T}, {POW2}>(x, src_rows, src_count, rows, cols, "
-             "vec_in != 0, q, scale, qt, qt_cols, scale_t, rowwise != 0, colwise != 0);"),
+             "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld, "
+             "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t rowwise, uint32_t colwise",
+             "fp8train::dual_cast_tile<{T}, {POW2}, {KMAJOR}>(x, src_rows, src_count, rows, cols, "
+             "vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, rowwise != 0, colwise != 0);"),
     "per_token": ("sm90_fp8_cast_per_token.cuh",
                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
-                  "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale",
-                  "fp8train::per_token_cast_chunk<{T}, {POW2}>(x, src_rows, src_count, rows, "
-                  "cols, vec_in != 0, q, scale);"),
+                  "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld",
+                  "fp8train::per_token_cast_chunk<{T}, {POW2}, {KMAJOR}>(x, src_rows, src_count, rows, "
+                  "cols, vec_in != 0, q, scale, scale_ld);"),
     "block": ("sm90_fp8_cast_block.cuh",
               "const {T}* w, uint32_t n_rows, uint32_t cols, uint32_t vec_in, uint8_t* wq, "
               "float* scale, uint8_t* wtq, float* scale_t",
@@ -77,10 +78,12 @@ def chunks_fit(rows: int, cols: int) -> bool:
     return rows * -(-cols // GROUP) * (GROUP // 16) < 2**31
 
 
-def render_source(kind: str, dtype: torch.dtype, pow2_scale: bool) -> str:
+def render_source(kind: str, dtype: torch.dtype, pow2_scale: bool, kblock_major: bool = False) -> str:
+    """kblock_major: row-wise scales written K-block-major (per_token and dual casts)."""
     header, params, call = _KINDS[kind]
-    fill = {"T": _C_TYPES[dtype], "POW2": str(bool(pow2_scale)).lower()}
-    return f"""// Rendered by fp8train.quant.native: {kind} cast, {dtype}, pow2_scale={pow2_scale}
+    fill = {"T": _C_TYPES[dtype], "POW2": str(bool(pow2_scale)).lower(),
+            "KMAJOR": str(bool(kblock_major)).lower()}
+    return f"""// Rendered by fp8train.quant.native: {kind} cast, {dtype}, pow2_scale={pow2_scale}, kblock_major={kblock_major}
 #include "fp8train/{header}"
 
 extern "C" __global__ void __launch_bounds__({_THREADS}, {_MIN_BLOCKS[kind]})
@@ -90,17 +93,18 @@ extern "C" __global__ void __launch_bounds__({_THREADS}, {_MIN_BLOCKS[kind]})
 """
 
 
-def compiled_name(kind: str, dtype: torch.dtype, pow2_scale: bool) -> str:
-    return f"sm90_fp8_{kind}_cast_{str(dtype).split('.')[-1]}{'_pow2' if pow2_scale else ''}"
+def compiled_name(kind: str, dtype: torch.dtype, pow2_scale: bool, kblock_major: bool = False) -> str:
+    return (f"sm90_fp8_{kind}_cast_{str(dtype).split('.')[-1]}{'_pow2' if pow2_scale else ''}"
+            f"{'_kmajor' if kblock_major else ''}")
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(kind: str, dtype: torch.dtype, pow2_scale: bool, device: int):
+def _kernel(kind: str, dtype: torch.dtype, pow2_scale: bool, device: int, kblock_major: bool = False):
     from ..ops.jit.compiler import compile_cubin
     from ..ops.jit.runtime import load_kernel
 
-    compiled = compile_cubin(compiled_name(kind, dtype, pow2_scale),
-                             render_source(kind, dtype, pow2_scale))
+    compiled = compile_cubin(compiled_name(kind, dtype, pow2_scale, kblock_major),
+                             render_source(kind, dtype, pow2_scale, kblock_major))
     return load_kernel(compiled, kernel_name(kind), device)
 
 
@@ -129,17 +133,18 @@ def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: 
     qt_cols = -(-rows // GROUP) * GROUP if pad_columnwise else rows
     col_blocks = -(-cols // GROUP)
     dev = x.device
+    kmajor = formats.ROWWISE_SCALES_KBLOCK_MAJOR
     q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev) if rowwise else None
-    s = torch.empty(rows, col_blocks, dtype=torch.float32, device=dev) if rowwise else None
+    s = formats.empty_rowwise_scales((rows,), col_blocks, dev, kmajor) if rowwise else None
     qt = torch.empty(cols, qt_cols, dtype=FP8_DTYPE, device=dev) if colwise else None
     st = torch.empty(cols, -(-qt_cols // GROUP), dtype=torch.float32, device=dev) if colwise else None
     if rows == 0 or not (rowwise or colwise):
         return q, s, qt, st
-    _kernel("dual", x.dtype, bool(pow2_scale), dev.index).launch(
+    _kernel("dual", x.dtype, bool(pow2_scale), dev.index, kmajor).launch(
         (col_blocks, -(-rows // GROUP)), _THREADS, _TILE_SMEM if colwise else 0,
         (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), _ptr(q), _ptr(s),
-         _ptr(qt), qt_cols, _ptr(st), int(rowwise), int(colwise)),
-        (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _vp, _u32, _vp, _u32, _u32), _stream(dev))
+         s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols, _ptr(st), int(rowwise), int(colwise)),
+        (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32), _stream(dev))
     return q, s, qt, st
 
 
@@ -153,15 +158,17 @@ def per_token_cast(x: torch.Tensor, pow2_scale: bool, *, src_rows: Optional[torc
     lead = x.shape[:-1] if src_rows is None else (rows,)
     col_blocks = -(-cols // GROUP)
     dev = x.device
+    kmajor = formats.ROWWISE_SCALES_KBLOCK_MAJOR and len(lead) > 0
     q = torch.empty(*lead, cols, dtype=FP8_DTYPE, device=dev)
-    s = torch.empty(*lead, col_blocks, dtype=torch.float32, device=dev)
+    s = formats.empty_rowwise_scales(tuple(lead), col_blocks, dev, kmajor)
     chunks = rows * col_blocks * (GROUP // 16)
     if chunks == 0:
         return q, s
-    _kernel("per_token", x.dtype, bool(pow2_scale), dev.index).launch(
+    _kernel("per_token", x.dtype, bool(pow2_scale), dev.index, kmajor).launch(
         -(-chunks // _THREADS), _THREADS, 0,
-        (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), q.data_ptr(), s.data_ptr()),
-        (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp), _stream(dev))
+        (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), q.data_ptr(), s.data_ptr(),
+         s.stride(-1)),
+        (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _u32), _stream(dev))
     return q, s
 
 
