@@ -42,60 +42,58 @@ def sweep(m, n, k, kind, candidates):
               f"{2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
 
 
-def sweep_scale_layout(m, n, k):
-    """A's 1x128 scales row-major [M, K/128] (16-byte TMA boxes of 4 K blocks per row) vs
-    K-block-major [K/128, M] (one contiguous box per stage), BLOCK 128x128, same operands;
-    the two outputs must agree bit for bit."""
+def compare_scale_layouts(label, switch, m, n, k, kind, make_set, launch):
+    """Time one GEMM with `sm90_fp8_gemm.<switch>` False (row-major scales) and True
+    (K-block-major), each reading operands prepared in its layout outside the timing
+    (`make_set(generator)` builds one input set, `launch(set, mn_major)` runs it); the two
+    outputs must agree bit for bit."""
     sets = []
     for seed in range(num_input_sets(m * k + n * k)):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        a = per_token_cast(torch.randn(m, k, device="cuda", generator=g))
-        b = per_block_cast(torch.randn(n, k, device="cuda", generator=g))
-        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-        sets.append((a[0], a[1], sm90_fp8_gemm._mn_major(a[1]), b, out))
-    cfg = GemmConfig(128, 128, deepest(128, 128, "1d2d"), min(132, -(-m // 128) * -(-n // 128)), 8, "1d2d")
+        sets.append(make_set(torch.Generator(device="cuda").manual_seed(seed)))
     outputs = []
-    saved = sm90_fp8_gemm.SCALE_A_MN_MAJOR
-    for name, mn_major, which in (("row-major", False, 1), ("K-block-major", True, 2)):
-        sm90_fp8_gemm.SCALE_A_MN_MAJOR = mn_major
-        calls = [lambda s=s, w=which: fp8_gemm_nt_native(s[0], s[w], s[3][0], s[3][1], s[4], "1d2d", False, cfg)
-                 for s in sets]
+    saved = getattr(sm90_fp8_gemm, switch)
+    for name, mn_major in (("row-major", False), ("K-block-major", True)):
+        setattr(sm90_fp8_gemm, switch, mn_major)
+        calls = [lambda s=s, mn=mn_major: launch(s, mn) for s in sets]
         calls[0]()
         torch.cuda.synchronize()
-        outputs.append(sets[0][4].clone())
+        outputs.append(sets[0]["out"].clone())
         ms, _ = time_calls(calls)
-        print(f"1d2d {m}x{n}x{k} A scales {name}: {2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
-    sm90_fp8_gemm.SCALE_A_MN_MAJOR = saved
+        print(f"{kind} {m}x{n}x{k} {label} scales {name}: {2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
+    setattr(sm90_fp8_gemm, switch, saved)
     print(f"  outputs identical: {torch.equal(outputs[0], outputs[1])}", flush=True)
+
+
+def sweep_scale_layout(m, n, k):
+    """A's 1x128 scales row-major [M, K/128] (16-byte TMA boxes of 4 K blocks per row) vs
+    K-block-major [K/128, M] (one contiguous box per stage), BLOCK 128x128, same operands."""
+    def make_set(g):
+        a = per_token_cast(torch.randn(m, k, device="cuda", generator=g))
+        b = per_block_cast(torch.randn(n, k, device="cuda", generator=g))
+        return {"a": a[0], False: a[1], True: sm90_fp8_gemm._mn_major(a[1]), "b": b,
+                "out": torch.empty(m, n, device="cuda", dtype=torch.bfloat16)}
+
+    cfg = GemmConfig(128, 128, deepest(128, 128, "1d2d"), min(132, -(-m // 128) * -(-n // 128)), 8, "1d2d")
+    compare_scale_layouts("A", "SCALE_A_MN_MAJOR", m, n, k, "1d2d", make_set,
+                          lambda s, mn: fp8_gemm_nt_native(s["a"], s[mn], s["b"][0], s["b"][1], s["out"],
+                                                           "1d2d", False, cfg))
 
 
 def sweep_scale_layout_b(m, n, k):
     """1D1D (wgrad): B's 1x128 scales row-major vs K-block-major (`SCALE_B_MN_MAJOR`), the
-    heuristic's config, B's scales prepared in each layout outside the timing; the two
-    outputs must agree bit for bit."""
+    heuristic's config."""
     from fp8train.ops.native.gemm_config import choose_config
 
-    sets = []
-    for seed in range(num_input_sets(m * k + n * k)):
-        g = torch.Generator(device="cuda").manual_seed(seed)
+    def make_set(g):
         a = per_token_cast(torch.randn(m, k, device="cuda", generator=g))
         b = per_token_cast(torch.randn(n, k, device="cuda", generator=g))
-        out = torch.empty(m, n, device="cuda", dtype=torch.float32)
-        sets.append((a, b[0], b[1], sm90_fp8_gemm._mn_major(b[1]), out))
+        return {"a": a, "b": b[0], False: b[1], True: sm90_fp8_gemm._mn_major(b[1]),
+                "out": torch.empty(m, n, device="cuda", dtype=torch.float32)}
+
     cfg = choose_config(m, n, k, 132, "1d1d")
-    outputs = []
-    saved = sm90_fp8_gemm.SCALE_B_MN_MAJOR
-    for name, mn_major, which in (("row-major", False, 2), ("K-block-major", True, 3)):
-        sm90_fp8_gemm.SCALE_B_MN_MAJOR = mn_major
-        calls = [lambda s=s, w=which: fp8_gemm_nt_native(s[0][0], s[0][1], s[1], s[w], s[4], "1d1d", False, cfg)
-                 for s in sets]
-        calls[0]()
-        torch.cuda.synchronize()
-        outputs.append(sets[0][4].clone())
-        ms, _ = time_calls(calls)
-        print(f"1d1d {m}x{n}x{k} B scales {name}: {2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
-    sm90_fp8_gemm.SCALE_B_MN_MAJOR = saved
-    print(f"  outputs identical: {torch.equal(outputs[0], outputs[1])}", flush=True)
+    compare_scale_layouts("B", "SCALE_B_MN_MAJOR", m, n, k, "1d1d", make_set,
+                          lambda s, mn: fp8_gemm_nt_native(s["a"][0], s["a"][1], s["b"], s[mn], s["out"],
+                                                           "1d1d", False, cfg))
 
 
 def sweep_split(m, n, k, candidates):
