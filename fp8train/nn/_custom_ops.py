@@ -80,7 +80,7 @@ def _pack_rowwise(scale: Tensor) -> Tensor:
     if not _formats.ROWWISE_SCALES_KBLOCK_MAJOR:
         return scale
     rows, kb = scale.shape
-    ld = max(4, _ceil_to(rows, 4))  # formats.empty_rowwise_scales' storage (size-1 dims' strides say nothing)
+    ld = _formats.kblock_major_ld(rows)  # the storage's, since size-1 dims' strides say nothing
     if (rows > 1 and scale.stride(0) != 1) or (kb > 1 and scale.stride(1) != ld) or scale.storage_offset():
         raise RuntimeError(f"row-wise scales: expected K-block-major storage [{kb}, {ld}], got "
                            f"strides {scale.stride()} at offset {scale.storage_offset()}")
@@ -94,7 +94,7 @@ def _unpack_rowwise(packed: Tensor, rows: int) -> Tensor:
 def _fake_rowwise(x):
     t, k = x.shape
     kb = _ceil_to(k, GROUP) // GROUP
-    scale = (x.new_empty(kb, max(4, _ceil_to(t, 4)), dtype=torch.float32)
+    scale = (x.new_empty(kb, _formats.kblock_major_ld(t), dtype=torch.float32)
              if _formats.ROWWISE_SCALES_KBLOCK_MAJOR else x.new_empty(t, kb, dtype=torch.float32))
     return x.new_empty(t, k, dtype=FP8_DTYPE), scale
 

@@ -59,6 +59,12 @@ def cast_to_fp8(x_f32: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.masked_fill(q.isnan(), float("nan")).to(FP8_DTYPE)
 
 
+def kblock_major_ld(rows: int) -> int:
+    """The block stride of K-block-major 1x128 scales of ``rows`` rows: the row count rounded
+    up to 4 (TMA wants 16-byte strides), at least 4."""
+    return max(4, -(-rows // 4) * 4)
+
+
 def empty_rowwise_scales(lead: tuple, col_blocks: int, device, kblock_major: bool | None = None) -> torch.Tensor:
     """float32 scales of logical shape ``[*lead, col_blocks]`` for a row-wise cast: contiguous,
     or (``ROWWISE_SCALES_KBLOCK_MAJOR``, 2-D and up) K-block-major underneath, with the
@@ -70,7 +76,7 @@ def empty_rowwise_scales(lead: tuple, col_blocks: int, device, kblock_major: boo
     rows = 1
     for size in lead:
         rows *= size
-    storage = torch.empty(col_blocks, max(4, -(-rows // 4) * 4), dtype=torch.float32, device=device)
+    storage = torch.empty(col_blocks, kblock_major_ld(rows), dtype=torch.float32, device=device)
     return storage[:, :rows].t().view(*lead, col_blocks)
 
 

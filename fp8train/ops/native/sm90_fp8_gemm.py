@@ -16,6 +16,7 @@ import torch
 from . import gemm_config as _gemm_config
 from .gemm_config import GemmConfig, choose_config, shared_bytes
 from .wgmma import render_wgmma_e4m3
+from ...quant.formats import kblock_major_ld
 
 KERNEL_NAME = "fp8train_gemm"
 
@@ -320,8 +321,7 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
     device = a.device.index
     reusable = True  # False: a scale copy made for this call only (its block is not kept)
     if scale_a_mn_major(grouping):  # sa read as [K/128, rows] underneath
-        mn_ready = sa.stride(0) == 1 and sa.stride(1) % 4 == 0 and sa.data_ptr() % 16 == 0
-        if mn_ready:
+        if _kblock_major_ready(sa):
             sa_ready = sa
         else:
             sa_ready, reusable = _mn_major_staged(sa, device, "a")
@@ -330,7 +330,7 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
         sa_ready, lda = tma_ready_scales(sa)
         reusable = sa_ready is sa
     if scale_b_mn_major(cfg.kind, grouping):
-        if sb.stride(0) == 1 and sb.stride(1) % 4 == 0 and sb.data_ptr() % 16 == 0:
+        if _kblock_major_ready(sb):
             sb_ready, staged_b = sb, True
         else:
             sb_ready, staged_b = _mn_major_staged(sb, device, "b")
@@ -370,6 +370,11 @@ _PARAM_CACHE_LIMIT = 1024  # parameter blocks per thread (1.6 KB each)
 _STAGING_LIMIT = 64  # staged scale buffers per thread
 
 
+def _kblock_major_ready(scale: torch.Tensor) -> bool:
+    """1x128 scales [rows, K/128] that already lie K-block-major with a TMA-legal stride."""
+    return scale.stride(0) == 1 and scale.stride(1) % 4 == 0 and scale.data_ptr() % 16 == 0
+
+
 def _mn_major_staged(scale: torch.Tensor, device: int, role: str) -> tuple[torch.Tensor, bool]:
     """`_mn_major` into a buffer kept per (thread, device, stream, shape): every call on a
     stream rewrites it after the previous kernel on that stream has read it (stream order),
@@ -390,7 +395,7 @@ def _mn_major_staged(scale: torch.Tensor, device: int, role: str) -> tuple[torch
     if buffer is None:
         if len(staging) >= _STAGING_LIMIT:
             staging.clear()
-        buffer = staging[key] = torch.empty(kb, -(-rows // 4) * 4, dtype=torch.float32, device=scale.device)
+        buffer = staging[key] = torch.empty(kb, kblock_major_ld(rows), dtype=torch.float32, device=scale.device)
     view = buffer[:, :rows]
     view.copy_(scale.t())
     return view.t(), True
@@ -402,7 +407,7 @@ def _mn_major(scale: torch.Tensor) -> torch.Tensor:
     copy each call (a few us of GPU time at training sizes); scales already stored so
     (`scale.t()` of such a buffer) are used in place."""
     rows, kb = scale.shape
-    buffer = torch.empty(kb, -(-rows // 4) * 4, dtype=torch.float32, device=scale.device)
+    buffer = torch.empty(kb, kblock_major_ld(rows), dtype=torch.float32, device=scale.device)
     buffer[:, :rows].copy_(scale.t())
     return buffer[:, :rows].t()
 
