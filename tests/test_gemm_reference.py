@@ -27,10 +27,17 @@ def test_fp8_gemm_nt_matches_float64_of_dequantized(m, n, kb, seed, b_block, exp
     a = per_token_cast(x)
     b = per_block_cast(w) if b_block == "128x128" else per_token_cast(w)
     block = (128, 128) if b_block == "128x128" else (1, 128)
-    ref = dequantize(*a).double() @ dequantize(*b, block).double().t()
+    da, db = dequantize(*a).double(), dequantize(*b, block).double()
+    ref = da @ db.t()
     out = fp8_gemm_nt(a, b, out_dtype=torch.float32)
     assert out.shape == (m, n) and out.dtype == torch.float32
-    assert rel_err(out, ref) < 1e-6
+    # FP32 accumulation: each element within (k + a few roundings) float32 ulps of the sum of
+    # its terms' magnitudes (one element can cancel, so a relative bound alone is unsound:
+    # m = n = 1 gave 1.13e-6); in aggregate, well inside 1e-6.
+    slack = (da.abs() @ db.abs().t()) * (2 * (k + 4) * 2.0**-24)
+    assert torch.all((out.double() - ref).abs() <= slack + 1e-300)
+    if m * n >= 64:
+        assert rel_err(out, ref) < 1e-6
     # Against the unquantized product, per element: each operand element is within 2^-4
     # of itself (E4M3 half ulp), so |y - xw| <= (|x| @ |w|.T) (2 * 2^-4 + 2^-8), plus the
     # bf16 rounding of the output.
