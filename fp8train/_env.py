@@ -30,7 +30,7 @@ def launcher() -> str:
 def cache_dir() -> Path:
     """FP8TRAIN_CACHE_DIR: where compiled kernels are cached (default ~/.cache/fp8train)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fp8train"
-    return Path(os.environ.get("FP8TRAIN_CACHE_DIR", default))
+    return Path(os.environ.get("FP8TRAIN_CACHE_DIR", default)).expanduser().resolve()
 
 
 def nvcc() -> str | None:
