@@ -36,6 +36,12 @@ _KINDS = {
              "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t rowwise, uint32_t colwise",
              "fp8train::dual_cast_tile<{T}, {POW2}, {KMAJOR}>(x, src_rows, src_count, rows, cols, "
              "vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, rowwise != 0, colwise != 0);"),
+    "dual_async": ("sm90_fp8_cast_dual_async.cuh",
+                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
+                   "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld, "
+                   "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t rowwise, uint32_t colwise",
+                   "fp8train::dual_cast_tile_async<{T}, {POW2}, {KMAJOR}>(x, src_rows, src_count, rows, "
+                   "cols, vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, rowwise != 0, colwise != 0);"),
     "per_token": ("sm90_fp8_cast_per_token.cuh",
                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
                   "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld",
@@ -50,10 +56,28 @@ _KINDS = {
 KINDS = tuple(_KINDS)
 # Blocks per SM each kernel is compiled for. The dual cast fits 3 in shared memory
 # (3 x 64 KB); asking for 3 caps fp32 at 80 registers, which would otherwise take 84 and
-# leave room for only 2 (registers are allocated per warp in steps of 256). The weight cast
-# keeps a whole tile in registers until the block's amax is known: at 80 registers it
-# spills, so it runs 2 blocks per SM (weights are a small share of the bytes cast).
+# leave room for only 2 (registers are allocated per warp in steps of 256). The staged dual
+# cast keeps a tile in the input's dtype: 6 blocks of 32 KB for 2-byte types (40 registers,
+# no spills), 3 of 64 KB for fp32. The weight cast keeps a whole tile in registers until
+# the block's amax is known: at 80 registers it spills, so it runs 2 blocks per SM (weights
+# are a small share of the bytes cast).
 _MIN_BLOCKS = {"dual": 3, "per_token": 1, "block": 2}
+# The dual cast's kernel: "dual" (registers and a float tile) or "dual_async" (cp.async into
+# a tile of the input dtype, more blocks per SM). Both are bit-exact by construction; the
+# GPU tests run both, the quant bench times both.
+DUAL_KERNEL = "dual"
+
+
+def _min_blocks(kind: str, dtype: torch.dtype) -> int:
+    if kind == "dual_async":
+        return 3 if dtype == torch.float32 else 6
+    return _MIN_BLOCKS[kind]
+
+
+def _dual_smem(kind: str, dtype: torch.dtype, colwise: bool) -> int:
+    if kind == "dual_async":  # the staged tile is used by the row pass too
+        return GROUP * GROUP * torch.empty((), dtype=dtype).element_size()
+    return _TILE_SMEM if colwise else 0
 
 
 def kernel_name(kind: str) -> str:
@@ -86,7 +110,7 @@ def render_source(kind: str, dtype: torch.dtype, pow2_scale: bool, kblock_major:
     return f"""// Rendered by fp8train.quant.native: {kind} cast, {dtype}, pow2_scale={pow2_scale}, kblock_major={kblock_major}
 #include "fp8train/{header}"
 
-extern "C" __global__ void __launch_bounds__({_THREADS}, {_MIN_BLOCKS[kind]})
+extern "C" __global__ void __launch_bounds__({_THREADS}, {_min_blocks(kind, dtype)})
 {kernel_name(kind)}({params.format(**fill)}) {{
     {call.format(**fill)}
 }}
@@ -140,8 +164,9 @@ def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: 
     st = torch.empty(cols, -(-qt_cols // GROUP), dtype=torch.float32, device=dev) if colwise else None
     if rows == 0 or not (rowwise or colwise):
         return q, s, qt, st
-    _kernel("dual", x.dtype, bool(pow2_scale), dev.index, kmajor).launch(
-        (col_blocks, -(-rows // GROUP)), _THREADS, _TILE_SMEM if colwise else 0,
+    kind = DUAL_KERNEL
+    _kernel(kind, x.dtype, bool(pow2_scale), dev.index, kmajor).launch(
+        (col_blocks, -(-rows // GROUP)), _THREADS, _dual_smem(kind, x.dtype, colwise),
         (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), _ptr(q), _ptr(s),
          s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols, _ptr(st), int(rowwise), int(colwise)),
         (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32), _stream(dev))

@@ -1,0 +1,177 @@
+// Fused dual cast, input staged in shared memory by cp.async: same outputs, bit for bit, as
+// sm90_fp8_cast.cuh (fp8train.quant.reference.dual_cast_ref), same parameters.
+//
+// Why a second design: the register version holds a thread's four 16-element chunks in
+// registers while they load (73 registers) and transposes through a 64 KB float tile, so an
+// SM runs 3 blocks and has no loads in flight while its blocks transpose (77% of a copy's
+// bandwidth on the H100). Here the tile lands in shared memory in the input's own dtype
+// (32 KB for bf16/fp16) through asynchronous 16-byte copies that hold no registers, so more
+// blocks fit per SM and their loads overlap the other blocks' arithmetic.
+//
+// One 128 x 128 tile per block, three phases:
+//   load     every thread issues cp.async for 8 (2-byte types) or 16 (fp32) 16-byte units;
+//            rows past the end, gathered zero rows and columns past K are zero-filled;
+//   row      an octet owns a row's 128-group (16 elements per lane, read from shared memory)
+//            and writes q and its scale, as the register version does;
+//   column   an octet owns a column's 128 tokens (16 consecutive rows per lane) and writes
+//            16 contiguous bytes of qt's row and the column's scale.
+// Rows whose length is not a multiple of 16 or with an unaligned base (vec_in false) are
+// staged with element-wise loads instead (correct, slower).
+#pragma once
+
+#include "fp8train/cast_common.cuh"
+
+namespace fp8train {
+
+constexpr uint32_t DUAL_ASYNC_THREADS = 256;
+
+namespace cast {
+
+// The staged tile: 128 rows of 128 elements of T in 16-byte units, unit u of row r stored
+// at unit u ^ ((u >> 3) & (UNITS / 8 - 1)) ^ ((r >> 4) & 7) of that row. The XOR stays
+// inside u's aligned group of 8 units (128 bytes, all 32 banks):
+//   load    8 lanes write 8 consecutive units of one row: a permutation of one 8-group;
+//   row     lane l of an octet reads units l * UPC + i (UPC units per 16-element chunk): the
+//           (u >> 3) term spreads the 8 lanes over distinct bank groups for every i;
+//   column  lanes read rows 16a + j (a = 0..7) of one column: (r >> 4) & 7 = a spreads them.
+template <typename T>
+struct StagedTile {
+    static constexpr uint32_t UNITS = GROUP * sizeof(T) / 16;  // per row: 16 or 32
+    static constexpr uint32_t PER_UNIT = 16 / sizeof(T);       // elements per unit: 8 or 4
+    static constexpr uint32_t BYTES = GROUP * UNITS * 16;      // 32 KB or 64 KB
+    static_assert(UNITS % 8 == 0, "the swizzle permutes aligned groups of 8 units");
+
+    __device__ static __forceinline__ uint32_t unit_offset(uint32_t r, uint32_t u) {
+        return (r * UNITS + (u ^ ((u >> 3) & (UNITS / 8 - 1)) ^ ((r >> 4) & 7))) * 16;
+    }
+    __device__ static __forceinline__ uint32_t element_offset(uint32_t r, uint32_t c) {
+        return unit_offset(r, c / PER_UNIT) + (c % PER_UNIT) * sizeof(T);
+    }
+};
+
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
+    // src_bytes 0 writes 16 zero bytes and reads nothing.
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+}
+
+template <typename T> __device__ __forceinline__ float raw_to_float(uint32_t bits);
+template <> __device__ __forceinline__ float raw_to_float<float>(uint32_t bits) { return __uint_as_float(bits); }
+template <> __device__ __forceinline__ float raw_to_float<__nv_bfloat16>(uint32_t bits) {
+    return __uint_as_float(bits << 16);
+}
+template <> __device__ __forceinline__ float raw_to_float<__half>(uint32_t bits) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t load_shared_element(const uint8_t* tile, uint32_t offset) {
+    if constexpr (sizeof(T) == 4) return *reinterpret_cast<const uint32_t*>(tile + offset);
+    else return *reinterpret_cast<const uint16_t*>(tile + offset);
+}
+
+}  // namespace cast
+
+template <typename T, bool POW2, bool KMAJOR>
+__device__ __forceinline__ void dual_cast_tile_async(const T* __restrict__ x, const int64_t* __restrict__ src_rows,
+                                                     uint32_t src_count, uint32_t rows, uint32_t cols,
+                                                     bool vec_in, uint8_t* __restrict__ q,
+                                                     float* __restrict__ scale, uint32_t scale_ld,
+                                                     uint8_t* __restrict__ qt, uint32_t qt_cols,
+                                                     float* __restrict__ scale_t, bool rowwise, bool colwise) {
+    using namespace cast;
+    using Tile = StagedTile<T>;
+    constexpr uint32_t WARPS = DUAL_ASYNC_THREADS / 32;
+    constexpr uint32_t ROWS_PER_STEP = 32 / LANES_PER_GROUP;           // 4 rows per warp step
+    constexpr uint32_t STEPS = GROUP / (WARPS * ROWS_PER_STEP);        // 4 steps per tile
+    constexpr uint32_t UNITS_PER_THREAD = GROUP * Tile::UNITS / DUAL_ASYNC_THREADS;
+    constexpr uint32_t UNITS_PER_CHUNK = CHUNK / Tile::PER_UNIT;       // 2 or 4
+    static_assert(STEPS * WARPS * ROWS_PER_STEP == GROUP, "the warps must cover the tile");
+    static_assert(DUAL_ASYNC_THREADS % Tile::UNITS == 0, "a thread's units share one column");
+    extern __shared__ __align__(128) uint8_t tile[];                    // Tile::BYTES, swizzled
+    const uint32_t t0 = blockIdx.y * GROUP, k0 = blockIdx.x * GROUP;
+    const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint32_t octet = lane / LANES_PER_GROUP, sub = lane % LANES_PER_GROUP;
+    const uint32_t col_blocks = gridDim.x;
+
+    // Load: thread i stages unit i % UNITS of rows i / UNITS + j * (THREADS / UNITS).
+    const uint32_t u = threadIdx.x % Tile::UNITS;
+    const uint32_t k_unit = k0 + u * Tile::PER_UNIT;
+#pragma unroll
+    for (uint32_t j = 0; j < UNITS_PER_THREAD; ++j) {
+        const uint32_t r = threadIdx.x / Tile::UNITS + j * (DUAL_ASYNC_THREADS / Tile::UNITS), t = t0 + r;
+        const T* row = nullptr;
+        if (t < rows) {
+            const uint64_t src = src_rows != nullptr ? static_cast<uint64_t>(src_rows[t]) : t;
+            if (src < src_count) row = x + src * cols;
+        }
+        const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(tile)) + Tile::unit_offset(r, u);
+        if (vec_in) {  // cols % 16 == 0: a unit lies wholly inside or past the row
+            const bool inside = row != nullptr && k_unit < cols;
+            cp_async_16(dst, inside ? row + k_unit : x, inside ? 16 : 0);
+        } else {
+            uint32_t w[4] = {0, 0, 0, 0};
+            constexpr uint32_t PER_WORD = 4 / sizeof(T);
+            using Bits = typename std::conditional<sizeof(T) == 4, uint32_t, uint16_t>::type;
+            const Bits* bits = reinterpret_cast<const Bits*>(row);
+#pragma unroll
+            for (uint32_t e = 0; e < Tile::PER_UNIT; ++e) {
+                const uint32_t kk = k_unit + e;
+                if (row != nullptr && kk < cols) w[e / PER_WORD] |= static_cast<uint32_t>(bits[kk]) << (16 * (e % PER_WORD));
+            }
+            *reinterpret_cast<uint4*>(tile + Tile::unit_offset(r, u)) = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+    }
+    cp_async_wait_all();
+    __syncthreads();
+
+    if (rowwise) {
+        const bool vec_out = cols % CHUNK == 0;  // q rows (and so their chunks) 16-byte aligned
+#pragma unroll
+        for (uint32_t s = 0; s < STEPS; ++s) {
+            const uint32_t r = (s * WARPS + warp) * ROWS_PER_STEP + octet, t = t0 + r;
+            const uint32_t k = k0 + CHUNK * sub;
+            Chunk<T> chunk;
+#pragma unroll
+            for (uint32_t i = 0; i < UNITS_PER_CHUNK; ++i) {
+                const uint4 v4 = *reinterpret_cast<const uint4*>(tile + Tile::unit_offset(r, sub * UNITS_PER_CHUNK + i));
+                chunk.w[4 * i] = v4.x, chunk.w[4 * i + 1] = v4.y, chunk.w[4 * i + 2] = v4.z, chunk.w[4 * i + 3] = v4.w;
+            }
+            float v[CHUNK];
+#pragma unroll
+            for (uint32_t j = 0; j < CHUNK; ++j) v[j] = element(chunk, j);
+            const float s_row = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
+            if (t < rows) {
+                if (k < cols)
+                    store_e4m3(q + static_cast<uint64_t>(t) * cols + k, v, Quantizer(s_row, POW2), cols - k, vec_out);
+                if (sub == 0)
+                    scale[KMAJOR ? static_cast<uint64_t>(blockIdx.x) * scale_ld + t
+                                 : static_cast<uint64_t>(t) * col_blocks + blockIdx.x] = s_row;
+            }
+        }
+    }
+    if (!colwise) return;
+
+    const bool vec_t = qt_cols % CHUNK == 0;
+#pragma unroll
+    for (uint32_t s = 0; s < STEPS; ++s) {
+        const uint32_t c = (s * WARPS + warp) * ROWS_PER_STEP + octet, k = k0 + c;
+        float v[CHUNK];
+#pragma unroll
+        for (uint32_t j = 0; j < CHUNK; ++j)
+            v[j] = raw_to_float<T>(load_shared_element<T>(tile, Tile::element_offset(CHUNK * sub + j, c)));
+        const float s_col = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
+        const uint32_t t = t0 + CHUNK * sub;
+        if (k < cols) {
+            if (t < qt_cols)
+                store_e4m3(qt + static_cast<uint64_t>(k) * qt_cols + t, v, Quantizer(s_col, POW2), qt_cols - t, vec_t);
+            if (sub == 0) scale_t[static_cast<uint64_t>(k) * gridDim.y + blockIdx.y] = s_col;
+        }
+    }
+}
+
+}  // namespace fp8train
