@@ -25,14 +25,15 @@ from strategies import tensors
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True, scope="module", params=["dual", "dual_async"])
+@pytest.fixture(autouse=True, scope="module", params=[("dual", 2), ("dual_async", 2), ("dual_async", 1)],
+                ids=["registers", "staged2", "staged1"])
 def dual_kernel(request):
     """Every test runs with each dual-cast kernel (native.DUAL_KERNEL): the register one and
-    the cp.async-staged one must both be bit-exact."""
-    saved = native.DUAL_KERNEL
-    native.DUAL_KERNEL = request.param
+    the cp.async-staged one with one and two stages must all be bit-exact."""
+    saved = native.DUAL_KERNEL, native.DUAL_ASYNC_STAGES
+    native.DUAL_KERNEL, native.DUAL_ASYNC_STAGES = request.param
     yield request.param
-    native.DUAL_KERNEL = saved
+    native.DUAL_KERNEL, native.DUAL_ASYNC_STAGES = saved
 
 # Row lengths: multiples of 16 (vector path) and not (element-wise tail), partial 128-tiles.
 LENGTHS = st.one_of(st.integers(1, 40).map(lambda v: 16 * v), st.integers(1, 700))
