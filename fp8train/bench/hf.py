@@ -9,9 +9,11 @@ the ``"fp8train"`` grouped FP8 experts). Both keep FP32 master weights and run u
 compiled. Printed: tokens/s and peak memory side by side, and their ratios.
 
 Correctness first: the FP8 model's first loss must be within 2% of the BF16 model's, and
-its final hidden states (before training, first sequence) within ``MAX_HIDDEN_ERR`` relative
-error of the BF16 model's. (At random init the loss is ~ln(vocab) whatever the layers
-compute, so the loss alone would not notice broken FP8 GEMMs.)
+its final hidden states (before training, first sequence) within ``MAX_NATIVE_ERR``
+relative error of the same FP8 model run on the reference emulation (same quantization,
+so only FP32 summation order differs). (At random init the loss is ~ln(vocab) whatever the
+layers compute, so the loss alone would not notice broken FP8 GEMMs.) The FP8-vs-BF16
+hidden-state error is printed too: it is the recipe's own error, not the kernels'.
 """
 from __future__ import annotations
 
@@ -22,13 +24,17 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .. import ops
 from ..nn import convert_to_fp8
 
-# Relative error (Frobenius) of the FP8 model's last hidden states vs BF16's, same init and
-# tokens. One FP8 GEMM is ~0.03-0.05; the residual stream carries every layer's error (and
-# MoE routing flips of near-tied tokens), so this is loose: it catches broken kernels
-# (zeros, wrong scales give ~1), not a few percent of drift. Printed either way.
-MAX_HIDDEN_ERR = 0.3
+# Relative error (Frobenius) of the FP8 model's last hidden states on the GPU paths vs the
+# reference emulation of the same FP8 model: the same quantization, so only FP32 summation
+# order differs, and an element that lands on the other side of an e4m3 rounding boundary
+# carries that flip forward (MoE: a near-tied routing flip). Broken kernels give ~1.
+MAX_NATIVE_ERR = 0.05
+# FP8 vs BF16 at random init is the recipe's own error, printed, not checked: llama-1b's
+# last hidden states sit 0.298 from FP32 with FP8 GEMMs (the reference emulation, on a CPU)
+# against 0.025 with BF16 ones: ~0.03 per GEMM over 112 GEMMs adds up in the residual stream.
 # Issue 10's bar: FP8 training-step tokens/s >= 1.3x BF16 (and peak memory no higher).
 SPEEDUP_BAR = 1.3
 # The BF16 baseline's experts implementation, registered below.
@@ -106,6 +112,17 @@ def _step(model, optimizer, ids):
     return loss
 
 
+def _last_hidden(model, ids) -> torch.Tensor:
+    # With grad on, as in training: a no_grad call would compile the layers a second time.
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    return hidden.detach().double().cpu()
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm()).item()
+
+
 def _measure(name: str, spec: dict, fp8: bool, compiled: bool, batch: int, seq_len: int,
              steps: int, warmup: int) -> dict:
     torch.cuda.synchronize()
@@ -121,9 +138,15 @@ def _measure(name: str, spec: dict, fp8: bool, compiled: bool, batch: int, seq_l
     gen = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, spec["vocab_size"], (batch, seq_len), device="cuda", generator=gen)
     # With grad on, as in training: a no_grad call would compile the layers a second time.
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        hidden = model.model(input_ids=ids[:1], use_cache=False).last_hidden_state
-    hidden = hidden.detach().float().cpu()
+    hidden = _last_hidden(model, ids[:1])
+    hidden_ref = None
+    if fp8:  # the same FP8 model on the reference emulation of every GEMM
+        saved = ops.get_backend()
+        ops.set_backend("reference")
+        try:
+            hidden_ref = _last_hidden(model, ids[:1])
+        finally:
+            ops.set_backend(saved)
     first = _step(model, optimizer, ids).item()
     for _ in range(warmup - 1):
         _step(model, optimizer, ids)
@@ -138,7 +161,7 @@ def _measure(name: str, spec: dict, fp8: bool, compiled: bool, batch: int, seq_l
            "params": sum(p.numel() for p in model.parameters()), "first_loss": first,
            "last_loss": loss.item(), "tokens_per_s": batch * seq_len * steps / seconds,
            "peak_mem_gb": (torch.cuda.max_memory_allocated() - leftover) / 2**30,
-           "leftover_gb": leftover / 2**30, "hidden": hidden}
+           "leftover_gb": leftover / 2**30, "hidden": hidden, "hidden_ref": hidden_ref}
     del model, optimizer, loss
     if compiled:
         torch._dynamo.reset()  # drop the compiled layers' code caches (and what they hold)
@@ -164,20 +187,23 @@ def run(models: Optional[str] = None, json_path: Optional[str] = None, *, batch:
         for compiled in compiled_rows:
             bf16, fp8 = (_measure(name, MODELS[name], is_fp8, compiled, batch, seq_len, steps,
                                   warmup) for is_fp8 in (False, True))
-            h_bf16, h_fp8 = bf16.pop("hidden").double(), fp8.pop("hidden").double()
-            fp8["hidden_rel_err"] = ((h_fp8 - h_bf16).norm() / h_bf16.norm()).item()
+            h_bf16, h_fp8, h_ref = bf16.pop("hidden"), fp8.pop("hidden"), fp8.pop("hidden_ref")
+            bf16.pop("hidden_ref")
+            fp8["hidden_rel_err"] = _rel_err(h_fp8, h_bf16)
+            fp8["native_vs_reference_err"] = _rel_err(h_fp8, h_ref)
             rows += [bf16, fp8]
             print(f"  {name} compiled={compiled}: first loss bf16 {bf16['first_loss']:.4f} "
                   f"fp8 {fp8['first_loss']:.4f}; last loss bf16 {bf16['last_loss']:.4f} fp8 "
-                  f"{fp8['last_loss']:.4f}; hidden-state rel err {fp8['hidden_rel_err']:.3f} "
-                  f"(limit {MAX_HIDDEN_ERR})", flush=True)
+                  f"{fp8['last_loss']:.4f}; last hidden states rel. err: FP8 GPU paths vs "
+                  f"their reference emulation {fp8['native_vs_reference_err']:.4f} (limit "
+                  f"{MAX_NATIVE_ERR}), FP8 vs BF16 {fp8['hidden_rel_err']:.3f}", flush=True)
             if not abs(fp8["first_loss"] - bf16["first_loss"]) <= 0.02 * bf16["first_loss"]:
                 print(f"  {name}: FP8 first loss {fp8['first_loss']:.4f} vs BF16 "
                       f"{bf16['first_loss']:.4f}: more than 2% apart (or not finite)")
                 status = 1
-            if not fp8["hidden_rel_err"] <= MAX_HIDDEN_ERR:
-                print(f"  {name}: FP8 hidden states {fp8['hidden_rel_err']:.3f} from BF16's: "
-                      f"more than {MAX_HIDDEN_ERR}")
+            if not fp8["native_vs_reference_err"] <= MAX_NATIVE_ERR:
+                print(f"  {name}: FP8 hidden states {fp8['native_vs_reference_err']:.4f} from the "
+                      f"reference emulation's: more than {MAX_NATIVE_ERR}")
                 status = 1
             for row in (bf16, fp8):
                 if row["leftover_gb"] > 1:
