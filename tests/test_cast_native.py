@@ -230,3 +230,17 @@ def test_k_block_major_row_scales(data, t, k, pow2, kind):
         assert scale.stride(0) == 1, scale.stride()
     if kb > 1:
         assert scale.stride(1) == max(4, -(-rows // 4) * 4), scale.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_more_tiles_than_blocks(dtype):
+    """The staged kernel is persistent: with more tiles than resident blocks each block
+    walks several (and, with two stages, stages the next while casting one). A partial last
+    row of tiles, a K that is not a multiple of 128, and a gathered layout with zero rows."""
+    x = torch.randn(9000, 4000, device="cuda").to(dtype)
+    x[17, :5] = 3e4
+    for pow2 in (False, True):
+        assert_same(native.dual_cast(x, pow2), dual_cast_ref(x, pow2))
+    src = torch.randint(0, 9100, (12345,), device="cuda")
+    got = native.dual_cast(x, False, src_rows=src, num_rows=src.shape[0])
+    assert_same(got, permute_cast_ref(x, src, False, colwise=True))

@@ -62,8 +62,9 @@ KINDS = tuple(_KINDS)
 # spills, so it runs 2 blocks per SM (weights are a small share of the bytes cast).
 _MIN_BLOCKS = {"dual": 3, "per_token": 1, "block": 2}
 # The dual cast's kernel: "dual" (registers and a float tile, one tile per block) or
-# "dual_async" (persistent blocks staging tiles of the input dtype by cp.async; measured
-# on the H100 with one stage and 6 blocks per SM: 83-84% of the copy against 77-78%).
+# "dual_async" (persistent blocks staging tiles of the input dtype by cp.async; its first,
+# non-persistent version with one stage and 6 blocks per SM measured 83-84% of the copy on
+# the H100 against 77-78%).
 # Both are bit-exact (the GPU tests run both); the quant bench times both.
 DUAL_KERNEL = "dual_async"
 # Staged tiles per block of "dual_async" for 2-byte inputs: 2 (3 blocks of 2 x 32 KB per
