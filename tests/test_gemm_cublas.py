@@ -37,13 +37,12 @@ def test_cublas_matches_reference(kind, m, n, k):
 
 @pytest.mark.parametrize("m,n,k", [(256, 272, 384), (256, 256, 256), (256, 272, 512), (256, 384, 384),
                                    (128, 136, 256), (256, 2112, 1024),
-                                   # square with K/128 % 4 == 0, and K/128 = 6 (the `small` recipe)
+                                   # square with K/128 % 4 == 0, K/128 = 6 (the `small` recipe), M % 4
                                    (256, 512, 512), (256, 3584, 768), (256, 768, 3584), (250, 2112, 1024)])
 def test_cublas_supports_exactly_the_shapes_it_gets_right(m, n, k):
     """`supports` refuses what the cuBLAS wrapper gets wrong or cannot run, and nothing else.
-    H100, torch 2.11: 2x2 and 3x3 128x128 scale matrices came out wrong whatever N % 128;
-    N % 16 != 0 is refused by torch. The last four shapes tell the square-matrix rule from
-    the K/128 % 4 and M % 4 rules (cublas.supports refuses all three until they do)."""
+    H100, torch 2.11 (session 4): wrong wherever K/128 or M is not a multiple of 4 (square
+    or not: 256x3584x768 wrong, 256x512x512 right); N % 16 != 0 is refused by torch."""
     from fp8train.ops import cublas
 
     gen = torch.Generator(device="cuda").manual_seed(k + n)
