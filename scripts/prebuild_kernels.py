@@ -28,17 +28,16 @@ def main() -> int:
         print("set FP8TRAIN_CACHE_DIR to the cache folder to fill", file=sys.stderr)
         return 2
     jobs = [("gemm", args) for args in bench_kernels()]
-    jobs += [("cast", (kind, dtype, pow2, stages)) for kind in native.KINDS
-             for dtype in (torch.bfloat16, torch.float16, torch.float32) for pow2 in (False, True)
-             for stages in ((1, 2) if kind == "dual_async" and dtype != torch.float32 else (None,))]
+    jobs += [("cast", (kind, dtype, pow2)) for kind in native.KINDS
+             for dtype in (torch.bfloat16, torch.float16, torch.float32) for pow2 in (False, True)]
 
     def build(job):
         what, args = job
         if what == "gemm":
             return compile_kernel(*args)
-        kind, dtype, pow2, stages = args
-        return compiler.compile_cubin(native.compiled_name(kind, dtype, pow2, stages=stages),
-                                      native.render_source(kind, dtype, pow2, stages=stages))
+        kind, dtype, pow2 = args
+        return compiler.compile_cubin(native.compiled_name(kind, dtype, pow2),
+                                      native.render_source(kind, dtype, pow2))
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:

@@ -11,13 +11,13 @@ import torch
 from fp8train.quant import native
 from test_gemm_kernels_compile import needs_toolchain
 
-# (kind, dtype, pow2, K-block-major row scales[, staged tiles]): every kind and dtype, both
-# scale rules, both row-scale layouts, both stage counts of the staged dual cast; the register-heaviest (fp32 and non-pow2, which carries the
+# (kind, dtype, pow2, K-block-major row scales): every kind and dtype, both scale rules,
+# both row-scale layouts; the register-heaviest (fp32 and non-pow2, which carries the
 # division's range branch) included.
 REPRESENTATIVE = [
     ("dual", torch.bfloat16, True, False), ("dual", torch.float32, False, False),
     ("dual", torch.float32, False, True),
-    ("dual_async", torch.bfloat16, False, False, 1), ("dual_async", torch.float16, True, True, 2),
+    ("dual_async", torch.bfloat16, False, False), ("dual_async", torch.float16, True, True),
     ("dual_async", torch.float32, False, False),
     ("per_token", torch.float16, True, False), ("per_token", torch.bfloat16, False, False),
     ("per_token", torch.bfloat16, False, True),
@@ -35,15 +35,13 @@ def test_cast_kernels_compile_without_spills(tmp_path, monkeypatch):
     compiler._reset_process_caches()
 
     def build(case):
-        kind, dtype, pow2, kmajor, *stages = case
-        stages = stages[0] if stages else None
-        return compiler.compile_cubin(native.compiled_name(kind, dtype, pow2, kmajor, stages),
-                                      native.render_source(kind, dtype, pow2, kmajor, stages))
+        kind, dtype, pow2, kmajor = case
+        return compiler.compile_cubin(native.compiled_name(kind, dtype, pow2, kmajor),
+                                      native.render_source(kind, dtype, pow2, kmajor))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         compiled = list(pool.map(build, REPRESENTATIVE))
-    for case, ck in zip(REPRESENTATIVE, compiled):
-        kind, dtype = case[:2]
+    for (kind, dtype, pow2, _), ck in zip(REPRESENTATIVE, compiled):
         sass = disassemble(ck.cubin_path)
         report = summarize_sass(sass)
         assert ck.spill_bytes == 0 and report.local_memory_ops == 0, f"{ck.name}: spills"
@@ -52,9 +50,8 @@ def test_cast_kernels_compile_without_spills(tmp_path, monkeypatch):
         assert re.search(load, sass), f"{ck.name}: no 16-byte loads"
         assert re.search(r"\bSTG\.E\.128", sass), f"{ck.name}: no 16-byte e4m3 stores"
         assert ck.registers <= 128, f"{ck.name}: {ck.registers} registers"
-        # Every block its __launch_bounds__ promises fits in the register file (65536 per SM).
-        blocks = native.min_blocks(kind, dtype, case[4] if len(case) > 4 else None)
-        assert ck.registers * 256 * blocks <= 65536, f"{ck.name}: {ck.registers} registers for {blocks} blocks"
+        if kind == "dual_async" and dtype != torch.float32:  # 6 blocks of 256 threads per SM
+            assert ck.registers <= 40, f"{ck.name}: {ck.registers} registers (6 blocks need <= 40)"
 
 
 def test_render_source_names_each_kernel():

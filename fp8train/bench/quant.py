@@ -61,16 +61,14 @@ def _bit_exact(got, want) -> bool:
     return True
 
 
-def _using(kernel: str, cast, stages: int = 2):
-    """`cast` run with native.DUAL_KERNEL = kernel (and DUAL_ASYNC_STAGES = stages): the
-    table times every dual-cast kernel."""
+def _using(kernel: str, cast):
+    """`cast` run with native.DUAL_KERNEL = kernel: the table times both dual-cast kernels."""
     def run(x):
-        saved = native.DUAL_KERNEL, native.DUAL_ASYNC_STAGES
-        native.DUAL_KERNEL, native.DUAL_ASYNC_STAGES = kernel, stages
+        saved, native.DUAL_KERNEL = native.DUAL_KERNEL, kernel
         try:
             return cast(x)
         finally:
-            native.DUAL_KERNEL, native.DUAL_ASYNC_STAGES = saved
+            native.DUAL_KERNEL = saved
     return run
 
 
@@ -89,10 +87,8 @@ def _cases(t: int, k: int, src: torch.Tensor, ref):
                       lambda x: per_token(x, False)),
         "dual": (_bytes(t, k, True), _using("dual", lambda x: native.dual_cast(x, False)),
                  lambda x: dual(x, False)),
-        "dual staged": (_bytes(t, k, True), _using("dual_async", lambda x: native.dual_cast(x, False)),
-                        lambda x: dual(x, False)),
-        "dual staged1": (_bytes(t, k, True), _using("dual_async", lambda x: native.dual_cast(x, False), 1),
-                         lambda x: dual(x, False)),
+        "dual async": (_bytes(t, k, True), _using("dual_async", lambda x: native.dual_cast(x, False)),
+                       lambda x: dual(x, False)),
         "weight+T": (weight_bytes, lambda x: native.block_cast(x, False, True),
                      lambda x: block(x, False)),
         "permuted": (permuted_bytes,
@@ -101,7 +97,7 @@ def _cases(t: int, k: int, src: torch.Tensor, ref):
         "permuted dual": (permuted_bytes + _colwise_bytes(m, k),
                           _using("dual", lambda x: native.dual_cast(x[:tokens], False, src_rows=src, num_rows=m)),
                           lambda x: permuted(x[:tokens], src, False, True)),
-        "perm. dual staged": (permuted_bytes + _colwise_bytes(m, k),
+        "perm. dual async": (permuted_bytes + _colwise_bytes(m, k),
                              _using("dual_async",
                                     lambda x: native.dual_cast(x[:tokens], False, src_rows=src, num_rows=m)),
                              lambda x: permuted(x[:tokens], src, False, True)),

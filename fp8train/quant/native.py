@@ -40,9 +40,8 @@ _KINDS = {
                    "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
                    "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld, "
                    "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t rowwise, uint32_t colwise",
-                   "fp8train::dual_cast_tiles_async<{T}, {POW2}, {KMAJOR}, {STAGES}>(x, src_rows, src_count, "
-                   "rows, cols, vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, rowwise != 0, "
-                   "colwise != 0);"),
+                   "fp8train::dual_cast_tile_async<{T}, {POW2}, {KMAJOR}>(x, src_rows, src_count, rows, "
+                   "cols, vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, rowwise != 0, colwise != 0);"),
     "per_token": ("sm90_fp8_cast_per_token.cuh",
                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
                   "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld",
@@ -57,45 +56,30 @@ _KINDS = {
 KINDS = tuple(_KINDS)
 # Blocks per SM each kernel is compiled for. The dual cast fits 3 in shared memory
 # (3 x 64 KB); asking for 3 caps fp32 at 80 registers, which would otherwise take 84 and
-# leave room for only 2 (registers are allocated per warp in steps of 256). The weight cast
-# keeps a whole tile in registers until the block's amax is known: at 80 registers it
-# spills, so it runs 2 blocks per SM (weights are a small share of the bytes cast).
+# leave room for only 2 (registers are allocated per warp in steps of 256). The staged dual
+# cast keeps a tile in the input's dtype: 6 blocks of 32 KB for 2-byte types (40 registers,
+# no spills), 3 of 64 KB for fp32. The weight cast keeps a whole tile in registers until
+# the block's amax is known: at 80 registers it spills, so it runs 2 blocks per SM (weights
+# are a small share of the bytes cast).
 _MIN_BLOCKS = {"dual": 3, "per_token": 1, "block": 2}
-# The dual cast's kernel: "dual" (registers and a float tile, one tile per block) or
-# "dual_async" (persistent blocks staging tiles of the input dtype by cp.async; its first,
-# non-persistent version with one stage and 6 blocks per SM measured 83-84% of the copy on
-# the H100 against 77-78%).
-# Both are bit-exact (the GPU tests run both); the quant bench times both.
+# The dual cast's kernel: "dual" (registers and a float tile) or "dual_async" (cp.async into
+# a tile of the input dtype, 6 blocks per SM for 2-byte types). Both are bit-exact (the GPU
+# tests run both); the quant bench times both. H100, session 4: "dual_async" 80-84% of the
+# copy's bandwidth, "dual" 75-78%. Persistent variants with one or two staged tiles per
+# block measured no better (78-86%, gathered 70-73%: docs/quant.md) and were dropped.
 DUAL_KERNEL = "dual_async"
-# Staged tiles per block of "dual_async" for 2-byte inputs: 2 (3 blocks of 2 x 32 KB per
-# SM, the next tile's copies in flight while one is cast) or 1 (5 blocks of 32 KB). fp32
-# tiles are 64 KB: always one stage, 3 blocks per SM.
-DUAL_ASYNC_STAGES = 2
 
 
-def _dual_async_stages(dtype: torch.dtype, stages: Optional[int] = None) -> int:
-    return 1 if dtype == torch.float32 else (stages or DUAL_ASYNC_STAGES)
-
-
-def min_blocks(kind: str, dtype: torch.dtype, stages: Optional[int] = None) -> int:
-    """Blocks per SM the kernel is compiled for (its __launch_bounds__)."""
-    if kind == "dual_async":  # 64 KB per block with two stages; one stage of 2-byte tiles:
-        # 6 blocks would cap registers at 40, where the persistent loop spills 4 bytes
-        return 3 if dtype == torch.float32 or _dual_async_stages(dtype, stages) == 2 else 5
+def _min_blocks(kind: str, dtype: torch.dtype) -> int:
+    if kind == "dual_async":
+        return 3 if dtype == torch.float32 else 6
     return _MIN_BLOCKS[kind]
 
 
-def _dual_async_smem(dtype: torch.dtype) -> int:
-    return _dual_async_stages(dtype) * GROUP * GROUP * _element_size(dtype)
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return 4 if dtype == torch.float32 else 2
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _dual_smem(kind: str, dtype: torch.dtype, colwise: bool) -> int:
+    if kind == "dual_async":  # the staged tile is used by the row pass too
+        return GROUP * GROUP * torch.empty((), dtype=dtype).element_size()
+    return _TILE_SMEM if colwise else 0
 
 
 def kernel_name(kind: str) -> str:
@@ -120,38 +104,33 @@ def chunks_fit(rows: int, cols: int) -> bool:
     return rows * -(-cols // GROUP) * (GROUP // 16) < 2**31
 
 
-def render_source(kind: str, dtype: torch.dtype, pow2_scale: bool, kblock_major: bool = False,
-                  stages: Optional[int] = None) -> str:
-    """kblock_major: row-wise scales written K-block-major (per_token and dual casts);
-    stages: staged tiles of "dual_async" (default DUAL_ASYNC_STAGES)."""
+def render_source(kind: str, dtype: torch.dtype, pow2_scale: bool, kblock_major: bool = False) -> str:
+    """kblock_major: row-wise scales written K-block-major (per_token and dual casts)."""
     header, params, call = _KINDS[kind]
     fill = {"T": _C_TYPES[dtype], "POW2": str(bool(pow2_scale)).lower(),
-            "KMAJOR": str(bool(kblock_major)).lower(), "STAGES": _dual_async_stages(dtype, stages)}
+            "KMAJOR": str(bool(kblock_major)).lower()}
     return f"""// Rendered by fp8train.quant.native: {kind} cast, {dtype}, pow2_scale={pow2_scale}, kblock_major={kblock_major}
 #include "fp8train/{header}"
 
-extern "C" __global__ void __launch_bounds__({_THREADS}, {min_blocks(kind, dtype, stages)})
+extern "C" __global__ void __launch_bounds__({_THREADS}, {_min_blocks(kind, dtype)})
 {kernel_name(kind)}({params.format(**fill)}) {{
     {call.format(**fill)}
 }}
 """
 
 
-def compiled_name(kind: str, dtype: torch.dtype, pow2_scale: bool, kblock_major: bool = False,
-                  stages: Optional[int] = None) -> str:
-    stages = f"_s{_dual_async_stages(dtype, stages)}" if kind == "dual_async" else ""
+def compiled_name(kind: str, dtype: torch.dtype, pow2_scale: bool, kblock_major: bool = False) -> str:
     return (f"sm90_fp8_{kind}_cast_{str(dtype).split('.')[-1]}{'_pow2' if pow2_scale else ''}"
-            f"{'_kmajor' if kblock_major else ''}{stages}")
+            f"{'_kmajor' if kblock_major else ''}")
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(kind: str, dtype: torch.dtype, pow2_scale: bool, device: int, kblock_major: bool = False,
-            stages: Optional[int] = None):
+def _kernel(kind: str, dtype: torch.dtype, pow2_scale: bool, device: int, kblock_major: bool = False):
     from ..ops.jit.compiler import compile_cubin
     from ..ops.jit.runtime import load_kernel
 
-    compiled = compile_cubin(compiled_name(kind, dtype, pow2_scale, kblock_major, stages),
-                             render_source(kind, dtype, pow2_scale, kblock_major, stages))
+    compiled = compile_cubin(compiled_name(kind, dtype, pow2_scale, kblock_major),
+                             render_source(kind, dtype, pow2_scale, kblock_major))
     return load_kernel(compiled, kernel_name(kind), device)
 
 
@@ -187,14 +166,9 @@ def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: 
     st = torch.empty(cols, -(-qt_cols // GROUP), dtype=torch.float32, device=dev) if colwise else None
     if rows == 0 or not (rowwise or colwise):
         return q, s, qt, st
-    if DUAL_KERNEL == "dual_async":  # persistent: as many blocks as run at once
-        tiles = col_blocks * -(-rows // GROUP)
-        grid = min(tiles, min_blocks("dual_async", x.dtype) * _sm_count(dev.index))
-        smem = _dual_async_smem(x.dtype)
-    else:
-        grid, smem = (col_blocks, -(-rows // GROUP)), _TILE_SMEM if colwise else 0
-    _kernel(DUAL_KERNEL, x.dtype, bool(pow2_scale), dev.index, kmajor, _dual_async_stages(x.dtype)).launch(
-        grid, _THREADS, smem,
+    kind = DUAL_KERNEL
+    _kernel(kind, x.dtype, bool(pow2_scale), dev.index, kmajor).launch(
+        (col_blocks, -(-rows // GROUP)), _THREADS, _dual_smem(kind, x.dtype, colwise),
         (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), _ptr(q), _ptr(s),
          s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols, _ptr(st), int(rowwise), int(colwise)),
         (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32), _stream(dev))
