@@ -188,6 +188,13 @@ class TrainConfig:
     stop_after_steps: int = 0
     # torch.compile the model (compare FP8 and BF16 only under the same setting).
     compile: bool = False
+    # The FP8 recipe of every converted layer (fp8train.FP8Recipe), for ablations of the loss
+    # gap: scales rounded up to powers of two, and which of the three GEMMs run in FP8 (a
+    # GEMM not in FP8 runs in BF16 from the same layer). Needs precision=fp8.
+    fp8_pow2_scale: bool = False
+    fp8_fprop: bool = True
+    fp8_dgrad: bool = True
+    fp8_wgrad: bool = True
     # FSDP2 launches only (recipes/accelerate/fsdp2.yaml): all-gather the FP8Linear and MoE
     # expert weights as e4m3 + 128x128 scales (half the bytes of BF16) instead of BF16. A linear
     # whose out_features is not a multiple of 128 x processes (experts: num_experts not a
@@ -220,8 +227,19 @@ class TrainConfig:
             bad = {k: v for k, v in self.model.linear_dims().items() if v % 128}
             _require(not bad, f"precision=fp8 needs every linear dim to be a multiple of 128 "
                               f"(the FP8 block size); these are not: {bad}")
+        default_recipe = (self.fp8_pow2_scale, self.fp8_fprop, self.fp8_dgrad, self.fp8_wgrad) == (
+            False, True, True, True)
+        _require(default_recipe or self.precision == "fp8",
+                 "fp8_pow2_scale / fp8_fprop / fp8_dgrad / fp8_wgrad need precision=fp8")
         _require(not self.fp8_all_gather or self.precision == "fp8",
                  "fp8_all_gather=true needs precision=fp8 (only FP8Linear weights have an FP8 copy)")
+
+    def fp8_recipe(self):
+        """The fp8train.FP8Recipe the run's layers are converted with."""
+        from fp8train import FP8Recipe
+
+        return FP8Recipe(pow2_scale=self.fp8_pow2_scale, fprop_fp8=self.fp8_fprop,
+                         dgrad_fp8=self.fp8_dgrad, wgrad_fp8=self.fp8_wgrad)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

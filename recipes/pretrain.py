@@ -115,7 +115,7 @@ def main(argv=None) -> Path:
     model = build_model(cfg.model, max_seq_len=cfg.seq_len)
     n_params = model.num_params()
     if cfg.precision == "fp8":
-        accelerator.print(fp8train.convert_to_fp8(model))
+        accelerator.print(fp8train.convert_to_fp8(model, recipe=cfg.fp8_recipe()))
     if cfg.fp8_all_gather:
         # Wrap before accelerator.prepare (fully_shard) and before the optimizer takes the params.
         if not accelerator.is_fsdp2:
@@ -252,7 +252,7 @@ def export_fp8(accelerator, model, cfg, run_dir: Path) -> str:
     path = run_dir / ("hf_fp8" if cfg.model.hf else "model_fp8.safetensors")
     if accelerator.is_main_process:
         fresh = build_model(cfg.model, max_seq_len=cfg.seq_len)
-        fp8train.convert_to_fp8(fresh)
+        fp8train.convert_to_fp8(fresh, recipe=cfg.fp8_recipe())
         fresh.load_state_dict(state_dict)
         if cfg.model.hf:
             fp8train.save_pretrained_fp8(fresh.hf, path)

@@ -120,3 +120,20 @@ def test_accelerate_configs_load(name, kind, processes):
         # The wrap class must be the recipe model's block, by name.
         from recipes.model import Block
         assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == Block.__name__
+
+
+def test_fp8_recipe_options_reach_the_converted_layers():
+    """fp8_pow2_scale / fp8_fprop / fp8_dgrad / fp8_wgrad (the loss-gap ablations) build the
+    FP8Recipe the run converts with; they need precision=fp8."""
+    import fp8train
+    from recipes.model import build_model
+
+    cfg = load_config(CONFIGS / "tiny-moe.yaml", ["fp8_wgrad=false", "fp8_pow2_scale=true"], precision="fp8")
+    recipe = cfg.fp8_recipe()
+    assert (recipe.pow2_scale, recipe.fprop_fp8, recipe.dgrad_fp8, recipe.wgrad_fp8) == (True, True, True, False)
+    model = build_model(cfg.model, max_seq_len=cfg.seq_len)
+    fp8train.convert_to_fp8(model, recipe=recipe)
+    layers = [m for m in model.modules() if isinstance(m, (fp8train.nn.FP8Linear, fp8train.nn.FP8GroupedLinear))]
+    assert layers and all(m.recipe == recipe for m in layers)
+    with pytest.raises(ConfigError, match="need precision=fp8"):
+        load_config(CONFIGS / "tiny.yaml", ["fp8_wgrad=false"], precision="bf16")
