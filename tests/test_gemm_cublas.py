@@ -54,5 +54,5 @@ def test_cublas_supports_exactly_the_shapes_it_gets_right(m, n, k):
         right = False
     else:
         right = bool(rel_err(got, ref.fp8_gemm_nt_ref(a[0], a[1], b[0], b[1])) < 4e-3)
-    assert right == cublas.supports(a[0], n, torch.bfloat16, False, "1d2d"), \
+    assert right == cublas.supports(a[0], n, torch.bfloat16, False), \
         f"cuBLAS {'right' if right else 'wrong'} at {m}x{n}x{k}"

@@ -137,7 +137,6 @@ def _measure(name: str, spec: dict, fp8: bool, compiled: bool, batch: int, seq_l
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, spec["vocab_size"], (batch, seq_len), device="cuda", generator=gen)
-    # With grad on, as in training: a no_grad call would compile the layers a second time.
     hidden = _last_hidden(model, ids[:1])
     hidden_ref = None
     if fp8:  # the same FP8 model on the reference emulation of every GEMM

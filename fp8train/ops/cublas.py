@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 
 
-def supports(a: torch.Tensor, b_rows: int, out_dtype: torch.dtype, accumulate: bool,
-             kind: str = "1d1d") -> bool:
+def supports(a: torch.Tensor, b_rows: int, out_dtype: torch.dtype, accumulate: bool) -> bool:
     """cuBLAS blockwise scaling: sm_90 only, no in-place accumulation, and only where its
     results were right on the H100 (torch 2.11, cu130; tests/test_gemm_cublas.py): K/128
     and M multiples of 4, the leading dimensions of the scale views passed below. Wrong
     there: K/128 = 2, 3 and 6 (256x256x256, 256x384x384, 256x272x384, 256x3584x768, the
     last the FP8 `small` recipe's K = 768, which diverged on this path) and M = 250
-    (256x2112x1024 right); a square 4x4 scale matrix (256x512x512) is right (session 4)."""
+    (250x2112x1024; 256x2112x1024 right); a square 4x4 scale matrix (256x512x512) is right
+    (session 4)."""
     m, kb = a.shape[0], a.shape[-1] // 128
     return (
         a.is_cuda

@@ -152,7 +152,7 @@ def _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate) -> tuple:
     kind = "1d1d" if sb.shape[0] == n and n > 1 else "1d2d"
     path = _backend.resolve("fp8_gemm_nt", a.device,
                             native_ok=lambda: _native.dense_support(n, kind, dtype, accumulate),
-                            cublas_ok=_cublas.supports(a, n, dtype, accumulate, kind),
+                            cublas_ok=_cublas.supports(a, n, dtype, accumulate),
                             cublas_first=_backend.PREFER_CUBLAS and not _backend.native_beats_cublas(m, n, k))
     return path, kind, m, n, dtype
 
