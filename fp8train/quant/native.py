@@ -78,7 +78,7 @@ def _min_blocks(kind: str, dtype: torch.dtype) -> int:
 
 def _dual_smem(kind: str, dtype: torch.dtype, colwise: bool) -> int:
     if kind == "dual_async":  # the staged tile is used by the row pass too
-        return GROUP * GROUP * torch.empty((), dtype=dtype).element_size()
+        return GROUP * GROUP * dtype.itemsize
     return _TILE_SMEM if colwise else 0
 
 
