@@ -147,6 +147,9 @@ class TrainConfig:
     val_fraction: float = 0.05
     # Seeds the weights' init and every batch; two runs with one seed see the same batches.
     seed: int = 1337
+    # Seeds the weights' init alone when >= 0 (the batches still follow `seed`): two runs
+    # that differ only here measure the run-to-run loss noise a precision comparison sits in.
+    init_seed: int = -1
     # Tokens per sequence (also the length the rotary tables are built for).
     seq_len: int = 128
     # Sequences per process per micro-step.
@@ -214,6 +217,7 @@ class TrainConfig:
         for name in ("data_max_bytes", "warmup_steps", "keep_checkpoints", "stop_after_steps",
                      "weight_decay", "grad_clip", "min_lr"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.init_seed >= -1, f"init_seed must be >= 0 (or -1: use seed), got {self.init_seed}")
         _require(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         _require(self.lr > 0 and self.min_lr <= self.lr,
                  f"need 0 < lr and min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
@@ -233,6 +237,10 @@ class TrainConfig:
                  "fp8_pow2_scale / fp8_fprop / fp8_dgrad / fp8_wgrad need precision=fp8")
         _require(not self.fp8_all_gather or self.precision == "fp8",
                  "fp8_all_gather=true needs precision=fp8 (only FP8Linear weights have an FP8 copy)")
+
+    def model_seed(self) -> int:
+        """The seed the weights' init runs under: init_seed if set, else seed."""
+        return self.init_seed if self.init_seed >= 0 else self.seed
 
     def fp8_recipe(self):
         """The fp8train.FP8Recipe the run's layers are converted with."""

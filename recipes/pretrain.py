@@ -111,7 +111,7 @@ def main(argv=None) -> Path:
                       f"{len(corpus.val):,} tokens; {tokens_per_step:,} tokens per step")
 
     # -- model: the same init on every process, then FP8 conversion -----------------------------
-    set_seed(cfg.seed)
+    set_seed(cfg.model_seed())
     model = build_model(cfg.model, max_seq_len=cfg.seq_len)
     n_params = model.num_params()
     if cfg.precision == "fp8":
