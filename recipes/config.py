@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from fp8train import FP8Recipe
+
 PRECISIONS = ("fp8", "bf16")
 
 # Fields that may differ between a run and its resume: they steer the process, not the
@@ -194,10 +196,10 @@ class TrainConfig:
     # The FP8 recipe of every converted layer (fp8train.FP8Recipe), for ablations of the loss
     # gap: scales rounded up to powers of two, and which of the three GEMMs run in FP8 (a
     # GEMM not in FP8 runs in BF16 from the same layer). Needs precision=fp8.
-    fp8_pow2_scale: bool = False
-    fp8_fprop: bool = True
-    fp8_dgrad: bool = True
-    fp8_wgrad: bool = True
+    fp8_pow2_scale: bool = FP8Recipe.pow2_scale
+    fp8_fprop: bool = FP8Recipe.fprop_fp8
+    fp8_dgrad: bool = FP8Recipe.dgrad_fp8
+    fp8_wgrad: bool = FP8Recipe.wgrad_fp8
     # FSDP2 launches only (recipes/accelerate/fsdp2.yaml): all-gather the FP8Linear and MoE
     # expert weights as e4m3 + 128x128 scales (half the bytes of BF16) instead of BF16. A linear
     # whose out_features is not a multiple of 128 x processes (experts: num_experts not a
@@ -231,9 +233,7 @@ class TrainConfig:
             bad = {k: v for k, v in self.model.linear_dims().items() if v % 128}
             _require(not bad, f"precision=fp8 needs every linear dim to be a multiple of 128 "
                               f"(the FP8 block size); these are not: {bad}")
-        default_recipe = (self.fp8_pow2_scale, self.fp8_fprop, self.fp8_dgrad, self.fp8_wgrad) == (
-            False, True, True, True)
-        _require(default_recipe or self.precision == "fp8",
+        _require(self.precision == "fp8" or self.fp8_recipe() == FP8Recipe(),
                  "fp8_pow2_scale / fp8_fprop / fp8_dgrad / fp8_wgrad need precision=fp8")
         _require(not self.fp8_all_gather or self.precision == "fp8",
                  "fp8_all_gather=true needs precision=fp8 (only FP8Linear weights have an FP8 copy)")
@@ -242,10 +242,8 @@ class TrainConfig:
         """The seed the weights' init runs under: init_seed if set, else seed."""
         return self.init_seed if self.init_seed >= 0 else self.seed
 
-    def fp8_recipe(self):
+    def fp8_recipe(self) -> FP8Recipe:
         """The fp8train.FP8Recipe the run's layers are converted with."""
-        from fp8train import FP8Recipe
-
         return FP8Recipe(pow2_scale=self.fp8_pow2_scale, fprop_fp8=self.fp8_fprop,
                          dgrad_fp8=self.fp8_dgrad, wgrad_fp8=self.fp8_wgrad)
 

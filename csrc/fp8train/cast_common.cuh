@@ -100,15 +100,21 @@ struct Chunk {
     uint32_t w[WORDS];
 };
 
-template <typename T> __device__ __forceinline__ float element(const Chunk<T>& c, uint32_t j);
-template <> __device__ __forceinline__ float element<float>(const Chunk<float>& c, uint32_t j) {
-    return __uint_as_float(c.w[j]);
+// One element's raw bits (low 16 bits for bf16/fp16) as a float.
+template <typename T> __device__ __forceinline__ float raw_to_float(uint32_t bits);
+template <> __device__ __forceinline__ float raw_to_float<float>(uint32_t bits) { return __uint_as_float(bits); }
+template <> __device__ __forceinline__ float raw_to_float<__nv_bfloat16>(uint32_t bits) {
+    return __uint_as_float(bits << 16);  // bf16 = top half of a float
 }
-template <> __device__ __forceinline__ float element<__nv_bfloat16>(const Chunk<__nv_bfloat16>& c, uint32_t j) {
-    return __uint_as_float((j % 2 ? c.w[j / 2] >> 16 : c.w[j / 2]) << 16);  // bf16 = top half of a float
+template <> __device__ __forceinline__ float raw_to_float<__half>(uint32_t bits) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
 }
-template <> __device__ __forceinline__ float element<__half>(const Chunk<__half>& c, uint32_t j) {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(j % 2 ? c.w[j / 2] >> 16 : c.w[j / 2])));
+
+// Element j of a chunk as a float.
+template <typename T>
+__device__ __forceinline__ float element(const Chunk<T>& c, uint32_t j) {
+    if constexpr (sizeof(T) == 4) return raw_to_float<T>(c.w[j]);
+    else return raw_to_float<T>(j % 2 ? c.w[j / 2] >> 16 : c.w[j / 2]);
 }
 
 // Elements [k, k + 16) of `row` (nullptr: a zero row). `vec` says the row's 16-element
@@ -174,6 +180,44 @@ __device__ __forceinline__ float octet_amax(float amax) {
     for (uint32_t offset = LANES_PER_GROUP / 2; offset > 0; offset /= 2)
         amax = nan_max(__shfl_xor_sync(0xffffffffu, amax, offset), amax);
     return amax;
+}
+
+// The end of a row pass (dual casts): one row's 128-group held 16 values per lane by the 8
+// lanes of an octet (`sub` = which 16) -> its e4m3 bytes at q[t, k..] and, from lane 0, its
+// scale. KMAJOR: the scale (t, block) lives at block * scale_ld + t (K-block-major, the
+// GEMMs' layout for A's scales), else at t * col_blocks + block.
+template <bool POW2, bool KMAJOR>
+__device__ __forceinline__ void write_row_group(const float (&v)[CHUNK], uint32_t t, uint32_t k, uint32_t sub,
+                                                uint32_t rows, uint32_t cols, uint32_t block, uint32_t col_blocks,
+                                                uint8_t* __restrict__ q, float* __restrict__ scale,
+                                                uint32_t scale_ld) {
+    const float s_row = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
+    if (t < rows) {
+        if (k < cols)
+            store_e4m3(q + static_cast<uint64_t>(t) * cols + k, v, Quantizer(s_row, POW2), cols - k,
+                       cols % CHUNK == 0);
+        if (sub == 0)
+            scale[KMAJOR ? static_cast<uint64_t>(block) * scale_ld + t
+                         : static_cast<uint64_t>(t) * col_blocks + block] = s_row;
+    }
+}
+
+// The end of a column pass (dual casts): column k's 128 tokens from t0 (16 per lane, `sub`
+// = which 16) -> 16 e4m3 bytes of qt's row k at t0 + 16 sub and, from lane 0, the scale at
+// scale_t[k, row_block] (row_blocks per row).
+template <bool POW2>
+__device__ __forceinline__ void write_column_group(const float (&v)[CHUNK], uint32_t k, uint32_t t0, uint32_t sub,
+                                                   uint32_t cols, uint32_t row_block, uint32_t row_blocks,
+                                                   uint8_t* __restrict__ qt, uint32_t qt_cols,
+                                                   float* __restrict__ scale_t) {
+    const float s_col = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
+    const uint32_t t = t0 + CHUNK * sub;
+    if (k < cols) {
+        if (t < qt_cols)
+            store_e4m3(qt + static_cast<uint64_t>(k) * qt_cols + t, v, Quantizer(s_col, POW2), qt_cols - t,
+                       qt_cols % CHUNK == 0);
+        if (sub == 0) scale_t[static_cast<uint64_t>(k) * row_blocks + row_block] = s_col;
+    }
 }
 
 // ---- the shared 128 x 128 float tile -----------------------------------------------------

@@ -22,8 +22,7 @@ namespace fp8train {
 constexpr uint32_t DUAL_CAST_THREADS = 256;
 constexpr uint32_t DUAL_CAST_SMEM_BYTES = cast::TILE_FLOATS * sizeof(float);
 
-// KMAJOR: the row-wise scale (t, block) lives at block * scale_ld + t (K-block-major, the
-// GEMMs' layout for A's scales), else at t * ceil(cols/128) + block.
+// KMAJOR: row-wise scales K-block-major (cast_common.cuh: write_row_group).
 template <typename T, bool POW2, bool KMAJOR>
 __device__ __forceinline__ void dual_cast_tile(const T* __restrict__ x, const int64_t* __restrict__ src_rows,
                                                uint32_t src_count, uint32_t rows, uint32_t cols, bool vec_in,
@@ -40,7 +39,6 @@ __device__ __forceinline__ void dual_cast_tile(const T* __restrict__ x, const in
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t octet = lane / LANES_PER_GROUP, sub = lane % LANES_PER_GROUP;
     const uint32_t col_blocks = gridDim.x;
-    const bool vec_out = cols % CHUNK == 0;  // q rows (and so their chunks) 16-byte aligned
 
     // Issue every load of this thread first (STEPS chunks in flight), then use them.
     Chunk<T> chunks[STEPS];
@@ -63,37 +61,20 @@ __device__ __forceinline__ void dual_cast_tile(const T* __restrict__ x, const in
 #pragma unroll
         for (uint32_t j = 0; j < CHUNK; ++j) v[j] = element(chunks[s], j);
         if (colwise) tile_store_chunk(tile, r, sub, v);
-        if (rowwise) {  // the 8 lanes of an octet hold one row's 128-group
-            const float s_row = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
-            if (t < rows) {
-                if (k < cols)
-                    store_e4m3(q + static_cast<uint64_t>(t) * cols + k, v, Quantizer(s_row, POW2),
-                               cols - k, vec_out);
-                if (sub == 0)
-                    scale[KMAJOR ? static_cast<uint64_t>(blockIdx.x) * scale_ld + t
-                                 : static_cast<uint64_t>(t) * col_blocks + blockIdx.x] = s_row;
-            }
-        }
+        if (rowwise)  // the 8 lanes of an octet hold one row's 128-group
+            write_row_group<POW2, KMAJOR>(v, t, k, sub, rows, cols, blockIdx.x, col_blocks, q, scale, scale_ld);
     }
     if (!colwise) return;
     __syncthreads();
 
     // Column pass: an octet owns one column's 128 tokens, 16 consecutive per lane, so each
     // lane writes 16 contiguous bytes of qt's row.
-    const bool vec_t = qt_cols % CHUNK == 0;
 #pragma unroll
     for (uint32_t s = 0; s < STEPS; ++s) {
-        const uint32_t c = (s * WARPS + warp) * ROWS_PER_STEP + octet, k = k0 + c;
+        const uint32_t c = (s * WARPS + warp) * ROWS_PER_STEP + octet;
         float v[CHUNK];
         tile_load_column(tile, sub, c, v);
-        const float s_col = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
-        const uint32_t t = t0 + CHUNK * sub;
-        if (k < cols) {
-            if (t < qt_cols)
-                store_e4m3(qt + static_cast<uint64_t>(k) * qt_cols + t, v, Quantizer(s_col, POW2),
-                           qt_cols - t, vec_t);
-            if (sub == 0) scale_t[static_cast<uint64_t>(k) * gridDim.y + blockIdx.y] = s_col;
-        }
+        write_column_group<POW2>(v, k0 + c, t0, sub, cols, blockIdx.y, gridDim.y, qt, qt_cols, scale_t);
     }
 }
 

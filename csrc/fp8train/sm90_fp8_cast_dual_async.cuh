@@ -59,15 +59,6 @@ __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
 }
 
-template <typename T> __device__ __forceinline__ float raw_to_float(uint32_t bits);
-template <> __device__ __forceinline__ float raw_to_float<float>(uint32_t bits) { return __uint_as_float(bits); }
-template <> __device__ __forceinline__ float raw_to_float<__nv_bfloat16>(uint32_t bits) {
-    return __uint_as_float(bits << 16);
-}
-template <> __device__ __forceinline__ float raw_to_float<__half>(uint32_t bits) {
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
-}
-
 template <typename T>
 __device__ __forceinline__ uint32_t load_shared_element(const uint8_t* tile, uint32_t offset) {
     if constexpr (sizeof(T) == 4) return *reinterpret_cast<const uint32_t*>(tile + offset);
@@ -130,7 +121,6 @@ __device__ __forceinline__ void dual_cast_tile_async(const T* __restrict__ x, co
     __syncthreads();
 
     if (rowwise) {
-        const bool vec_out = cols % CHUNK == 0;  // q rows (and so their chunks) 16-byte aligned
 #pragma unroll
         for (uint32_t s = 0; s < STEPS; ++s) {
             const uint32_t r = (s * WARPS + warp) * ROWS_PER_STEP + octet, t = t0 + r;
@@ -144,33 +134,19 @@ __device__ __forceinline__ void dual_cast_tile_async(const T* __restrict__ x, co
             float v[CHUNK];
 #pragma unroll
             for (uint32_t j = 0; j < CHUNK; ++j) v[j] = element(chunk, j);
-            const float s_row = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
-            if (t < rows) {
-                if (k < cols)
-                    store_e4m3(q + static_cast<uint64_t>(t) * cols + k, v, Quantizer(s_row, POW2), cols - k, vec_out);
-                if (sub == 0)
-                    scale[KMAJOR ? static_cast<uint64_t>(blockIdx.x) * scale_ld + t
-                                 : static_cast<uint64_t>(t) * col_blocks + blockIdx.x] = s_row;
-            }
+            write_row_group<POW2, KMAJOR>(v, t, k, sub, rows, cols, blockIdx.x, col_blocks, q, scale, scale_ld);
         }
     }
     if (!colwise) return;
 
-    const bool vec_t = qt_cols % CHUNK == 0;
 #pragma unroll
     for (uint32_t s = 0; s < STEPS; ++s) {
-        const uint32_t c = (s * WARPS + warp) * ROWS_PER_STEP + octet, k = k0 + c;
+        const uint32_t c = (s * WARPS + warp) * ROWS_PER_STEP + octet;
         float v[CHUNK];
 #pragma unroll
         for (uint32_t j = 0; j < CHUNK; ++j)
             v[j] = raw_to_float<T>(load_shared_element<T>(tile, Tile::element_offset(CHUNK * sub + j, c)));
-        const float s_col = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
-        const uint32_t t = t0 + CHUNK * sub;
-        if (k < cols) {
-            if (t < qt_cols)
-                store_e4m3(qt + static_cast<uint64_t>(k) * qt_cols + t, v, Quantizer(s_col, POW2), qt_cols - t, vec_t);
-            if (sub == 0) scale_t[static_cast<uint64_t>(k) * gridDim.y + blockIdx.y] = s_col;
-        }
+        write_column_group<POW2>(v, k0 + c, t0, sub, cols, blockIdx.y, gridDim.y, qt, qt_cols, scale_t);
     }
 }
 

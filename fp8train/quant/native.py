@@ -28,20 +28,16 @@ _U32_MAX = 2**32 - 1
 _GRID_YZ = 65535  # the most blocks along grid y and z (T/128 tiles, experts)
 _u32, _vp = ctypes.c_uint32, ctypes.c_void_p
 
+# The two dual-cast kernels take the same parameters (native.DUAL_KERNEL picks one).
+_DUAL_PARAMS = ("const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
+                "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld, "
+                "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t rowwise, uint32_t colwise")
+_DUAL_CALL = ("<{T}, {POW2}, {KMAJOR}>(x, src_rows, src_count, rows, cols, vec_in != 0, q, scale, "
+              "scale_ld, qt, qt_cols, scale_t, rowwise != 0, colwise != 0);")
 # kernel kind -> (header, C parameter list, device function call)
 _KINDS = {
-    "dual": ("sm90_fp8_cast.cuh",
-             "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
-             "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld, "
-             "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t rowwise, uint32_t colwise",
-             "fp8train::dual_cast_tile<{T}, {POW2}, {KMAJOR}>(x, src_rows, src_count, rows, cols, "
-             "vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, rowwise != 0, colwise != 0);"),
-    "dual_async": ("sm90_fp8_cast_dual_async.cuh",
-                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
-                   "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld, "
-                   "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t rowwise, uint32_t colwise",
-                   "fp8train::dual_cast_tile_async<{T}, {POW2}, {KMAJOR}>(x, src_rows, src_count, rows, "
-                   "cols, vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, rowwise != 0, colwise != 0);"),
+    "dual": ("sm90_fp8_cast.cuh", _DUAL_PARAMS, "fp8train::dual_cast_tile" + _DUAL_CALL),
+    "dual_async": ("sm90_fp8_cast_dual_async.cuh", _DUAL_PARAMS, "fp8train::dual_cast_tile_async" + _DUAL_CALL),
     "per_token": ("sm90_fp8_cast_per_token.cuh",
                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
                   "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld",
