@@ -5,8 +5,9 @@
 
 RUN_A is the run under test (e.g. FP8), RUN_B the reference (BF16). Reported:
   - relative loss error |mean_A / mean_B - 1| of the training loss over the last ``window``
-    steps both runs logged (DeepSeek-V3 reports < 0.25% for FP8 vs BF16), and the mean
-    per-step signed difference;
+    steps both runs logged (DeepSeek-V3 reports < 0.25% for FP8 vs BF16), the mean
+    per-step signed difference, and the signed error mean_A / mean_B - 1 of every
+    ``window``-step window from the start (where a gap opens and where it closes);
   - the final validation losses;
   - tokens/s ratio A/B (steady state: the first log interval, with the warm-up, left out);
   - peak memory ratio A/B.
@@ -63,11 +64,19 @@ def compare(a: dict, b: dict, window: int) -> dict:
     loss_b = [b["train"][s]["loss"] for s in last]
     mean_a, mean_b = sum(loss_a) / len(loss_a), sum(loss_b) / len(loss_b)
     val_common = sorted(set(a["val"]) & set(b["val"]))
+    windows = []
+    for first in range(1, common[-1] + 1, window):
+        steps = [s for s in common if first <= s < first + window]
+        if steps:
+            wa = sum(a["train"][s]["loss"] for s in steps)
+            wb = sum(b["train"][s]["loss"] for s in steps)
+            windows.append((steps[0], steps[-1], wa / wb - 1))
     return {
         "window": (last[0], last[-1], len(last)),
         "mean_loss": (mean_a, mean_b),
         "rel_loss_err": abs(mean_a / mean_b - 1),
         "mean_step_rel_diff": sum((x - y) / y for x, y in zip(loss_a, loss_b)) / len(last),
+        "windows": windows,
         "val_loss": (a["val"][val_common[-1]], b["val"][val_common[-1]]) if val_common else None,
         "val_step": val_common[-1] if val_common else None,
         "tokens_per_s": (a["tokens_per_s"], b["tokens_per_s"]),
@@ -96,6 +105,8 @@ def table(a: dict, b: dict, res: dict) -> str:
         lines.append(f"| {label} | {fmt(pair[0], spec)} | {fmt(pair[1], spec)} | {fmt(_ratio(pair), '.4f')} |")
     lines.append(f"| relative loss error over the window | {res['rel_loss_err']:.4%} | | |")
     lines.append(f"| mean per-step relative difference | {res['mean_step_rel_diff']:+.4%} | | |")
+    per_window = ", ".join(f"{first}-{last}: {err:+.2%}" for first, last, err in res["windows"])
+    lines.append(f"| signed error per window | {per_window} | | |")
     return "\n".join(lines)
 
 

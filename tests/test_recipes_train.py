@@ -116,6 +116,10 @@ def test_compare_writes_png_table_and_report(tmp_path, capsys):
     la, lb = losses(a), losses(b)
     mean_a, mean_b = (la[4] + la[6]) / 2, (lb[4] + lb[6]) / 2
     assert f"{abs(mean_a / mean_b - 1):.4%}" in report
+    # Signed error per 3-step window from the start: where a gap opens and closes.
+    first = [s for s in la if s <= 3]
+    first_err = sum(la[s] for s in first) / sum(lb[s] for s in first) - 1
+    assert f"{min(first)}-{max(first)}: {first_err:+.2%}, 4-6: {mean_a / mean_b - 1:+.2%}" in report
     # A run compared with itself: zero error, ratios 1, every bar passes.
     assert compare.main([str(a), str(a), "--out", str(tmp_path / "self"), "--max-rel-err", "0",
                          "--max-mem-ratio", "1"]) == 0
