@@ -26,6 +26,7 @@ from .._checks import FLOAT_DTYPES, check_tensor
 from . import _custom_ops as ops
 from .fp8_weight import FP8BlockWeight
 from .recipe import FP8Recipe
+from .shared_input_cast import cast_input_layouts
 
 GROUP = 128
 
@@ -99,8 +100,9 @@ def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
     x_hp = x.reshape(-1, k)  # [T, K]
     pow2, backend = recipe.pow2_scale, recipe.backend_arg
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_layouts(
-            x_hp, pow2, recipe.fprop_fp8, need_dw and recipe.wgrad_fp8)
+        # Sibling layers reading the same x (q/k/v, gate/up) share one cast of it.
+        x_fp8, x_scale, xt_fp8, xt_scale = cast_input_layouts(
+            x, x_hp, pow2, recipe.fprop_fp8, need_dw and recipe.wgrad_fp8)
         w_fp8, w_scale, w_t_fp8, w_t_scale = forward_weight_casts(weight, recipe, need_dx)
 
         if recipe.fprop_fp8:
