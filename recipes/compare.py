@@ -163,7 +163,12 @@ def main(argv=None) -> int:
     plot(a, b, out / "compare.png")
 
     notes = []
-    if a["summary"].get("data_digest") != b["summary"].get("data_digest"):
+    digests = {run["name"]: run["summary"].get("data_digest") for run in (a, b)}
+    if None in digests.values():
+        unknown = [name for name, digest in digests.items() if digest is None]
+        notes.append(f"no summary.json (run cut short?) for {', '.join(unknown)}: whether both "
+                     "runs trained on the same bytes is unknown")
+    elif len(set(digests.values())) > 1:
         notes.append("the two runs did not train on the same bytes (data digests differ)")
     if not res["finite"]:
         notes.append("a run logged a non-finite loss (diverged)")

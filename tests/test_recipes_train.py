@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from numerics import rel_err
 from recipes import compare, pretrain
 from recipes.metrics import read_jsonl
 
@@ -66,7 +67,16 @@ def check_fp8_export(run_dir: Path, weight: str = "layers.0.mlp.w1.weight") -> N
         assert w_fp8.dtype == torch.float8_e4m3fn and w_scale.dtype == torch.float32
         assert w_scale.shape[-2:] == (w_fp8.shape[-2] // 128, w_fp8.shape[-1] // 128)
         assert f.get_tensor("lm_head.weight").dtype == torch.float32
+        exported_head = f.get_tensor("lm_head.weight")
     assert "lm_head.weight_scale_inv" not in keys
+    # The trained weights, not a fresh init: the last checkpoint's, the FP8 one within its
+    # quantization error.
+    last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    with safe_open(last / "model.safetensors", "pt") as f:
+        trained_head, trained_w = f.get_tensor("lm_head.weight"), f.get_tensor(weight)
+    assert torch.equal(exported_head, trained_head)
+    blocks = w_scale.repeat_interleave(128, -2).repeat_interleave(128, -1)
+    assert rel_err(w_fp8.float() * blocks, trained_w) < 0.05
 
 
 def check_resume_matches(tmp_path: Path, config: str, precision: str, full: Path) -> None:
