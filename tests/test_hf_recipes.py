@@ -91,3 +91,31 @@ def test_bench_hf_bf16_experts_run_in_the_autocast_dtype():
     assert torch.isfinite(loss)
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # not one per layer
     assert experts.gate_up_proj.grad is not None
+
+
+def test_bench_hf_layer_check_isolates_each_layer():
+    """`bench hf`'s kernel check feeds every decoder layer the reference run's input to it,
+    so a fault shows in its own layer only and differences do not carry up the stack."""
+    import copy
+
+    from fp8train.bench import hf as bench_hf
+    from hf_models import batch, tiny_model
+
+    model = tiny_model("llama", seed=0)
+    fp8train.convert_to_fp8(model)
+    ids = batch(0, batch_size=1, seq_len=32)
+    # On a CPU both runs are the reference emulation: every layer agrees exactly.
+    assert bench_hf._layer_native_errs(model, ids) == [0.0, 0.0]
+
+    # A fault in layer 0 alone: only layer 0 differs when each layer gets its given input.
+    faulty = copy.deepcopy(model)
+    with torch.no_grad():
+        faulty.model.layers[0].mlp.down_proj.weight.mul_(-1)
+    reference = bench_hf._layer_outputs(model, ids)
+    fed = bench_hf._layer_outputs(faulty, ids, inputs=[inp for inp, _ in reference])
+    errors = [bench_hf._rel_err(got.double(), want.double())
+              for (_, got), (_, want) in zip(fed, reference)]
+    assert errors[0] > 0.1 and errors[1] == 0.0
+    # Fed its own layer 0's output instead, layer 1 would differ too.
+    chained = bench_hf._layer_outputs(faulty, ids)
+    assert bench_hf._rel_err(chained[1][1].double(), reference[1][1].double()) > 0.01

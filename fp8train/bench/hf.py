@@ -27,11 +27,14 @@ import torch
 from .. import ops
 from ..nn import convert_to_fp8
 
-# Relative error (Frobenius) of the FP8 model's last hidden states on the GPU paths vs the
-# reference emulation of the same FP8 model: the same quantization, so only FP32 summation
-# order differs, and an element that lands on the other side of an e4m3 rounding boundary
-# carries that flip forward (MoE: a near-tied routing flip). Broken kernels give ~1.
-MAX_NATIVE_ERR = 0.05
+# Relative error (Frobenius) of each decoder layer's output on the GPU paths vs the
+# reference emulation of the same FP8 model, both layers fed the reference's input to that
+# layer: the same quantization, so only FP32 summation order differs. Broken kernels give
+# ~1. Compared per layer because across layers the differences do not stay small: an
+# element pushed across an e4m3 rounding boundary moves by up to 2^-4 and carries that
+# forward (a 2^-20 relative nudge of llama-1b's embeddings moves its last hidden states
+# by 0.15 on the reference emulation alone, CPU, session 5).
+MAX_LAYER_NATIVE_ERR = 0.02
 # FP8 vs BF16 at random init is the recipe's own error, printed, not checked: llama-1b's
 # last hidden states sit 0.298 from FP32 with FP8 GEMMs (the reference emulation, on a CPU)
 # against 0.025 with BF16 ones: ~0.03 per GEMM over 112 GEMMs adds up in the residual stream.
@@ -119,6 +122,47 @@ def _last_hidden(model, ids) -> torch.Tensor:
     return hidden.detach().double().cpu()
 
 
+def _layer_outputs(model, ids, inputs: Optional[list] = None):
+    """Each decoder layer's (input, output) hidden states, detached, on one forward; with
+    ``inputs`` (another run's captured inputs), each layer is fed those instead of what the
+    layer below it produced, so a layer's error is its own."""
+    captured, handles = [], []
+    for i, layer in enumerate(model.model.layers):
+        def pre_hook(module, args, kwargs, i=i):
+            if inputs is None:
+                return None
+            if args:
+                return (inputs[i].clone(), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": inputs[i].clone()}
+
+        def hook(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            captured.append((hidden_in.detach(), hidden_out.detach()))
+
+        handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16):
+            model.model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def _layer_native_errs(model, ids) -> List[float]:
+    """Each decoder layer's error on the GPU paths against the reference emulation."""
+    saved = ops.get_backend()
+    ops.set_backend("reference")
+    try:
+        reference = _layer_outputs(model, ids)
+    finally:
+        ops.set_backend(saved)
+    native = _layer_outputs(model, ids, inputs=[inp for inp, _ in reference])
+    return [_rel_err(got.double(), want.double()) for (_, got), (_, want) in zip(native, reference)]
+
+
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).norm() / want.norm()).item()
 
@@ -131,12 +175,14 @@ def _measure(name: str, spec: dict, fp8: bool, compiled: bool, batch: int, seq_l
     model = _build(spec, seq_len, seed=0)
     if fp8:
         convert_to_fp8(model)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(0, spec["vocab_size"], (batch, seq_len), device="cuda", generator=gen)
+    # Before compiling: the hooks of the per-layer check would be traced into the graphs.
+    layer_err = max(_layer_native_errs(model, ids[:1])) if fp8 else None
     if compiled:
         for layer in model.model.layers:
             layer.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    ids = torch.randint(0, spec["vocab_size"], (batch, seq_len), device="cuda", generator=gen)
     hidden = _last_hidden(model, ids[:1])
     hidden_ref = None
     if fp8:  # the same FP8 model on the reference emulation of every GEMM
@@ -160,7 +206,8 @@ def _measure(name: str, spec: dict, fp8: bool, compiled: bool, batch: int, seq_l
            "params": sum(p.numel() for p in model.parameters()), "first_loss": first,
            "last_loss": loss.item(), "tokens_per_s": batch * seq_len * steps / seconds,
            "peak_mem_gb": (torch.cuda.max_memory_allocated() - leftover) / 2**30,
-           "leftover_gb": leftover / 2**30, "hidden": hidden, "hidden_ref": hidden_ref}
+           "leftover_gb": leftover / 2**30, "hidden": hidden, "hidden_ref": hidden_ref,
+           "max_layer_native_err": layer_err}
     del model, optimizer, loss
     if compiled:
         torch._dynamo.reset()  # drop the compiled layers' code caches (and what they hold)
@@ -190,19 +237,22 @@ def run(models: Optional[str] = None, json_path: Optional[str] = None, *, batch:
             bf16.pop("hidden_ref")
             fp8["hidden_rel_err"] = _rel_err(h_fp8, h_bf16)
             fp8["native_vs_reference_err"] = _rel_err(h_fp8, h_ref)
+            bf16.pop("max_layer_native_err")
             rows += [bf16, fp8]
             print(f"  {name} compiled={compiled}: first loss bf16 {bf16['first_loss']:.4f} "
                   f"fp8 {fp8['first_loss']:.4f}; last loss bf16 {bf16['last_loss']:.4f} fp8 "
-                  f"{fp8['last_loss']:.4f}; last hidden states rel. err: FP8 GPU paths vs "
-                  f"their reference emulation {fp8['native_vs_reference_err']:.4f} (limit "
-                  f"{MAX_NATIVE_ERR}), FP8 vs BF16 {fp8['hidden_rel_err']:.3f}", flush=True)
+                  f"{fp8['last_loss']:.4f}; FP8 GPU paths vs their reference emulation: worst "
+                  f"layer {fp8['max_layer_native_err']:.4f} (limit {MAX_LAYER_NATIVE_ERR}, eager), "
+                  f"last hidden states {fp8['native_vs_reference_err']:.4f}; last hidden states "
+                  f"FP8 vs BF16 {fp8['hidden_rel_err']:.3f}", flush=True)
             if not abs(fp8["first_loss"] - bf16["first_loss"]) <= 0.02 * bf16["first_loss"]:
                 print(f"  {name}: FP8 first loss {fp8['first_loss']:.4f} vs BF16 "
                       f"{bf16['first_loss']:.4f}: more than 2% apart (or not finite)")
                 status = 1
-            if not fp8["native_vs_reference_err"] <= MAX_NATIVE_ERR:
-                print(f"  {name}: FP8 hidden states {fp8['native_vs_reference_err']:.4f} from the "
-                      f"reference emulation's: more than {MAX_NATIVE_ERR}")
+            if not fp8["max_layer_native_err"] <= MAX_LAYER_NATIVE_ERR:
+                print(f"  {name}: a decoder layer's FP8 output is {fp8['max_layer_native_err']:.4f} "
+                      f"from the reference emulation's on the same input: more than "
+                      f"{MAX_LAYER_NATIVE_ERR}")
                 status = 1
             for row in (bf16, fp8):
                 if row["leftover_gb"] > 1:
