@@ -42,8 +42,8 @@ def cast_input_layouts(x: torch.Tensor, x_hp: torch.Tensor, pow2_scale: bool, ro
     holder = _holder()
     entry = holder[0]
     if entry is not None:
-        ref, version, shape, pow2, has_rows, has_cols, result = entry
-        if (ref() is x and version == x._version and shape == x_hp.shape and pow2 == pow2_scale
+        ref, version, pow2, has_rows, has_cols, result = entry
+        if (ref() is x and version == x._version and pow2 == pow2_scale
                 and (has_rows or not rowwise) and (has_cols or not colwise)):
             q, scale, qt, scale_t = result
             return (q if rowwise else None, scale if rowwise else None,
@@ -56,7 +56,7 @@ def cast_input_layouts(x: torch.Tensor, x_hp: torch.Tensor, pow2_scale: bool, ro
         if entry is not None and entry[0] is dead_ref:
             holder[0] = None
 
-    holder[0] = (weakref.ref(x, drop), x._version, x_hp.shape, pow2_scale, rowwise, colwise, result)
+    holder[0] = (weakref.ref(x, drop), x._version, pow2_scale, rowwise, colwise, result)
     return result
 
 
