@@ -29,10 +29,8 @@ pytestmark = pytest.mark.gpu
 def dual_kernel(request):
     """Every test runs with each dual-cast kernel (native.DUAL_KERNEL): the register one and
     the cp.async-staged one must both be bit-exact."""
-    saved = native.DUAL_KERNEL
-    native.DUAL_KERNEL = request.param
-    yield request.param
-    native.DUAL_KERNEL = saved
+    with native.using_dual_kernel(request.param):
+        yield request.param
 
 
 # Row lengths: multiples of 16 (vector path) and not (element-wise tail), partial 128-tiles.

@@ -64,11 +64,8 @@ def _bit_exact(got, want) -> bool:
 def _using(kernel: str, cast):
     """`cast` run with native.DUAL_KERNEL = kernel: the table times both dual-cast kernels."""
     def run(x):
-        saved, native.DUAL_KERNEL = native.DUAL_KERNEL, kernel
-        try:
+        with native.using_dual_kernel(kernel):
             return cast(x)
-        finally:
-            native.DUAL_KERNEL = saved
     return run
 
 

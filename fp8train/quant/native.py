@@ -11,6 +11,7 @@ keeps a launch in bounds; the public functions in `casts`/`moe_casts` check thei
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 from typing import Optional
@@ -64,6 +65,20 @@ _MIN_BLOCKS = {"dual": 3, "per_token": 1, "block": 2}
 # copy's bandwidth, "dual" 75-78%. Persistent variants with one or two staged tiles per
 # block measured no better (78-86%, gathered 70-73%: docs/quant.md) and were dropped.
 DUAL_KERNEL = "dual_async"
+
+
+@contextlib.contextmanager
+def using_dual_kernel(kind: str):
+    """Run the dual casts on ``kind`` ("dual" or "dual_async") inside the block (tests and
+    the quant bench run both)."""
+    global DUAL_KERNEL
+    if kind not in ("dual", "dual_async"):
+        raise ValueError(f"kind: expected 'dual' or 'dual_async', got {kind!r}")
+    saved, DUAL_KERNEL = DUAL_KERNEL, kind
+    try:
+        yield
+    finally:
+        DUAL_KERNEL = saved
 
 
 def _min_blocks(kind: str, dtype: torch.dtype) -> int:
