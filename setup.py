@@ -23,7 +23,9 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
-        "cuda-bindings>=12.9",
+        # The native kernels' launcher and TMA descriptors (imported at first kernel use);
+        # CUDA exists on Linux and Windows only, so other machines install without it.
+        "cuda-bindings>=12.9; platform_system != 'Darwin'",
     ],
     extras_require={
         # recipes/compare.py's loss-curve PNG (the tests run it, so "test" has it too).
@@ -32,6 +34,8 @@ setup(
         # API and revert_weight_conversion arrived with transformers 5.
         "hf": ["transformers>=5.0,<6"],
         "test": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.5", "transformers>=5.0,<6",
-                 "nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm"],
+                 # SASS inspection in the kernel compile tests (skipped without them).
+                 "nvidia-cuda-cuobjdump; platform_system == 'Linux'",
+                 "nvidia-cuda-nvdisasm; platform_system == 'Linux'"],
     },
 )

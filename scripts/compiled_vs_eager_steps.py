@@ -1,12 +1,14 @@
-"""Training losses of a converted tiny transformers model, eager against compiled layers.
+"""Training of a converted transformers model, eager against compiled decoder layers.
 
-    python scripts/compiled_vs_eager_steps.py [--arch qwen3_moe] [--device cpu|cuda] [--steps 12]
+    python scripts/compiled_vs_eager_steps.py [--model tiny-qwen3_moe|qwen3-moe-1b|llama-1b]
+        [--layers N] [--batch B] [--seq-len S] [--steps 12] [--device cpu|cuda]
 
-Same init, same batch, AdamW; prints the loss of every step for BF16 and FP8, each eager and
-with every decoder layer compiled (Inductor). Compiled and eager FP8 should track each other
-as closely as compiled and eager BF16 do; a gap that grows step by step points at a fault in
-a compiled FP8 path (on the GPU: the native kernels under Inductor). BF16 autocast on the GPU
-(as ``bench hf`` trains), FP32 on the CPU.
+Same init, same batch, AdamW. First the gradients of one step, compiled against eager, for
+BF16 and for FP8 (the worst parameters by relative error): compiled and eager FP8 should
+differ about as much as compiled and eager BF16 do (a few e4m3 rounding flips), a wrong
+kernel or layout under Inductor gives O(1) somewhere. Then the loss of every step for the
+four runs. ``tiny-ARCH`` are the tests' 2-layer models; the 1B models are ``bench hf``'s
+(``--layers`` cuts them). BF16 autocast on the GPU (as ``bench hf`` trains), FP32 on the CPU.
 """
 import argparse
 import copy
@@ -18,40 +20,113 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import fp8train  # noqa: E402
-from hf_models import ARCHS, batch, tiny_model  # noqa: E402
+from fp8train.bench.hf import MODELS  # noqa: E402
+from hf_models import ARCHS, VOCAB, tiny_model  # noqa: E402
 
 
-def train(base, ids, *, fp8: bool, compiled: bool, steps: int, device: str) -> list:
+def build(name: str, layers, device: str):
+    """The base model (FP32 master weights) and its vocabulary size."""
+    if name.startswith("tiny-"):
+        model, vocab = tiny_model(name[len("tiny-"):], seed=0), VOCAB
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        spec = dict(MODELS[name])
+        if layers is not None:
+            spec["num_hidden_layers"] = layers
+        vocab = spec["vocab_size"]
+        config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(device), vocab
+
+
+def prepare(base, *, fp8: bool, compiled: bool):
     model = copy.deepcopy(base)
     if fp8:
         fp8train.convert_to_fp8(model)
     if compiled:
         for layer in model.model.layers:
             layer.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    return model
+
+
+def loss_of(model, ids, device: str):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        # use_cache=False: a KV cache update per layer_idx would recompile every layer.
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def first_grads(base, ids, *, fp8: bool, compiled: bool, device: str) -> dict:
+    model = prepare(base, fp8=fp8, compiled=compiled)
+    loss_of(model, ids, device).backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
+             if p.grad is not None}
+    del model
+    torch._dynamo.reset()
+    return grads
+
+
+def train(base, ids, *, fp8: bool, compiled: bool, steps: int, device: str) -> list:
+    model = prepare(base, fp8=fp8, compiled=compiled)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3 if ids.shape[1] <= 64 else 1e-4)
     losses = []
     for _ in range(steps):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = loss_of(model, ids, device)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    del model, optimizer
     torch._dynamo.reset()
     return losses
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="qwen3_moe", choices=sorted(ARCHS))
+    choices = [f"tiny-{a}" for a in sorted(ARCHS)] + sorted(MODELS)
+    parser.add_argument("--model", default="tiny-qwen3_moe", choices=choices)
+    parser.add_argument("--arch", help="old spelling of --model tiny-ARCH", choices=sorted(ARCHS))
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (1B models)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=None, help="default 64 (tiny), 2048 (1B)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
+    if args.arch:
+        args.model = f"tiny-{args.arch}"
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.layers is not None and (args.layers < 1 or args.model.startswith("tiny-")):
+        parser.error(f"--layers takes a positive count for the 1B models, got {args.layers} "
+                     f"with --model {args.model}")
     warnings.filterwarnings("ignore", message="fp8train: .* runs on the reference")
-    base = tiny_model(args.arch, seed=0).to(args.device)
-    ids = batch(0, batch_size=4, seq_len=64).to(args.device)
+    base, vocab = build(args.model, args.layers, args.device)
+    seq_len = args.seq_len or (64 if args.model.startswith("tiny-") else 2048)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.batch, seq_len), generator=gen).to(args.device)
+    print(f"{args.model}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, "
+          f"{args.batch}x{seq_len} tokens, {args.device}", flush=True)
+
+    for fp8 in (False, True):
+        precision = "fp8" if fp8 else "bf16"
+        eager = first_grads(base, ids, fp8=fp8, compiled=False, device=args.device)
+        compiled = first_grads(base, ids, fp8=fp8, compiled=True, device=args.device)
+        missing = sorted(set(eager) ^ set(compiled))
+        if missing:
+            print(f"{precision}: gradients only one of the runs has: {missing[:5]}")
+        errs = sorted(((rel_err(compiled[n], eager[n]), n) for n in eager if n in compiled),
+                      reverse=True)
+        print(f"{precision} first-step gradients, compiled vs eager: median "
+              f"{errs[len(errs) // 2][0]:.2e}, worst:", flush=True)
+        for err, name in errs[:6]:
+            print(f"  {err:.2e}  {name}")
+        del eager, compiled
+
     rows = {}
     for fp8 in (False, True):
         for compiled in (False, True):

@@ -14,8 +14,9 @@ MAGNITUDES = {
 
 @st.composite
 def tensors(draw, shape, dtypes=DTYPES):
-    """A random tensor of `shape` with one magnitude per row drawn from 1e-30..1e4,
-    sometimes an all-zero row and sometimes one huge outlier."""
+    """A random tensor of `shape` at one magnitude drawn from 1e-30..1e4, sometimes with an
+    all-zero row, a zero block, one outlier at +-1e4, or one huge outlier in every 128-wide
+    group of the last dim (1e4 times the tensor's magnitude, as far as the dtype holds)."""
     dtype = draw(st.sampled_from(dtypes))
     seed = draw(st.integers(0, 2**31 - 1))
     lo, hi = MAGNITUDES[dtype]
@@ -24,13 +25,20 @@ def tensors(draw, shape, dtypes=DTYPES):
     x = torch.randn(shape, generator=gen, dtype=torch.float32) * (10.0 ** exponent)
     if draw(st.booleans()) and x.numel():
         flat = x.view(-1)
-        kind = draw(st.sampled_from(["zero_row", "outlier", "zeros_block"]))
+        kind = draw(st.sampled_from(["zero_row", "outlier", "group_outliers", "zeros_block"]))
         if kind == "zero_row" and x.dim() >= 1:
             x.view(-1, shape[-1])[0].zero_()
         elif kind == "outlier":
             idx = draw(st.integers(0, flat.numel() - 1))
             flat[idx] = flat[idx].sign().clamp_min(0) * 2 - 1  # +-1
             flat[idx] *= 1e4 if dtype != torch.float16 else 6e4
+        elif kind == "group_outliers":
+            groups = x.view(-1, shape[-1])
+            cols = torch.arange(0, shape[-1], 128)
+            cols = cols + torch.randint(0, 128, cols.shape, generator=gen)
+            cols = cols.clamp_max(shape[-1] - 1)
+            huge = min(10.0 ** (exponent + 4), 6e4 if dtype == torch.float16 else 1e30)
+            groups[:, cols] = torch.where(groups[:, cols] < 0, -huge, huge)
         else:
             flat[: min(flat.numel(), 200)] = 0
     return x.to(dtype)

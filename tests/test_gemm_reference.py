@@ -46,6 +46,9 @@ def test_fp8_gemm_nt_matches_float64_of_dequantized(m, n, kb, seed, b_block, exp
     assert torch.all((y - exact).abs() <= bound + exact.abs() * 2.0**-8 + 1e-300)
     if m * n >= 256:  # in aggregate, about 2.5% on Gaussian data
         assert rel_err(y, exact) < 0.06
+        # The same against the plain BF16 matmul of the unquantized inputs (the baseline
+        # users compare with): BF16's own ~0.3% adds little to FP8's error.
+        assert rel_err(y, (x.bfloat16() @ w.bfloat16().t()).double()) < 0.06
 
 
 def test_fp8_gemm_nt_bf16_output_and_out_argument():
@@ -177,6 +180,23 @@ def test_grouped_offsets_are_checked():
     with pytest.raises(ValueError, match="masked_m"):
         a3 = per_token_cast(rand(2, 64, 128, seed=0))
         m_grouped_fp8_gemm_nt_masked(a3, b, torch.tensor([65, 0], dtype=torch.int32))
+
+
+def test_grouped_out_must_have_the_kernels_dtype():
+    """The grouped kernels write one dtype (bf16 for the m-grouped, float32 for the
+    k-grouped); an `out` of the other would be filled with reinterpreted bits."""
+    a = per_token_cast(rand(256, 128, seed=0))
+    b = per_block_cast(rand(2, 128, 128, seed=1))
+    offsets = torch.tensor([0, 128, 256], dtype=torch.int32)
+    with pytest.raises(TypeError, match="out: expected dtype torch.bfloat16"):
+        m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, torch.empty(256, 128))
+    a3 = per_token_cast(rand(2, 64, 128, seed=0))
+    with pytest.raises(TypeError, match="out: expected dtype torch.bfloat16"):
+        m_grouped_fp8_gemm_nt_masked(a3, b, torch.tensor([64, 0], dtype=torch.int32),
+                                     torch.empty(2, 64, 128))
+    at, bt = per_token_cast(rand(128, 256, seed=2)), per_token_cast(rand(256, 256, seed=3))
+    with pytest.raises(TypeError, match="out: expected dtype torch.float32"):
+        k_grouped_fp8_gemm_nt_contiguous(at, bt, offsets, torch.empty(2, 128, 256, dtype=torch.bfloat16))
 
 
 def test_plan_cache_never_hides_a_bad_call():

@@ -31,6 +31,31 @@ def assert_within_e4m3_bound(x: torch.Tensor, dq: torch.Tensor, scale_full: torc
     assert torch.all(err <= scale_full.double() * 16 + slack)
 
 
+def group_amax(x: torch.Tensor, block) -> torch.Tensor:
+    """Each group's amax of x, computed here from the input (zero-padded partial groups;
+    NaN propagates): ``[..., ceil(K/128)]`` for (1, 128), ``[..., ceil(N/128), ceil(K/128)]``
+    for (128, 128)."""
+    x = x.double().abs()
+    k = x.shape[-1]
+    x = torch.nn.functional.pad(x, (0, -k % 128))
+    if block == (1, 128):
+        return x.unflatten(-1, (-1, 128)).amax(-1)
+    n = x.shape[-2]
+    x = torch.nn.functional.pad(x, (0, 0, 0, -n % 128))
+    return x.unflatten(-1, (-1, 128)).unflatten(-3, (-1, 128)).amax((-3, -1))
+
+
+def expected_scale(x: torch.Tensor, block, pow2: bool = False) -> torch.Tensor:
+    """The DeepSeek-V3 scale rule from each group's amax, computed independently of the
+    library: amax / 448 correctly rounded to float32 (a float64 quotient rounded once is the
+    IEEE float32 quotient), at least 2^-126, with ``pow2`` the next power of two up."""
+    scale = (group_amax(x, block) / E4M3_MAX).float().clamp_min(MIN_SCALE).double()
+    if pow2:
+        mantissa, exponent = torch.frexp(scale)
+        scale = torch.where(mantissa == 0.5, scale, torch.ldexp(torch.ones_like(scale), exponent))
+    return scale.float()
+
+
 def spread_token_scale(scale, k):
     return scale.repeat_interleave(128, dim=-1)[..., :k]
 
@@ -46,6 +71,7 @@ def test_per_token_cast_error_bound(data, lead, k):
     assert x_fp8.dtype == torch.float8_e4m3fn and x_fp8.shape == x.shape and x_fp8.is_contiguous()
     assert scale.dtype == torch.float32 and scale.shape == (*lead, -(-k // 128))
     assert torch.all(torch.isfinite(scale)) and torch.all(scale > 0)
+    assert torch.equal(scale, expected_scale(x, (1, 128)))
     full = spread_token_scale(scale, k)
     assert_within_e4m3_bound(x.float(), dequantize(x_fp8, scale), full)
     # The largest element of each group lands on (or within rounding of) 448.
@@ -60,6 +86,7 @@ def test_per_block_cast_error_bound(data, ndim, n, k):
     assert w_fp8.shape == w.shape and w_fp8.dtype == torch.float8_e4m3fn
     assert scale.shape == (*shape[:-2], -(-n // 128), -(-k // 128))
     assert torch.all(torch.isfinite(scale)) and torch.all(scale > 0)
+    assert torch.equal(scale, expected_scale(w, (128, 128)))
     full = spread_block_scale(scale, n, k)
     assert_within_e4m3_bound(w.float(), dequantize(w_fp8, scale, (128, 128)), full)
 
@@ -73,6 +100,7 @@ def test_transposed_cast_is_cast_of_transpose(data, t, k):
     ref_fp8, ref_scale = per_token_cast(x.t().contiguous())
     assert torch.equal(xt_fp8.view(torch.uint8), ref_fp8.view(torch.uint8))
     assert torch.equal(scale, ref_scale)
+    assert torch.equal(scale, expected_scale(x.t(), (1, 128)))
     assert_within_e4m3_bound(x.float().t(), dequantize(xt_fp8, scale), spread_token_scale(scale, t))
 
 
@@ -103,6 +131,7 @@ def test_pow2_scales_are_powers_of_two(data, m, k):
     ):
         mantissa, _ = torch.frexp(scale)
         assert torch.all(mantissa == 0.5), "a pow2 scale has a non-zero mantissa"
+        assert torch.equal(scale, expected_scale(x, block, pow2=True))
         full = (spread_token_scale(scale, k) if block == (1, 128)
                 else spread_block_scale(scale, m, k))
         assert torch.all(x_fp8.float().abs() <= E4M3_MAX)
@@ -123,11 +152,14 @@ def test_pow2_scale_rounds_up_to_next_power():
 def test_zero_groups_give_finite_scale_and_zero_data(dtype):
     x = torch.zeros(3, 300, dtype=dtype)
     x[1, 200] = 5.0  # one group non-zero
-    for x_fp8, scale in (per_token_cast(x), per_block_cast(x), per_token_cast_transposed(x)):
-        assert torch.all(torch.isfinite(scale)) and torch.all(scale > 0)
-        assert not torch.any(torch.isnan(x_fp8.float()))
+    for pow2 in (False, True):
+        for x_fp8, scale in (per_token_cast(x, pow2_scale=pow2), per_block_cast(x, pow2_scale=pow2),
+                             per_token_cast_transposed(x, pow2_scale=pow2)):
+            assert torch.all(torch.isfinite(scale)) and torch.all(scale > 0)
+            # Zero groups are exact zeros (and the one non-zero element stays non-zero).
+            assert torch.count_nonzero(x_fp8.view(torch.uint8)) == 1
+            assert scale.min().item() == MIN_SCALE
     x_fp8, scale = per_token_cast(x)
-    assert torch.count_nonzero(x_fp8.float()) == 1
     assert scale[0, 0].item() == MIN_SCALE
 
 
@@ -145,6 +177,16 @@ def test_non_finite_input_poisons_only_its_group(bad):
     dqw = dequantize(w_fp8, w_scale, (128, 128))
     assert torch.all(~torch.isfinite(dqw[:, 128:256]))
     assert torch.all(torch.isfinite(dqw[:, :128])) and torch.all(torch.isfinite(dqw[:, 256:]))
+    xt_fp8, xt_scale = per_token_cast_transposed(x)
+    dqt = dequantize(xt_fp8, xt_scale)                      # [384, 4]: x.T, one group per row
+    assert torch.all(~torch.isfinite(dqt[130])), "the transposed cast clamped a non-finite"
+    assert torch.all(torch.isfinite(dqt[:130])) and torch.all(torch.isfinite(dqt[131:]))
+    # In the FP8 data itself the non-finite element is the NaN byte (E4M3 has no Inf), not
+    # a clamped +-448 or a zero; the scale of its group is non-finite too.
+    for data, at, scale in ((x_fp8, (2, 130), scale[2, 1]), (w_fp8, (2, 130), w_scale[0, 1]),
+                            (xt_fp8, (130, 2), xt_scale[130, 0])):
+        assert data.view(torch.uint8)[at].item() == 0x7F
+        assert not torch.isfinite(scale)
 
 
 def test_outlier_only_coarsens_its_own_group():
@@ -178,6 +220,8 @@ def test_dequantize_checks_arguments():
         dequantize(x_fp8.float(), scale)
     with pytest.raises(ValueError, match="device"):
         dequantize(x_fp8, scale.to("meta"))
+    with pytest.raises(TypeError, match="block"):
+        dequantize(x_fp8, scale, 128)
 
 
 @given(st.data(), dims, dims, st.booleans())

@@ -39,12 +39,15 @@ def _check_k(name: str, k: int) -> int:
     return k // GROUP
 
 
-def _check_out(out, shape, dtype, device, accumulate: bool) -> Optional[torch.Tensor]:
+def _check_out(out, shape, device, accumulate: bool,
+               dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """``dtype``: the one dtype ``out`` must have (the grouped GEMMs' kernels write one);
+    None: bf16 or fp32, ``out``'s own dtype is the output dtype (``fp8_gemm_nt``)."""
     if out is None:
         if accumulate:
             raise ValueError("out: accumulate=True needs an existing float32 `out` to add into")
         return None
-    check_tensor("out", out, dtypes=OUT_DTYPES)
+    check_tensor("out", out, dtypes=OUT_DTYPES if dtype is None else (dtype,))
     check_shape("out", out, shape)
     if out.device != device:
         raise ValueError(f"out: expected device {device}, got {out.device}")
@@ -147,7 +150,7 @@ def _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate) -> tuple:
                          f"scales {(n, kb)}, got {tuple(sb.shape)}")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype: expected torch.bfloat16 or torch.float32, got {out_dtype}")
-    out = _check_out(out, (m, n), out_dtype, a.device, accumulate)
+    out = _check_out(out, (m, n), a.device, accumulate)
     dtype = out.dtype if out is not None else out_dtype
     kind = "1d1d" if sb.shape[0] == n and n > 1 else "1d2d"
     path = _backend.resolve("fp8_gemm_nt", a.device,
@@ -186,7 +189,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     check_shape("group_offsets", group_offsets, (g + 1,))
     if group_offsets.device != a.device:
         raise ValueError(f"group_offsets: expected device {a.device}, got {group_offsets.device}")
-    out = _check_out(out, (m, n), torch.bfloat16, a.device, False)
+    out = _check_out(out, (m, n), a.device, False, torch.bfloat16)
     path = _backend.resolve("m_grouped_fp8_gemm_nt_contiguous", a.device,
                             native_ok=lambda: _native.m_grouped_support(m, n, b),
                             cublas_ok=False, native_in_auto=_native.GROUPED_VERIFIED["m_contiguous"])
@@ -235,7 +238,7 @@ def m_grouped_fp8_gemm_nt_masked(a: FP8Pair, b: FP8Pair, masked_m: torch.Tensor,
         raise ValueError(f"masked_m: expected device {a.device}, got {masked_m.device}")
     if expected_m is not None and (not isinstance(expected_m, int) or expected_m < 0):
         raise ValueError(f"expected_m: expected a non-negative int, got {expected_m!r}")
-    out = _check_out(out, (g, m_max, n), torch.bfloat16, a.device, False)
+    out = _check_out(out, (g, m_max, n), a.device, False, torch.bfloat16)
     path = _backend.resolve("m_grouped_fp8_gemm_nt_masked", a.device,
                             native_ok=lambda: _native.m_grouped_masked_support(n, a, b),
                             cublas_ok=False, native_in_auto=_native.GROUPED_VERIFIED["m_masked"])
@@ -287,7 +290,7 @@ def k_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     g = group_offsets.shape[0] - 1
     if group_offsets.device != a.device:
         raise ValueError(f"group_offsets: expected device {a.device}, got {group_offsets.device}")
-    out = _check_out(out, (g, n, k), torch.float32, a.device, accumulate)
+    out = _check_out(out, (g, n, k), a.device, accumulate, torch.float32)
     if out is not None and out.dtype != torch.float32:
         raise TypeError(f"out: expected torch.float32, got {out.dtype}")
     path = _backend.resolve("k_grouped_fp8_gemm_nt_contiguous", a.device,

@@ -135,6 +135,8 @@ def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block=(1, GROUP)) -> to
     check_tensor("x_fp8", x_fp8, dtypes=(FP8_DTYPE,))
     check_tensor("scale", scale, dtypes=(torch.float32,))
     check_same_device(x_fp8=x_fp8, scale=scale)
+    if not isinstance(block, (tuple, list)):
+        raise TypeError(f"block: expected (1, 128) or (128, 128), got {type(block).__name__} {block!r}")
     block = tuple(block)
     if block == (1, GROUP):
         if x_fp8.dim() < 1:
