@@ -7,7 +7,8 @@
 #          -- fp8/bf16 fp8-nowgrad/bf16
 # Every variant gets COMMON's overrides, then its own; run NAME lands in $RUNS/CONFIG-NAME
 # (default RUNS=runs). Each run has STEP_TIMEOUT seconds (default 600); its log, metrics and
-# summary, and each pair's compare.py report (--window $WINDOW, default 100), land in $LOGS.
+# summary, and each pair's compare.py report (--window $WINDOW, default 100, then compare.py's
+# bar options in BARS, e.g. BARS="--max-rel-err 0.0025"), land in $LOGS.
 set -uo pipefail
 cfg=$1; shift
 variants=()
@@ -19,6 +20,7 @@ RUNS=${RUNS:-runs}
 mkdir -p "$LOGS"
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
 read -r -a common <<< "${COMMON:-}"
+read -r -a bars <<< "${BARS:-}"
 status=0
 pids=()
 for variant in "${variants[@]}"; do
@@ -43,7 +45,7 @@ for pair in ${pairs[@]+"${pairs[@]}"}; do
     a=${pair%/*} b=${pair#*/}
     echo "=== compare $cfg-$a vs $cfg-$b"
     python recipes/compare.py "$RUNS/$cfg-$a" "$RUNS/$cfg-$b" --window "${WINDOW:-100}" \
-        --out "$LOGS/compare_${cfg}-$a-vs-$b" 2>&1 | tee "$LOGS/compare_${cfg}-$a-vs-$b.log"
+        ${bars[@]+"${bars[@]}"} --out "$LOGS/compare_${cfg}-$a-vs-$b" 2>&1 | tee "$LOGS/compare_${cfg}-$a-vs-$b.log"
     status=$((status | PIPESTATUS[0]))
 done
 exit $status

@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -151,16 +151,20 @@ def _layer_outputs(model, ids, inputs: Optional[list] = None):
     return captured
 
 
-def _layer_native_errs(model, ids) -> List[float]:
-    """Each decoder layer's error on the GPU paths against the reference emulation."""
+def _layer_native_errs(model, ids) -> Tuple[List[float], torch.Tensor]:
+    """Each decoder layer's error on the GPU paths against the reference emulation, and the
+    reference's last hidden states (its last layer's output through the final norm)."""
     saved = ops.get_backend()
     ops.set_backend("reference")
     try:
         reference = _layer_outputs(model, ids)
+        with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16):
+            last_hidden = model.model.norm(reference[-1][1])
     finally:
         ops.set_backend(saved)
     native = _layer_outputs(model, ids, inputs=[inp for inp, _ in reference])
-    return [_rel_err(got.double(), want.double()) for (_, got), (_, want) in zip(native, reference)]
+    errs = [_rel_err(got.double(), want.double()) for (_, got), (_, want) in zip(native, reference)]
+    return errs, last_hidden.double().cpu()
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -178,20 +182,15 @@ def _measure(name: str, spec: dict, fp8: bool, compiled: bool, batch: int, seq_l
     gen = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, spec["vocab_size"], (batch, seq_len), device="cuda", generator=gen)
     # Before compiling: the hooks of the per-layer check would be traced into the graphs.
-    layer_err = max(_layer_native_errs(model, ids[:1])) if fp8 else None
+    layer_err = hidden_ref = None
+    if fp8:  # and the same FP8 model's last hidden states on the reference emulation
+        layer_errs, hidden_ref = _layer_native_errs(model, ids[:1])
+        layer_err = max(layer_errs)
     if compiled:
         for layer in model.model.layers:
             layer.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     hidden = _last_hidden(model, ids[:1])
-    hidden_ref = None
-    if fp8:  # the same FP8 model on the reference emulation of every GEMM
-        saved = ops.get_backend()
-        ops.set_backend("reference")
-        try:
-            hidden_ref = _last_hidden(model, ids[:1])
-        finally:
-            ops.set_backend(saved)
     first = _step(model, optimizer, ids).item()
     for _ in range(warmup - 1):
         _step(model, optimizer, ids)
