@@ -1,14 +1,21 @@
 """Where a compiled FP8 model first departs from eager: every fp8train custom op's operands
 and results, logged in both runs and compared call by call.
 
-    python scripts/trace_custom_ops.py [--arch qwen3_moe] [--backends aot_eager,inductor]
+    python scripts/trace_custom_ops.py [--arch qwen3_moe] [--backends aot_eager,inductor,dump]
+        [--trace-grouped [--grouped-variant NAME]] [--recipe NAME] [--no-autocast] ...
 
 One decoder layer of the tests' tiny transformers model, converted to FP8, forward and
-backward under BF16 autocast (on the GPU, as ``bench hf`` trains), eager and then under each
+backward under BF16 autocast (as ``bench hf`` trains), eager and then under each
 ``torch.compile`` backend. The functions the custom ops call (casts, GEMMs) are wrapped at
 run time, so the log shows what the kernels really received: shape, strides, offset,
 16-byte alignment, and a checksum of the values. Printed: the gradients of each backend
-against eager, and for each backend the first op calls whose operands or results differ.
+against eager, and the op calls whose operands or results differ. Backend ``dump`` is
+aot_eager writing AOTAutograd's forward and backward graphs to ``--dump-graphs``.
+
+Session 6 found with it that on the H100 (torch 2.11) a traced FP8GroupedLinearFunction
+under autocast gets all-zero output gradients (``--trace-grouped``); the switches turn one
+path off at a time, and ``--grouped-variant`` tries changes to the Function that might make
+it traceable.
 """
 import argparse
 import functools
@@ -23,6 +30,7 @@ from fp8train.nn import _custom_ops  # noqa: E402
 from hf_models import ARCHS, tiny_model  # noqa: E402
 
 LOG: list = []
+AUTOCAST = True  # BF16 autocast, as bench hf and the recipes train (--no-autocast: FP32)
 
 
 def describe(t):
@@ -33,7 +41,8 @@ def describe(t):
     values = t.detach()
     if values.dtype == torch.float8_e4m3fn:
         values = values.float()
-    checksum = values.double().abs().sum().item() if values.is_floating_point() else values.double().sum().item()
+    values = values.double()
+    checksum = (values.abs() if t.is_floating_point() else values).sum().item()
     return (f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} stride={t.stride()} "
             f"off={t.storage_offset()} al16={t.data_ptr() % 16 == 0}"), checksum
 
@@ -68,19 +77,72 @@ def wrap(module, name: str) -> None:
     setattr(module, name, logged)
 
 
+def _returns(transform) -> None:
+    """FP8GroupedLinearFunction's forward returning ``transform(y)`` instead of the GEMM's
+    output tensor itself."""
+    from fp8train.nn import grouped_linear
+
+    forward = grouped_linear._forward
+    grouped_linear._forward = lambda *a: (lambda y, saved: (transform(y), saved))(*forward(*a))
+
+
+def _autocast_off_around_apply() -> None:
+    """The grouped Function applied with autocast off (its output dtype is fixed before)."""
+    from fp8train.nn import grouped_linear
+
+    original = grouped_linear.FP8GroupedLinearFunction
+
+    class AutocastOff:
+        @staticmethod
+        def apply(x, *args):
+            with torch.autocast(x.device.type, enabled=False):
+                return original.apply(x, *args)
+
+    grouped_linear.FP8GroupedLinearFunction = AutocastOff
+
+
+GROUPED_VARIANTS = {
+    "as-is": lambda: None,
+    "view-output": lambda: _returns(lambda y: y.view(y.shape)),
+    "clone-output": lambda: _returns(torch.clone),
+    "autocast-off": _autocast_off_around_apply,
+}
+
+
 def run_layer(layer, fn, x, pos, position_ids, device):
     """``fn`` (the layer, or a compiled wrapper of it) forward and backward; ``layer``'s
     gradients."""
     LOG.clear()
     x = x.detach().clone().requires_grad_(True)
     layer.zero_grad(set_to_none=True)
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=AUTOCAST):
         y = fn(x, position_embeddings=pos, position_ids=position_ids)
     y = y[0] if isinstance(y, tuple) else y
     y.float().square().mean().backward()
     grads = {n: p.grad.detach().float().clone() for n, p in layer.named_parameters() if p.grad is not None}
     grads["input"] = x.grad.detach().float().clone()
     return y.detach().float(), grads, list(LOG)
+
+
+def dumping_backend(directory: str):
+    """aot_eager that writes every forward and backward graph AOTAutograd hands it to
+    ``directory`` (readable FX code with shapes and dtypes)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    counter = [0]
+
+    def writer(kind):
+        def compiler(gm, example_inputs):
+            counter[0] += 1
+            path = Path(directory) / f"{counter[0]:02d}_{kind}.py"
+            path.write_text(gm.print_readable(print_output=False, include_stride=True, include_device=True))
+            print(f"   wrote {path}")
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    return aot_autograd(fw_compiler=writer("forward"), bw_compiler=writer("backward"))
 
 
 def group(log) -> dict:
@@ -121,7 +183,9 @@ def rel_err(got, want):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="qwen3_moe", choices=sorted(ARCHS))
-    parser.add_argument("--backends", default="aot_eager,inductor")
+    parser.add_argument("--backends", default="aot_eager,inductor",
+                        help="torch.compile backends, comma-separated; 'dump' is aot_eager "
+                             "writing its graphs to --dump-graphs")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--show", type=int, default=6, help="differing calls printed per backend")
@@ -130,9 +194,21 @@ def main() -> int:
                         help="HF experts gather their rows in high precision, then cast")
     parser.add_argument("--rowwise-scales", choices=("kblock", "row"), default="kblock",
                         help="storage of the 1x128 row-wise scales (formats.ROWWISE_SCALES_KBLOCK_MAJOR)")
+    parser.add_argument("--trace-grouped", action="store_true",
+                        help="let Dynamo trace FP8GroupedLinearFunction under autocast on the GPU "
+                             "too (grouped_linear.EAGER_UNDER_AUTOCAST_COMPILE = ()): the case that "
+                             "lost its gradients on the H100, session 6")
+    parser.add_argument("--grouped-variant", choices=sorted(GROUPED_VARIANTS), default="as-is",
+                        help="a candidate change to the grouped Function, to find a traceable "
+                             "form (with --trace-grouped)")
     parser.add_argument("--tol", type=float, default=0.05,
                         help="relative checksum difference that counts as a difference")
+    parser.add_argument("--dump-graphs", default="graphs",
+                        help="where backend 'dump' (aot_eager) writes the AOT graphs")
+    parser.add_argument("--no-autocast", action="store_true", help="FP32, no BF16 autocast")
     args = parser.parse_args()
+    global AUTOCAST
+    AUTOCAST = not args.no_autocast
     from fp8train.ops import gemm as _gemm
     from fp8train.quant import casts as _casts, moe_casts as _moe_casts
 
@@ -161,6 +237,11 @@ def main() -> int:
             return fused(x, weight, layout, recipe, transposed, bias)
 
         hf._grouped_linear = unfused
+    if args.trace_grouped:
+        from fp8train.nn import grouped_linear
+
+        grouped_linear.EAGER_UNDER_AUTOCAST_COMPILE = ()
+    GROUPED_VARIANTS[args.grouped_variant]()
     model = tiny_model(args.arch, seed=3).to(args.device)
     fp8train.convert_to_fp8(model, fp8train.FP8Recipe.from_name(args.recipe))
     layer = model.model.layers[0]
@@ -173,7 +254,8 @@ def main() -> int:
     print(f"eager: {len(log_ref)} op calls")
     for backend in args.backends.split(","):
         torch._dynamo.reset()
-        compiled = torch.compile(layer, backend=backend)
+        compiled = torch.compile(layer, backend=dumping_backend(args.dump_graphs)
+                                 if backend == "dump" else backend)
         run_layer(layer, compiled, x, pos, position_ids, args.device)  # compiles
         y, grads, log = run_layer(layer, compiled, x, pos, position_ids, args.device)
         errs = {n: rel_err(grads[n], g_ref[n]) for n in g_ref if n in grads}

@@ -158,6 +158,40 @@ def test_compiled_decoder_layer_forward_backward(device, backend):
         assert rel_err(compiled, eager) < bound
 
 
+def test_grouped_function_runs_outside_the_graph_under_autocast_compile(monkeypatch):
+    """Where tracing FP8GroupedLinearFunction under autocast loses its gradients (CUDA,
+    torch 2.11: EAGER_UNDER_AUTOCAST_COMPILE), a compiled layer runs it eagerly between
+    graphs: the same gradients as eager, and a graph break. Exercised here on the CPU."""
+    from torch._dynamo.utils import counters
+
+    from fp8train.nn import grouped_linear
+
+    monkeypatch.setattr(grouped_linear, "EAGER_UNDER_AUTOCAST_COMPILE", ("cpu",))
+    model = tiny_model("qwen3_moe", seed=3)
+    fp8train.convert_to_fp8(model)
+    layer = model.model.layers[0]
+    x = torch.randn(1, 256, 128, requires_grad=True)
+    position_ids = torch.arange(256).unsqueeze(0)
+    pos = model.model.rotary_emb(x, position_ids)
+    torch._dynamo.reset()
+    counters.clear()
+    outputs = []
+    for fn in (layer, torch.compile(layer, backend="aot_eager")):
+        x.grad = None
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, position_embeddings=pos, position_ids=position_ids)
+        y = y[0] if isinstance(y, tuple) else y
+        y.float().square().mean().backward()
+        experts = layer.mlp.experts
+        outputs.append((y.detach(), x.grad.clone(), experts.gate_up_proj.grad.clone(),
+                        experts.down_proj.grad.clone()))
+    torch._dynamo.reset()
+    assert sum(counters["graph_break"].values()) >= 1, dict(counters["graph_break"])
+    for eager, compiled in zip(*outputs):
+        assert rel_err(compiled, eager) < 1e-5
+
+
 def test_transposed_experts_with_bias_in_fp8():
     """GPT-OSS experts (is_transposed, has_bias): FP8 gradients of the 3-D weights and the
     biases within the bound, the experts running through fp8train."""

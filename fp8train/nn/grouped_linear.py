@@ -142,6 +142,34 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         return dx, dw, None, None, None, None
 
 
+# Devices on which a compiled graph runs FP8GroupedLinearFunction eagerly (a graph break)
+# under autocast. On the H100 (torch 2.11, CUDA BF16 autocast) Dynamo's tracing of it hands
+# its backward all-zero output gradients and says its input needs none: expert weight and
+# input gradients came out zero with aot_eager as with Inductor, with the reference ops as
+# with the kernels, while eager, FP32 and the dense FP8LinearFunction were right (session
+# 6, scripts/trace_custom_ops.py; docs/hf.md). The eager Function is right there, so it
+# runs outside the graph. Tests set this to () to trace it.
+EAGER_UNDER_AUTOCAST_COMPILE = ("cuda",)
+
+
+@torch.compiler.disable
+def _apply_outside_graph(*args):
+    return FP8GroupedLinearFunction.apply(*args)
+
+
+def apply_grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_offsets: torch.Tensor,
+                         recipe: FP8Recipe, out_dtype: torch.dtype,
+                         src_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``FP8GroupedLinearFunction.apply``, run outside a compiled graph where tracing it
+    loses its gradients (``EAGER_UNDER_AUTOCAST_COMPILE``); so ``fullgraph=True`` fails
+    there rather than train on zero gradients."""
+    device = x.device.type
+    if (torch.compiler.is_compiling() and device in EAGER_UNDER_AUTOCAST_COMPILE
+            and torch.is_autocast_enabled(device)):
+        return _apply_outside_graph(x, weight, group_offsets, recipe, out_dtype, src_tokens)
+    return FP8GroupedLinearFunction.apply(x, weight, group_offsets, recipe, out_dtype, src_tokens)
+
+
 def _check_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -249,8 +277,8 @@ class FP8GroupedLinear(GroupedLinear):
         if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
             return _forward(x, self.weight, group_offsets, src_tokens, self.recipe, out_dtype,
                             False, False)[0]
-        return FP8GroupedLinearFunction.apply(x, self.weight, group_offsets, self.recipe,
-                                              out_dtype, src_tokens)
+        return apply_grouped_linear(x, self.weight, group_offsets, self.recipe, out_dtype,
+                                    src_tokens)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"
