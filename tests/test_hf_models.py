@@ -127,11 +127,9 @@ def test_filtered_experts_fall_back_to_their_previous_implementation():
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-@pytest.mark.parametrize("device,backend", [
-    ("cpu", "aot_eager"),
-    pytest.param("cuda", "inductor", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not HOPPER, reason="needs a Hopper GPU (the native kernels)")])])
-def test_compiled_decoder_layer_forward_backward(device, backend):
+def _layer_eager_and_compiled(device: str, backend: str, autocast: bool):
+    """A converted Qwen3-MoE decoder layer's output and gradients (tokens, both expert
+    weights, router), eager and then under ``torch.compile(backend=backend)``."""
     model = tiny_model("qwen3_moe", seed=3).to(device)
     fp8train.convert_to_fp8(model)
     layer = model.model.layers[0]
@@ -142,20 +140,30 @@ def test_compiled_decoder_layer_forward_backward(device, backend):
     for fn in (layer, torch.compile(layer, backend=backend)):
         x.grad = None
         layer.zero_grad()
-        # On the GPU as bench hf trains: under BF16 autocast, FP32 master weights.
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             y = fn(x, position_embeddings=pos, position_ids=position_ids)
         y = y[0] if isinstance(y, tuple) else y
         y.float().square().mean().backward()
         experts = layer.mlp.experts
         outputs.append((y.detach(), x.grad.clone(), experts.gate_up_proj.grad.clone(),
                         experts.down_proj.grad.clone(), layer.mlp.gate.weight.grad.clone()))
+    torch._dynamo.reset()
+    return outputs
+
+
+@pytest.mark.parametrize("device,backend", [
+    ("cpu", "aot_eager"),
+    pytest.param("cuda", "inductor", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not HOPPER, reason="needs a Hopper GPU (the native kernels)")])])
+def test_compiled_decoder_layer_forward_backward(device, backend):
+    # On the GPU as bench hf trains: under BF16 autocast, FP32 master weights.
+    eager, compiled = _layer_eager_and_compiled(device, backend, autocast=device == "cuda")
     # CPU: the same reference ops in both. GPU: Inductor's fused elementwise kernels round
     # differently, and an element moved across an e4m3 rounding boundary moves by up to 2^-4
     # of its group's scale; a wrong kernel or layout under compile gives O(1).
     bound = 1e-5 if device == "cpu" else 0.02
-    for eager, compiled in zip(*outputs):
-        assert rel_err(compiled, eager) < bound
+    for want, got in zip(eager, compiled):
+        assert rel_err(got, want) < bound
 
 
 def test_grouped_function_runs_outside_the_graph_under_autocast_compile(monkeypatch):
@@ -167,29 +175,12 @@ def test_grouped_function_runs_outside_the_graph_under_autocast_compile(monkeypa
     from fp8train.nn import grouped_linear
 
     monkeypatch.setattr(grouped_linear, "EAGER_UNDER_AUTOCAST_COMPILE", ("cpu",))
-    model = tiny_model("qwen3_moe", seed=3)
-    fp8train.convert_to_fp8(model)
-    layer = model.model.layers[0]
-    x = torch.randn(1, 256, 128, requires_grad=True)
-    position_ids = torch.arange(256).unsqueeze(0)
-    pos = model.model.rotary_emb(x, position_ids)
     torch._dynamo.reset()
     counters.clear()
-    outputs = []
-    for fn in (layer, torch.compile(layer, backend="aot_eager")):
-        x.grad = None
-        layer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = fn(x, position_embeddings=pos, position_ids=position_ids)
-        y = y[0] if isinstance(y, tuple) else y
-        y.float().square().mean().backward()
-        experts = layer.mlp.experts
-        outputs.append((y.detach(), x.grad.clone(), experts.gate_up_proj.grad.clone(),
-                        experts.down_proj.grad.clone()))
-    torch._dynamo.reset()
+    eager, compiled = _layer_eager_and_compiled("cpu", "aot_eager", autocast=True)
     assert sum(counters["graph_break"].values()) >= 1, dict(counters["graph_break"])
-    for eager, compiled in zip(*outputs):
-        assert rel_err(compiled, eager) < 1e-5
+    for want, got in zip(eager, compiled):
+        assert rel_err(got, want) < 1e-5
 
 
 def test_transposed_experts_with_bias_in_fp8():
