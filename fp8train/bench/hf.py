@@ -116,10 +116,12 @@ def _step(model, optimizer, ids):
 
 
 def _last_hidden(model, ids) -> torch.Tensor:
-    # With grad on, as in training: a no_grad call would compile the layers a second time.
+    """The first sequence's last hidden states, from a forward of the whole batch: with
+    grad on and the training batch shape, as the steps run (a no_grad or batch-1 call would
+    compile the layers a second time, the steps then recompiling them with dynamic shapes)."""
     with torch.autocast("cuda", dtype=torch.bfloat16):
         hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-    return hidden.detach().double().cpu()
+    return hidden[:1].detach().double().cpu()
 
 
 def _layer_outputs(model, ids, inputs: Optional[list] = None):
@@ -190,7 +192,7 @@ def _measure(name: str, spec: dict, fp8: bool, compiled: bool, batch: int, seq_l
         for layer in model.model.layers:
             layer.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    hidden = _last_hidden(model, ids[:1])
+    hidden = _last_hidden(model, ids)
     first = _step(model, optimizer, ids).item()
     for _ in range(warmup - 1):
         _step(model, optimizer, ids)
