@@ -67,9 +67,9 @@ def first_grads(base, ids, *, fp8: bool, compiled: bool, device: str) -> dict:
     return grads
 
 
-def train(base, ids, *, fp8: bool, compiled: bool, steps: int, device: str) -> list:
+def train(base, ids, *, fp8: bool, compiled: bool, steps: int, lr: float, device: str) -> list:
     model = prepare(base, fp8=fp8, compiled=compiled)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3 if ids.shape[1] <= 64 else 1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
         loss = loss_of(model, ids, device)
@@ -96,17 +96,21 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="default 64 (tiny), 2048 (1B)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AdamW learning rate; default 3e-3 (tiny), 1e-4 (1B, as bench hf)")
     args = parser.parse_args()
     if args.arch:
         args.model = f"tiny-{args.arch}"
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    if args.layers is not None and (args.layers < 1 or args.model.startswith("tiny-")):
+    tiny = args.model.startswith("tiny-")
+    if args.layers is not None and (args.layers < 1 or tiny):
         parser.error(f"--layers takes a positive count for the 1B models, got {args.layers} "
                      f"with --model {args.model}")
+    lr = args.lr if args.lr is not None else (3e-3 if tiny else 1e-4)
     warnings.filterwarnings("ignore", message="fp8train: .* runs on the reference")
     base, vocab = build(args.model, args.layers, args.device)
-    seq_len = args.seq_len or (64 if args.model.startswith("tiny-") else 2048)
+    seq_len = args.seq_len or (64 if tiny else 2048)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (args.batch, seq_len), generator=gen).to(args.device)
     print(f"{args.model}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, "
@@ -131,7 +135,7 @@ def main() -> int:
     for fp8 in (False, True):
         for compiled in (False, True):
             name = f"{'fp8' if fp8 else 'bf16'} {'compiled' if compiled else 'eager'}"
-            rows[name] = train(base, ids, fp8=fp8, compiled=compiled, steps=args.steps,
+            rows[name] = train(base, ids, fp8=fp8, compiled=compiled, steps=args.steps, lr=lr,
                                device=args.device)
             print(f"{name:<14}", " ".join(f"{v:.4f}" for v in rows[name]), flush=True)
     for precision in ("bf16", "fp8"):
