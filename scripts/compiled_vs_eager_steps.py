@@ -7,8 +7,9 @@ Same init, same batch, AdamW. First the gradients of one step, compiled against 
 BF16 and for FP8 (the worst parameters by relative error): compiled and eager FP8 should
 differ about as much as compiled and eager BF16 do (a few e4m3 rounding flips), a wrong
 kernel or layout under Inductor gives O(1) somewhere. Then the loss of every step for the
-four runs. ``tiny-ARCH`` are the tests' 2-layer models; the 1B models are ``bench hf``'s
-(``--layers`` cuts them). BF16 autocast on the GPU (as ``bench hf`` trains), FP32 on the CPU.
+four runs. ``tiny-ARCH`` are the tests' 2-layer models; the 1B models are ``bench hf``'s,
+built as it builds them (GPU only; ``--layers`` cuts them). BF16 autocast on the GPU (as
+``bench hf`` trains), FP32 on the CPU.
 """
 import argparse
 import copy
@@ -20,25 +21,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import fp8train  # noqa: E402
+from fp8train.bench import hf as bench_hf  # noqa: E402
 from fp8train.bench.hf import MODELS  # noqa: E402
 from hf_models import ARCHS, VOCAB, tiny_model  # noqa: E402
+from numerics import rel_err  # noqa: E402
 
 
-def build(name: str, layers, device: str):
-    """The base model (FP32 master weights) and its vocabulary size."""
+def build(name: str, layers, device: str, seq_len: int):
+    """The base model (FP32 master weights) and its vocabulary size: a tiny test model, or
+    the 1B model exactly as ``bench hf`` builds it (on the GPU, with its BF16 experts)."""
     if name.startswith("tiny-"):
-        model, vocab = tiny_model(name[len("tiny-"):], seed=0), VOCAB
-    else:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        spec = dict(MODELS[name])
-        if layers is not None:
-            spec["num_hidden_layers"] = layers
-        vocab = spec["vocab_size"]
-        config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
-    return model.to(device), vocab
+        return tiny_model(name[len("tiny-"):], seed=0).to(device), VOCAB
+    if device != "cuda":
+        raise SystemExit(f"--model {name}: bench hf's models run on the GPU only")
+    spec = dict(MODELS[name])
+    if layers is not None:
+        spec["num_hidden_layers"] = layers
+    return bench_hf._build(spec, seq_len, seed=0), spec["vocab_size"]
 
 
 def prepare(base, *, fp8: bool, compiled: bool):
@@ -82,10 +81,6 @@ def train(base, ids, *, fp8: bool, compiled: bool, steps: int, lr: float, device
     return losses
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = [f"tiny-{a}" for a in sorted(ARCHS)] + sorted(MODELS)
@@ -109,8 +104,8 @@ def main() -> int:
                      f"with --model {args.model}")
     lr = args.lr if args.lr is not None else (3e-3 if tiny else 1e-4)
     warnings.filterwarnings("ignore", message="fp8train: .* runs on the reference")
-    base, vocab = build(args.model, args.layers, args.device)
     seq_len = args.seq_len or (64 if tiny else 2048)
+    base, vocab = build(args.model, args.layers, args.device, seq_len)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (args.batch, seq_len), generator=gen).to(args.device)
     print(f"{args.model}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, "

@@ -8,6 +8,10 @@
 # The two run one after the other (the speed bars need the GPU to themselves); for the loss
 # bars alone, scripts/recipe_variants.sh trains them at the same time.
 set -uo pipefail
+if [ -n "${SIDE_BY_SIDE:-}" ]; then
+    echo "recipe_pair.sh: SIDE_BY_SIDE is gone; runs side by side: scripts/recipe_variants.sh" >&2
+    exit 2
+fi
 cfg=$1; shift
 bars=()
 if [[ " $* " == *" -- "* ]]; then

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import fp8train  # noqa: E402
 from fp8train.nn import _custom_ops  # noqa: E402
 from hf_models import ARCHS, tiny_model  # noqa: E402
+from numerics import rel_err  # noqa: E402
 
 LOG: list = []
 AUTOCAST = True  # BF16 autocast, as bench hf and the recipes train (--no-autocast: FP32)
@@ -178,10 +179,6 @@ def pair_calls(ref_calls, calls):
     return pairs
 
 
-def rel_err(got, want):
-    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="qwen3_moe", choices=sorted(ARCHS))
@@ -202,7 +199,7 @@ def main() -> int:
                              "lost its gradients on the H100, session 6")
     parser.add_argument("--grouped-variant", choices=sorted(GROUPED_VARIANTS), default="as-is",
                         help="a candidate change to the grouped Function, to find a traceable "
-                             "form (with --trace-grouped)")
+                             "form (implies --trace-grouped)")
     parser.add_argument("--tol", type=float, default=0.05,
                         help="relative checksum difference that counts as a difference")
     parser.add_argument("--dump-graphs", default="graphs",
@@ -239,7 +236,7 @@ def main() -> int:
             return fused(x, weight, layout, recipe, transposed, bias)
 
         hf._grouped_linear = unfused
-    if args.trace_grouped:
+    if args.trace_grouped or args.grouped_variant != "as-is":
         from fp8train.nn import grouped_linear
 
         grouped_linear.EAGER_UNDER_AUTOCAST_COMPILE = ()

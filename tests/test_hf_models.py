@@ -178,9 +178,25 @@ def test_grouped_function_runs_outside_the_graph_under_autocast_compile(monkeypa
     torch._dynamo.reset()
     counters.clear()
     eager, compiled = _layer_eager_and_compiled("cpu", "aot_eager", autocast=True)
-    assert sum(counters["graph_break"].values()) >= 1, dict(counters["graph_break"])
+    breaks = list(counters["graph_break"])
+    assert any("_apply_outside_graph" in reason for reason in breaks), breaks
     for want, got in zip(eager, compiled):
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (the native kernels)")
+@pytest.mark.xfail(reason="torch 2.11 on the H100: Dynamo's trace of FP8GroupedLinearFunction "
+                          "under CUDA autocast gives its backward zero gradients (docs/hf.md); "
+                          "an XPASS means a torch or fp8train change made it traceable")
+def test_grouped_function_traced_under_cuda_autocast(monkeypatch):
+    from fp8train.nn import grouped_linear
+
+    monkeypatch.setattr(grouped_linear, "EAGER_UNDER_AUTOCAST_COMPILE", ())
+    eager, compiled = _layer_eager_and_compiled("cuda", "aot_eager", autocast=True)
+    # aot_eager runs the traced graphs with eager kernels: only a lost gradient is O(1).
+    for want, got in zip(eager, compiled):
+        assert rel_err(got, want) < 0.02
 
 
 def test_transposed_experts_with_bias_in_fp8():

@@ -50,9 +50,10 @@ def expected_scale(x: torch.Tensor, block, pow2: bool = False) -> torch.Tensor:
     library: amax / 448 correctly rounded to float32 (a float64 quotient rounded once is the
     IEEE float32 quotient), at least 2^-126, with ``pow2`` the next power of two up."""
     scale = (group_amax(x, block) / E4M3_MAX).float().clamp_min(MIN_SCALE).double()
-    if pow2:
+    if pow2:  # NaN and Inf stay as they are
         mantissa, exponent = torch.frexp(scale)
-        scale = torch.where(mantissa == 0.5, scale, torch.ldexp(torch.ones_like(scale), exponent))
+        up = torch.where(mantissa == 0.5, scale, torch.ldexp(torch.ones_like(scale), exponent))
+        scale = torch.where(torch.isfinite(scale), up, scale)
     return scale.float()
 
 

@@ -160,10 +160,10 @@ def _layer_native_errs(model, ids) -> Tuple[List[float], torch.Tensor]:
     ops.set_backend("reference")
     try:
         reference = _layer_outputs(model, ids)
-        with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16):
-            last_hidden = model.model.norm(reference[-1][1])
     finally:
         ops.set_backend(saved)
+    with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16):
+        last_hidden = model.model.norm(reference[-1][1])
     native = _layer_outputs(model, ids, inputs=[inp for inp, _ in reference])
     errs = [_rel_err(got.double(), want.double()) for (_, got), (_, want) in zip(native, reference)]
     return errs, last_hidden.double().cpu()

@@ -148,7 +148,8 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
 # input gradients came out zero with aot_eager as with Inductor, with the reference ops as
 # with the kernels, while eager, FP32 and the dense FP8LinearFunction were right (session
 # 6, scripts/trace_custom_ops.py; docs/hf.md). The eager Function is right there, so it
-# runs outside the graph. Tests set this to () to trace it.
+# runs outside the graph. `scripts/trace_custom_ops.py --trace-grouped` sets it to () to
+# trace the Function; the CPU test sets ("cpu",) to take this path.
 EAGER_UNDER_AUTOCAST_COMPILE = ("cuda",)
 
 
