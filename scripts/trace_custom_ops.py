@@ -195,7 +195,7 @@ def main() -> int:
                         help="storage of the 1x128 row-wise scales (formats.ROWWISE_SCALES_KBLOCK_MAJOR)")
     parser.add_argument("--trace-grouped", action="store_true",
                         help="let Dynamo trace FP8GroupedLinearFunction under autocast on the GPU "
-                             "too (grouped_linear.EAGER_UNDER_AUTOCAST_COMPILE = ()): the case that "
+                             "too (grouped_linear.EAGER_UNDER_COMPILE = ()): the case that "
                              "lost its gradients on the H100, session 6")
     parser.add_argument("--grouped-variant", choices=sorted(GROUPED_VARIANTS), default="as-is",
                         help="a candidate change to the grouped Function, to find a traceable "
@@ -239,7 +239,7 @@ def main() -> int:
     if args.trace_grouped or args.grouped_variant != "as-is":
         from fp8train.nn import grouped_linear
 
-        grouped_linear.EAGER_UNDER_AUTOCAST_COMPILE = ()
+        grouped_linear.EAGER_UNDER_COMPILE = ()
     GROUPED_VARIANTS[args.grouped_variant]()
     model = tiny_model(args.arch, seed=3).to(args.device)
     fp8train.convert_to_fp8(model, fp8train.FP8Recipe.from_name(args.recipe))

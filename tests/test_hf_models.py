@@ -127,13 +127,14 @@ def test_filtered_experts_fall_back_to_their_previous_implementation():
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-def _layer_eager_and_compiled(device: str, backend: str, autocast: bool):
+def _layer_eager_and_compiled(device: str, backend: str, autocast: bool,
+                              dtype: torch.dtype = torch.float32):
     """A converted Qwen3-MoE decoder layer's output and gradients (tokens, both expert
     weights, router), eager and then under ``torch.compile(backend=backend)``."""
-    model = tiny_model("qwen3_moe", seed=3).to(device)
+    model = tiny_model("qwen3_moe", seed=3).to(device, dtype)
     fp8train.convert_to_fp8(model)
     layer = model.model.layers[0]
-    x = torch.randn(1, 256, 128, device=device, requires_grad=True)
+    x = torch.randn(1, 256, 128, device=device, dtype=dtype, requires_grad=True)
     position_ids = torch.arange(256, device=device).unsqueeze(0)
     pos = model.model.rotary_emb(x, position_ids)
     outputs = []
@@ -166,20 +167,25 @@ def test_compiled_decoder_layer_forward_backward(device, backend):
         assert rel_err(got, want) < bound
 
 
-def test_grouped_function_runs_outside_the_graph_under_autocast_compile(monkeypatch):
-    """Where tracing FP8GroupedLinearFunction under autocast loses its gradients (CUDA,
-    torch 2.11: EAGER_UNDER_AUTOCAST_COMPILE), a compiled layer runs it eagerly between
-    graphs: the same gradients as eager, and a graph break. Exercised here on the CPU."""
+@pytest.mark.parametrize("autocast,dtype,outside", [(True, torch.float32, True),
+                                                    (False, torch.bfloat16, True),
+                                                    (False, torch.float32, False)])
+def test_grouped_function_runs_outside_the_graph_where_tracing_failed(monkeypatch, autocast,
+                                                                     dtype, outside):
+    """Where tracing FP8GroupedLinearFunction lost its gradients (CUDA, torch 2.11, under
+    autocast; BF16 untested, so included: EAGER_UNDER_COMPILE), a compiled layer runs it
+    eagerly between graphs: the same gradients as eager, and a graph break. FP32 without
+    autocast (traced right on the GPU) stays in the graph. Exercised here on the CPU."""
     from torch._dynamo.utils import counters
 
     from fp8train.nn import grouped_linear
 
-    monkeypatch.setattr(grouped_linear, "EAGER_UNDER_AUTOCAST_COMPILE", ("cpu",))
+    monkeypatch.setattr(grouped_linear, "EAGER_UNDER_COMPILE", ("cpu",))
     torch._dynamo.reset()
     counters.clear()
-    eager, compiled = _layer_eager_and_compiled("cpu", "aot_eager", autocast=True)
+    eager, compiled = _layer_eager_and_compiled("cpu", "aot_eager", autocast, dtype)
     breaks = list(counters["graph_break"])
-    assert any("_apply_outside_graph" in reason for reason in breaks), breaks
+    assert any("_apply_outside_graph" in reason for reason in breaks) == outside, breaks
     for want, got in zip(eager, compiled):
         assert rel_err(got, want) < 1e-5
 
@@ -192,7 +198,7 @@ def test_grouped_function_runs_outside_the_graph_under_autocast_compile(monkeypa
 def test_grouped_function_traced_under_cuda_autocast(monkeypatch):
     from fp8train.nn import grouped_linear
 
-    monkeypatch.setattr(grouped_linear, "EAGER_UNDER_AUTOCAST_COMPILE", ())
+    monkeypatch.setattr(grouped_linear, "EAGER_UNDER_COMPILE", ())
     eager, compiled = _layer_eager_and_compiled("cuda", "aot_eager", autocast=True)
     # aot_eager runs the traced graphs with eager kernels: only a lost gradient is O(1).
     for want, got in zip(eager, compiled):

@@ -143,14 +143,16 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
 
 
 # Devices on which a compiled graph runs FP8GroupedLinearFunction eagerly (a graph break)
-# under autocast. On the H100 (torch 2.11, CUDA BF16 autocast) Dynamo's tracing of it hands
-# its backward all-zero output gradients and says its input needs none: expert weight and
-# input gradients came out zero with aot_eager as with Inductor, with the reference ops as
-# with the kernels, while eager, FP32 and the dense FP8LinearFunction were right (session
-# 6, scripts/trace_custom_ops.py; docs/hf.md). The eager Function is right there, so it
-# runs outside the graph. `scripts/trace_custom_ops.py --trace-grouped` sets it to () to
-# trace the Function; the CPU test sets ("cpu",) to take this path.
-EAGER_UNDER_AUTOCAST_COMPILE = ("cuda",)
+# when its output is BF16/FP16 or autocast is on. On the H100 (torch 2.11, CUDA BF16
+# autocast) Dynamo's trace of it handed its backward all-zero output gradients and told its
+# forward the input needs none: expert weight and input gradients came out zero with
+# aot_eager as with Inductor, with the reference ops as with the kernels, while eager, FP32
+# without autocast, and the dense FP8LinearFunction were right (session 6,
+# scripts/trace_custom_ops.py; docs/hf.md). Whether autocast or the BF16 output (then the
+# GEMM's own output tensor, returned as is) triggers it is not known, so both take this path;
+# the eager Function is right there. `scripts/trace_custom_ops.py --trace-grouped` sets it to
+# () to trace the Function; the CPU test sets ("cpu",) to take this path.
+EAGER_UNDER_COMPILE = ("cuda",)
 
 
 @torch.compiler.disable
@@ -162,11 +164,11 @@ def apply_grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_offsets: t
                          recipe: FP8Recipe, out_dtype: torch.dtype,
                          src_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``FP8GroupedLinearFunction.apply``, run outside a compiled graph where tracing it
-    loses its gradients (``EAGER_UNDER_AUTOCAST_COMPILE``); so ``fullgraph=True`` fails
-    there rather than train on zero gradients."""
+    lost its gradients (``EAGER_UNDER_COMPILE``); so ``fullgraph=True`` fails there rather
+    than train on zero gradients."""
     device = x.device.type
-    if (torch.compiler.is_compiling() and device in EAGER_UNDER_AUTOCAST_COMPILE
-            and torch.is_autocast_enabled(device)):
+    if (torch.compiler.is_compiling() and device in EAGER_UNDER_COMPILE
+            and (torch.is_autocast_enabled(device) or out_dtype != torch.float32)):
         return _apply_outside_graph(x, weight, group_offsets, recipe, out_dtype, src_tokens)
     return FP8GroupedLinearFunction.apply(x, weight, group_offsets, recipe, out_dtype, src_tokens)
 
