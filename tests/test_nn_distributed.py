@@ -78,7 +78,7 @@ def _fsdp_run(model, x, y, rank, fp8_all_gather, mp_policy):
     fully_shard(model, mp_policy=mp_policy)
     gathered, casts = [], []
     cast = ops.cast_128x128
-    ops.cast_128x128 = lambda w, pow2: casts.append(w.shape) or cast(w, pow2)
+    ops.cast_128x128 = lambda w, pow2, backend: casts.append(w.shape) or cast(w, pow2, backend)
     try:
         with count_all_gather_bytes(gathered):
             losses = train(model, _local(x, rank), _local(y, rank), reduce=True)
@@ -187,8 +187,8 @@ def single_process(head=True):
 # scale and leaves its e4m3 values unchanged. What differs is FP32 summation order (wgrad
 # partial sums added across ranks), ~1e-7 relative. After an optimizer step that moves a
 # few weights across an E4M3 rounding boundary (a 2^-4 relative step), so the losses of
-# later steps agree to ~2e-5 (measured), not to float precision.
-LOSS_RTOL = 1e-4
+# later steps agree to 2e-5 to 1.1e-4 (measured on two CPU machines), not to float precision.
+LOSS_RTOL = 5e-4
 
 
 def test_ddp_gradients_and_losses_match_one_process(tmp_path):

@@ -90,8 +90,8 @@ def count_weight_casts(monkeypatch) -> list:
     casts = []
     for name in ("cast_128x128", "cast_128x128_dual"):
         original = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda w, p, original=original:
-                            casts.append(w.shape) or original(w, p))
+        monkeypatch.setattr(ops, name, lambda w, p, backend, original=original:
+                            casts.append(w.shape) or original(w, p, backend))
     return casts
 
 

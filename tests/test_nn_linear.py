@@ -382,6 +382,77 @@ def test_recipe_backend_is_applied_per_layer():
         torch.ones(4, 128)), FP8Linear.from_linear(module)(torch.ones(4, 128)))
 
 
+def test_recipe_backends_in_threads_never_touch_the_process_wide_backend(monkeypatch):
+    """The recipe's backend travels as an argument: layers with different backends running in
+    two threads leave ``get_backend()`` as it was, and a third thread watching it all along
+    only ever sees the process-wide value."""
+    import threading
+
+    import fp8train
+    from fp8train.ops import backend as backend_module
+
+    before = fp8train.get_backend()
+    seen, errors, stop = set(), [], threading.Event()
+    resolved = []
+    original = backend_module.resolve
+
+    def recording_resolve(op, device, **kwargs):
+        resolved.append(kwargs.get("backend"))
+        return original(op, device, **kwargs)
+
+    monkeypatch.setattr(backend_module, "resolve", recording_resolve)
+
+    def watch():
+        while not stop.wait(0.0005):  # look often, without holding the GIL all the time
+            seen.add(fp8train.get_backend())
+
+    def train(recipe):
+        try:
+            layer = FP8Linear(128, 128, recipe=recipe)
+            for _ in range(5):
+                x = torch.randn(8, 128, requires_grad=True)
+                layer(x).sum().backward()
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    watcher = threading.Thread(target=watch)
+    workers = [threading.Thread(target=train, args=(FP8Recipe(backend=name),))
+               for name in ("reference", "auto")]
+    watcher.start()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert not errors, errors
+    assert fp8train.get_backend() == before and seen == {before}
+    assert {"reference", "auto"} <= set(resolved)  # each layer's GEMMs saw its own backend
+
+
+def test_eager_layers_call_the_op_bodies_directly(monkeypatch):
+    """Eager FP8 layers run the cast and GEMM bodies without a trip through the
+    dispatcher (its host cost per call is what an eager step waits on): with the registered
+    ops made to fail, forward and backward still run and give the same gradients."""
+    from fp8train.nn import _custom_ops
+
+    torch.manual_seed(0)
+    layer = FP8Linear(256, 128)
+    x = torch.randn(2, 64, 256, requires_grad=True)
+    layer(x).sum().backward()
+    want = x.grad.clone(), layer.weight.grad.clone()
+
+    def fail(*args):
+        raise AssertionError("an eager call went through the registered op")
+
+    for name in ("cast_1x128", "cast_1x128_both", "cast_1x128_colwise", "cast_128x128",
+                 "cast_128x128_dual", "gemm_nt"):
+        monkeypatch.setattr(getattr(_custom_ops, name), "op", fail)
+    x.grad = layer.weight.grad = None
+    layer(x).sum().backward()
+    assert torch.equal(x.grad, want[0]) and torch.equal(layer.weight.grad, want[1])
+
+
 def test_output_of_3d_input_is_not_a_view():
     """Like nn.Linear's: FSDP2 drops its pre-backward hook from a view output after an
     in-place op downstream (and warns about every view output), so the layer's [B, S, N]

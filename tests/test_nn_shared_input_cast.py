@@ -18,9 +18,9 @@ def cast_calls(monkeypatch):
     calls = []
     original = _custom_ops.cast_1x128_layouts
 
-    def counted(x_hp, pow2_scale, rowwise, colwise):
+    def counted(x_hp, pow2_scale, rowwise, colwise, backend=""):
         calls.append((tuple(x_hp.shape), rowwise, colwise))
-        return original(x_hp, pow2_scale, rowwise, colwise)
+        return original(x_hp, pow2_scale, rowwise, colwise, backend)
 
     monkeypatch.setattr(_custom_ops, "cast_1x128_layouts", counted)
     shared_input_cast.clear()

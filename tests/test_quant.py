@@ -241,21 +241,25 @@ def test_dual_cast_is_rowwise_plus_padded_columnwise(data, t, k, pow2):
 
 
 def test_native_casts_only_on_an_sm90_gpu(monkeypatch):
-    """Verified native casts under `auto` fall back to the reference on a GPU they cannot
-    serve (not sm_90); the `native` backend there raises instead of failing in the driver."""
+    """Native casts under `auto` fall back to the reference on a GPU they cannot serve (not
+    sm_90); the `native` backend there raises instead of failing in the driver; an explicit
+    backend argument wins over the process-wide one without changing it."""
     from fp8train import ops
     from fp8train.ops import backend
     from fp8train.quant import casts, native
 
     x = torch.randn(4, 128)
     monkeypatch.setattr(native, "supports", lambda t: True)
-    monkeypatch.setattr(native, "VERIFIED", True)
     monkeypatch.setattr(backend, "is_hopper", lambda index: False)
     try:
         ops.set_backend("auto")
-        assert casts._use_native(x) is False
+        assert casts._use_native(x, None) is False
+        with pytest.raises(RuntimeError, match="not an sm_90 GPU"):
+            casts._use_native(x, "native")
+        assert ops.get_backend() == "auto"
         ops.set_backend("native")
         with pytest.raises(RuntimeError, match="not an sm_90 GPU"):
-            casts._use_native(x)
+            casts._use_native(x, None)
+        assert casts._use_native(x, "reference") is False
     finally:
         ops.set_backend("auto")

@@ -5,19 +5,24 @@ Why custom ops: ``torch.compile`` cannot trace into the GEMM dispatch (host-side
 backend choice, and later native kernel launches), so each call is one opaque node whose
 output shapes the fake implementation gives. That keeps ``fullgraph=True`` working.
 
-Every op takes ``backend`` (``""`` keeps the process-wide choice) and runs with autocast
-off: the reference emulation multiplies FP32 blocks, and autocast would quietly make
-those matmuls BF16.
+In eager mode the same Python bodies run directly (``_op``): a trip through the dispatcher
+costs tens of microseconds of host time per call, and an eager FP8 linear layer makes
+seven of these calls a step.
+
+Every op takes ``backend`` (``""``: the process-wide choice), handed down to the casts and
+GEMMs as an argument, and runs with autocast off: the reference emulation multiplies FP32
+blocks, and autocast would quietly make those matmuls BF16.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..ops import backend as _backend
 from ..ops import gemm as _gemm
 from ..quant import casts as _casts
 from ..quant import formats as _formats
@@ -25,6 +30,7 @@ from ..quant import moe_casts as _moe_casts
 from ..quant.formats import FP8_DTYPE, GROUP
 
 Tensor = torch.Tensor
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _ceil_to(n, multiple: int):
@@ -32,22 +38,47 @@ def _ceil_to(n, multiple: int):
     return -(-n // multiple) * multiple
 
 
-@contextlib.contextmanager
-def _run_scope(device: torch.device, backend: str):
-    """Autocast off; the recipe's backend for the duration of one op."""
-    with torch.autocast(device_type=device.type, enabled=False):
-        if not backend:
-            yield
-            return
-        previous = _backend.get_backend()
-        _backend.set_backend(backend)
-        try:
-            yield
-        finally:
-            _backend.set_backend(previous)
+def _runs_direct(args) -> bool:
+    """Whether a call may run an op's body itself: eager, no dispatch mode (fake tensors,
+    tracing), and only plain tensors on a real device (a subclass or a meta tensor goes
+    through the registered op and its fake)."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSORS or a.is_meta):
+            return False
+    return True
 
 
-def _colwise(x: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
+def _op(name: str, mutates_args=()):
+    """Register the function as the custom op ``fp8train::name``; the returned callable
+    runs the function itself where ``_runs_direct`` allows and the op otherwise.
+    ``.op`` is the registered op (for ``register_fake``)."""
+    def register(fn):
+        op = torch.library.custom_op(f"fp8train::{name}", mutates_args=mutates_args)(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return fn(*args) if _runs_direct(args) else op(*args)
+
+        call.op = op
+        return call
+    return register
+
+
+def _backend(backend: str):
+    return backend or None
+
+
+def _autocast_off(device: torch.device):
+    """Autocast off for one op's body (a no-op context when it is off already, as it is
+    inside the autograd Functions)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _colwise(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """x [T, K] -> x.T cast 1x128 along T, T zero-padded to a multiple of 128.
 
     Zero rows leave every group's amax (so every scale and FP8 value) unchanged; they only
@@ -59,16 +90,15 @@ def _colwise(x: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
     pad = _ceil_to(t, GROUP) - t
     if pad:
         x = F.pad(x, (0, 0, 0, pad))
-    return _casts.per_token_cast_transposed(x, pow2_scale=pow2_scale)
+    return _casts.per_token_cast_transposed(x, pow2_scale=pow2_scale, backend=_backend(backend))
 
 
 # --------------------------------------------------------------------------- casts
-@torch.library.custom_op("fp8train::cast_1x128", mutates_args=())
-def cast_1x128(x: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
+@_op("cast_1x128")
+def cast_1x128(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """Row-wise 1x128 cast of x [T, K] (the fprop/dgrad A operand); the scale packed
     (`_pack_rowwise`)."""
-    with _run_scope(x.device, ""):
-        q, scale = _casts.per_token_cast(x, pow2_scale=pow2_scale)
+    q, scale, _, _ = _cast_layouts(x, pow2_scale, True, False, backend)
     return q, _pack_rowwise(scale)
 
 
@@ -106,77 +136,92 @@ def _fake_colwise(x):
             x.new_empty(k, tp // GROUP, dtype=torch.float32))
 
 
-@cast_1x128.register_fake
-def _(x, pow2_scale):
+@cast_1x128.op.register_fake
+def _(x, pow2_scale, backend):
     return _fake_rowwise(x)
 
 
-@torch.library.custom_op("fp8train::cast_1x128_colwise", mutates_args=())
-def cast_1x128_colwise(x: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
+@_op("cast_1x128_colwise")
+def cast_1x128_colwise(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """Column-wise cast of x [T, K] -> ([K, Tp] e4m3, [K, Tp/128] f32), Tp = T padded to 128."""
-    with _run_scope(x.device, ""):
-        return _colwise(x, pow2_scale)
+    return _cast_layouts(x, pow2_scale, False, True, backend)[2:]
 
 
-@cast_1x128_colwise.register_fake
-def _(x, pow2_scale):
+@cast_1x128_colwise.op.register_fake
+def _(x, pow2_scale, backend):
     return _fake_colwise(x)
 
 
-@torch.library.custom_op("fp8train::cast_1x128_both", mutates_args=())
-def cast_1x128_both(x: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+@_op("cast_1x128_both")
+def cast_1x128_both(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Both layouts of x [T, K] in one op: row-wise (along K) and column-wise (along T,
-    padded). One op, so a fused cast+transpose kernel can replace it (one read of x)."""
+    padded), from one read of x."""
     if x.shape[0] == 0:  # no tokens: nothing to cast, empty operands of the right shapes
-        return (*_fake_rowwise(x), *_colwise(x, pow2_scale))
-    with _run_scope(x.device, ""):
-        q, scale, qt, scale_t = _casts.per_token_cast_dual(x, pow2_scale=pow2_scale)
+        return (*_fake_rowwise(x), *_colwise(x, pow2_scale, backend))
+    q, scale, qt, scale_t = _cast_layouts(x, pow2_scale, True, True, backend)
     return q, _pack_rowwise(scale), qt, scale_t
 
 
-@cast_1x128_both.register_fake
-def _(x, pow2_scale):
+@cast_1x128_both.op.register_fake
+def _(x, pow2_scale, backend):
     return (*_fake_rowwise(x), *_fake_colwise(x))
 
 
-def cast_1x128_layouts(x_hp: Tensor, pow2_scale: bool, rowwise: bool, colwise: bool):
+def _cast_layouts(x: Tensor, pow2_scale: bool, rowwise: bool, colwise: bool, backend: str):
+    """The casts themselves (row-wise scales unpacked), autocast off."""
+    with _autocast_off(x.device):
+        if rowwise and colwise and x.shape[0] > 0:
+            return _casts.per_token_cast_dual(x, pow2_scale=pow2_scale, backend=_backend(backend))
+        q = scale = qt = scale_t = None
+        if rowwise:
+            q, scale = _casts.per_token_cast(x, pow2_scale=pow2_scale, backend=_backend(backend))
+        if colwise:
+            qt, scale_t = _colwise(x, pow2_scale, backend)
+        return q, scale, qt, scale_t
+
+
+def cast_1x128_layouts(x_hp: Tensor, pow2_scale: bool, rowwise: bool, colwise: bool,
+                       backend: str = ""):
     """The 1x128 layouts of an activation or output gradient [T, K] that the GEMMs need,
     from one cast when both are: row-wise (fprop/dgrad A operand) and column-wise along
     tokens (wgrad operand). Returns (fp8, scale, t_fp8, t_scale); unneeded ones are None."""
+    if not (rowwise or colwise):
+        return None, None, None, None
+    if _runs_direct((x_hp,)):
+        return _cast_layouts(x_hp, pow2_scale, rowwise, colwise, backend)
     rows = x_hp.shape[0]
     if rowwise and colwise:
-        q, packed, qt, scale_t = cast_1x128_both(x_hp, pow2_scale)
+        q, packed, qt, scale_t = cast_1x128_both(x_hp, pow2_scale, backend)
         return q, _unpack_rowwise(packed, rows), qt, scale_t
     if rowwise:
-        q, packed = cast_1x128(x_hp, pow2_scale)
+        q, packed = cast_1x128(x_hp, pow2_scale, backend)
         return q, _unpack_rowwise(packed, rows), None, None
-    if colwise:
-        return (None, None, *cast_1x128_colwise(x_hp, pow2_scale))
-    return None, None, None, None
+    return (None, None, *cast_1x128_colwise(x_hp, pow2_scale, backend))
 
 
-@torch.library.custom_op("fp8train::cast_128x128", mutates_args=())
-def cast_128x128(w: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
+@_op("cast_128x128")
+def cast_128x128(w: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """128x128 block cast of a weight [N, K] or expert stack [G, N, K]."""
-    with _run_scope(w.device, ""):
-        return _casts.per_block_cast(w, pow2_scale=pow2_scale)
+    with _autocast_off(w.device):
+        return _casts.per_block_cast(w, pow2_scale=pow2_scale, backend=_backend(backend))
 
 
-@cast_128x128.register_fake
-def _(w, pow2_scale):
+@cast_128x128.op.register_fake
+def _(w, pow2_scale, backend):
     n, k = w.shape[-2:]
     grid = (_ceil_to(n, GROUP) // GROUP, _ceil_to(k, GROUP) // GROUP)
     return (w.new_empty(w.shape, dtype=FP8_DTYPE),
             w.new_empty(*w.shape[:-2], *grid, dtype=torch.float32))
 
 
-@torch.library.custom_op("fp8train::cast_128x128_dual", mutates_args=())
-def cast_128x128_dual(w: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+@_op("cast_128x128_dual")
+def cast_128x128_dual(w: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The 128x128 casts of a weight [N, K] (or [G, N, K]) and of its transpose from one
     read of w: (W_q, scale, (W^T)_q, scale^T). The transposed pair is byte for byte the
     first one transposed (``transpose_128x128``), written by the same kernel pass."""
-    with _run_scope(w.device, ""):
-        w_fp8, w_scale, wt_fp8, wt_scale = _casts.per_block_cast_dual(w, pow2_scale=pow2_scale)
+    with _autocast_off(w.device):
+        w_fp8, w_scale, wt_fp8, wt_scale = _casts.per_block_cast_dual(w, pow2_scale=pow2_scale,
+                                                                      backend=_backend(backend))
     # A custom op's outputs must not alias each other: the reference transposes the scale
     # grid with .contiguous(), a view when the grid has a single row or column.
     if wt_scale.untyped_storage().data_ptr() == w_scale.untyped_storage().data_ptr():
@@ -184,8 +229,8 @@ def cast_128x128_dual(w: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor, Tens
     return w_fp8, w_scale, wt_fp8, wt_scale
 
 
-@cast_128x128_dual.register_fake
-def _(w, pow2_scale):
+@cast_128x128_dual.op.register_fake
+def _(w, pow2_scale, backend):
     n, k = w.shape[-2:]
     nb, kb = _ceil_to(n, GROUP) // GROUP, _ceil_to(k, GROUP) // GROUP
     lead = w.shape[:-2]
@@ -207,114 +252,126 @@ def _fake_permuted_colwise(x, src_tokens):
     return _fake_colwise(x.new_empty(src_tokens.shape[0], x.shape[1]))
 
 
-@torch.library.custom_op("fp8train::cast_1x128_permuted", mutates_args=())
-def cast_1x128_permuted(x: Tensor, src_tokens: Tensor, pow2_scale: bool) -> Tuple[Tensor, Tensor]:
+@_op("cast_1x128_permuted")
+def cast_1x128_permuted(x: Tensor, src_tokens: Tensor, pow2_scale: bool,
+                        backend: str) -> Tuple[Tensor, Tensor]:
     """Row-wise 1x128 cast of the padded layout's rows x[src_tokens] -> [M, K], [M, K/128]."""
     if src_tokens.shape[0] == 0:  # no rows: empty operands of the right shapes
         return _fake_permuted_rowwise(x, src_tokens)
-    with _run_scope(x.device, ""):
-        q, scale = _moe_casts.per_token_cast_permuted(x, src_tokens, pow2_scale=pow2_scale)
+    q, scale, _, _ = _cast_permuted(x, src_tokens, pow2_scale, False, backend)
     return q, _pack_rowwise(scale)
 
 
-@cast_1x128_permuted.register_fake
-def _(x, src_tokens, pow2_scale):
+@cast_1x128_permuted.op.register_fake
+def _(x, src_tokens, pow2_scale, backend):
     return _fake_permuted_rowwise(x, src_tokens)
 
 
-@torch.library.custom_op("fp8train::cast_1x128_permuted_both", mutates_args=())
-def cast_1x128_permuted_both(x: Tensor, src_tokens: Tensor,
-                             pow2_scale: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+@_op("cast_1x128_permuted_both")
+def cast_1x128_permuted_both(x: Tensor, src_tokens: Tensor, pow2_scale: bool,
+                             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row-wise and column-wise (along the M padded rows) casts of x[src_tokens]: the
     fprop operand and the wgrad operand of the padded layout from one gathered read."""
     if src_tokens.shape[0] == 0:
         return (*_fake_permuted_rowwise(x, src_tokens), *_fake_permuted_colwise(x, src_tokens))
-    with _run_scope(x.device, ""):
-        q, scale, qt, scale_t = _moe_casts.per_token_cast_permuted(x, src_tokens, pow2_scale=pow2_scale,
-                                                                   colwise=True)
+    q, scale, qt, scale_t = _cast_permuted(x, src_tokens, pow2_scale, True, backend)
     return q, _pack_rowwise(scale), qt, scale_t
 
 
-@cast_1x128_permuted_both.register_fake
-def _(x, src_tokens, pow2_scale):
+@cast_1x128_permuted_both.op.register_fake
+def _(x, src_tokens, pow2_scale, backend):
     return (*_fake_permuted_rowwise(x, src_tokens), *_fake_permuted_colwise(x, src_tokens))
 
 
+def _cast_permuted(x: Tensor, src_tokens: Tensor, pow2_scale: bool, colwise: bool, backend: str):
+    """(fp8, scale, t_fp8, t_scale) of x[src_tokens], row-wise scales unpacked."""
+    with _autocast_off(x.device):
+        result = _moe_casts.per_token_cast_permuted(x, src_tokens, pow2_scale=pow2_scale,
+                                                    colwise=colwise, backend=_backend(backend))
+    return result if colwise else (*result, None, None)
+
+
 def cast_1x128_permuted_layouts(x_hp: Tensor, src_tokens: Tensor, pow2_scale: bool,
-                                colwise: bool):
+                                colwise: bool, backend: str = ""):
     """``cast_1x128_layouts(permute(x_hp), pow2_scale, True, colwise)`` without the permuted
     copy: (fp8, scale, t_fp8, t_scale), the last two None unless ``colwise``."""
+    if _runs_direct((x_hp, src_tokens)) and src_tokens.shape[0] > 0:
+        return _cast_permuted(x_hp, src_tokens, pow2_scale, colwise, backend)
     rows = src_tokens.shape[0]
     if colwise:
-        q, packed, qt, scale_t = cast_1x128_permuted_both(x_hp, src_tokens, pow2_scale)
+        q, packed, qt, scale_t = cast_1x128_permuted_both(x_hp, src_tokens, pow2_scale, backend)
         return q, _unpack_rowwise(packed, rows), qt, scale_t
-    q, packed = cast_1x128_permuted(x_hp, src_tokens, pow2_scale)
+    q, packed = cast_1x128_permuted(x_hp, src_tokens, pow2_scale, backend)
     return q, _unpack_rowwise(packed, rows), None, None
 
 
 # --------------------------------------------------------------------------- GEMMs
-@torch.library.custom_op("fp8train::gemm_nt", mutates_args=())
+@_op("gemm_nt")
 def gemm_nt(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
             out_dtype: torch.dtype, backend: str) -> Tensor:
     """``fp8_gemm_nt`` returning a new [M, N] tensor of ``out_dtype``."""
-    with _run_scope(a.device, backend):
-        return _gemm.fp8_gemm_nt((a, a_scale), (b, b_scale), out_dtype=out_dtype)
+    with _autocast_off(a.device):
+        return _gemm.fp8_gemm_nt((a, a_scale), (b, b_scale), out_dtype=out_dtype,
+                                 backend=_backend(backend))
 
 
-@gemm_nt.register_fake
+@gemm_nt.op.register_fake
 def _(a, a_scale, b, b_scale, out_dtype, backend):
     return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
 
 
-@torch.library.custom_op("fp8train::gemm_nt_accumulate_", mutates_args=("out",))
+@_op("gemm_nt_accumulate_", mutates_args=("out",))
 def gemm_nt_accumulate_(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
                         out: Tensor, backend: str) -> None:
     """``out += a @ b.T`` in FP32 (wgrad into ``main_grad``)."""
-    with _run_scope(a.device, backend):
-        _gemm.fp8_gemm_nt((a, a_scale), (b, b_scale), out, accumulate=True)
+    with _autocast_off(a.device):
+        _gemm.fp8_gemm_nt((a, a_scale), (b, b_scale), out, accumulate=True,
+                          backend=_backend(backend))
 
 
-@gemm_nt_accumulate_.register_fake
+@gemm_nt_accumulate_.op.register_fake
 def _(a, a_scale, b, b_scale, out, backend):
     return None
 
 
-@torch.library.custom_op("fp8train::m_grouped_gemm_nt_contiguous", mutates_args=())
+@_op("m_grouped_gemm_nt_contiguous")
 def m_grouped_gemm_nt_contiguous(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
                                  group_offsets: Tensor, backend: str) -> Tensor:
     """MoE fprop/dgrad on the contiguous layout: bf16 [M, N]."""
-    with _run_scope(a.device, backend):
-        return _gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets)
+    with _autocast_off(a.device):
+        return _gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets,
+                                                      backend=_backend(backend))
 
 
-@m_grouped_gemm_nt_contiguous.register_fake
+@m_grouped_gemm_nt_contiguous.op.register_fake
 def _(a, a_scale, b, b_scale, group_offsets, backend):
     return a.new_empty(a.shape[0], b.shape[1], dtype=torch.bfloat16)
 
 
-@torch.library.custom_op("fp8train::k_grouped_gemm_nt_contiguous", mutates_args=())
+@_op("k_grouped_gemm_nt_contiguous")
 def k_grouped_gemm_nt_contiguous(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
                                  group_offsets: Tensor, backend: str) -> Tensor:
     """MoE wgrad: float32 [G, N, K] from 1x128-along-T operands a [N, T], b [K, T]."""
-    with _run_scope(a.device, backend):
-        return _gemm.k_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets)
+    with _autocast_off(a.device):
+        return _gemm.k_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets,
+                                                      backend=_backend(backend))
 
 
-@k_grouped_gemm_nt_contiguous.register_fake
+@k_grouped_gemm_nt_contiguous.op.register_fake
 def _(a, a_scale, b, b_scale, group_offsets, backend):
     return a.new_empty(group_offsets.shape[0] - 1, a.shape[0], b.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("fp8train::k_grouped_gemm_nt_accumulate_", mutates_args=("out",))
+@_op("k_grouped_gemm_nt_accumulate_", mutates_args=("out",))
 def k_grouped_gemm_nt_accumulate_(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
                                   group_offsets: Tensor, out: Tensor, backend: str) -> None:
     """MoE wgrad added in FP32 into ``out`` [G, N, K] (``main_grad``)."""
-    with _run_scope(a.device, backend):
+    with _autocast_off(a.device):
         _gemm.k_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets, out,
-                                               accumulate=True)
+                                               accumulate=True, backend=_backend(backend))
 
 
-@k_grouped_gemm_nt_accumulate_.register_fake
+@k_grouped_gemm_nt_accumulate_.op.register_fake
 def _(a, a_scale, b, b_scale, group_offsets, out, backend):
     return None
 

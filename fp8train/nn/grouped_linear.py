@@ -60,11 +60,11 @@ def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype:
         if src_tokens is not None and rowwise:  # the permutation fused into the casts
             x_rows = None
             x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_permuted_layouts(
-                x, src_tokens, pow2, colwise)
+                x, src_tokens, pow2, colwise, backend)
         else:  # the rows in high precision: the fprop GEMM reads them
             x_rows = x if src_tokens is None else gather_rows(x, src_tokens)
             x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_layouts(
-                x_rows, pow2, rowwise, colwise)
+                x_rows, pow2, rowwise, colwise, backend)
         w_fp8, w_scale, w_t_fp8, w_t_scale = forward_weight_casts(weight, recipe, need_dx)
 
         if recipe.fprop_fp8:
@@ -115,12 +115,12 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
             dgrad_q, wgrad_q = need_dx and recipe.dgrad_fp8, need_dw and recipe.wgrad_fp8
             dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_layouts(
-                grad_out_hp, pow2, dgrad_q, wgrad_q)
+                grad_out_hp, pow2, dgrad_q, wgrad_q, backend)
 
             if need_dx:
                 if recipe.dgrad_fp8:
                     if w_t_fp8 is None:
-                        w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2)[2:]
+                        w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2, backend)[2:]
                     dx = ops.m_grouped_gemm_nt_contiguous(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
                                                           group_offsets, backend)
                 else:

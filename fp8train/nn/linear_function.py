@@ -31,7 +31,7 @@ from .shared_input_cast import cast_input_layouts
 GROUP = 128
 
 
-def cast_weight(weight: torch.Tensor, pow2_scale: bool):
+def cast_weight(weight: torch.Tensor, pow2_scale: bool, backend: str = ""):
     """The 128x128 FP8 copy of ``weight``. A weight that arrives already cast (an
     ``FP8BlockWeight``, e.g. from FSDP2's FP8 all-gather) is used as is: casting it again
     would only dequantize and round the same values twice."""
@@ -40,31 +40,31 @@ def cast_weight(weight: torch.Tensor, pow2_scale: bool):
             raise ValueError("weight: the recipe asks for power-of-two scales, but this "
                              "pre-cast FP8BlockWeight has float32 scales")
         return weight.fp8_data, weight.fp8_scale
-    return ops.cast_128x128(weight, pow2_scale)
+    return ops.cast_128x128(weight, pow2_scale, backend)
 
 
-def cast_weight_dual(weight: torch.Tensor, pow2_scale: bool):
+def cast_weight_dual(weight: torch.Tensor, pow2_scale: bool, backend: str = ""):
     """(W_q, scale, (W^T)_q, scale^T): the 128x128 casts of ``weight`` and of its transpose,
     from one pass over a high-precision weight; a pre-cast ``FP8BlockWeight``'s blocks are
     transposed as they are (the same bytes)."""
     if isinstance(weight, FP8BlockWeight):
         w_fp8, w_scale = cast_weight(weight, pow2_scale)
         return (w_fp8, w_scale, *ops.transpose_128x128(w_fp8, w_scale))
-    return ops.cast_128x128_dual(weight, pow2_scale)
+    return ops.cast_128x128_dual(weight, pow2_scale, backend)
 
 
 def forward_weight_casts(weight: torch.Tensor, recipe: FP8Recipe, need_dx: bool) -> tuple:
     """The weight operands the forward makes: W_q for an FP8 fprop, and (W^T)_q when backward
     keeps it (``save_fp8_weight``); one dual cast when both are needed.
     Returns (w_fp8, w_scale, w_t_fp8, w_t_scale), None where not needed."""
-    pow2 = recipe.pow2_scale
+    pow2, backend = recipe.pow2_scale, recipe.backend_arg
     if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
-        w_fp8, w_scale, w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2)
+        w_fp8, w_scale, w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2, backend)
         if not recipe.fprop_fp8:
             w_fp8 = w_scale = None
         return w_fp8, w_scale, w_t_fp8, w_t_scale
     if recipe.fprop_fp8:
-        return (*cast_weight(weight, pow2), None, None)
+        return (*cast_weight(weight, pow2, backend), None, None)
     return None, None, None, None
 
 
@@ -102,7 +102,7 @@ def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
     with torch.autocast(device_type=x.device.type, enabled=False):
         # Sibling layers reading the same x (q/k/v, gate/up) share one cast of it.
         x_fp8, x_scale, xt_fp8, xt_scale = cast_input_layouts(
-            x, x_hp, pow2, recipe.fprop_fp8, need_dw and recipe.wgrad_fp8)
+            x, x_hp, pow2, recipe.fprop_fp8, need_dw and recipe.wgrad_fp8, backend)
         w_fp8, w_scale, w_t_fp8, w_t_scale = forward_weight_casts(weight, recipe, need_dx)
 
         if recipe.fprop_fp8:
@@ -165,12 +165,12 @@ class FP8LinearFunction(torch.autograd.Function):
             dgrad_q = need_dx and recipe.dgrad_fp8
             wgrad_q = need_dw and recipe.wgrad_fp8 and ctx.num_tokens > 0
             dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_layouts(
-                grad_out_hp, pow2, dgrad_q, wgrad_q)
+                grad_out_hp, pow2, dgrad_q, wgrad_q, backend)
 
             if need_dx:
                 if recipe.dgrad_fp8:
                     if w_t_fp8 is None:
-                        w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2)[2:]
+                        w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2, backend)[2:]
                     dx = ops.gemm_nt(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
                                      gemm_out_dtype(ctx.x_dtype), backend)
                 else:

@@ -33,12 +33,12 @@ def _holder() -> list:
 
 
 def cast_input_layouts(x: torch.Tensor, x_hp: torch.Tensor, pow2_scale: bool, rowwise: bool,
-                       colwise: bool) -> tuple:
+                       colwise: bool, backend: str = "") -> tuple:
     """``ops.cast_1x128_layouts(x_hp, ...)`` for ``x_hp = x.reshape(-1, K)``, reusing the
     previous call's result when it cast the very same ``x`` (unchanged since) with the same
     scale rule and at least the layouts asked for."""
     if torch.compiler.is_compiling() or x.is_inference() or not (rowwise or colwise):
-        return ops.cast_1x128_layouts(x_hp, pow2_scale, rowwise, colwise)
+        return ops.cast_1x128_layouts(x_hp, pow2_scale, rowwise, colwise, backend)
     holder = _holder()
     entry = holder[0]
     if entry is not None:
@@ -48,7 +48,7 @@ def cast_input_layouts(x: torch.Tensor, x_hp: torch.Tensor, pow2_scale: bool, ro
             q, scale, qt, scale_t = result
             return (q if rowwise else None, scale if rowwise else None,
                     qt if colwise else None, scale_t if colwise else None)
-    result = ops.cast_1x128_layouts(x_hp, pow2_scale, rowwise, colwise)
+    result = ops.cast_1x128_layouts(x_hp, pow2_scale, rowwise, colwise, backend)
 
     def drop(dead_ref, holder=holder):
         # Called when x is freed; only the entry that refers to x is dropped.

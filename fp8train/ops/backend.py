@@ -44,6 +44,17 @@ def get_backend() -> str:
     return _backend
 
 
+def chosen(backend) -> str:
+    """The backend a call runs on: its own ``backend`` argument (checked), or the
+    process-wide choice when that is None. An argument never changes the process-wide
+    choice, so layers with different recipes can run side by side, in any thread."""
+    if backend is None:
+        return get_backend()
+    if backend not in _env.BACKENDS:
+        raise ValueError(f"backend: expected None or one of {_env.BACKENDS}, got {backend!r}")
+    return backend
+
+
 @functools.lru_cache(maxsize=None)
 def is_hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
@@ -56,23 +67,23 @@ def announce(message: str) -> None:
 
 
 def resolve(op: str, device: torch.device, *, native_ok, cublas_ok: bool,
-            native_in_auto: bool = True, cublas_first: bool = False) -> str:
-    """Pick the implementation of ``op`` for tensors on ``device``.
+            cublas_first: bool = False, backend=None) -> str:
+    """Pick the implementation of ``op`` for tensors on ``device`` under ``backend`` (None:
+    the process-wide choice).
 
     native_ok: callable returning (available, reason); cublas_ok: cuBLAS serves this call;
-    native_in_auto: False keeps a native kernel opt-in (``native`` backend) until it has
-    been verified on a GPU. cublas_first: ``auto`` takes cuBLAS over a native kernel.
+    cublas_first: ``auto`` takes cuBLAS over a native kernel.
     """
-    chosen = get_backend()
+    name = chosen(backend)
     on_hopper = device.type == "cuda" and is_hopper(device.index or 0)
-    if chosen == "reference":
+    if name == "reference":
         return "reference"
-    if chosen == "native":
+    if name == "native":
         ok, why = native_ok() if on_hopper else (False, f"tensors on {device}, not an sm_90 GPU")
         if not ok:
             raise RuntimeError(f"{op}: backend 'native' requested but unavailable: {why}")
         return "native"
-    if chosen == "cublas":
+    if name == "cublas":
         if not cublas_ok:
             raise RuntimeError(f"{op}: backend 'cublas' requested but cuBLAS has no "
                                f"blockwise FP8 GEMM for this call (tensors on {device})")
@@ -81,7 +92,7 @@ def resolve(op: str, device: torch.device, *, native_ok, cublas_ok: bool,
     if on_hopper:
         if cublas_ok and cublas_first:
             return "cublas"
-        ok, why = native_ok() if native_in_auto else (False, "not yet verified on a GPU")
+        ok, why = native_ok()
         if ok:
             return "native"
         if cublas_ok:

@@ -30,8 +30,21 @@ def supports(a: torch.Tensor, b_rows: int, out_dtype: torch.dtype, accumulate: b
     )
 
 
-def fp8_gemm_nt_cublas(a, sa, b, sb, out_dtype: torch.dtype) -> torch.Tensor:
-    n = b.shape[0]
-    scale_a = sa.t().contiguous().t()
-    scale_b = sb.t().contiguous() if sb.shape[0] == n and n > 1 else sb.t()
-    return torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=out_dtype)
+def fp8_gemm_nt_cublas(a, sa, b, sb, out_dtype: torch.dtype, out=None) -> torch.Tensor:
+    """``(a * sa) @ (b * sb).T`` into a new tensor, or written by cuBLAS into ``out``.
+    Scales already in cuBLAS's layout (the casts write A's and B's 1x128 scales so) are
+    passed as they are; others are copied into it."""
+    m, n = a.shape[0], b.shape[0]
+    scale_a = sa if _outer_major(sa, m) else sa.t().contiguous().t()
+    if sb.shape[0] == n and n > 1:  # B's 1x128 scales: a contiguous [Kb, N]
+        scale_b = sb.t() if _outer_major(sb, n) else sb.t().contiguous()
+    else:  # B's 128x128 scales [Nb, Kb] read as [Kb, Nb]
+        scale_b = sb.t()
+    if out is None:
+        return torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=out_dtype)
+    return torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=out.dtype, out=out)
+
+
+def _outer_major(scale: torch.Tensor, rows: int) -> bool:
+    """[rows, Kb] scales stored as a contiguous [Kb, rows] (stride 1 along rows)."""
+    return scale.stride(0) == 1 and (scale.shape[1] == 1 or scale.stride(1) == rows)

@@ -80,7 +80,8 @@ def _check_offsets(name: str, offsets, groups: int, total: int, device) -> list[
 
 
 def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
-                out_dtype: torch.dtype = torch.bfloat16, accumulate: bool = False) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.bfloat16, accumulate: bool = False,
+                backend: Optional[str] = None) -> torch.Tensor:
     """``out = (a * sa) @ (b * sb).T``.
 
     a: (e4m3 ``[M, K]``, float32 ``[M, K/128]``), 1x128 scales.
@@ -88,6 +89,8 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
        1x128 ``[N, K/128]`` (wgrad).
     out: optional ``[M, N]`` bf16/fp32; when given, its dtype is the output dtype.
     accumulate: add into ``out`` (float32) instead of overwriting it.
+    backend: ``auto``, ``native``, ``cublas`` or ``reference`` for this call; None: the
+       process-wide choice (``set_backend``).
     """
     # Every eager GEMM pays this on the host: a call whose argument signature (shapes,
     # strides, dtypes, devices, options, backend) was validated before reuses that plan.
@@ -97,12 +100,12 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
         key = (x.shape, x.stride(), x.dtype, x.device, sx.shape, sx.dtype, sx.device,
                y.shape, y.stride(), y.dtype, y.device, sy.shape, sy.dtype, sy.device,
                None if out is None else (out.shape, out.dtype, out.device, out.is_contiguous()),
-               out_dtype, accumulate, _backend.get_backend())
+               out_dtype, accumulate, backend, _backend.get_backend())
         plan = _dense_plans.get(key)
     except (TypeError, ValueError, AttributeError):
         key = plan = None
     if plan is None:
-        plan = _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate)
+        plan = _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate, backend)
         if key is not None:
             if len(_dense_plans) >= 4096:
                 _dense_plans.clear()
@@ -117,9 +120,8 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
             fp8_gemm_nt_native(x, sx, y, sy if kind == "1d1d" else sy.contiguous(), out, kind, accumulate)
         return out
     if path == "cublas":
-        result = _cublas.fp8_gemm_nt_cublas(x, sx, y, sy, dtype)
-    else:
-        result = _ref.fp8_gemm_nt_ref(x, sx, y, sy)
+        return _cublas.fp8_gemm_nt_cublas(x, sx, y, sy, dtype, out)
+    result = _ref.fp8_gemm_nt_ref(x, sx, y, sy)
     if out is None:
         return result.to(dtype)
     if accumulate:
@@ -132,7 +134,7 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
 _dense_plans: dict = {}  # argument signature -> (path, kind, m, n, out dtype)
 
 
-def _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate) -> tuple:
+def _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate, backend) -> tuple:
     """Full argument checks of fp8_gemm_nt (each error names the argument), then the path."""
     a, sa = _unpack("a", a)
     b, sb = _unpack("b", b)
@@ -156,12 +158,14 @@ def _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate) -> tuple:
     path = _backend.resolve("fp8_gemm_nt", a.device,
                             native_ok=lambda: _native.dense_support(n, kind, dtype, accumulate),
                             cublas_ok=_cublas.supports(a, n, dtype, accumulate),
-                            cublas_first=_backend.PREFER_CUBLAS and not _backend.native_beats_cublas(m, n, k))
+                            cublas_first=_backend.PREFER_CUBLAS and not _backend.native_beats_cublas(m, n, k),
+                            backend=backend)
     return path, kind, m, n, dtype
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torch.Tensor,
-                                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                                     out: Optional[torch.Tensor] = None, *,
+                                     backend: Optional[str] = None) -> torch.Tensor:
     """MoE fprop/dgrad on the contiguous layout: rows of segment g times ``b[g]``.
 
     a: (e4m3 ``[M, K]``, float32 ``[M, K/128]``), rows sorted by group, segments padded to
@@ -192,7 +196,8 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     out = _check_out(out, (m, n), a.device, False, torch.bfloat16)
     path = _backend.resolve("m_grouped_fp8_gemm_nt_contiguous", a.device,
                             native_ok=lambda: _native.m_grouped_support(m, n, b),
-                            cublas_ok=False, native_in_auto=_native.GROUPED_VERIFIED["m_contiguous"])
+                            cublas_ok=False,
+                            backend=backend)
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
     if path == "native":
@@ -209,7 +214,8 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
 
 def m_grouped_fp8_gemm_nt_masked(a: FP8Pair, b: FP8Pair, masked_m: torch.Tensor,
                                  out: Optional[torch.Tensor] = None, *,
-                                 expected_m: Optional[int] = None) -> torch.Tensor:
+                                 expected_m: Optional[int] = None,
+                                 backend: Optional[str] = None) -> torch.Tensor:
     """MoE GEMM on the masked layout: ``out[g, :masked_m[g]] = a[g, :masked_m[g]] @ b[g].T``.
 
     a: (e4m3 ``[G, M_max, K]``, float32 ``[G, M_max, K/128]``).
@@ -241,7 +247,8 @@ def m_grouped_fp8_gemm_nt_masked(a: FP8Pair, b: FP8Pair, masked_m: torch.Tensor,
     out = _check_out(out, (g, m_max, n), a.device, False, torch.bfloat16)
     path = _backend.resolve("m_grouped_fp8_gemm_nt_masked", a.device,
                             native_ok=lambda: _native.m_grouped_masked_support(n, a, b),
-                            cublas_ok=False, native_in_auto=_native.GROUPED_VERIFIED["m_masked"])
+                            cublas_ok=False,
+                            backend=backend)
     if out is None:
         out = torch.zeros(g, m_max, n, dtype=torch.bfloat16, device=a.device)
     if path == "native":
@@ -260,7 +267,8 @@ def m_grouped_fp8_gemm_nt_masked(a: FP8Pair, b: FP8Pair, masked_m: torch.Tensor,
 
 def k_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torch.Tensor,
                                      out: Optional[torch.Tensor] = None, *,
-                                     accumulate: bool = False) -> torch.Tensor:
+                                     accumulate: bool = False,
+                                     backend: Optional[str] = None) -> torch.Tensor:
     """MoE weight gradient: ``out[g] = a[:, seg g] @ b[:, seg g].T`` for every expert g.
 
     a: (e4m3 ``[N, T]``, float32 ``[N, T/128]``) and b: (e4m3 ``[K, T]``, float32
@@ -293,7 +301,8 @@ def k_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     out = _check_out(out, (g, n, k), a.device, accumulate, torch.float32)
     path = _backend.resolve("k_grouped_fp8_gemm_nt_contiguous", a.device,
                             native_ok=lambda: _native.k_grouped_support(n, k, a, b),
-                            cublas_ok=False, native_in_auto=_native.GROUPED_VERIFIED["k_contiguous"])
+                            cublas_ok=False,
+                            backend=backend)
     if out is None:
         out = torch.empty(g, n, k, dtype=torch.float32, device=a.device)
     if path == "native":

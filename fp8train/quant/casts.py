@@ -1,7 +1,7 @@
 """Public FP8 casts: checks, then the implementation: the native kernels (quant/native.py)
-when the `native` backend is selected, or under `auto` once ``native.VERIFIED`` is set (it
-stays False until tests/test_cast_native.py has passed on a Hopper GPU); else the plain-torch
-reference. Both give the same bytes and scales (that is what the GPU tests check).
+on a Hopper GPU, else the plain-torch reference; both give the same bytes and scales (the
+GPU tests check it). Every cast takes ``backend`` (None: the process-wide choice,
+``set_backend``): ``reference`` runs the plain-torch casts, ``native`` insists on the kernels.
 
 NaN and Inf are never clamped: a NaN or Inf anywhere in a group makes that group's scale
 NaN or Inf, so the dequantized group (and any GEMM that reads it) is non-finite too. That
@@ -29,7 +29,7 @@ from .reference import (
 FP8Pair = Tuple[torch.Tensor, torch.Tensor]
 
 
-def per_token_cast(x: torch.Tensor, *, pow2_scale: bool = False) -> FP8Pair:
+def per_token_cast(x: torch.Tensor, *, pow2_scale: bool = False, backend=None) -> FP8Pair:
     """1x128 cast along the last dim.
 
     x: ``[..., K]`` float tensor (fp32, bf16, fp16 or fp64), K >= 1.
@@ -40,25 +40,25 @@ def per_token_cast(x: torch.Tensor, *, pow2_scale: bool = False) -> FP8Pair:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x: expected shape [..., K] with K >= 1, got {tuple(x.shape)}")
-    if _use_native(x):
+    if _use_native(x, backend):
         return _native.per_token_cast(x, pow2_scale)
     x_fp8, scale = per_token_cast_ref(x, pow2_scale)
     return x_fp8, to_rowwise_layout(scale)
 
 
-def per_block_cast(w: torch.Tensor, *, pow2_scale: bool = False) -> FP8Pair:
+def per_block_cast(w: torch.Tensor, *, pow2_scale: bool = False, backend=None) -> FP8Pair:
     """128x128 block cast of a weight ``[N, K]`` or a stack of expert weights ``[G, N, K]``.
 
     Returns ``w_fp8`` e4m3 of w's shape and ``scale`` float32 ``[ceil(N/128), ceil(K/128)]``
     (``[G, ...]`` for 3-D input).
     """
     _check_weight(w)
-    if _use_native(w):
+    if _use_native(w, backend):
         return _native.block_cast(w, pow2_scale, transposed=False)[:2]
     return per_block_cast_ref(w, pow2_scale)
 
 
-def per_block_cast_dual(w: torch.Tensor, *, pow2_scale: bool = False):
+def per_block_cast_dual(w: torch.Tensor, *, pow2_scale: bool = False, backend=None):
     """The 128x128 casts of a weight and of its transpose from one read of w (fprop wants
     ``W_q``, dgrad ``(W^T)_q``): w ``[N, K]`` or ``[G, N, K]`` ->
     (``w_fp8`` ``[..., N, K]``, ``scale`` ``[..., ceil(N/128), ceil(K/128)]``,
@@ -66,7 +66,7 @@ def per_block_cast_dual(w: torch.Tensor, *, pow2_scale: bool = False):
     The transposed pair is exactly ``per_block_cast(w.mT)``.
     """
     _check_weight(w)
-    if _use_native(w):
+    if _use_native(w, backend):
         return _native.block_cast(w, pow2_scale, transposed=True)
     return per_block_cast_dual_ref(w, pow2_scale)
 
@@ -77,7 +77,7 @@ def _check_weight(w: torch.Tensor) -> None:
         raise ValueError(f"w: expected N >= 1 and K >= 1, got shape {tuple(w.shape)}")
 
 
-def per_token_cast_transposed(x: torch.Tensor, *, pow2_scale: bool = False) -> FP8Pair:
+def per_token_cast_transposed(x: torch.Tensor, *, pow2_scale: bool = False, backend=None) -> FP8Pair:
     """Column-wise (wgrad) cast: x ``[T, K]`` -> the 1x128 cast of ``x.T`` along T.
 
     Returns ``xt_fp8`` e4m3 ``[K, T]`` contiguous and ``scale`` float32 ``[K, ceil(T/128)]``.
@@ -86,33 +86,34 @@ def per_token_cast_transposed(x: torch.Tensor, *, pow2_scale: bool = False) -> F
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
     if x.shape[0] == 0:
         raise ValueError(f"x: expected T >= 1 rows, got shape {tuple(x.shape)}")
-    if x.shape[1] > 0 and _use_native(x):
+    if x.shape[1] > 0 and _use_native(x, backend):
         _, _, xt_fp8, xt_scale = _native.dual_cast(x, pow2_scale, rowwise=False, pad_columnwise=False)
         return xt_fp8, xt_scale
     return per_token_cast_transposed_ref(x, pow2_scale)
 
 
-def _use_native(x: torch.Tensor) -> bool:
-    """The native casts run when asked for (`native` backend) until verified on a GPU, and
-    only on what they take (an sm_90 GPU with the toolchain; bf16/fp16/fp32, contiguous);
-    anything else, fp64 included, goes to the reference. The `native` backend on a GPU the
-    kernels cannot serve raises, as the GEMMs' does."""
-    from ..ops import backend
+def _use_native(x: torch.Tensor, backend) -> bool:
+    """The native casts run on what they take (an sm_90 GPU with the toolchain;
+    bf16/fp16/fp32, contiguous) unless ``backend`` (None: the process-wide choice) is
+    ``reference``; anything else, fp64 included, goes to the reference, which gives the
+    same bytes. The ``native`` backend on a GPU the kernels cannot serve raises, as the
+    GEMMs' does. ``cublas`` is about GEMMs: its casts run as under ``auto``."""
+    from ..ops import backend as _backend
     from ..ops.native import toolchain_status
 
-    if not _native.supports(x):
+    chosen = _backend.chosen(backend)
+    if chosen == "reference" or not _native.supports(x):
         return False
-    chosen = backend.get_backend()
-    if chosen not in ("native", "auto") or (chosen == "auto" and not _native.VERIFIED):
-        return False
-    ok, why = (toolchain_status() if backend.is_hopper(x.device.index or 0)
+    ok, why = (toolchain_status() if _backend.is_hopper(x.device.index or 0)
                else (False, f"tensors on {x.device}, not an sm_90 GPU"))
-    if not ok and chosen == "native":
-        raise RuntimeError(f"FP8 cast: backend 'native' requested but unavailable: {why}")
+    if not ok:
+        if chosen == "native":
+            raise RuntimeError(f"FP8 cast: backend 'native' requested but unavailable: {why}")
+        _backend.announce(f"FP8 casts run on the reference emulation: native kernels unavailable ({why})")
     return ok
 
 
-def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False):
+def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False, backend=None):
     """Both casts an activation or output gradient needs, from one read of x ``[T, K]``:
     the row-wise 1x128 cast (``[T, K]``, ``[T, ceil(K/128)]``) and the column-wise cast of
     ``x.T`` along T (``[K, Tp]``, ``[K, Tp/128]``, T zero-padded to Tp, a multiple of 128).
@@ -120,7 +121,7 @@ def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False):
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"x: expected T >= 1 and K >= 1, got shape {tuple(x.shape)}")
-    if _use_native(x):
+    if _use_native(x, backend):
         return _native.dual_cast(x, pow2_scale)
     x_fp8, scale, xt_fp8, xt_scale = dual_cast_ref(x, pow2_scale)
     return x_fp8, to_rowwise_layout(scale), xt_fp8, xt_scale

@@ -27,7 +27,7 @@ def _check_flag(name: str, value) -> None:
 
 
 def per_token_cast_permuted(x: torch.Tensor, src_tokens: torch.Tensor, *,
-                            pow2_scale: bool = False, colwise: bool = False):
+                            pow2_scale: bool = False, colwise: bool = False, backend=None):
     """Cast of ``permute(x)`` without materialising it.
 
     x: ``[T, K]`` float tensor (the tokens, in router order).
@@ -45,7 +45,7 @@ def per_token_cast_permuted(x: torch.Tensor, src_tokens: torch.Tensor, *,
     if x.shape[1] == 0:
         raise ValueError(f"x: expected K >= 1 columns, got shape {tuple(x.shape)}")
     rows = src_tokens.shape[0]
-    if (rows > 0 and _use_native(x) and src_tokens.is_contiguous()
+    if (rows > 0 and _use_native(x, backend) and src_tokens.is_contiguous()
             and _native.chunks_fit(rows, x.shape[1]) and -(-rows // GROUP) <= 65535):
         if colwise:
             return _native.dual_cast(x, pow2_scale, src_rows=src_tokens, num_rows=rows)
@@ -55,7 +55,7 @@ def per_token_cast_permuted(x: torch.Tensor, src_tokens: torch.Tensor, *,
 
 
 def per_token_cast_transposed_grouped(x: torch.Tensor, group_offsets: torch.Tensor, *,
-                                      pow2_scale: bool = False):
+                                      pow2_scale: bool = False, backend=None):
     """Column-wise cast of the contiguous expert layout x ``[M, K]`` (1x128 along M, groups
     inside each expert's segment) -> ``[K, M]`` e4m3 and ``[K, M/128]`` float32 scales.
 
@@ -81,4 +81,4 @@ def per_token_cast_transposed_grouped(x: torch.Tensor, group_offsets: torch.Tens
     if x.shape[0] == 0:  # no tokens routed anywhere: empty operands of the right shapes
         return (x.new_empty(x.shape[1], 0, dtype=FP8_DTYPE),
                 x.new_empty(x.shape[1], 0, dtype=torch.float32))
-    return per_token_cast_transposed(x, pow2_scale=pow2_scale)
+    return per_token_cast_transposed(x, pow2_scale=pow2_scale, backend=backend)

@@ -2,7 +2,7 @@
 
 `cuda.bindings` is imported on first use, so importing fp8train needs no GPU driver.
 
-Kernel arguments go to `Kernel.launch` the cuda-bindings way, as two parallel tuples:
+Kernel arguments go to `Kernel.launch` as two parallel tuples:
     args      = (out.data_ptr(), m, tma_a)
     arg_types = (ctypes.c_void_p, ctypes.c_int, None)
 Pointers are ints typed `ctypes.c_void_p`; scalars use their ctypes type. A TMA descriptor
@@ -17,6 +17,7 @@ each costs is unknown until measured on the device.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import threading
 from pathlib import Path
 
@@ -60,6 +61,23 @@ def _check(result: tuple, what: str):
     return result[1] if len(result) == 2 else result[1:]
 
 
+class _ArgBlock:
+    """One ctypes value per kernel parameter and the void* array pointing at them: what
+    `cuLaunchKernelEx` reads. The driver copies the values before the launch returns, so
+    one block per thread and argument signature is refilled for every launch."""
+
+    __slots__ = ("values", "_array", "address")
+
+    def __init__(self, arg_types: tuple):
+        self.values = [t() for t in arg_types]
+        self._array = (ctypes.c_void_p * len(arg_types))(*[ctypes.addressof(v) for v in self.values])
+        self.address = ctypes.addressof(self._array)
+
+    def fill(self, args: tuple) -> None:
+        for slot, value in zip(self.values, args):
+            slot.value = value
+
+
 class Kernel:
     """One `__global__` function of a loaded cubin on one device. Use load_kernel()."""
 
@@ -85,18 +103,30 @@ class Kernel:
         """Launch on `stream` (a raw handle, e.g. torch.cuda.current_stream().cuda_stream).
         `grid` is an int or a 1-3 tuple of blocks, `block` threads per block, `smem_bytes`
         dynamic shared memory, `cluster` blocks per cluster along x (must divide grid x).
-        No host synchronisation."""
-        try:
-            config = self._configs[(grid, block, smem_bytes, cluster, stream)]
-        except (KeyError, TypeError):  # TypeError: an unhashable grid, rejected by the build
-            config = self._build_config(grid, block, smem_bytes, cluster, stream)
+        No host synchronisation. Pointer and scalar arguments are written into a parameter
+        block kept per thread and argument signature, and launched as `launch_params` does;
+        an argument list with a TMA descriptor (type None) goes through cuda-bindings."""
         if type(args) is not tuple or type(arg_types) is not tuple:
             raise TypeError("args, arg_types: expected two tuples")
         if len(args) != len(arg_types):
             raise ValueError(f"args: {len(args)} values but {len(arg_types)} arg_types")
-        with self._device_current():
-            _check(_drv.cuLaunchKernelEx(config, self._function, (args, arg_types), 0),
-                   f"cuLaunchKernelEx({self.name})")
+        if None in arg_types:
+            try:
+                config = self._configs[(grid, block, smem_bytes, cluster, stream)]
+            except (KeyError, TypeError):  # TypeError: an unhashable grid, rejected by the build
+                config = self._build_config(grid, block, smem_bytes, cluster, stream)
+            with self._device_current():
+                _check(_drv.cuLaunchKernelEx(config, self._function, (args, arg_types), 0),
+                       f"cuLaunchKernelEx({self.name})")
+            return
+        blocks = getattr(_THREAD, "arg_blocks", None)
+        if blocks is None:
+            blocks = _THREAD.arg_blocks = {}
+        block_of_args = blocks.get(arg_types)
+        if block_of_args is None:
+            block_of_args = blocks[arg_types] = _ArgBlock(arg_types)
+        block_of_args.fill(args)
+        self.launch_params(grid, block, smem_bytes, block_of_args.address, stream, cluster)
 
     def launch_params(self, grid: int | tuple, block: int, smem_bytes: int, params_address: int,
                       stream: int, cluster: int = 1) -> None:
@@ -105,7 +135,10 @@ class Kernel:
         the parameters before this returns, so the block may be rewritten right after."""
         if _use_ctypes():
             key = (grid, block, smem_bytes, cluster, stream)
-            launch = self._ctypes_configs.get(key)
+            try:
+                launch = self._ctypes_configs.get(key)
+            except TypeError:  # an unhashable grid: the config build below rejects it
+                launch = None
             if launch is None:
                 config = self._build_config(grid, block, smem_bytes, cluster, stream)  # validates
                 launch = self._ctypes_configs[key] = ctypes_launch.CtypesLaunch(

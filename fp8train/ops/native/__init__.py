@@ -22,12 +22,6 @@ def toolchain_status() -> tuple[bool, str]:
     return True, "ok"
 
 
-# Which grouped kernels `auto` runs: each passed its GPU tests (tests/test_gemm_grouped_native.py)
-# on the H100 in session 3. Set one False to keep `auto` on the reference for it; the `native`
-# backend runs them regardless.
-GROUPED_VERIFIED = {"m_contiguous": True, "m_masked": True, "k_contiguous": True}
-
-
 def _contiguous_3d(name: str, t: torch.Tensor) -> tuple[bool, str]:
     if not t.is_contiguous():
         return False, f"{name} is not contiguous"
