@@ -60,8 +60,7 @@ def _check(m, n, k, kind):
     out_dtype = torch.bfloat16 if kind == "1d2d" else torch.float32
     expect = ref.fp8_gemm_nt_ref(a[0], a[1], b[0], b[1])
     out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
-    ops.set_backend("native")
-    ops.fp8_gemm_nt(a, b, out)
+    ops.fp8_gemm_nt(a, b, out, backend="native")
     torch.cuda.synchronize()
     err = rel_err(out, expect)
     limit = 4e-3 if out_dtype == torch.bfloat16 else 1e-3
@@ -69,7 +68,7 @@ def _check(m, n, k, kind):
     if kind == "1d1d":  # accumulate: out + new
         base = torch.randn(m, n, device="cuda")
         acc = base.clone()
-        ops.fp8_gemm_nt(a, b, acc, accumulate=True)
+        ops.fp8_gemm_nt(a, b, acc, accumulate=True, backend="native")
         acc_err = rel_err(acc, base + expect)
         ok = ok and acc_err < limit
     return ok, err
@@ -78,31 +77,43 @@ def _check(m, n, k, kind):
 def _bench_1d2d(m, n, k):
     per_set = m * k + n * k + 2 * m * n
     sets = [_operands(m, n, k, "1d2d", seed=i) for i in range(num_input_sets(per_set))]
-    ops.set_backend("native")
-    native = [lambda s=s: ops.fp8_gemm_nt(s[2], s[3]) for s in sets]
+    outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in sets]
+    native = [lambda s=s: ops.fp8_gemm_nt(s[2], s[3], backend="native") for s in sets]
+    # What a user gets: `auto` (cuBLAS or native, as dispatch decides), with and without out=.
+    auto = [lambda s=s: ops.fp8_gemm_nt(s[2], s[3], backend="auto") for s in sets]
+    auto_out = [lambda s=s, o=o: ops.fp8_gemm_nt(s[2], s[3], o, backend="auto") for s, o in zip(sets, outs)]
     cublas_args = [(s[2][0], s[3][0].t(), s[2][1].t().contiguous().t(), s[3][1].t()) for s in sets]
     cublas = [lambda c=c: torch._scaled_mm(c[0], c[1], c[2], c[3], out_dtype=torch.bfloat16)
               for c in cublas_args]
+    cublas_out = [lambda c=c, o=o: torch._scaled_mm(c[0], c[1], c[2], c[3], out_dtype=torch.bfloat16, out=o)
+                  for c, o in zip(cublas_args, outs)]
     one = torch.ones((), device="cuda")
     tw_args = [(s[0].to(torch.float8_e4m3fn), s[1].to(torch.float8_e4m3fn).t()) for s in sets]
     tensorwise = [lambda c=c: torch._scaled_mm(c[0], c[1], one, one, out_dtype=torch.bfloat16,
                                                use_fast_accum=True) for c in tw_args]
     bf16 = [lambda s=s: torch.matmul(s[0], s[1].t()) for s in sets]
     return {name: time_calls(fns) for name, fns in
-            (("native", native), ("cublas", cublas), ("tensorwise", tensorwise), ("bf16", bf16))}
+            (("native", native), ("cublas", cublas), ("auto", auto), ("cublas_out", cublas_out),
+             ("auto_out", auto_out), ("tensorwise", tensorwise), ("bf16", bf16))}
 
 
 def _bench_1d1d(m, n, k):
     per_set = m * k + n * k + 4 * m * n
     sets = [_operands(m, n, k, "1d1d", seed=i) for i in range(num_input_sets(per_set))]
-    ops.set_backend("native")
     outs = [torch.empty(m, n, device="cuda") for _ in sets]
-    native = [lambda s=s, o=o: ops.fp8_gemm_nt(s[2], s[3], o) for s, o in zip(sets, outs)]
+    native = [lambda s=s, o=o: ops.fp8_gemm_nt(s[2], s[3], o, backend="native") for s, o in zip(sets, outs)]
     cublas_args = [(s[2][0], s[3][0].t(), s[2][1].t().contiguous().t(), s[3][1].t().contiguous())
                    for s in sets]
     cublas = [lambda c=c: torch._scaled_mm(c[0], c[1], c[2], c[3], out_dtype=torch.float32)
               for c in cublas_args]
     return {name: time_calls(fns) for name, fns in (("native", native), ("cublas", cublas))}
+
+
+def _auto_path(m, n, k) -> str:
+    """The path `auto` takes for this shape ("cublas" or "native")."""
+    x, w, a, b = _operands(m, n, k, "1d2d", seed=0)
+    plan = ops.gemm._plan_fp8_gemm_nt(a, b, None, torch.bfloat16, False, "auto")
+    return plan[0]
 
 
 def _tflops(m, n, k, ms):
@@ -130,6 +141,10 @@ def run(shapes: str | None, json_path: str | None) -> int:
                 row[f"{name}_tflops"] = _tflops(m, n, k, ms)
                 row[f"{name}_host_us"] = host_us
             row["ratio"] = row["native_tflops"] / row["cublas_tflops"]
+            if kind == "1d2d":  # what `auto` costs over cuBLAS called directly
+                row["auto_path"] = _auto_path(m, n, k)
+                row["auto_vs_cublas"] = row["auto_tflops"] / row["cublas_tflops"]
+                row["auto_out_vs_cublas_out"] = row["auto_out_tflops"] / row["cublas_out_tflops"]
             row["deepgemm_ratio"] = DENSE_1D2D.get((m, n, k)) if kind == "1d2d" else None
             if m <= 128:
                 row["roofline_pct"] = roofline_pct(m, n, k, 2 * m * n * k / (row["native_tflops"] * 1e12))
@@ -145,7 +160,8 @@ def run(shapes: str | None, json_path: str | None) -> int:
 def _print_row(r):
     extra = ""
     if r["kind"] == "1d2d":
-        extra = (f" tw {r['tensorwise_tflops']:6.0f} bf16 {r['bf16_tflops']:5.0f}"
+        extra = (f" auto({r['auto_path']}) {r['auto_vs_cublas']:.2f}/{r['auto_out_vs_cublas_out']:.2f}x"
+                 f" tw {r['tensorwise_tflops']:6.0f} bf16 {r['bf16_tflops']:5.0f}"
                  + (f" DG {r['deepgemm_ratio']:.2f}" if r["deepgemm_ratio"] else "         "))
     roof = f" roof {r['roofline_pct']:3.0f}%" if "roofline_pct" in r else "          "
     print(f"{r['kind']} {r['m']:>5} {r['n']:>5} {r['k']:>5} {'ok ' if r['ok'] else 'BAD'} "
@@ -164,6 +180,10 @@ def _print_summary(rows):
               f"max native {max(r['native_tflops'] for r in sel):.0f} TFLOP/s, "
               f"median host us {statistics.median(r['native_host_us'] for r in sel):.1f}, "
               f"all correct: {all(r['ok'] for r in sel)}")
+        routed = [r for r in sel if r.get("auto_path") == "cublas"]
+        if routed:
+            print(f"{kind}: auto on cuBLAS vs cuBLAS direct, worst {min(r['auto_vs_cublas'] for r in routed):.3f}x "
+                  f"(out=: {min(r['auto_out_vs_cublas_out'] for r in routed):.3f}x) over {len(routed)} shapes")
         small = [r for r in sel if "roofline_pct" in r]
         if small:
             print(f"{kind}: M<=128 roofline min {min(r['roofline_pct'] for r in small):.0f}%")
