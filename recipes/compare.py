@@ -27,6 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.metrics import read_jsonl  # noqa: E402
 
+# Keys two compared runs may differ in: the precision (and the FP8 recipe's own switches),
+# where the run lives, and what only steers the process.
+COMPARABLE_KEYS = frozenset({"precision", "run_name", "out_dir", "fp8_pow2_scale", "fp8_fprop",
+                             "fp8_dgrad", "fp8_wgrad", "fp8_all_gather"})
+
 
 def load_run(run_dir: Path) -> dict:
     """A run's train records {step: loss}, val records, summary and config."""
@@ -52,6 +57,26 @@ def _tokens_per_s(summary: dict, records: list[dict]) -> float | None:
     # No summary (a run still going, or cut off): the median interval rate, first one left out.
     rates = sorted(r["tokens_per_s"] for r in records[1:] if r.get("tokens_per_s"))
     return rates[len(rates) // 2] if rates else None
+
+
+def config_mismatch(dir_a: Path, dir_b: Path, a: dict, b: dict) -> dict:
+    """{key: (A's value, B's value)} of every config key (and the process count) the runs
+    differ in besides ``COMPARABLE_KEYS``; a run without config.yaml is a mismatch."""
+    import yaml
+
+    from recipes.config import RUN_CONTROL_KEYS, config_diff, config_from_dict
+
+    configs = []
+    for path in (dir_a, dir_b):
+        file = path / "config.yaml"
+        if not file.is_file():
+            return {"config.yaml": f"missing in {path}"}
+        configs.append(config_from_dict(yaml.safe_load(file.read_text())))
+    diff = config_diff(*configs, ignore=RUN_CONTROL_KEYS | COMPARABLE_KEYS)
+    procs = (a["summary"].get("processes"), b["summary"].get("processes"))
+    if None not in procs and procs[0] != procs[1]:
+        diff["processes"] = procs
+    return diff
 
 
 def compare(a: dict, b: dict, window: int) -> dict:
@@ -152,17 +177,26 @@ def main(argv=None) -> int:
     p.add_argument("--max-rel-err", type=float, help="bar: relative loss error at most this (e.g. 0.0025)")
     p.add_argument("--min-speedup", type=float, help="bar: tokens/s ratio A/B at least this")
     p.add_argument("--max-mem-ratio", type=float, help="bar: peak memory ratio A/B at most this")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="compare runs whose configs differ in more than the precision (listed above the table)")
     args = p.parse_args(argv)
     if args.window < 1:
         p.error(f"--window must be >= 1, got {args.window}")
 
     a, b = load_run(args.run_a), load_run(args.run_b)
+    mismatch = config_mismatch(args.run_a, args.run_b, a, b)
+    if mismatch and not args.allow_mismatch:
+        print(f"compare: the runs differ in more than the precision: {mismatch}; they are not "
+              "comparable (pass --allow-mismatch to compare them anyway)", file=sys.stderr)
+        return 2
+    if mismatch:
+        print(f"mismatch (compared anyway, --allow-mismatch): {mismatch}")
     res = compare(a, b, args.window)
     out = args.out or args.run_a.parent / f"compare-{a['name']}-vs-{b['name']}"
     out.mkdir(parents=True, exist_ok=True)
     plot(a, b, out / "compare.png")
 
-    notes = []
+    notes = [f"configs differ (--allow-mismatch): {mismatch}"] if mismatch else []
     digests = {run["name"]: run["summary"].get("data_digest") for run in (a, b)}
     if None in digests.values():
         unknown = [name for name, digest in digests.items() if digest is None]

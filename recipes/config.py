@@ -30,7 +30,8 @@ PRECISIONS = ("fp8", "bf16")
 
 # Fields that may differ between a run and its resume: they steer the process, not the
 # numbers (changing max_steps, lr or the data would silently change the curve being resumed).
-RUN_CONTROL_KEYS = frozenset({"stop_after_steps", "progress_bar", "log_with", "keep_checkpoints"})
+RUN_CONTROL_KEYS = frozenset({"stop_after_steps", "progress_bar", "log_with", "keep_checkpoints",
+                              "max_skipped_steps"})
 
 
 class ConfigError(ValueError):
@@ -184,6 +185,9 @@ class TrainConfig:
     checkpoint_interval: int = 100
     # Keep only the newest this-many checkpoints; 0 = keep all.
     keep_checkpoints: int = 2
+    # A step whose loss or gradient norm is not finite is skipped (no weight update, logged);
+    # this many in a row stop the run.
+    max_skipped_steps: int = 3
     # Runs go to <out_dir>/<run_name>/.
     out_dir: str = "runs"
     # Run folder name; empty = "<config file stem>-<precision>".
@@ -214,7 +218,8 @@ class TrainConfig:
         _require(self.precision in PRECISIONS,
                  f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "max_steps",
-                     "log_interval", "eval_interval", "eval_batches", "checkpoint_interval"):
+                     "log_interval", "eval_interval", "eval_batches", "checkpoint_interval",
+                     "max_skipped_steps"):
             _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("data_max_bytes", "warmup_steps", "keep_checkpoints", "stop_after_steps",
                      "weight_decay", "grad_clip", "min_lr"):

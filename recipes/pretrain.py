@@ -43,7 +43,9 @@ from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import fp8train  # noqa: E402
-from recipes.checkpoint import TrainState, latest_checkpoint, save_checkpoint  # noqa: E402
+from recipes.checkpoint import (CheckpointError, TrainState, latest_checkpoint, load_checkpoint,  # noqa: E402
+                                move_aside, read_run_id, read_train_state, run_summary, save_checkpoint,
+                                start_run_folder)
 from recipes.config import PRECISIONS, ConfigError, config_diff, config_from_dict, load_config  # noqa: E402
 from recipes.data import Batches, load_corpus  # noqa: E402
 from recipes.metrics import MetricsLog, Throughput, peak_memory_gb  # noqa: E402
@@ -58,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, help="overrides the config's precision")
     p.add_argument("--data", help="text file or folder to train on (default: the stdlib sources)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that holds a run (the old run is moved aside, not deleted)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     # Intermixed: overrides may come before or after the flags.
     return p.parse_intermixed_args(argv)
@@ -88,22 +92,49 @@ def main(argv=None) -> Path:
         log_with=[t.strip() for t in cfg.log_with.split(",") if t.strip()] or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "trackers")))
     main_proc = accelerator.is_main_process
-    resume_from = None
+    if args.resume and args.overwrite:
+        sys.exit("--resume and --overwrite: pick one (continue the run, or start it over)")
+    # Config and data errors come out before anything in the run folder is touched.
+    try:
+        corpus = load_corpus(cfg.data, cfg.data_max_bytes, cfg.val_fraction, min_tokens=cfg.seq_len + 1)
+    except (OSError, ValueError) as err:
+        sys.exit(f"data error: {err}")
+    resume_from, run_id = None, None
+    held = run_summary(run_dir)
     if args.resume:
-        resume_from = latest_checkpoint(run_dir)
+        run_id = read_run_id(run_dir)
+        try:
+            resume_from = latest_checkpoint(run_dir, run_id)
+            saved_state = read_train_state(resume_from)
+        except (FileNotFoundError, CheckpointError) as err:
+            sys.exit(str(err))
         saved = config_from_dict(yaml.safe_load((resume_from / "config.yaml").read_text()))
         diff = config_diff(saved, cfg)
         if diff:
             sys.exit(f"--resume: the config differs from the one {resume_from} was saved with "
                      f"(changing these would change the curve being resumed): {diff}")
+        if int(saved_state["step"]) >= cfg.max_steps:
+            accelerator.print(f"--resume: {run_dir} already finished (step {saved_state['step']} of "
+                              f"{cfg.max_steps}); nothing to do, its files are left as they are")
+            return run_dir
+        run_id = saved_state["run_id"]
+    elif held is not None:
+        if not args.overwrite:
+            sys.exit(f"{run_dir} already holds a run ({held}): pass --resume to continue it, "
+                     "or --overwrite to start over (the old run is moved aside, not deleted)")
+    # Every process has looked at the folder before the main process changes it.
+    accelerator.wait_for_everyone()
+    if held is not None and not args.resume and main_proc:
+        accelerator.print(f"--overwrite: the old run moved to {move_aside(run_dir)}")
     if main_proc:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if run_id is None:
+            run_id = start_run_folder(run_dir)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    run_id = _broadcast_run_id(accelerator, run_id)
     accelerator.print(f"run {run_dir} | {accelerator.num_processes} process(es) on "
                       f"{accelerator.device} | {accelerator.distributed_type}")
 
     # -- data: byte tokens, a fixed split; each batch a function of (seed, step, rank) -----------
-    corpus = load_corpus(cfg.data, cfg.data_max_bytes, cfg.val_fraction, min_tokens=cfg.seq_len + 1)
     batches = Batches(corpus, cfg.seq_len, cfg.micro_batch_size, cfg.seed,
                       rank=accelerator.process_index, device=accelerator.device)
     tokens_per_step = cfg.micro_batch_size * cfg.seq_len * cfg.grad_accum_steps * accelerator.num_processes
@@ -140,10 +171,12 @@ def main(argv=None) -> Path:
     # prefixes every state-dict key with "_orig_mod.", which the FP8 export's fresh model
     # would reject at the very end of a compile=true run.
     forward = torch.compile(model) if cfg.compile else model
-    state = TrainState(accelerator.device, rank=accelerator.process_index)
-    accelerator.register_for_checkpointing(state)
+    state = TrainState(accelerator.device, rank=accelerator.process_index, run_id=run_id)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        try:
+            load_checkpoint(accelerator, state, resume_from)
+        except CheckpointError as err:
+            sys.exit(str(err))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     config_yaml = cfg.to_yaml()
     metrics = MetricsLog(run_dir / "metrics.jsonl", main_proc, state.step if resume_from else None)
@@ -172,6 +205,7 @@ def main(argv=None) -> Path:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum_steps):
             x, y = batches.get("train", step, micro)
             # Gradients sync across processes only on the last micro-step.
@@ -179,19 +213,27 @@ def main(argv=None) -> Path:
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 _, loss = forward(x, y)
                 accelerator.backward(loss / cfg.grad_accum_steps)
-            state.loss_sum += loss.detach() / cfg.grad_accum_steps
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / cfg.grad_accum_steps
+        # The global gradient norm (clipped to grad_clip when set) and the loss, checked before
+        # the weights move: one host sync a step, every process agreeing.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        finite = torch.isfinite(step_loss + grad_norm).float().reshape(1)
         state.step, state.tokens = step + 1, state.tokens + tokens_per_step
-        state.loss_steps += 1
+        done = state.step
+        if accelerator.gather(finite).min().item() == 1.0:
+            optimizer.step()
+            state.loss_sum += step_loss
+            state.loss_steps += 1
+            state.consecutive_skips = 0
+        else:
+            skip_step(accelerator, model, state, metrics, done, step_loss, grad_norm, cfg.max_skipped_steps)
+        optimizer.zero_grad(set_to_none=True)
         speed.add(tokens_per_step)
         bar.update(1)
-        done = state.step
 
         # Not at a stop_after_steps stop: the open window's loss sum is checkpointed instead, so
         # a resumed run writes the same records as one that never stopped.
-        if done % cfg.log_interval == 0 or done == 1 or done == cfg.max_steps:
+        if (done % cfg.log_interval == 0 or done == 1 or done == cfg.max_steps) and state.loss_steps:
             # Mean over the steps since the last record and over processes (.item() syncs).
             loss_val = accelerator.reduce(state.loss_sum, reduction="mean").item() / state.loss_steps
             state.loss_sum.zero_()
@@ -200,7 +242,7 @@ def main(argv=None) -> Path:
                 raise FloatingPointError(f"the training loss is {loss_val} at step {done}: diverged")
             mem_gb, mem_kind = peak_memory_gb(accelerator.device)
             record = {"step": done, "loss": loss_val, "lr": lr, "tokens": state.tokens,
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
+                      "grad_norm": float(grad_norm), "skipped_steps": state.skipped_steps,
                       "tokens_per_s": speed.lap(), "peak_mem_gb": mem_gb, "mem_kind": mem_kind,
                       "time_s": time.perf_counter() - start_time}
             metrics.write(record)
@@ -215,7 +257,13 @@ def main(argv=None) -> Path:
                 tqdm.write(f"step {done}: val loss {val_loss:.4f}")
             speed.restart()
         if done % cfg.checkpoint_interval == 0 or done == last_step:
-            save_checkpoint(accelerator, state, run_dir, done, config_yaml, cfg.keep_checkpoints)
+            if not weights_finite(accelerator, model):
+                sys.exit(f"step {done}: the weights hold non-finite values; no checkpoint saved, "
+                         f"the run stops (resume from the last checkpoint with a lower lr)")
+            try:
+                save_checkpoint(accelerator, state, run_dir, done, config_yaml, cfg.keep_checkpoints)
+            except CheckpointError as err:
+                sys.exit(str(err))
             speed.restart()
     bar.close()
 
@@ -239,6 +287,44 @@ def main(argv=None) -> Path:
     if torch.distributed.is_initialized():  # gloo/NCCL threads stopped before interpreter exit
         torch.distributed.destroy_process_group()
     return run_dir
+
+
+def _broadcast_run_id(accelerator, run_id):
+    """The main process's run id on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    ids = [run_id]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(ids, from_process=0)
+    return ids[0]
+
+
+def skip_step(accelerator, model, state, metrics, done: int, step_loss, grad_norm, limit: int) -> None:
+    """A step whose loss or gradients are not finite: no weight update (the caller zeroes the
+    gradients), counted and logged with the first parameter whose gradient is not finite;
+    ``limit`` of them in a row stop the run."""
+    state.skipped_steps += 1
+    state.consecutive_skips += 1
+    bad = next((name for name, p in model.named_parameters()
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all())), None)
+    where = f"first non-finite gradient: {bad}" if bad else "every gradient finite"
+    message = (f"step {done}: loss {step_loss.item():.4g}, gradient norm {float(grad_norm):.4g} "
+               f"({where}); step skipped, {state.consecutive_skips} in a row")
+    accelerator.print(message)
+    metrics.write({"step": done, "skipped": True, "loss": None, "grad_norm": None,
+                   "first_nonfinite_grad": bad})
+    if state.consecutive_skips >= limit:
+        sys.exit(f"{message}: max_skipped_steps={limit} reached, the run stops (diverged); "
+                 "its checkpoints hold only finite weights")
+
+
+def weights_finite(accelerator, model) -> bool:
+    """Whether every parameter is finite on every process (one host sync)."""
+    tensors = [p.detach() for p in model.parameters()]
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    norms = torch._foreach_norm([t for t in tensors if t.numel()], ord=math.inf)
+    ok = torch.isfinite(torch.stack(norms)).all().float().reshape(1)
+    return accelerator.gather(ok).min().item() == 1.0
 
 
 def export_fp8(accelerator, model, cfg, run_dir: Path) -> str:

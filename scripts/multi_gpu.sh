@@ -48,7 +48,8 @@ launch fsdp2-fp8ag fsdp2 "$NPROC" fp8_all_gather=true "$@"
 launch 1gpu-speed single_gpu 1 "$@"
 for run in ddp fsdp2 fsdp2-fp8ag; do
     [ -f "$RUNS/$cfg-1gpu/metrics.jsonl" ] && [ -f "$RUNS/$cfg-$run/metrics.jsonl" ] || continue
-    python recipes/compare.py "$RUNS/$cfg-1gpu" "$RUNS/$cfg-$run" --max-rel-err 0.0025 \
+    # One GPU against several: the process count differs on purpose (listed, not refused).
+    python recipes/compare.py "$RUNS/$cfg-1gpu" "$RUNS/$cfg-$run" --max-rel-err 0.0025 --allow-mismatch \
         --out "$LOGS/compare_${cfg}_$run" 2>&1 | tee "$LOGS/compare_${cfg}_$run.log"
     status=$((status | PIPESTATUS[0]))
 done

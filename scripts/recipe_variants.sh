@@ -44,7 +44,8 @@ done
 for pair in ${pairs[@]+"${pairs[@]}"}; do
     a=${pair%/*} b=${pair#*/}
     echo "=== compare $cfg-$a vs $cfg-$b"
-    python recipes/compare.py "$RUNS/$cfg-$a" "$RUNS/$cfg-$b" --window "${WINDOW:-100}" \
+    # Variants differ on purpose (an init seed, a recipe switch): the mismatch is listed, not refused.
+    python recipes/compare.py "$RUNS/$cfg-$a" "$RUNS/$cfg-$b" --window "${WINDOW:-100}" --allow-mismatch \
         ${bars[@]+"${bars[@]}"} --out "$LOGS/compare_${cfg}-$a-vs-$b" 2>&1 | tee "$LOGS/compare_${cfg}-$a-vs-$b.log"
     status=$((status | PIPESTATUS[0]))
 done

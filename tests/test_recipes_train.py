@@ -107,7 +107,7 @@ def test_resume_refuses_a_changed_config(tmp_path):
     train(tmp_path, "tiny", "--precision=bf16", "max_steps=3", "warmup_steps=1")
     with pytest.raises(SystemExit, match=r"config differs.*'lr': \(0.01, 0.005\)"):
         train(tmp_path, "tiny", "--precision=bf16", "max_steps=3", "warmup_steps=1", "lr=5e-3", "--resume")
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
         train(tmp_path, "tiny", "--precision=bf16", "run_name=never-ran", "--resume")
 
 
@@ -116,8 +116,12 @@ def test_compare_writes_png_table_and_report(tmp_path, capsys):
     b = train(tmp_path, "tiny", "--precision=bf16", "run_name=b", "lr=5e-3")
     capsys.readouterr()
     out = tmp_path / "cmp"
-    rc = compare.main([str(a), str(b), "--window", "3", "--out", str(out), "--max-rel-err", "1e-9"])
+    assert compare.main([str(a), str(b), "--window", "3", "--out", str(out)]) == 2
+    assert "differ in more than the precision: {'lr': (0.01, 0.005)}" in capsys.readouterr().err
+    rc = compare.main([str(a), str(b), "--window", "3", "--out", str(out), "--max-rel-err", "1e-9",
+                       "--allow-mismatch"])
     printed = capsys.readouterr().out
+    assert "mismatch (compared anyway, --allow-mismatch): {'lr': (0.01, 0.005)}" in printed
     assert rc == 1  # two different learning rates cannot agree to 1e-9
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
