@@ -45,5 +45,11 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"expected all tensors on one device, got {where}")
 
 
+def check_bool(name: str, value) -> None:
+    """A flag must be a real bool: "no" or 0 would otherwise read as a choice."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)

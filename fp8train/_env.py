@@ -38,6 +38,16 @@ def nvcc() -> str | None:
     return os.environ.get("FP8TRAIN_NVCC") or None
 
 
+# nvcc reads these itself: they change what a compile produces, so they are part of every
+# kernel cache key (a build with such a flag must not be served to a process without it).
+NVCC_ENV = ("NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS", "NVCC_CCBIN")
+
+
+def nvcc_environment() -> dict[str, str]:
+    """The nvcc environment variables that are set (NVCC_ENV), name -> value."""
+    return {name: os.environ[name] for name in NVCC_ENV if name in os.environ}
+
+
 def jit_debug() -> bool:
     """FP8TRAIN_JIT_DEBUG=1 prints each compile with its timing."""
     return os.environ.get("FP8TRAIN_JIT_DEBUG", "0") not in ("", "0", "false", "False")

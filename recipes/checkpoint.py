@@ -187,6 +187,11 @@ def save_checkpoint(accelerator, state: TrainState, run_dir: Path, step: int, co
 def load_checkpoint(accelerator, state: TrainState, path: Path) -> None:
     """Restore a checkpoint saved by ``save_checkpoint`` (CheckpointError naming it if bad)."""
     saved = read_train_state(path)
+    strangers = sorted(p.name for p in path.glob("custom_checkpoint_*"))
+    if strangers:  # accelerate would unpickle these; save_checkpoint never writes them
+        raise CheckpointError(f"--resume: checkpoint {path} holds {', '.join(strangers)}, which "
+                              "fp8train never writes; it is not loaded (a pickle can run code): "
+                              "remove it to resume")
     try:
         accelerator.load_state(str(path))
     except Exception as err:

@@ -157,6 +157,19 @@ def test_key_follows_source_flags_headers_and_compiler(jit, monkeypatch):
     assert _compiles(jit) == n
 
 
+@pytest.mark.parametrize("variable", ["NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS", "NVCC_CCBIN"])
+def test_key_follows_the_nvcc_environment(jit, monkeypatch, variable):
+    """nvcc reads these itself: a kernel built with one set is never served without it."""
+    for name in ("NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS", "NVCC_CCBIN"):
+        monkeypatch.delenv(name, raising=False)
+    plain = compile_cubin("probe", SOURCE)
+    monkeypatch.setenv(variable, "-DPOISON=1")
+    poisoned = compile_cubin("probe", SOURCE)
+    assert not poisoned.cached and poisoned.cubin_path.parent != plain.cubin_path.parent
+    monkeypatch.delenv(variable)
+    assert compile_cubin("probe", SOURCE).cubin_path == plain.cubin_path
+
+
 def _worker(barrier, queue):
     barrier.wait()
     r = compile_cubin("probe", SOURCE)

@@ -148,3 +148,23 @@ def test_checkpoint_functions_check_their_arguments(tmp_path):
     save_file({"a": torch.ones(1)}, tmp_path / "block.safetensors", metadata=meta)
     with pytest.raises(ValueError, match="weight_block_size"):
         load_fp8_safetensors(model, tmp_path / "block.safetensors", strict=False)
+
+
+def test_a_corrupted_or_truncated_export_fails_to_load_naming_the_file_and_tensor(tmp_path):
+    """Every tensor's sha256 is in the metadata: flipped payload bytes (which safetensors
+    alone would load as NaN or wrong weights) and a cut file both fail, naming the file."""
+    model = fresh_pair(0)
+    path = tmp_path / "model.safetensors"
+    export_fp8_safetensors(model, path)
+    assert not list(tmp_path.glob(".*tmp*"))  # written beside, renamed into place
+    load_fp8_safetensors(fresh_pair(1), path)  # intact: loads
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])  # the last tensor's payload
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"corrupt\.safetensors: tensor .* does not match its recorded sha256"):
+        load_fp8_safetensors(fresh_pair(1), corrupt)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"cut\.safetensors: not a readable safetensors file"):
+        load_fp8_safetensors(fresh_pair(1), cut)

@@ -302,3 +302,55 @@ def test_moe_argument_checks():
     layout = build_moe_layout(torch.zeros(2, 1, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="topk_weights"):
         unpermute(torch.ones(layout.num_rows, 4), layout, torch.ones(3, 1))
+
+
+def test_layout_rejects_expert_ids_out_of_range():
+    from fp8train.nn.moe_layout import build_moe_layout
+
+    for bad in ([[0, 4]], [[-1, 2]]):
+        with pytest.raises(ValueError, match=r"topk_ids: expected expert ids in \[0, 4\)"):
+            build_moe_layout(torch.tensor(bad), 4)
+
+
+def dense_loop_moe(moe, x):
+    """The MoE written independently of its layout, kernels and router module: per token, a
+    softmax over the router logits, its top-k, and each chosen expert as dense matmuls."""
+    w_router = moe.router.weight
+    w_gate_up, w_down = moe.experts_gate_up.weight, moe.experts_down.weight
+    probs = (x.float() @ w_router.float().t()).softmax(-1)
+    weights, ids = probs.topk(moe.top_k, dim=-1)
+    if moe.router.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdim=True)
+    rows = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros(x.shape[1])
+        for j in range(moe.top_k):
+            e = int(ids[t, j])
+            gate, up = (w_gate_up[e] @ x[t]).chunk(2)
+            acc = acc + weights[t, j] * (w_down[e] @ (torch.nn.functional.silu(gate) * up))
+        rows.append(acc)
+    out = torch.stack(rows)
+    if moe.shared_expert is not None:
+        out = out + moe.shared_expert(x)
+    return out
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_router_and_expert_gradients_match_an_independent_dense_loop(fp8):
+    """The router's gradient (and every other) against a MoE that shares no code with the
+    layer: a router gradient lost on the way (zeroed, detached) fails here."""
+    torch.manual_seed(0)
+    moe = MoE(128, 128, num_experts=4, top_k=2, shared_expert_dim=128)
+    model = FP8MoE.from_moe(moe) if fp8 else moe
+    x = torch.randn(64, 128, requires_grad=True)
+    model(x).square().mean().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    got_x = x.grad.clone()
+    model.zero_grad()
+    x.grad = None
+    dense_loop_moe(moe, x).square().mean().backward()
+    bound = 0.1 if fp8 else 1e-5  # FP8: e4m3 rounding of the expert GEMMs' operands
+    for name, p in moe.named_parameters():
+        assert p.grad.norm() > 0, name
+        assert rel_err(got[name], p.grad) < bound, name
+    assert rel_err(got_x, x.grad) < bound

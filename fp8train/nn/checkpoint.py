@@ -12,9 +12,13 @@ with ``quantization_config`` (``quant_method: fp8``, ``fmt: e4m3``, ``activation
 dynamic``, ``weight_block_size: [128, 128]``, ``modules_to_not_convert``) in the file's
 metadata and merged into ``config.json`` beside it. ``weight_scale_inv`` is the
 dequantization multiplier (``w ~= weight * weight_scale_inv``), as in DeepSeek-V3's files.
+The metadata also holds the sha256 of every tensor's bytes (``fp8train_sha256``), which
+``load_fp8_safetensors`` checks: a corrupted file fails to load, naming the tensor. The file
+is written beside its destination and renamed into place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,6 +35,12 @@ from .linear import FP8Linear
 
 PathLike = Union[str, os.PathLike]
 SCALE_SUFFIX = "_scale_inv"
+DIGESTS = "fp8train_sha256"  # metadata key: {tensor name: sha256 of its bytes}
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a CPU tensor's bytes in row-major order (dtype and shape not included)."""
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def quantization_config(model: nn.Module) -> Dict:
@@ -82,8 +92,14 @@ def export_fp8_safetensors(model: nn.Module, path: PathLike, *,
             tensors[key] = value
     config = quantization_config(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt",
-                                            "quantization_config": json.dumps(config)})
+    digests = {key: tensor_digest(value) for key, value in tensors.items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "quantization_config": json.dumps(config),
+                                               DIGESTS: json.dumps(digests)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     if config_json:
         config_path = path.parent / "config.json"
         merged = json.loads(config_path.read_text()) if config_path.exists() else {}
@@ -104,13 +120,23 @@ def load_fp8_safetensors(model: nn.Module, path: PathLike, *, strict: bool = Tru
     path = _check_path(path)
     if not path.is_file():
         raise ValueError(f"path: no file at {str(path)!r}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        raw = {key: f.get_tensor(key) for key in f.keys()}
-    block = json.loads(metadata.get("quantization_config", "{}")).get("weight_block_size",
-                                                                      [GROUP, GROUP])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            raw = {key: f.get_tensor(key) for key in f.keys()}
+        digests = json.loads(metadata.get(DIGESTS, "{}"))
+        block = json.loads(metadata.get("quantization_config", "{}")).get("weight_block_size",
+                                                                          [GROUP, GROUP])
+    except Exception as err:  # a truncated or damaged file: safetensors' own errors name no file
+        raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    for key, digest in digests.items():
+        if key not in raw:
+            raise ValueError(f"{path}: tensor {key} is recorded in the metadata but missing")
+        if tensor_digest(raw[key]) != digest:
+            raise ValueError(f"{path}: tensor {key} does not match its recorded sha256 "
+                             "(the file is corrupted)")
     if list(block) != [GROUP, GROUP]:
-        raise ValueError(f"path: weight_block_size {block} is not supported (only "
+        raise ValueError(f"{path}: weight_block_size {block} is not supported (only "
                          f"[{GROUP}, {GROUP}])")
     targets = model.state_dict()
     state = {}
@@ -120,7 +146,7 @@ def load_fp8_safetensors(model: nn.Module, path: PathLike, *, strict: bool = Tru
         if value.dtype == torch.float8_e4m3fn:
             scale = raw.get(key + SCALE_SUFFIX)
             if scale is None:
-                raise ValueError(f"path: {key} is e4m3 but {key + SCALE_SUFFIX} is missing")
+                raise ValueError(f"{path}: {key} is e4m3 but {key + SCALE_SUFFIX} is missing")
             value = dequantize(value, scale, (GROUP, GROUP))
             if key in targets:
                 value = value.to(targets[key].dtype)

@@ -59,6 +59,7 @@ def build_moe_layout(topk_ids: torch.Tensor, num_experts: int, align: int = ALIG
     num_tokens, top_k = topk_ids.shape
     device = topk_ids.device
     expert_of = topk_ids.reshape(-1).long()                               # [T*k]
+    _check_expert_ids(expert_of, num_experts)
     # scatter_add, not bincount: its output size never depends on the data (compilable).
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(
         0, expert_of, torch.ones_like(expert_of))                         # [E]
@@ -82,6 +83,22 @@ def build_moe_layout(topk_ids: torch.Tensor, num_experts: int, align: int = ALIG
     # grouped GEMMs give the spare rows past it no math.
     group_offsets[1:] = torch.cumsum(padded, 0).to(torch.int32)
     return MoELayout(group_offsets, dest_rows, src_tokens, counts, num_tokens, top_k)
+
+
+def _check_expert_ids(expert_of: torch.Tensor, num_experts: int) -> None:
+    """Every id in [0, E): checked on the host for CPU tensors; on a GPU (where reading the
+    values back would stall every step) an asynchronous device assert that names the
+    argument fires before an id is used as an index."""
+    if expert_of.numel() == 0:
+        return
+    if expert_of.device.type == "cpu" and not torch.compiler.is_compiling():
+        lo, hi = int(expert_of.min()), int(expert_of.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"topk_ids: expected expert ids in [0, {num_experts}), got values "
+                             f"from {lo} to {hi}")
+        return
+    torch._assert_async(((expert_of >= 0) & (expert_of < num_experts)).all(),
+                        f"topk_ids: expert ids outside [0, {num_experts})")
 
 
 def permute(x: torch.Tensor, layout: MoELayout) -> torch.Tensor:

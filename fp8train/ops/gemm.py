@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._checks import FP8_DTYPE, check_same_device, check_shape, check_tensor, ceil_div
+from .._checks import FP8_DTYPE, check_bool, check_same_device, check_shape, check_tensor, ceil_div
 from . import backend as _backend
 from . import cublas as _cublas
 from . import native as _native
@@ -152,6 +152,7 @@ def _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate, backend) -> tuple:
                          f"scales {(n, kb)}, got {tuple(sb.shape)}")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype: expected torch.bfloat16 or torch.float32, got {out_dtype}")
+    check_bool("accumulate", accumulate)
     out = _check_out(out, (m, n), a.device, accumulate)
     dtype = out.dtype if out is not None else out_dtype
     kind = "1d1d" if sb.shape[0] == n and n > 1 else "1d2d"
@@ -298,6 +299,7 @@ def k_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     g = group_offsets.shape[0] - 1
     if group_offsets.device != a.device:
         raise ValueError(f"group_offsets: expected device {a.device}, got {group_offsets.device}")
+    check_bool("accumulate", accumulate)
     out = _check_out(out, (g, n, k), a.device, accumulate, torch.float32)
     path = _backend.resolve("k_grouped_fp8_gemm_nt_contiguous", a.device,
                             native_ok=lambda: _native.k_grouped_support(n, k, a, b),

@@ -14,7 +14,7 @@ from typing import Tuple
 
 import torch
 
-from .._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor, ceil_div
+from .._checks import FLOAT_DTYPES, check_bool, check_same_device, check_shape, check_tensor, ceil_div
 from .formats import FP8_DTYPE, GROUP, to_rowwise_layout
 from . import native as _native
 from .reference import (
@@ -38,6 +38,7 @@ def per_token_cast(x: torch.Tensor, *, pow2_scale: bool = False, backend=None) -
     K-block-major when ``formats.ROWWISE_SCALES_KBLOCK_MAJOR`` is set).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_bool("pow2_scale", pow2_scale)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x: expected shape [..., K] with K >= 1, got {tuple(x.shape)}")
     if _use_native(x, backend):
@@ -52,7 +53,7 @@ def per_block_cast(w: torch.Tensor, *, pow2_scale: bool = False, backend=None) -
     Returns ``w_fp8`` e4m3 of w's shape and ``scale`` float32 ``[ceil(N/128), ceil(K/128)]``
     (``[G, ...]`` for 3-D input).
     """
-    _check_weight(w)
+    _check_weight(w, pow2_scale)
     if _use_native(w, backend):
         return _native.block_cast(w, pow2_scale, transposed=False)[:2]
     return per_block_cast_ref(w, pow2_scale)
@@ -65,14 +66,15 @@ def per_block_cast_dual(w: torch.Tensor, *, pow2_scale: bool = False, backend=No
     ``wt_fp8`` ``[..., K, N]``, ``wt_scale`` ``[..., ceil(K/128), ceil(N/128)]``).
     The transposed pair is exactly ``per_block_cast(w.mT)``.
     """
-    _check_weight(w)
+    _check_weight(w, pow2_scale)
     if _use_native(w, backend):
         return _native.block_cast(w, pow2_scale, transposed=True)
     return per_block_cast_dual_ref(w, pow2_scale)
 
 
-def _check_weight(w: torch.Tensor) -> None:
+def _check_weight(w: torch.Tensor, pow2_scale) -> None:
     check_tensor("w", w, dtypes=FLOAT_DTYPES, ndims=(2, 3))
+    check_bool("pow2_scale", pow2_scale)
     if w.shape[-1] == 0 or w.shape[-2] == 0:
         raise ValueError(f"w: expected N >= 1 and K >= 1, got shape {tuple(w.shape)}")
 
@@ -84,6 +86,7 @@ def per_token_cast_transposed(x: torch.Tensor, *, pow2_scale: bool = False, back
     Cast from the high-precision x, never from a row-wise FP8 copy (that would round twice).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
+    check_bool("pow2_scale", pow2_scale)
     if x.shape[0] == 0:
         raise ValueError(f"x: expected T >= 1 rows, got shape {tuple(x.shape)}")
     if x.shape[1] > 0 and _use_native(x, backend):
@@ -119,6 +122,7 @@ def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False, backend=No
     ``x.T`` along T (``[K, Tp]``, ``[K, Tp/128]``, T zero-padded to Tp, a multiple of 128).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
+    check_bool("pow2_scale", pow2_scale)
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"x: expected T >= 1 and K >= 1, got shape {tuple(x.shape)}")
     if _use_native(x, backend):

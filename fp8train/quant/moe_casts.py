@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .._checks import FLOAT_DTYPES, check_bool, check_same_device, check_tensor
 from .casts import _use_native, per_token_cast_transposed
 from .formats import FP8_DTYPE, GROUP, to_rowwise_layout
 from . import native as _native
 from .reference import permute_cast_ref
-
-
-def _check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected bool, got {type(value).__name__}")
 
 
 def per_token_cast_permuted(x: torch.Tensor, src_tokens: torch.Tensor, *,
@@ -40,8 +35,8 @@ def per_token_cast_permuted(x: torch.Tensor, src_tokens: torch.Tensor, *,
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
     check_tensor("src_tokens", src_tokens, dtypes=(torch.int64,), ndims=(1,))
     check_same_device(x=x, src_tokens=src_tokens)
-    _check_flag("pow2_scale", pow2_scale)
-    _check_flag("colwise", colwise)
+    check_bool("pow2_scale", pow2_scale)
+    check_bool("colwise", colwise)
     if x.shape[1] == 0:
         raise ValueError(f"x: expected K >= 1 columns, got shape {tuple(x.shape)}")
     rows = src_tokens.shape[0]
@@ -65,7 +60,7 @@ def per_token_cast_transposed_grouped(x: torch.Tensor, group_offsets: torch.Tens
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
     check_tensor("group_offsets", group_offsets, dtypes=(torch.int32,), ndims=(1,))
-    _check_flag("pow2_scale", pow2_scale)
+    check_bool("pow2_scale", pow2_scale)
     if x.shape[0] % GROUP:
         raise ValueError(f"x: expected a multiple of {GROUP} rows (padded layout), "
                          f"got shape {tuple(x.shape)}")

@@ -123,7 +123,7 @@ def _headers_digest(include: Path) -> str:
 
 def _cache_key(name: str, source: str, flags: tuple[str, ...], nvcc: str, include: Path) -> str:
     parts = [_CACHE_VERSION, name, source, list(flags), ARCH, list(_BASE_FLAGS),
-             _compiler_identity(nvcc), _headers_digest(include)]
+             _compiler_identity(nvcc), _headers_digest(include), _env.nvcc_environment()]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -151,7 +151,7 @@ def compile_cubin(name: str, source: str, *, flags: Sequence[str] = ()) -> Compi
     flags = _validate(name, source, flags)
     nvcc = nvcc_path()
     root = _env.cache_dir() / "kernels"
-    memo_key = (name, source, flags, nvcc, root)
+    memo_key = (name, source, flags, nvcc, root, tuple(sorted(_env.nvcc_environment().items())))
     hit = _MEMO.get(memo_key)
     # One stat guards against the cache directory being wiped while the process runs.
     if hit is not None and hit.cubin_path.is_file():
