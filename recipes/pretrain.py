@@ -8,8 +8,9 @@ Several GPUs (DDP, or FSDP2):
         recipes/pretrain.py --config recipes/configs/1b.yaml
     accelerate launch --config_file recipes/accelerate/fsdp2.yaml recipes/pretrain.py --config recipes/configs/1b.yaml
 Two CPU processes on gloo (the reference FP8 path):
-    accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml recipes/pretrain.py --config recipes/configs/tiny.yaml
-Continue a run from its latest checkpoint:
+    accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml recipes/pretrain.py --config recipes/configs/tiny.yaml run_name=tiny-fp8-2proc
+Continue a run from its latest checkpoint (a folder that holds a run is otherwise refused;
+--overwrite starts over, moving the old run aside):
     accelerate launch recipes/pretrain.py --config recipes/configs/tiny.yaml --resume
 A transformers architecture built from its config (model: {hf: qwen3_moe, ...}; needs the hf extra),
 exported at the end as a directory AutoModelForCausalLM.from_pretrained loads (hf_fp8/):
