@@ -98,7 +98,7 @@ def test_new_casts_check_their_arguments():
         per_token_cast_permuted(x, src.int())
     with pytest.raises(ValueError, match="src_tokens: expected a 1-D"):
         per_token_cast_permuted(x, src[None])
-    with pytest.raises(TypeError, match="colwise: expected bool"):
+    with pytest.raises(TypeError, match="colwise: expected a bool"):
         per_token_cast_permuted(x, src, colwise=1)
     with pytest.raises(ValueError, match="device"):
         per_token_cast_permuted(x, src.to("meta"))
