@@ -68,7 +68,7 @@ def run_steps(args) -> None:
             convert_to_fp8(model)
         ids = torch.randint(0, spec["vocab_size"], (batch, seq), device="cuda")
         if fp8 and args.layer_check:
-            errs, _ = bench_hf._layer_native_errs(model, ids[:1])
+            errs = bench_hf._layer_native_errs(model, ids[:1])[0]
             print(f"layer check: worst {max(errs):.4f}")
         if args.compiled:
             for layer in model.model.layers:

@@ -105,8 +105,10 @@ def test_bench_hf_layer_check_isolates_each_layer():
     fp8train.convert_to_fp8(model)
     ids = batch(0, batch_size=1, seq_len=32)
     # On a CPU both runs are the reference emulation: every layer agrees exactly.
-    errs, last_hidden = bench_hf._layer_native_errs(model, ids)
+    errs, limits, last_hidden = bench_hf._layer_native_errs(model, ids)
     assert errs == [0.0, 0.0]
+    # Each layer's limit: twice what a one-ulp nudge of its input moves the reference.
+    assert all(0 < limit < 0.5 for limit in limits), limits
     # Its last hidden states are the whole model's (the last layer's output, final norm).
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         whole = model.model(input_ids=ids, use_cache=False).last_hidden_state
