@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -40,6 +41,12 @@ SPREAD_FACTOR = 2.0
 # against 0.025 with BF16 ones: ~0.03 per GEMM over 112 GEMMs adds up in the residual stream.
 # Issue 10's bar: FP8 training-step tokens/s >= 1.3x BF16 (and peak memory no higher).
 SPEEDUP_BAR = 1.3
+# The table a run is held against: the last one measured, kept in the source tree's docs/.
+PREVIOUS_TABLE = Path(__file__).resolve().parents[2] / "docs" / "bench" / "hf_previous.json"
+# A row this much slower than the previous table's is flagged.
+REGRESSION = 0.05
+
+
 # The BF16 baseline's experts implementation, registered below.
 BF16_EXPERTS = "fp8train_bench_grouped_mm_bf16"
 
@@ -232,7 +239,8 @@ def _measure(name: str, spec: dict, fp8: bool, compiled: bool, batch: int, seq_l
 
 
 def run(models: Optional[str] = None, json_path: Optional[str] = None, *, batch: int = 4,
-        seq_len: int = 2048, steps: int = 10, warmup: int = 3, compiled=(False, True)) -> int:
+        seq_len: int = 2048, steps: int = 10, warmup: int = 3, compiled=(False, True),
+        previous_path: Optional[Path] = PREVIOUS_TABLE) -> int:
     """Measure ``models`` (comma-separated names of ``MODELS``; None: all), eager and/or
     with compiled layers (``compiled``); 0 on success, 1 if a correctness check failed."""
     compiled_rows = tuple(compiled)
@@ -282,7 +290,31 @@ def run(models: Optional[str] = None, json_path: Optional[str] = None, *, batch:
                   f"{bf16['peak_mem_gb']:>8.1f} {fp8['peak_mem_gb']:>7.1f} "
                   f"{fp8['peak_mem_gb'] / bf16['peak_mem_gb']:>8.2f}x"
                   f"  (issue 10 bars: speedup >= {SPEEDUP_BAR}, mem ratio <= 1.00)", flush=True)
+    _print_against_previous(rows, previous_path)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                       "command": "python -m fp8train.bench hf", "rows": rows}, f, indent=2)
     return status
+
+
+def _print_against_previous(rows: List[dict], path: Optional[Path]) -> None:
+    """Each row's tokens/s beside the previous table's, flagging rows more than
+    ``REGRESSION`` slower (timings compare only on the same kind of GPU: said if not)."""
+    if path is None or not Path(path).is_file():
+        return
+    previous = json.loads(Path(path).read_text())
+    old = {(r["model"], r["compiled"], r["precision"]): r["tokens_per_s"] for r in previous["rows"]}
+    device = torch.cuda.get_device_name()
+    print(f"against {path} ({previous.get('device')}, {previous.get('commit', '?')}, "
+          f"{previous.get('date', '?')})" + ("" if previous.get("device") == device
+                                             else f": another GPU than this {device}"))
+    for row in rows:
+        before = old.get((row["model"], row["compiled"], row["precision"]))
+        if before is None:
+            continue
+        ratio = row["tokens_per_s"] / before
+        flag = f"  SLOWER by more than {REGRESSION:.0%}" if ratio < 1 - REGRESSION else ""
+        print(f"  {row['model']:<14} {'compiled' if row['compiled'] else 'eager':<8} "
+              f"{row['precision']}: {before:>9,.0f} -> {row['tokens_per_s']:>9,.0f} tok/s "
+              f"({ratio:.2f}x){flag}")
