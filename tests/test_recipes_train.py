@@ -203,9 +203,13 @@ def test_data_flag_trains_on_a_given_folder(tmp_path):
 def test_fp8_recipe_trains_on_the_gpu(tmp_path, config):
     """The main job on the GPU (the CPU tests above cover resume exactness; on a GPU the
     attention backward is not bitwise deterministic): loss falls, checkpoints and the FP8
-    export are written, and the run really was on CUDA."""
+    export are written, and the native cast kernels ran."""
+    from fp8train.quant import native as native_casts
+
     full = train(tmp_path, config, "--precision=fp8")
     check_run(full, "fp8")
     check_fp8_export(full, "layers.0.mlp.experts_gate_up.weight" if config == "tiny-moe"
                      else "layers.0.mlp.w1.weight")
+    # `auto` ran the native kernels, not a silent fallback to the reference emulation.
+    assert native_casts._kernel.cache_info().currsize > 0
     assert json.loads((full / "summary.json").read_text())["device"].startswith("cuda")
