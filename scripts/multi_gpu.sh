@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8 on a machine with 2+ GPUs (device kind nvidia-h100-x2 or larger), one device call:
+# The multi-GPU runs on a machine with 2+ GPUs (device kind nvidia-h100-x2 or larger), one device call:
 #   bash scripts/multi_gpu.sh CONFIG [key=value overrides...]   # e.g. tiny-moe, small
 #   bash scripts/multi_gpu.sh bytes [fp8_all_gather_bytes.py options]
 # CONFIG: one GPU at the 2-GPU global batch (grad_accum_steps=2), DDP, FSDP2 and FSDP2 with
@@ -68,7 +68,7 @@ for run in ("ddp", "fsdp2", "fsdp2-fp8ag"):
         continue
     per_gpu = s["tokens_per_s"] / s["processes"]
     print(f"{cfg} {run}: {per_gpu:,.0f} tokens/s per GPU vs {one:,.0f} on one GPU: "
-          f"{per_gpu / one:.3f}x (issue 8 bar >= 0.9)")
+          f"{per_gpu / one:.3f}x (target >= 0.9)")
 PY
 pack
 exit $status

@@ -12,7 +12,7 @@ run time, so the log shows what the kernels really received: shape, strides, off
 against eager, and the op calls whose operands or results differ. Backend ``dump`` is
 aot_eager writing AOTAutograd's forward and backward graphs to ``--dump-graphs``.
 
-Session 6 found with it that on the H100 (torch 2.11) a traced FP8GroupedLinearFunction
+It found that on the H100 (torch 2.11) a traced FP8GroupedLinearFunction
 under autocast gets all-zero output gradients (``--trace-grouped``); the switches turn one
 path off at a time, and ``--grouped-variant`` tries changes to the Function that might make
 it traceable.
@@ -196,7 +196,7 @@ def main() -> int:
     parser.add_argument("--trace-grouped", action="store_true",
                         help="let Dynamo trace FP8GroupedLinearFunction under autocast on the GPU "
                              "too (grouped_linear.EAGER_UNDER_COMPILE = ()): the case that "
-                             "lost its gradients on the H100, session 6")
+                             "lost its gradients on the H100")
     parser.add_argument("--grouped-variant", choices=sorted(GROUPED_VARIANTS), default="as-is",
                         help="a candidate change to the grouped Function, to find a traceable "
                              "form (implies --trace-grouped)")

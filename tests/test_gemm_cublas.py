@@ -41,7 +41,7 @@ def test_cublas_matches_reference(kind, m, n, k):
                                    (256, 512, 512), (256, 3584, 768), (256, 768, 3584), (250, 2112, 1024)])
 def test_cublas_supports_exactly_the_shapes_it_gets_right(m, n, k):
     """`supports` refuses what the cuBLAS wrapper gets wrong or cannot run, and nothing else.
-    H100, torch 2.11 (session 4): wrong wherever K/128 or M is not a multiple of 4 (square
+    H100, torch 2.11: wrong wherever K/128 or M is not a multiple of 4 (square
     or not: 256x3584x768 wrong, 256x512x512 right); N % 16 != 0 is refused by torch."""
     from fp8train.ops import cublas
 

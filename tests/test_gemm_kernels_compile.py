@@ -26,7 +26,7 @@ needs_toolchain = pytest.mark.skipif(
     reason="needs nvcc, cuobjdump and nvdisasm")
 
 
-# Issue 12's grouped shapes: (experts, rows per expert, N, K).
+# The grouped bench's shapes: (experts, rows per expert, N, K).
 M_GROUPED = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168),
              (8, 4096, 7168, 2048), (32, 1024, 4096, 7168), (64, 512, 2048, 7168)]
 

@@ -1,4 +1,4 @@
-"""``python -m fp8train.bench grouped``: the grouped (MoE) FP8 GEMMs of issue 12.
+"""``python -m fp8train.bench grouped``: the grouped (MoE) FP8 GEMMs.
 
 m-grouped contiguous: native (checked against the reference first) vs a loop of cuBLAS
 blockwise ``_scaled_mm`` per expert (same operands), ``torch._scaled_grouped_mm`` (rowwise

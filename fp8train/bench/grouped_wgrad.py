@@ -1,4 +1,4 @@
-"""The k-grouped wgrad part of ``python -m fp8train.bench grouped`` (issue 12).
+"""The k-grouped wgrad part of ``python -m fp8train.bench grouped``.
 
 For each grouped shape (G experts, rows per expert, N, K) of the fprop, the weight gradient
 ``dW[g] = dY[g]^T X[g]``: a = dY^T ``[N, T]`` and b = X^T ``[K, T]``, both 1x128 along the

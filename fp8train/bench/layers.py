@@ -1,5 +1,5 @@
 """``python -m fp8train.bench linear|moe``: forward+backward of the FP8 modules against the
-same modules in BF16, timed on the GPU the way DESIGN.md times the anchors (issue 4's bars).
+same modules in BF16, timed on the GPU the way DESIGN.md times the anchors.
 
 Each row also checks the FP8 layer's output and gradients against the BF16 layer (relative
 error within FP8 bounds) before timing, and reports peak memory of one step.
@@ -20,7 +20,7 @@ from .timing import time_calls
 
 LINEAR_SHAPES = [(16384, 4096, 14336), (16384, 7168, 2048), (8192, 8192, 8192)]  # (T, K, N)
 LINEAR_BARS = {(16384, 4096, 14336): 1.6, (16384, 7168, 2048): 1.3}
-# (tokens, hidden, expert dim, experts, top-k): issue 4's MoE bar is >= 1.4x.
+# (tokens, hidden, expert dim, experts, top-k): the MoE target is >= 1.4x.
 MOE_SHAPES = [(16384, 4096, 2048, 8, 2)]
 MOE_BAR = 1.4
 # Relative-error limits (out, dx, dW) vs BF16: one FP8 GEMM per linear path, up to four
@@ -151,7 +151,7 @@ def run_suite(suite: str, json_path: str | None, backends=("auto", "native")) ->
             print(f"{suite} {shape} backend={backend:6s} {'ok ' if ok else 'BAD'} "
                   f"err out {errors['out']:.3f} dx {errors['dx']:.3f} dw {errors['dw']:.3f} | "
                   f"bf16 {bf16_ms:7.3f} ms fp8 {ms:7.3f} ms speedup {bf16_ms / ms:.2f}"
-                  + (f" (issue 4 bar >= {bar}: {'met' if bf16_ms / ms >= bar else 'MISSED'})"
+                  + (f" (target >= {bar}: {'met' if bf16_ms / ms >= bar else 'MISSED'})"
                      if bar else "")
                   + f" | peak GiB {bf16_gib:.2f} / {gib:.2f}", flush=True)
         if suite == "linear":
@@ -165,7 +165,7 @@ def run_suite(suite: str, json_path: str | None, backends=("auto", "native")) ->
 def reference_rows(base: nn.Module, x: torch.Tensor, grad: torch.Tensor, shape, bf16_ms: float,
                    bf16_gib: float) -> list[dict]:
     """The torchao-style tensorwise FP8 linear (and torchao's own, where installed) timed
-    like the FP8 rows, for the side-by-side issue 4 asks for. Not bars: context."""
+    like the FP8 rows, side by side. Not bars: context."""
     rows = []
     for name, build in (("tensorwise stand-in", tensorwise_twin), ("torchao tensorwise", torchao_twin)):
         try:

@@ -1,9 +1,9 @@
-"""``python -m fp8train.bench quant``: effective bandwidth of the FP8 casts (issue 5).
+"""``python -m fp8train.bench quant``: effective bandwidth of the FP8 casts.
 
 Effective GB/s = (bytes read + bytes written) / time. Next to each native cast: a
 device-to-device copy of the same input (the ceiling) and ``torch.compile`` of the reference
 cast, all measured in this run. Every native cast is checked bit-exact against the eager
-reference first (the run exits 1 if one is not). Issue 5's bar: each native cast >= 85% of the
+reference first (the run exits 1 if one is not). The target: each native cast >= 85% of the
 copy's GB/s on the large shapes and faster than the compiled reference.
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ from .. import _env
 _backend = None  # None: read FP8TRAIN_BACKEND at first use
 
 # cuBLAS blockwise beats the native dense kernels on most shapes today (native 0.74x /
-# 0.85x median on the H100, session 3, docs/kernels.md), and our `_scaled_mm` wrapper
+# 0.85x median on the H100, docs/kernels.md), and our `_scaled_mm` wrapper
 # (ops/cublas.py) matches the reference there (tests/test_gemm_cublas.py). So `auto` runs a
 # dense GEMM on cuBLAS where cuBLAS serves it, except where the native kernel measured
 # faster (`native_beats_cublas`); the grouped GEMMs have no cuBLAS counterpart.
@@ -23,7 +23,7 @@ PREFER_CUBLAS = True
 
 
 def native_beats_cublas(m: int, n: int, k: int) -> bool:
-    """Dense shapes where the native kernel measured faster than cuBLAS (H100, session 3):
+    """Dense shapes where the native kernel measured faster than cuBLAS (H100):
     few rows, a narrow weight and a deep K (64/128 x 2112/4096 x 7168: 1.0-1.7x); cuBLAS
     wins everywhere else in the bench (0.53-0.89x)."""
     return m <= 128 and n <= 4096 and k >= 4096

@@ -16,7 +16,7 @@ def supports(a: torch.Tensor, b_rows: int, out_dtype: torch.dtype, accumulate: b
     there: K/128 = 2, 3 and 6 (256x256x256, 256x384x384, 256x272x384, 256x3584x768, the
     last the FP8 `small` recipe's K = 768, which diverged on this path) and M = 250
     (250x2112x1024; 256x2112x1024 right); a square 4x4 scale matrix (256x512x512) is right
-    (session 4)."""
+    (H100)."""
     m, kb = a.shape[0], a.shape[-1] // 128
     return (
         a.is_cuda

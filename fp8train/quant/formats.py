@@ -14,7 +14,7 @@ GROUP = 128  # elements per scale along the contraction dim (1x128 and 128x128 b
 # rows rounded up to 4]): the layout the GEMM kernels and cuBLAS read A's scales in, so
 # neither has to copy them. The logical shape and every value stay the same; only strides
 # change. On since the native casts writing it passed tests/test_cast_native.py on the H100
-# (session 4, bit-exact, both dual-cast kernels).
+# (bit-exact, both dual-cast kernels).
 ROWWISE_SCALES_KBLOCK_MAJOR = True
 
 # The smallest normal float32. A group whose amax/448 falls below it (all-zero groups

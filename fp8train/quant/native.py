@@ -60,7 +60,7 @@ KINDS = tuple(_KINDS)
 _MIN_BLOCKS = {"dual": 3, "per_token": 1, "block": 2}
 # The dual cast's kernel: "dual" (registers and a float tile) or "dual_async" (cp.async into
 # a tile of the input dtype, 6 blocks per SM for 2-byte types). Both are bit-exact (the GPU
-# tests run both); the quant bench times both. H100, session 4: "dual_async" 80-84% of the
+# tests run both); the quant bench times both. H100: "dual_async" 80-84% of the
 # copy's bandwidth, "dual" 75-78%. Persistent variants with one or two staged tiles per
 # block measured no better (78-86%, gathered 70-73%: docs/quant.md) and were dropped.
 DUAL_KERNEL = "dual_async"

@@ -7,7 +7,7 @@ layout mirrors cuda.h (tests/test_jit_ctypes_launch.py compares sizes and offset
 header, compiled by the host C compiler), and each launch is one foreign call.
 
 `runtime.Kernel.launch_params` uses it when FP8TRAIN_LAUNCHER is `ctypes` or `auto`
-(VERIFIED: tests/test_jit_ctypes_launch.py passed on the H100, session 3).
+(VERIFIED: tests/test_jit_ctypes_launch.py passed on the H100).
 """
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def ceil_div(a: int, b: int) -> int:
 multicast_enabled = False
 # Split-K for M <= 128: the GPU tests pass (bit-identical across launches) and on the H100
 # it is faster or equal on every small-M bench shape (e.g. 128x7168x16384 0.77 -> 0.95x
-# cuBLAS, 128x4096x7168 1.00 -> 1.13x; session 3, docs/kernels.md).
+# cuBLAS, 128x4096x7168 1.00 -> 1.13x; docs/kernels.md).
 split_k_enabled = True
 MIN_K_BLOCKS_PER_SPLIT = 4  # fewer and the pipeline never fills; the fixup dominates
 MAX_SPLIT_BLOCK_N = 136  # wider split-K tiles spill in the reduction (BM 64, BN 192: 8 bytes)
