@@ -79,6 +79,46 @@ def _check_offsets(name: str, offsets, groups: int, total: int, device) -> list[
     return values
 
 
+_PLAN_LIMIT = 4096  # cached plans per operator; cleared when full (shapes that never repeat)
+
+
+def _pair(p) -> tuple:
+    """An (fp8, scale) pair for a plan key (anything else: planned afresh, which raises)."""
+    if not isinstance(p, (tuple, list)) or len(p) != 2:
+        raise TypeError("not a pair")
+    return tuple(p)
+
+
+def _flag(value) -> bool:
+    """A bool for a plan key (anything else: planned afresh, which raises)."""
+    if not isinstance(value, bool):
+        raise TypeError("not a bool")
+    return value
+
+
+def _tensors_key(*tensors) -> tuple:
+    """What the checks of a call depend on: each tensor's shape, strides, dtype and device."""
+    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+
+
+def _cached_plan(plans: dict, key_fn, plan_fn):
+    """Every eager GEMM pays its argument checks on the host: a call whose signature
+    (``key_fn()``: shapes, strides, dtypes, devices, options, backend) was checked before
+    reuses that plan; anything ``key_fn`` cannot describe is planned (and checked) afresh."""
+    try:
+        key = key_fn()
+        plan = plans.get(key)
+    except (TypeError, ValueError, AttributeError):
+        key = plan = None
+    if plan is None:
+        plan = plan_fn()
+        if key is not None:
+            if len(plans) >= _PLAN_LIMIT:
+                plans.clear()
+            plans[key] = plan
+    return plan
+
+
 def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
                 out_dtype: torch.dtype = torch.bfloat16, accumulate: bool = False,
                 backend: Optional[str] = None) -> torch.Tensor:
@@ -92,24 +132,13 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
     backend: ``auto``, ``native``, ``cublas`` or ``reference`` for this call; None: the
        process-wide choice (``set_backend``).
     """
-    # Every eager GEMM pays this on the host: a call whose argument signature (shapes,
-    # strides, dtypes, devices, options, backend) was validated before reuses that plan.
-    try:
-        x, sx = a
-        y, sy = b
-        key = (x.shape, x.stride(), x.dtype, x.device, sx.shape, sx.dtype, sx.device,
-               y.shape, y.stride(), y.dtype, y.device, sy.shape, sy.dtype, sy.device,
-               None if out is None else (out.shape, out.dtype, out.device, out.is_contiguous()),
-               out_dtype, accumulate, backend, _backend.get_backend())
-        plan = _dense_plans.get(key)
-    except (TypeError, ValueError, AttributeError):
-        key = plan = None
-    if plan is None:
-        plan = _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate, backend)
-        if key is not None:
-            if len(_dense_plans) >= 4096:
-                _dense_plans.clear()
-            _dense_plans[key] = plan
+    x, sx = a if isinstance(a, (tuple, list)) and len(a) == 2 else (None, None)
+    y, sy = b if isinstance(b, (tuple, list)) and len(b) == 2 else (None, None)
+    plan = _cached_plan(
+        _dense_plans,
+        lambda: (_tensors_key(x, sx, y, sy, out), out is None or out.is_contiguous(), out_dtype,
+                 _flag(accumulate), backend, _backend.get_backend()),
+        lambda: _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate, backend))
     path, kind, m, n, dtype = plan
     if path == "native":
         from .native.sm90_fp8_gemm import fp8_gemm_nt_native
@@ -179,6 +208,32 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
        the device and trusts them, so a native call never syncs.
     Returns bf16 ``[M, N]`` (written into ``out`` when given).
     """
+    path, m, n, g = _cached_plan(
+        _m_grouped_plans,
+        lambda: (_tensors_key(*_pair(a), *_pair(b), group_offsets, out),
+                 out is None or out.is_contiguous(), backend, _backend.get_backend()),
+        lambda: _plan_m_grouped(a, b, group_offsets, out, backend))
+    a, sa = a
+    b, sb = b
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
+    if path == "native":
+        from .native.sm90_fp8_gemm import fp8_gemm_nt_native
+
+        if m and n:
+            fp8_gemm_nt_native(a, sa, b, sb.contiguous(), out, "1d2d", False,
+                               group_offsets=group_offsets.contiguous())
+        return out
+    offsets = _check_offsets("group_offsets", group_offsets, g, m, a.device)
+    _ref.m_grouped_contiguous_ref(a, sa, b, sb, offsets, out)
+    return out
+
+
+_m_grouped_plans: dict = {}  # argument signature -> (path, m, n, groups)
+
+
+def _plan_m_grouped(a, b, group_offsets, out, backend) -> tuple:
+    """Full argument checks of m_grouped_fp8_gemm_nt_contiguous, then the path."""
     a, sa = _unpack("a", a)
     b, sb = _unpack("b", b)
     check_tensor("a[0]", a, ndims=(2,))
@@ -199,18 +254,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
                             native_ok=lambda: _native.m_grouped_support(m, n, b),
                             cublas_ok=False,
                             backend=backend)
-    if out is None:
-        out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
-    if path == "native":
-        from .native.sm90_fp8_gemm import fp8_gemm_nt_native
-
-        if m and n:
-            fp8_gemm_nt_native(a, sa, b, sb.contiguous(), out, "1d2d", False,
-                               group_offsets=group_offsets.contiguous())
-        return out
-    offsets = _check_offsets("group_offsets", group_offsets, g, m, a.device)
-    _ref.m_grouped_contiguous_ref(a, sa, b, sb, offsets, out)
-    return out
+    return path, m, n, g
 
 
 def m_grouped_fp8_gemm_nt_masked(a: FP8Pair, b: FP8Pair, masked_m: torch.Tensor,
@@ -279,6 +323,34 @@ def k_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     Returns float32 ``[G, N, K]``; an expert with no tokens gets zeros, or is left alone
     when ``accumulate``.
     """
+    path, n, k, t, g = _cached_plan(
+        _k_grouped_plans,
+        lambda: (_tensors_key(*_pair(a), *_pair(b), group_offsets, out),
+                 out is None or out.is_contiguous(), _flag(accumulate), backend, _backend.get_backend()),
+        lambda: _plan_k_grouped(a, b, group_offsets, out, accumulate, backend))
+    a, sa = a
+    b, sb = b
+    if out is None:
+        out = torch.empty(g, n, k, dtype=torch.float32, device=a.device)
+    if path == "native":
+        from .native.sm90_fp8_gemm import k_grouped_native
+
+        if t == 0 and not accumulate:
+            out.zero_()  # every expert is empty: zero gradients
+        elif t and n and k:
+            # The kernel reads the offsets on the device (never a host sync) and trusts them.
+            k_grouped_native(a, sa, b, sb, group_offsets.contiguous(), out, accumulate)
+        return out
+    offsets = _check_offsets("group_offsets", group_offsets, g, t, a.device)
+    _ref.k_grouped_contiguous_ref(a, sa, b, sb, offsets, out, accumulate)
+    return out
+
+
+_k_grouped_plans: dict = {}  # argument signature -> (path, n, k, tokens, groups)
+
+
+def _plan_k_grouped(a, b, group_offsets, out, accumulate, backend) -> tuple:
+    """Full argument checks of k_grouped_fp8_gemm_nt_contiguous, then the path."""
     a, sa = _unpack("a", a)
     b, sb = _unpack("b", b)
     check_tensor("a[0]", a, ndims=(2,))
@@ -305,17 +377,4 @@ def k_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
                             native_ok=lambda: _native.k_grouped_support(n, k, a, b),
                             cublas_ok=False,
                             backend=backend)
-    if out is None:
-        out = torch.empty(g, n, k, dtype=torch.float32, device=a.device)
-    if path == "native":
-        from .native.sm90_fp8_gemm import k_grouped_native
-
-        if t == 0 and not accumulate:
-            out.zero_()  # every expert is empty: zero gradients
-        elif t and n and k:
-            # The kernel reads the offsets on the device (never a host sync) and trusts them.
-            k_grouped_native(a, sa, b, sb, group_offsets.contiguous(), out, accumulate)
-        return out
-    offsets = _check_offsets("group_offsets", group_offsets, g, t, a.device)
-    _ref.k_grouped_contiguous_ref(a, sa, b, sb, offsets, out, accumulate)
-    return out
+    return path, n, k, t, g
