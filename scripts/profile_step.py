@@ -186,7 +186,10 @@ def run_numerics(args) -> None:
     for idx in (0, len(model.model.layers) - 1):
         inputs = {}
         layer = model.model.layers[idx]
-        hooks = [m.register_forward_hook(lambda mod, a, o, name=name: inputs.setdefault(name, a[0].detach()))
+        def keep_input(module, args, output, name):
+            inputs.setdefault(name, args[0].detach())  # returns None: the output stays as it is
+
+        hooks = [m.register_forward_hook(lambda mod, a, o, name=name: keep_input(mod, a, o, name))
                  for name, m in layer.named_modules() if isinstance(m, FP8Linear)]
         ops.set_backend("reference")
         bench_hf._layer_outputs(model, ids)

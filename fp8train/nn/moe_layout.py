@@ -77,11 +77,10 @@ def build_moe_layout(topk_ids: torch.Tensor, num_experts: int, align: int = ALIG
     src_tokens = torch.full((num_rows,), num_tokens, dtype=torch.int64, device=device)
     src_tokens[dest_rows] = torch.arange(expert_of.numel(), device=device) // top_k
 
-    group_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
-    group_offsets[0] = 0
     # The last offset is where the experts' rows end, not the buffer's static end: the
-    # grouped GEMMs give the spare rows past it no math.
-    group_offsets[1:] = torch.cumsum(padded, 0).to(torch.int32)
+    # grouped GEMMs give the spare rows past it no math. (A leading zero padded on: writing a
+    # Python 0 into a CUDA tensor is a host-to-device copy that waits for the GPU.)
+    group_offsets = torch.nn.functional.pad(torch.cumsum(padded, 0).to(torch.int32), (1, 0))
     return MoELayout(group_offsets, dest_rows, src_tokens, counts, num_tokens, top_k)
 
 
