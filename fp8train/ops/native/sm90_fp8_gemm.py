@@ -8,6 +8,7 @@ descriptors and launches.
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 from dataclasses import dataclass, replace
 
@@ -196,15 +197,25 @@ class _ParamBlock:
     skips cuda-bindings' per-call argument packing."""
 
     SLOTS = 12
+    __slots__ = ("_raw", "_view", "_first", "slots", "_array", "address")
 
     def __init__(self):
         self._raw = (ctypes.c_uint8 * (128 * self.SLOTS + 64))()
         base = (ctypes.addressof(self._raw) + 63) & ~63
+        self._view = memoryview(self._raw).cast("B")
+        self._first = base - ctypes.addressof(self._raw)  # offset of slot 0 in the buffer
         self.slots = [base + 128 * i for i in range(self.SLOTS)]
         self._array = (ctypes.c_void_p * self.SLOTS)(*self.slots)
         self.address = ctypes.addressof(self._array)
-        self.u32 = [ctypes.c_uint32.from_address(s) for s in self.slots]
-        self.u64 = [ctypes.c_uint64.from_address(s) for s in self.slots]
+
+    def set_u32(self, slot: int, value: int) -> None:
+        _U32.pack_into(self._view, self._first + 128 * slot, value)
+
+    def set_u64(self, slot: int, value: int) -> None:
+        _U64.pack_into(self._view, self._first + 128 * slot, value)
+
+
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 
 
 _local = threading.local()
@@ -358,8 +369,8 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
         # is done, as far as later work on this stream is concerned).
         partials = torch.empty(outputs * cfg.split_k * cfg.block_m * cfg.block_n, dtype=torch.float32,
                                device=a.device)
-        params.u64[10].value = partials.data_ptr()
-        params.u64[11].value = _split_counters(device, outputs).data_ptr()
+        params.set_u64(10, partials.data_ptr())
+        params.set_u64(11, _split_counters(device, outputs).data_ptr())
     launch.kernel.launch_params(grid, cfg.num_threads, launch.smem, params.address,
                                 _raw_stream(device), cfg.cluster)
 
@@ -424,9 +435,9 @@ def _fill_params(cfg: GemmConfig, a, sa, lda: int, b, sb, ldb: int, out, shape_m
     kb = -(-k // 128)
     params = _ParamBlock()
     f32 = torch.float32
-    params.u32[0].value = shape_m
-    params.u64[1].value = sb.data_ptr() if cfg.kind == "1d2d" else 0
-    params.u64[2].value = out.data_ptr()
+    params.set_u32(0, shape_m)
+    params.set_u64(1, sb.data_ptr() if cfg.kind == "1d2d" else 0)
+    params.set_u64(2, out.data_ptr())
     slots, move = params.slots, ctypes.memmove
     box_a = cfg.block_m // cfg.cluster  # each CTA of a cluster loads its share of A
     move(slots[3], _tma_address(a.data_ptr(), a.dtype, k, rows_a, a.stride(0), 128, box_a, 128), 128)
@@ -443,9 +454,9 @@ def _fill_params(cfg: GemmConfig, a, sa, lda: int, b, sb, ldb: int, out, shape_m
         box_n, swizzle = (64, 128) if swizzled_out(cfg) else (cfg.block_n, 0)
         move(slots[7], _tma_address(out.data_ptr(), out.dtype, n, out_rows, 2 * n, box_n, cfg.block_m, swizzle),
              128)
-    params.u64[8].value = counts.data_ptr() if counts is not None else 0
+    params.set_u64(8, counts.data_ptr() if counts is not None else 0)
     num_groups = 0
     if counts is not None:
         num_groups = counts.shape[0] - (0 if grouping == "m_masked" else 1)
-    params.u32[9].value = num_groups
+    params.set_u32(9, num_groups)
     return params
