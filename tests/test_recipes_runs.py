@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from recipes import checkpoint, compare
 from recipes.metrics import read_jsonl
-from test_recipes_train import CONFIGS, losses, train
+from test_recipes_train import losses, train
 
 
 def all_finite(run_dir: Path) -> bool:

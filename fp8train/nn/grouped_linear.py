@@ -27,7 +27,7 @@ from torch import nn
 
 from .._checks import FLOAT_DTYPES, check_tensor
 from . import _custom_ops as ops
-from .linear_function import (GROUP, cast_weight_dual, check_main_grad, compute_dtype,
+from .linear_function import (GROUP, backward_operands, check_main_grad, compute_dtype,
                               forward_weight_casts, saved_for_backward)
 from .moe_layout import gather_rows, scatter_add_rows
 from .recipe import FP8Recipe
@@ -108,19 +108,17 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         if x_hp is not None and src_tokens is not None:
             x_hp = gather_rows(x_hp, src_tokens)  # the rows of a high-precision wgrad
         recipe: FP8Recipe = ctx.recipe
-        pow2, backend = recipe.pow2_scale, recipe.backend_arg
+        backend = recipe.backend_arg
         grad_out_hp = grad_out.contiguous()  # [M, N], K-major rows for the casts
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.need_dw
         dx = dw = None
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
             dgrad_q, wgrad_q = need_dx and recipe.dgrad_fp8, need_dw and recipe.wgrad_fp8
-            dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_layouts(
-                grad_out_hp, pow2, dgrad_q, wgrad_q, backend)
+            dy_fp8, dy_scale, dyt_fp8, dyt_scale, w_t_fp8, w_t_scale = backward_operands(
+                grad_out_hp, weight, w_t_fp8, w_t_scale, recipe, dgrad_q, wgrad_q)
 
             if need_dx:
                 if recipe.dgrad_fp8:
-                    if w_t_fp8 is None:
-                        w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2, backend)[2:]
                     dx = ops.m_grouped_gemm_nt_contiguous(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
                                                           group_offsets, backend)
                 else:

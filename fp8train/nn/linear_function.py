@@ -68,6 +68,20 @@ def forward_weight_casts(weight: torch.Tensor, recipe: FP8Recipe, need_dx: bool)
     return None, None, None, None
 
 
+def backward_operands(grad_out_hp: torch.Tensor, weight: torch.Tensor, w_t_fp8, w_t_scale,
+                      recipe: FP8Recipe, dgrad_q: bool, wgrad_q: bool) -> tuple:
+    """What the FP8 backward GEMMs read: dy's row-wise cast (dgrad, if ``dgrad_q``), its
+    column-wise cast (wgrad, if ``wgrad_q``) from one pass, and (W^T)_q for dgrad (the
+    forward's when it kept one, else re-cast from the master weight). None where not needed:
+    (dy_fp8, dy_scale, dyt_fp8, dyt_scale, w_t_fp8, w_t_scale)."""
+    pow2, backend = recipe.pow2_scale, recipe.backend_arg
+    dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_layouts(grad_out_hp, pow2, dgrad_q, wgrad_q,
+                                                                  backend)
+    if dgrad_q and w_t_fp8 is None:
+        w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2, backend)[2:]
+    return dy_fp8, dy_scale, dyt_fp8, dyt_scale, w_t_fp8, w_t_scale
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype nn.Linear would produce: autocast's dtype when autocast is on, else x's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -152,7 +166,7 @@ class FP8LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight = ctx.saved_tensors
         recipe: FP8Recipe = ctx.recipe
-        pow2, backend = recipe.pow2_scale, recipe.backend_arg
+        backend = recipe.backend_arg
         n = grad_out.shape[-1]
         k = ctx.x_shape[-1]
         # Autograd may hand an expanded (stride-0) gradient; the GEMMs need K-major rows.
@@ -164,13 +178,11 @@ class FP8LinearFunction(torch.autograd.Function):
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
             dgrad_q = need_dx and recipe.dgrad_fp8
             wgrad_q = need_dw and recipe.wgrad_fp8 and ctx.num_tokens > 0
-            dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_layouts(
-                grad_out_hp, pow2, dgrad_q, wgrad_q, backend)
+            dy_fp8, dy_scale, dyt_fp8, dyt_scale, w_t_fp8, w_t_scale = backward_operands(
+                grad_out_hp, weight, w_t_fp8, w_t_scale, recipe, dgrad_q, wgrad_q)
 
             if need_dx:
                 if recipe.dgrad_fp8:
-                    if w_t_fp8 is None:
-                        w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2, backend)[2:]
                     dx = ops.gemm_nt(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
                                      gemm_out_dtype(ctx.x_dtype), backend)
                 else:

@@ -33,6 +33,16 @@ def _unpack(name: str, pair) -> FP8Pair:
     return data, scale
 
 
+def _operands(a, b, a_ndim: int, b_ndim: int) -> tuple:
+    """(a, sa, b, sb) of two (fp8, scale) pairs: types, dims and one device checked."""
+    a, sa = _unpack("a", a)
+    b, sb = _unpack("b", b)
+    check_tensor("a[0]", a, ndims=(a_ndim,))
+    check_tensor("b[0]", b, ndims=(b_ndim,))
+    check_same_device(a=a, sa=sa, b=b, sb=sb)
+    return a, sa, b, sb
+
+
 def _check_k(name: str, k: int) -> int:
     if k % GROUP != 0 or k == 0:
         raise ValueError(f"{name}: the contraction dim must be a positive multiple of {GROUP}, got {k}")
@@ -165,11 +175,7 @@ _dense_plans: dict = {}  # argument signature -> (path, kind, m, n, out dtype)
 
 def _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate, backend) -> tuple:
     """Full argument checks of fp8_gemm_nt (each error names the argument), then the path."""
-    a, sa = _unpack("a", a)
-    b, sb = _unpack("b", b)
-    check_tensor("a[0]", a, ndims=(2,))
-    check_tensor("b[0]", b, ndims=(2,))
-    check_same_device(a=a, sa=sa, b=b, sb=sb)
+    a, sa, b, sb = _operands(a, b, 2, 2)
     m, k = a.shape
     n = b.shape[0]
     if b.shape[1] != k:
@@ -234,11 +240,7 @@ _m_grouped_plans: dict = {}  # argument signature -> (path, m, n, groups)
 
 def _plan_m_grouped(a, b, group_offsets, out, backend) -> tuple:
     """Full argument checks of m_grouped_fp8_gemm_nt_contiguous, then the path."""
-    a, sa = _unpack("a", a)
-    b, sb = _unpack("b", b)
-    check_tensor("a[0]", a, ndims=(2,))
-    check_tensor("b[0]", b, ndims=(3,))
-    check_same_device(a=a, sa=sa, b=b, sb=sb)
+    a, sa, b, sb = _operands(a, b, 2, 3)
     m, k = a.shape
     g, n = b.shape[:2]
     check_shape("b[0]", b, (g, n, k))
@@ -272,11 +274,7 @@ def m_grouped_fp8_gemm_nt_masked(a: FP8Pair, b: FP8Pair, masked_m: torch.Tensor,
        default M_max). Any masked_m stays correct whatever the hint.
     Rows at or past ``masked_m[g]`` are not written (zeros when ``out`` is allocated here).
     """
-    a, sa = _unpack("a", a)
-    b, sb = _unpack("b", b)
-    check_tensor("a[0]", a, ndims=(3,))
-    check_tensor("b[0]", b, ndims=(3,))
-    check_same_device(a=a, sa=sa, b=b, sb=sb)
+    a, sa, b, sb = _operands(a, b, 3, 3)
     g, m_max, k = a.shape
     n = b.shape[1]
     check_shape("b[0]", b, (g, n, k))
@@ -351,11 +349,7 @@ _k_grouped_plans: dict = {}  # argument signature -> (path, n, k, tokens, groups
 
 def _plan_k_grouped(a, b, group_offsets, out, accumulate, backend) -> tuple:
     """Full argument checks of k_grouped_fp8_gemm_nt_contiguous, then the path."""
-    a, sa = _unpack("a", a)
-    b, sb = _unpack("b", b)
-    check_tensor("a[0]", a, ndims=(2,))
-    check_tensor("b[0]", b, ndims=(2,))
-    check_same_device(a=a, sa=sa, b=b, sb=sb)
+    a, sa, b, sb = _operands(a, b, 2, 2)
     n, t = a.shape
     k = b.shape[0]
     check_shape("b[0]", b, (k, t))
