@@ -75,10 +75,14 @@ def empty_rowwise_scales(lead: tuple, col_blocks: int, device, kblock_major: boo
     if not kblock_major or len(lead) == 0:
         return torch.empty(*lead, col_blocks, dtype=torch.float32, device=device)
     rows = 1
-    for size in lead:
+    strides = []
+    for size in reversed(lead):  # the lead dims row-major over the flattened row index
+        strides.append(rows)
         rows *= size
-    storage = torch.empty(col_blocks, kblock_major_ld(rows), dtype=torch.float32, device=device)
-    return storage[:, :rows].t().view(*lead, col_blocks)
+    ld = kblock_major_ld(rows)
+    # One allocation viewed in place (a slice, transpose and view cost three more ops a call).
+    storage = torch.empty(col_blocks * ld, dtype=torch.float32, device=device)
+    return storage.as_strided((*lead, col_blocks), (*reversed(strides), ld))
 
 
 def to_rowwise_layout(scale: torch.Tensor) -> torch.Tensor:
