@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..ops import gemm as _gemm
+from ..ops.scale_layout import kblock_major_ld
 from ..quant import casts as _casts
 from ..quant import formats as _formats
 from ..quant import moe_casts as _moe_casts
@@ -110,7 +111,7 @@ def _pack_rowwise(scale: Tensor) -> Tensor:
     if not _formats.ROWWISE_SCALES_KBLOCK_MAJOR:
         return scale
     rows, kb = scale.shape
-    ld = _formats.kblock_major_ld(rows)  # the storage's, since size-1 dims' strides say nothing
+    ld = kblock_major_ld(rows)  # the storage's, since size-1 dims' strides say nothing
     if (rows > 1 and scale.stride(0) != 1) or (kb > 1 and scale.stride(1) != ld) or scale.storage_offset():
         raise RuntimeError(f"row-wise scales: expected K-block-major storage [{kb}, {ld}], got "
                            f"strides {scale.stride()} at offset {scale.storage_offset()}")
@@ -124,7 +125,7 @@ def _unpack_rowwise(packed: Tensor, rows: int) -> Tensor:
 def _fake_rowwise(x):
     t, k = x.shape
     kb = _ceil_to(k, GROUP) // GROUP
-    scale = (x.new_empty(kb, _formats.kblock_major_ld(t), dtype=torch.float32)
+    scale = (x.new_empty(kb, kblock_major_ld(t), dtype=torch.float32)
              if _formats.ROWWISE_SCALES_KBLOCK_MAJOR else x.new_empty(t, kb, dtype=torch.float32))
     return x.new_empty(t, k, dtype=FP8_DTYPE), scale
 

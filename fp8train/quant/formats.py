@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.scale_layout import kblock_major_ld
+
 FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 GROUP = 128  # elements per scale along the contraction dim (1x128 and 128x128 blocks)
@@ -58,12 +60,6 @@ def cast_to_fp8(x_f32: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """
     q = x_f32 / scale
     return q.masked_fill(q.isnan(), float("nan")).to(FP8_DTYPE)
-
-
-def kblock_major_ld(rows: int) -> int:
-    """The block stride of K-block-major 1x128 scales of ``rows`` rows: the row count rounded
-    up to 4 (TMA wants 16-byte strides), at least 4."""
-    return max(4, -(-rows // 4) * 4)
 
 
 def empty_rowwise_scales(lead: tuple, col_blocks: int, device, kblock_major: bool | None = None) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """List the kernel configs the heuristic picks, without a GPU:
 
-    python -m fp8train.ops.native                       # the benchmark shapes, 132 SMs
-    python -m fp8train.ops.native --shapes 4096,7168,2048;64,2112,7168 --kind 1d1d --num-sms 114
+    python -m fp8train.ops.native --shapes "4096,7168,2048;64,2112,7168" [--kind 1d1d] [--num-sms 114]
 """
 from __future__ import annotations
 
@@ -14,25 +13,18 @@ from .gemm_config import choose_config, shared_bytes
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fp8train.ops.native", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=None, help="'M,N,K;M,N,K' (default: the bench shapes)")
-    parser.add_argument("--kind", choices=["1d2d", "1d1d"], default=None,
-                        help="B scales 128x128 (1d2d) or 1x128 (1d1d); default: per bench list")
+    parser.add_argument("--shapes", required=True, help="'M,N,K;M,N,K'")
+    parser.add_argument("--kind", choices=["1d2d", "1d1d"], default="1d2d",
+                        help="B scales 128x128 (1d2d, default) or 1x128 (1d1d)")
     parser.add_argument("--num-sms", type=int, default=132, help="SMs to plan for (H100: 132)")
     args = parser.parse_args(argv)
-    if args.shapes:
-        try:
-            shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
-        except ValueError:
-            parser.error(f"--shapes: expected 'M,N,K;...', got {args.shapes!r}")
-        if any(len(s) != 3 for s in shapes):
-            parser.error(f"--shapes: every shape needs M,N,K, got {args.shapes!r}")
-        rows = [(s, args.kind or "1d2d") for s in shapes]
-    else:
-        from ...bench.gemm import DENSE_1D2D, WGRAD_1D1D
-
-        rows = [(s, "1d2d") for s in DENSE_1D2D] + [(s, "1d1d") for s in WGRAD_1D1D]
-        if args.kind:
-            rows = [(s, args.kind) for s, _ in rows]
+    try:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
+    except ValueError:
+        parser.error(f"--shapes: expected 'M,N,K;...', got {args.shapes!r}")
+    if any(len(s) != 3 for s in shapes):
+        parser.error(f"--shapes: every shape needs M,N,K, got {args.shapes!r}")
+    rows = [(s, args.kind) for s in shapes]
     print(f"{'kind':5} {'M':>6} {'N':>6} {'K':>6} | BM  BN  stages CTAs group cluster | smem")
     for (m, n, k), kind in rows:
         try:

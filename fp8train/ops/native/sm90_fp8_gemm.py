@@ -17,7 +17,7 @@ import torch
 from . import gemm_config as _gemm_config
 from .gemm_config import GemmConfig, choose_config, shared_bytes
 from .wgmma import render_wgmma_e4m3
-from ...quant.formats import kblock_major_ld
+from ..scale_layout import kblock_major_ld
 
 KERNEL_NAME = "fp8train_gemm"
 
