@@ -15,10 +15,9 @@ from test_gemm_kernels_compile import needs_toolchain
 # both row-scale layouts; the register-heaviest (fp32 and non-pow2, which carries the
 # division's range branch) included.
 REPRESENTATIVE = [
-    ("dual", torch.bfloat16, True, False), ("dual", torch.float32, False, False),
-    ("dual", torch.float32, False, True),
     ("dual_async", torch.bfloat16, False, False), ("dual_async", torch.float16, True, True),
-    ("dual_async", torch.float32, False, False),
+    ("dual_async", torch.float32, False, False), ("dual_async", torch.float32, False, True),
+    ("dual_async", torch.bfloat16, True, False),
     ("per_token", torch.float16, True, False), ("per_token", torch.bfloat16, False, False),
     ("per_token", torch.bfloat16, False, True),
     ("block", torch.bfloat16, False, False), ("block", torch.float32, False, False),

@@ -25,14 +25,6 @@ from strategies import tensors
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True, scope="module", params=["dual", "dual_async"])
-def dual_kernel(request):
-    """Every test runs with each dual-cast kernel (native.DUAL_KERNEL): the register one and
-    the cp.async-staged one must both be bit-exact."""
-    with native.using_dual_kernel(request.param):
-        yield request.param
-
-
 # Row lengths: multiples of 16 (vector path) and not (element-wise tail), partial 128-tiles.
 LENGTHS = st.one_of(st.integers(1, 40).map(lambda v: 16 * v), st.integers(1, 700))
 

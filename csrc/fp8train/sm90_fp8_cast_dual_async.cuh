@@ -1,12 +1,15 @@
-// Fused dual cast, input staged in shared memory by cp.async: same outputs, bit for bit, as
-// sm90_fp8_cast.cuh (fp8train.quant.reference.dual_cast_ref), same parameters.
+// Fused dual cast of an activation or output gradient x [T, K], bit-identical to
+// fp8train.quant.reference.dual_cast_ref (the scale rule is in cast_common.cuh): one read of
+// x, two outputs, the row-wise 1x128 cast along K (q, scale) and the column-wise 1x128 cast of
+// x.T along T (qt [K, qt_cols], scale_t), qt_cols being T or T rounded up to 128 (the wgrad
+// operand; padding rows are zeros, which change no amax). With src_rows, output row t reads
+// input row src_rows[t] (>= src_count: a zero row): the MoE permutation fused in.
 //
-// Why a second design: the register version holds a thread's four 16-element chunks in
-// registers while they load (73 registers) and transposes through a 64 KB float tile, so an
-// SM runs 3 blocks and has no loads in flight while its blocks transpose (77% of a copy's
-// bandwidth on the H100). Here the tile lands in shared memory in the input's own dtype
-// (32 KB for bf16/fp16) through asynchronous 16-byte copies that hold no registers, so more
-// blocks fit per SM and their loads overlap the other blocks' arithmetic.
+// The input tile is staged in shared memory in its own dtype (32 KB for bf16/fp16) by
+// asynchronous 16-byte copies that hold no registers, so 6 blocks fit per SM and their loads
+// overlap the other blocks' arithmetic. (A variant holding the chunks in registers and
+// transposing through a 64 KB float tile ran 3 blocks per SM at 75-78% of a copy's bandwidth
+// on the H100, against 80-84% here; it was removed.)
 //
 // One 128 x 128 tile per block, three phases:
 //   load     every thread issues cp.async for 8 (2-byte types) or 16 (fp32) 16-byte units;

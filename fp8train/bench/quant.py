@@ -61,14 +61,6 @@ def _bit_exact(got, want) -> bool:
     return True
 
 
-def _using(kernel: str, cast):
-    """`cast` run with native.DUAL_KERNEL = kernel: the table times both dual-cast kernels."""
-    def run(x):
-        with native.using_dual_kernel(kernel):
-            return cast(x)
-    return run
-
-
 def _cases(t: int, k: int, src: torch.Tensor, ref):
     """name -> (bytes moved, native cast of x, reference cast of x) for [T, K] bf16 inputs;
     ``ref`` maps each reference function to what to call for it (itself, or its compiled
@@ -82,22 +74,15 @@ def _cases(t: int, k: int, src: torch.Tensor, ref):
     return {
         "per-token": (_bytes(t, k, False), lambda x: native.per_token_cast(x, False),
                       lambda x: per_token(x, False)),
-        "dual": (_bytes(t, k, True), _using("dual", lambda x: native.dual_cast(x, False)),
-                 lambda x: dual(x, False)),
-        "dual async": (_bytes(t, k, True), _using("dual_async", lambda x: native.dual_cast(x, False)),
-                       lambda x: dual(x, False)),
+        "dual": (_bytes(t, k, True), lambda x: native.dual_cast(x, False), lambda x: dual(x, False)),
         "weight+T": (weight_bytes, lambda x: native.block_cast(x, False, True),
                      lambda x: block(x, False)),
         "permuted": (permuted_bytes,
                      lambda x: native.per_token_cast(x[:tokens], False, src_rows=src, num_rows=m),
                      lambda x: permuted(x[:tokens], src, False)),
         "permuted dual": (permuted_bytes + _colwise_bytes(m, k),
-                          _using("dual", lambda x: native.dual_cast(x[:tokens], False, src_rows=src, num_rows=m)),
+                          lambda x: native.dual_cast(x[:tokens], False, src_rows=src, num_rows=m),
                           lambda x: permuted(x[:tokens], src, False, True)),
-        "perm. dual async": (permuted_bytes + _colwise_bytes(m, k),
-                             _using("dual_async",
-                                    lambda x: native.dual_cast(x[:tokens], False, src_rows=src, num_rows=m)),
-                             lambda x: permuted(x[:tokens], src, False, True)),
     }
 
 

@@ -11,7 +11,6 @@ in bounds; the public functions in `casts`/`moe_casts` check their inputs.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 from typing import Optional
@@ -23,21 +22,19 @@ from .formats import FP8_DTYPE, GROUP
 
 _C_TYPES = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
 _THREADS = 256
-_TILE_SMEM = GROUP * GROUP * 4  # the swizzled float tile (dual and block casts)
+_TILE_SMEM = GROUP * GROUP * 4  # the swizzled float tile of the weight cast's transpose
 _U32_MAX = 2**32 - 1
 _GRID_YZ = 65535  # the most blocks along grid y and z (T/128 tiles, experts)
 _u32, _vp = ctypes.c_uint32, ctypes.c_void_p
 
-# The two dual-cast kernels take the same parameters (native.DUAL_KERNEL picks one).
-_DUAL_PARAMS = ("const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
-                "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld, "
-                "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t rowwise, uint32_t colwise")
-_DUAL_CALL = ("<{T}, {POW2}, {KMAJOR}>(x, src_rows, src_count, rows, cols, vec_in != 0, q, scale, "
-              "scale_ld, qt, qt_cols, scale_t, rowwise != 0, colwise != 0);")
 # kernel kind -> (header, C parameter list, device function call)
 _KINDS = {
-    "dual": ("sm90_fp8_cast.cuh", _DUAL_PARAMS, "fp8train::dual_cast_tile" + _DUAL_CALL),
-    "dual_async": ("sm90_fp8_cast_dual_async.cuh", _DUAL_PARAMS, "fp8train::dual_cast_tile_async" + _DUAL_CALL),
+    "dual_async": ("sm90_fp8_cast_dual_async.cuh",
+                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
+                   "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld, "
+                   "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t rowwise, uint32_t colwise",
+                   "fp8train::dual_cast_tile_async<{T}, {POW2}, {KMAJOR}>(x, src_rows, src_count, rows, "
+                   "cols, vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, rowwise != 0, colwise != 0);"),
     "per_token": ("sm90_fp8_cast_per_token.cuh",
                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
                   "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld",
@@ -50,46 +47,19 @@ _KINDS = {
               "wtq, scale_t);"),
 }
 KINDS = tuple(_KINDS)
-# Blocks per SM each kernel is compiled for. The dual cast fits 3 in shared memory
-# (3 x 64 KB); asking for 3 caps fp32 at 80 registers, which would otherwise take 84 and
-# leave room for only 2 (registers are allocated per warp in steps of 256). The staged dual
-# cast keeps a tile in the input's dtype: 6 blocks of 32 KB for 2-byte types (40 registers,
-# no spills), 3 of 64 KB for fp32. The weight cast keeps a whole tile in registers until
-# the block's amax is known: at 80 registers it spills, so it runs 2 blocks per SM (weights
-# are a small share of the bytes cast).
-_MIN_BLOCKS = {"dual": 3, "per_token": 1, "block": 2}
-# The dual cast's kernel: "dual" (registers and a float tile) or "dual_async" (cp.async into
-# a tile of the input dtype, 6 blocks per SM for 2-byte types). Both are bit-exact (the GPU
-# tests run both); the quant bench times both. H100: "dual_async" 80-84% of the
-# copy's bandwidth, "dual" 75-78%. Persistent variants with one or two staged tiles per
-# block measured no better (78-86%, gathered 70-73%: docs/quant.md) and were dropped.
-DUAL_KERNEL = "dual_async"
-
-
-@contextlib.contextmanager
-def using_dual_kernel(kind: str):
-    """Run the dual casts on ``kind`` ("dual" or "dual_async") inside the block (tests and
-    the quant bench run both)."""
-    global DUAL_KERNEL
-    if kind not in ("dual", "dual_async"):
-        raise ValueError(f"kind: expected 'dual' or 'dual_async', got {kind!r}")
-    saved, DUAL_KERNEL = DUAL_KERNEL, kind
-    try:
-        yield
-    finally:
-        DUAL_KERNEL = saved
+# Blocks per SM each kernel is compiled for. The dual cast keeps a tile in the input's dtype:
+# 6 blocks of 32 KB for 2-byte types (40 registers, no spills), 3 of 64 KB for fp32 (a
+# variant holding the tile in registers ran at 75-78% of a copy's bandwidth against 80-84%,
+# H100; it was removed). The weight cast keeps a whole tile in registers until the block's
+# amax is known: at 80 registers it spills, so it runs 2 blocks per SM (weights are a small
+# share of the bytes cast).
+_MIN_BLOCKS = {"per_token": 1, "block": 2}
 
 
 def _min_blocks(kind: str, dtype: torch.dtype) -> int:
     if kind == "dual_async":
         return 3 if dtype == torch.float32 else 6
     return _MIN_BLOCKS[kind]
-
-
-def _dual_smem(kind: str, dtype: torch.dtype, colwise: bool) -> int:
-    if kind == "dual_async":  # the staged tile is used by the row pass too
-        return GROUP * GROUP * dtype.itemsize
-    return _TILE_SMEM if colwise else 0
 
 
 def kernel_name(kind: str) -> str:
@@ -179,9 +149,9 @@ def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: 
     st = torch.empty(cols, -(-qt_cols // GROUP), dtype=torch.float32, device=dev) if colwise else None
     if rows == 0 or not (rowwise or colwise):
         return q, s, qt, st
-    kind = DUAL_KERNEL
-    _kernel(kind, x.dtype, bool(pow2_scale), dev.index, kmajor).launch(
-        (col_blocks, -(-rows // GROUP)), _THREADS, _dual_smem(kind, x.dtype, colwise),
+    # The staged tile (in the input's dtype) serves the row pass too: always there.
+    _kernel("dual_async", x.dtype, bool(pow2_scale), dev.index, kmajor).launch(
+        (col_blocks, -(-rows // GROUP)), _THREADS, GROUP * GROUP * x.dtype.itemsize,
         (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), _ptr(q), _ptr(s),
          s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols, _ptr(st), int(rowwise), int(colwise)),
         (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32), _stream(dev))
