@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python scripts/sweep_gemm.py [section ...]   (default: every section)
 
-Sections: attribution, scale_layout, scale_layout_b, multicast, configs, split.
+Sections: multicast, configs, split. (The attribution and scale-layout sweeps answered
+their questions: docs/kernels.md has the figures.)
 """
 import sys
 
@@ -42,60 +43,6 @@ def sweep(m, n, k, kind, candidates):
               f"{2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
 
 
-def compare_scale_layouts(label, switch, m, n, k, kind, make_set, launch):
-    """Time one GEMM with `sm90_fp8_gemm.<switch>` False (row-major scales) and True
-    (K-block-major), each reading operands prepared in its layout outside the timing
-    (`make_set(generator)` builds one input set, `launch(set, mn_major)` runs it); the two
-    outputs must agree bit for bit."""
-    sets = []
-    for seed in range(num_input_sets(m * k + n * k)):
-        sets.append(make_set(torch.Generator(device="cuda").manual_seed(seed)))
-    outputs = []
-    saved = getattr(sm90_fp8_gemm, switch)
-    for name, mn_major in (("row-major", False), ("K-block-major", True)):
-        setattr(sm90_fp8_gemm, switch, mn_major)
-        calls = [lambda s=s, mn=mn_major: launch(s, mn) for s in sets]
-        calls[0]()
-        torch.cuda.synchronize()
-        outputs.append(sets[0]["out"].clone())
-        ms, _ = time_calls(calls)
-        print(f"{kind} {m}x{n}x{k} {label} scales {name}: {2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
-    setattr(sm90_fp8_gemm, switch, saved)
-    print(f"  outputs identical: {torch.equal(outputs[0], outputs[1])}", flush=True)
-
-
-def sweep_scale_layout(m, n, k):
-    """A's 1x128 scales row-major [M, K/128] (16-byte TMA boxes of 4 K blocks per row) vs
-    K-block-major [K/128, M] (one contiguous box per stage), BLOCK 128x128, same operands."""
-    def make_set(g):
-        a = per_token_cast(torch.randn(m, k, device="cuda", generator=g))
-        b = per_block_cast(torch.randn(n, k, device="cuda", generator=g))
-        return {"a": a[0], False: a[1], True: sm90_fp8_gemm._mn_major(a[1]), "b": b,
-                "out": torch.empty(m, n, device="cuda", dtype=torch.bfloat16)}
-
-    cfg = GemmConfig(128, 128, deepest(128, 128, "1d2d"), min(132, -(-m // 128) * -(-n // 128)), 8, "1d2d")
-    compare_scale_layouts("A", "SCALE_A_MN_MAJOR", m, n, k, "1d2d", make_set,
-                          lambda s, mn: fp8_gemm_nt_native(s["a"], s[mn], s["b"][0], s["b"][1], s["out"],
-                                                           "1d2d", False, cfg))
-
-
-def sweep_scale_layout_b(m, n, k):
-    """1D1D (wgrad): B's 1x128 scales row-major vs K-block-major (`SCALE_B_MN_MAJOR`), the
-    heuristic's config."""
-    from fp8train.ops.native.gemm_config import choose_config
-
-    def make_set(g):
-        a = per_token_cast(torch.randn(m, k, device="cuda", generator=g))
-        b = per_token_cast(torch.randn(n, k, device="cuda", generator=g))
-        return {"a": a, "b": b[0], False: b[1], True: sm90_fp8_gemm._mn_major(b[1]),
-                "out": torch.empty(m, n, device="cuda", dtype=torch.float32)}
-
-    cfg = choose_config(m, n, k, 132, "1d1d")
-    compare_scale_layouts("B", "SCALE_B_MN_MAJOR", m, n, k, "1d1d", make_set,
-                          lambda s, mn: fp8_gemm_nt_native(s["a"][0], s["a"][1], s["b"], s[mn], s["out"],
-                                                           "1d1d", False, cfg))
-
-
 def sweep_split(m, n, k, candidates):
     """1D2D at small M with (block_n, split_k) forced; TFLOP/s and the share of the HBM
     roofline (A, B, their scales and the output, once each, at 3.35 TB/s)."""
@@ -115,27 +62,6 @@ def sweep_split(m, n, k, candidates):
         ms, _ = time_calls(calls)
         print(f"1d2d {m}x{n}x{k} bn{bn} split{split}: {2 * m * n * k / ms / 1e9:6.0f} TFLOP/s, "
               f"{bytes_moved / (ms * 1e-3) / 3.35e12:4.0%} of the HBM roofline", flush=True)
-
-
-def attribution():
-    """What the loads, the scale loads and the promotion cost, on one large shape."""
-    for flags in ((), ("-DFP8TRAIN_DEBUG_NO_SCALE_LOADS",), ("-DFP8TRAIN_DEBUG_NO_LOADS",),
-                  ("-DFP8TRAIN_DEBUG_NO_PROMOTION",),
-                  ("-DFP8TRAIN_DEBUG_NO_LOADS", "-DFP8TRAIN_DEBUG_NO_PROMOTION")):
-        sm90_fp8_gemm.debug_flags = flags
-        print("flags:", flags or "none", flush=True)
-        sweep(4096, 4096, 7168, "1d2d", [(128, 128, 0, 8, 1)])
-    sm90_fp8_gemm.debug_flags = ()
-
-
-def scale_layout():
-    sweep_scale_layout(4096, 4096, 7168)
-    sweep_scale_layout(4096, 7168, 2048)
-
-
-def scale_layout_b():
-    for m, n, k in ((7168, 2048, 16384), (4096, 4096, 32768), (4096, 14336, 16384)):
-        sweep_scale_layout_b(m, n, k)
 
 
 def multicast():
@@ -159,9 +85,7 @@ def split():
         sweep_split(m, n, k, [(16, 1), (32, 1), (64, 2), (64, 4), (128, 2), (128, 4), (136, 8), (128, 8)])
 
 
-SECTIONS = {"attribution": attribution, "scale_layout": scale_layout, "scale_layout_b": scale_layout_b,
-            "multicast": multicast,
-            "configs": configs, "split": split}
+SECTIONS = {"multicast": multicast, "configs": configs, "split": split}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(SECTIONS)

@@ -87,16 +87,3 @@ def test_row_major_scales_are_staged_and_the_block_reused(stubbed):
     other = operands(128, 128, 384)[0]
     native.fp8_gemm_nt_native(other[0], other[1], b[0], b[1], out, "1d2d", False)
     assert torch.equal(staged[:, :128].t(), other[1]), "a later call rewrites the staged scales"
-
-
-def test_a_and_b_scales_of_one_shape_are_staged_apart(stubbed, monkeypatch):
-    """1D1D with both operands' scales read K-block-major (the SCALE_B_MN_MAJOR experiment)
-    and A and B of the same shape: each operand keeps its own staged buffer."""
-    monkeypatch.setattr(native, "SCALE_B_MN_MAJOR", True)
-    a, b = operands(256, 256, 512)[0], operands(256, 256, 512)[0]
-    out = torch.empty(256, 256, dtype=torch.float32)
-    native.fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, "1d1d", False)
-    staged = native._local.staging
-    assert {key[0] for key in staged} == {"a", "b"}
-    by_role = {key[0]: buf for key, buf in staged.items()}
-    assert torch.equal(by_role["a"][:, :256].t(), a[1]) and torch.equal(by_role["b"][:, :256].t(), b[1])

@@ -3,11 +3,12 @@
 // A [M, K] e4m3 with 1x128 scales; B [N, K] e4m3 with either 128x128 scales
 // ([ceil(N/128), K/128] row-major, "1D2D": fprop/dgrad, BF16 out) or 1x128 scales ("1D1D":
 // wgrad, FP32 out, optionally accumulated into D). A's 1x128 scales are read K-block-major
-// ([K/128, rows], one contiguous box of BLOCK_M floats per stage) where
-// FP8TRAIN_SCALE_A_MN_MAJOR is 1, else row-major like B's 1x128 scales (1D1D): [rows, K/128]
-// with a row stride that is a multiple of 4 floats, one TMA box of 4 K blocks x BLOCK rows
-// per stage (TMA moves at least 16 bytes a row), the math threads picking their K block's
-// column out of it.
+// ([K/128, rows], one contiguous box of BLOCK_M floats per stage) where SCALE_A_KBLOCK_MAJOR,
+// else row-major like B's 1x128 scales (1D1D): [rows, K/128] with a row stride that is a
+// multiple of 4 floats, one TMA box of 4 K blocks x BLOCK rows per stage (TMA moves at least
+// 16 bytes a row), the math threads picking their K block's column out of it. K-block-major
+// reads were 10% (4096x4096x7168) to 36% (4096x7168x2048) faster on the H100; B's 1x128
+// scales read K-block-major measured 3-7% slower and are read row-major.
 //
 // Persistent and warp-specialised: one thread of the last warpgroup issues TMA for A, B and
 // their 1x128 scales into a ring of stages; BLOCK_M/64 math warpgroups consume. Each K
@@ -24,29 +25,15 @@
 #include "fp8train/ptx.cuh"
 #include "fp8train/scheduler.cuh"
 
-#ifndef FP8TRAIN_SWIZZLED_EPILOGUE
-#define FP8TRAIN_SWIZZLED_EPILOGUE 1
-#endif
-// A's 1x128 scales K-block-major ([K/128, rows], rows contiguous, the row count padded to 4):
-// a stage's box is one contiguous BLOCK_M-float read. Row-major [rows, K/128] (0) needs a
-// 16-byte box per row, BLOCK_M pieces per stage: measured 10% (4096x4096x7168) to 36%
-// (4096x7168x2048) slower on the H100.
-#ifndef FP8TRAIN_SCALE_A_MN_MAJOR
-#define FP8TRAIN_SCALE_A_MN_MAJOR 1
-#endif
-// Experiment (1D1D): B's 1x128 scales K-block-major too, one BLOCK_N-float box per stage.
-#ifndef FP8TRAIN_SCALE_B_MN_MAJOR
-#define FP8TRAIN_SCALE_B_MN_MAJOR 0
-#endif
-// 1D2D with FP32 output (an FP32 model without autocast): stored from registers like 1D1D.
-#ifndef FP8TRAIN_OUT_F32
-#define FP8TRAIN_OUT_F32 0
-#endif
-
 namespace fp8train {
 
+// SCALE_A_KBLOCK_MAJOR: A's 1x128 scales stored [K/128, rows] (rows contiguous, the row count
+// padded to 4): a stage's box is one contiguous BLOCK_M-float read; else row-major.
+// OUT_F32: a 1D2D kernel writing FP32 (an FP32 model without autocast), stored from registers
+// like 1D1D.
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
-          uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, uint32_t CLUSTER>
+          uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, uint32_t CLUSTER,
+          bool SCALE_A_KBLOCK_MAJOR, bool OUT_F32>
 struct Sm90Fp8Gemm {
     static constexpr uint32_t BLOCK_K = 128;
     static constexpr uint32_t kNumKBlocks = SHAPE_K / BLOCK_K;
@@ -57,21 +44,20 @@ struct Sm90Fp8Gemm {
     static constexpr uint32_t kTileABytes = BLOCK_M * BLOCK_K;
     static constexpr uint32_t kTileBBytes = BLOCK_N * BLOCK_K;
     static constexpr uint32_t kScaleCols = 4;  // K blocks per scale box (16 bytes a row)
-    static constexpr bool kScaleAMNMajor = FP8TRAIN_SCALE_A_MN_MAJOR;
+    static constexpr bool kScaleAMNMajor = SCALE_A_KBLOCK_MAJOR;
     static constexpr uint32_t kScaleABytes = kScaleAMNMajor ? BLOCK_M * 4 : BLOCK_M * kScaleCols * 4;
-    static constexpr bool kScaleBMNMajor = SCALE_B_1X128 && FP8TRAIN_SCALE_B_MN_MAJOR;
-    static constexpr uint32_t kScaleBBytes = !SCALE_B_1X128 ? 0 : kScaleBMNMajor ? BLOCK_N * 4 : BLOCK_N * kScaleCols * 4;
+    static constexpr uint32_t kScaleBBytes = SCALE_B_1X128 ? BLOCK_N * kScaleCols * 4 : 0;
     // What one stage's TMA copies deliver (the barrier's transaction count).
     static constexpr uint32_t kStageBytes = kTileABytes + kTileBBytes + kScaleABytes + kScaleBBytes;
     // TMA writes shared memory at 128-byte aligned addresses: scale slots are padded to that.
     static constexpr uint32_t kScaleASlot = (kScaleABytes + 127) / 128 * 128;
     static constexpr uint32_t kScaleBSlot = (kScaleBBytes + 127) / 128 * 128;
     // FP32 output leaves from registers; BF16 through a shared tile and a TMA store.
-    static constexpr bool kOutF32 = SCALE_B_1X128 || FP8TRAIN_OUT_F32;
+    static constexpr bool kOutF32 = SCALE_B_1X128 || OUT_F32;
     static constexpr uint32_t kOutTileBytes = kOutF32 ? 0 : BLOCK_M * BLOCK_N * 2;
     // The BF16 output tile in 64-column parts with the TMA 128-byte swizzle (bank-conflict
     // free writes) where BLOCK_N allows; the host's output descriptor must agree.
-    static constexpr bool kSwizzledOut = FP8TRAIN_SWIZZLED_EPILOGUE && !kOutF32 && BLOCK_N % 64 == 0;
+    static constexpr bool kSwizzledOut = !kOutF32 && BLOCK_N % 64 == 0;
     static constexpr uint32_t kAccum = BLOCK_N / 2;  // FP32 accumulator registers per thread
     // With 128x128 B scales a tile spans at most two scale blocks: its start offset inside a
     // block is at most 128 - gcd(BLOCK_N, 128).
@@ -177,7 +163,7 @@ __device__ __forceinline__ bool reduce_split_k(float (&accum)[kAccum], float* __
 
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
           uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, uint32_t CLUSTER,
-          Grouping GROUPING, uint32_t SPLIT_K, typename Wgmma>
+          Grouping GROUPING, uint32_t SPLIT_K, typename Wgmma, bool SCALE_A_KBLOCK_MAJOR, bool OUT_F32>
 __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __restrict__ scale_b,
                                               float* __restrict__ out_f32,
                                               const CUtensorMap* tmap_a, const CUtensorMap* tmap_b,
@@ -187,7 +173,8 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                                               const int32_t* __restrict__ group_counts,
                                               uint32_t num_groups, float* __restrict__ split_partials,
                                               int32_t* __restrict__ split_counters) {
-    using G = Sm90Fp8Gemm<BLOCK_M, BLOCK_N, NUM_STAGES, SHAPE_N, SHAPE_K, SCALE_B_1X128, ACCUMULATE, GROUP_N, CLUSTER>;
+    using G = Sm90Fp8Gemm<BLOCK_M, BLOCK_N, NUM_STAGES, SHAPE_N, SHAPE_K, SCALE_B_1X128, ACCUMULATE, GROUP_N, CLUSTER,
+                          SCALE_A_KBLOCK_MAJOR, OUT_F32>;
     using S = typename G::SharedStorage;
     constexpr uint32_t kNumKBlocks = G::kNumKBlocks;
     static_assert(!ACCUMULATE || SCALE_B_1X128, "only the FP32 (1D1D) output accumulates");
@@ -277,15 +264,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 if constexpr (CLUSTER > 1) mbar_wait_cluster(&empty[stage], (round & 1) ^ 1);
                 else mbar_wait(&empty[stage], (round & 1) ^ 1);
                 uint64_t* bar = &full[stage];
-#ifdef FP8TRAIN_DEBUG_NO_LOADS  // attribution experiments: math on stale shared memory
-                mbar_arrive(bar);
-                continue;
-#endif
-#ifdef FP8TRAIN_DEBUG_NO_SCALE_LOADS  // attribution experiments: operands only, stale scales
-                mbar_arrive_expect_tx(bar, G::kTileABytes + G::kTileBBytes);
-#else
                 mbar_arrive_expect_tx(bar, G::kStageBytes);
-#endif
                 if constexpr (CLUSTER > 1) {
                     const uint32_t rows = rank * G::kRowsAPerCta;
                     tma_load_2d_multicast(tmap_a, bar, smem + S::kA + stage * G::kTileABytes + rows * 128,
@@ -294,17 +273,12 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                     tma_load_2d(tmap_a, bar, smem + S::kA + stage * G::kTileABytes, kb * 128, op.a_row);
                 }
                 tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, op.b_row);
-#ifdef FP8TRAIN_DEBUG_NO_SCALE_LOADS
-                continue;
-#endif
                 const int32_t kb_box = kb & ~(G::kScaleCols - 1);
                 if constexpr (G::kScaleAMNMajor)
                     tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, op.a_row, kb);
                 else
                     tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, kb_box, op.a_row);
-                if constexpr (G::kScaleBMNMajor)
-                    tma_load_2d(tmap_scale_b, bar, smem + S::kScaleB + stage * G::kScaleBSlot, n0, kb);
-                else if constexpr (SCALE_B_1X128)
+                if constexpr (SCALE_B_1X128)
                     tma_load_2d(tmap_scale_b, bar, smem + S::kScaleB + stage * G::kScaleBSlot, kb_box, n0);
             }
         }
@@ -396,10 +370,8 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
 #pragma unroll
                 for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
                     const uint32_t col = j * 8 + (lane % 4) * 2;
-                    sb[j] = G::kScaleBMNMajor
-                        ? make_float2(scale_b_smem[col], scale_b_smem[col + 1])
-                        : make_float2(scale_b_smem[col * G::kScaleCols + kb_col],
-                                      scale_b_smem[(col + 1) * G::kScaleCols + kb_col]);
+                    sb[j] = make_float2(scale_b_smem[col * G::kScaleCols + kb_col],
+                                        scale_b_smem[(col + 1) * G::kScaleCols + kb_col]);
                 }
                 __syncwarp();
                 if (lane == 0) release_stage(stage);
@@ -413,9 +385,6 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             } else {
                 __syncwarp();
                 if (lane == 0) release_stage(stage);
-#ifdef FP8TRAIN_DEBUG_NO_PROMOTION  // attribution experiments: tensor cores only
-                if (kb + 1 < op.kb_end) continue;
-#endif
                 const float lo0 = sa0 * sb_lo, lo1 = sa1 * sb_lo;
                 const float hi0 = sa0 * sb_hi, hi1 = sa1 * sb_hi;
 #pragma unroll

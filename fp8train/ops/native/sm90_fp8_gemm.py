@@ -54,10 +54,6 @@ def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, grouping
     if grouping == "k_contiguous":
         k = 0
     return f"""// Rendered by fp8train.ops.native.sm90_fp8_gemm: {config}, N={n}, K={k}, {grouping}
-#define FP8TRAIN_SWIZZLED_EPILOGUE {int(SWIZZLED_EPILOGUE)}
-#define FP8TRAIN_OUT_F32 {int(out_f32)}
-#define FP8TRAIN_SCALE_A_MN_MAJOR {int(scale_a_mn_major(grouping))}
-#define FP8TRAIN_SCALE_B_MN_MAJOR {int(scale_b_mn_major(config.kind, grouping))}
 #include "fp8train/sm90_fp8_gemm.cuh"
 
 namespace fp8train {{
@@ -76,7 +72,8 @@ extern "C" __global__ void __launch_bounds__({config.num_threads}, 1)
                             {str(config.kind == "1d1d").lower()}, {str(accumulate).lower()},
                             {config.group_n}, {config.cluster}, fp8train::Grouping::{GROUPINGS[grouping][0]},
                             {config.split_k},
-                            fp8train::Wgmma_m64n{config.block_n}k32>(
+                            fp8train::Wgmma_m64n{config.block_n}k32, {str(scale_a_kblock_major(grouping)).lower()},
+                            {str(out_f32).lower()}>(
         shape_m, scale_b, out_f32, &tmap_a, &tmap_b, &tmap_scale_a, &tmap_scale_b, &tmap_out,
         group_counts, num_groups, split_partials, split_counters);
 }}
@@ -93,40 +90,23 @@ def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: 
             + (f"_sk{config.split_k}" if config.split_k > 1 else ""))
 
 
-# Extra nvcc flags for experiments (e.g. -DFP8TRAIN_DEBUG_NO_LOADS); part of every cache key.
-debug_flags: tuple = ()
-# BF16 output tiles written 128-byte swizzled and stored in 64-column parts where BLOCK_N is
-# a multiple of 64 (no bank conflicts); False renders the plain row-major tile everywhere.
-SWIZZLED_EPILOGUE = True
-# A's 1x128 scales read K-block-major ([K/128, rows] underneath): one 512-byte TMA box per
-# stage instead of 128 16-byte ones, +10% to +36% on the H100 (sweep_gemm.py scale_layout).
-# Scales the caller passes row-major are copied into that layout (`_mn_major`) per call;
-# False reads them row-major in place everywhere.
-SCALE_A_MN_MAJOR = True
-# Groupings verified on the H100 with K-block-major scales. The masked kernel (an expert's
-# rows start at g * M_max, so the box's inner coordinate is not 16-byte aligned) hit an
-# illegal instruction; it and the k-grouped kernel (not yet re-run) keep the row-major read.
-_MN_MAJOR_GROUPINGS = ("none", "m_contiguous")
+# A's 1x128 scales are read K-block-major ([K/128, rows] underneath: one 512-byte TMA box per
+# stage instead of 128 16-byte ones, +10% to +36% on the H100) by every kernel but the masked
+# one, whose experts' rows start at g * M_max, so a box's inner coordinate is not 16-byte
+# aligned (it hit an illegal instruction) and the k-grouped one (not yet re-run that way):
+# those two read them row-major. B's 1x128 scales (1D1D) are read row-major: K-block-major
+# measured 3-7% slower.
+_KBLOCK_MAJOR_GROUPINGS = ("none", "m_contiguous")
 
 
-def scale_a_mn_major(grouping: str) -> bool:
+def scale_a_kblock_major(grouping: str) -> bool:
     """Whether this grouping's kernel reads A's scales K-block-major."""
-    return SCALE_A_MN_MAJOR and grouping in _MN_MAJOR_GROUPINGS
-
-
-# Experiment, not yet run on a GPU: the dense 1D1D kernel reading B's 1x128 scales
-# K-block-major as well (`sweep_gemm.py scale_layout_b` times both and checks the bits).
-SCALE_B_MN_MAJOR = False
-
-
-def scale_b_mn_major(kind: str, grouping: str) -> bool:
-    """Whether this kernel reads B's 1x128 scales K-block-major (dense 1D1D only)."""
-    return SCALE_B_MN_MAJOR and kind == "1d1d" and grouping == "none"
+    return grouping in _KBLOCK_MAJOR_GROUPINGS
 
 
 def swizzled_out(config: GemmConfig) -> bool:
     """Whether this config's kernel writes the swizzled output tile (mirrors kSwizzledOut)."""
-    return SWIZZLED_EPILOGUE and config.kind == "1d2d" and config.block_n % 64 == 0
+    return config.kind == "1d2d" and config.block_n % 64 == 0
 
 
 def compile_kernel(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none",
@@ -135,7 +115,7 @@ def compile_kernel(config: GemmConfig, n: int, k: int, accumulate: bool, groupin
     from ..jit.compiler import compile_cubin
 
     return compile_cubin(kernel_name(config, n, k, accumulate, grouping, out_f32),
-                         render_source(config, n, k, accumulate, grouping, out_f32), flags=debug_flags)
+                         render_source(config, n, k, accumulate, grouping, out_f32))
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: a cheap, exact key for cached parameter blocks
@@ -151,8 +131,7 @@ _launches: dict = {}
 
 def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int, num_sms: int,
                 config: GemmConfig | None = None, grouping: str = "none", out_f32: bool = False) -> _Launch:
-    key = (m, n, k, kind, accumulate, device, num_sms, config, debug_flags, grouping, out_f32,
-           SCALE_A_MN_MAJOR, SCALE_B_MN_MAJOR,
+    key = (m, n, k, kind, accumulate, device, num_sms, config, grouping, out_f32,
            _gemm_config.split_k_enabled, _gemm_config.multicast_enabled)
     launch = _launches.get(key)
     if launch is None:
@@ -331,24 +310,17 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
     cfg = launch.config
     device = a.device.index
     reusable = True  # False: a scale copy made for this call only (its block is not kept)
-    if scale_a_mn_major(grouping):  # sa read as [K/128, rows] underneath
+    if scale_a_kblock_major(grouping):  # sa read as [K/128, rows] underneath
         if _kblock_major_ready(sa):
             sa_ready = sa
         else:
-            sa_ready, reusable = _mn_major_staged(sa, device, "a")
+            sa_ready, reusable = _mn_major_staged(sa, device)
         lda = 0
     else:
         sa_ready, lda = tma_ready_scales(sa)
         reusable = sa_ready is sa
-    if scale_b_mn_major(cfg.kind, grouping):
-        if _kblock_major_ready(sb):
-            sb_ready, staged_b = sb, True
-        else:
-            sb_ready, staged_b = _mn_major_staged(sb, device, "b")
-        ldb, reusable = 0, reusable and staged_b
-    else:
-        sb_ready, ldb = tma_ready_scales(sb) if cfg.kind == "1d1d" else (sb, 0)
-        reusable = reusable and sb_ready is sb
+    sb_ready, ldb = tma_ready_scales(sb) if cfg.kind == "1d1d" else (sb, 0)
+    reusable = reusable and sb_ready is sb
     blocks = getattr(_local, "blocks", None)
     if blocks is None:
         blocks = _local.blocks = {}
@@ -386,14 +358,13 @@ def _kblock_major_ready(scale: torch.Tensor) -> bool:
     return scale.stride(0) == 1 and scale.stride(1) % 4 == 0 and scale.data_ptr() % 16 == 0
 
 
-def _mn_major_staged(scale: torch.Tensor, device: int, role: str) -> tuple[torch.Tensor, bool]:
+def _mn_major_staged(scale: torch.Tensor, device: int) -> tuple[torch.Tensor, bool]:
     """`_mn_major` into a buffer kept per (thread, device, stream, shape): every call on a
     stream rewrites it after the previous kernel on that stream has read it (stream order),
     so a repeated GEMM keeps one scale pointer and its cached parameter block, and skips an
     allocation. Per thread, since two threads enqueueing on one stream could interleave a
     copy between another's copy and launch. Under graph capture the copy gets its own
-    buffer (the graph owns it). `role` ("a", "b") keeps the two operands' scales of one
-    launch apart when their shapes match. Returns the view and whether it may back a
+    buffer (the graph owns it). Returns the view and whether it may back a
     cached parameter block."""
     if torch.cuda.is_current_stream_capturing():
         return _mn_major(scale), False
@@ -401,7 +372,7 @@ def _mn_major_staged(scale: torch.Tensor, device: int, role: str) -> tuple[torch
     if staging is None:
         staging = _local.staging = {}
     rows, kb = scale.shape
-    key = (role, device, _raw_stream(device), rows, kb)
+    key = (device, _raw_stream(device), rows, kb)
     buffer = staging.get(key)
     if buffer is None:
         if len(staging) >= _STAGING_LIMIT:
@@ -442,13 +413,11 @@ def _fill_params(cfg: GemmConfig, a, sa, lda: int, b, sb, ldb: int, out, shape_m
     box_a = cfg.block_m // cfg.cluster  # each CTA of a cluster loads its share of A
     move(slots[3], _tma_address(a.data_ptr(), a.dtype, k, rows_a, a.stride(0), 128, box_a, 128), 128)
     move(slots[4], _tma_address(b.data_ptr(), b.dtype, k, b_rows, b.stride(-2), 128, cfg.block_n, 128), 128)
-    if scale_a_mn_major(grouping):  # sa stored [K/128, rows]: one BLOCK_M-float box per K block
+    if scale_a_kblock_major(grouping):  # sa stored [K/128, rows]: one BLOCK_M-float box per K block
         move(slots[5], _tma_address(sa.data_ptr(), f32, rows_a, kb, 4 * sa.stride(1), cfg.block_m, 1, 0), 128)
     else:
         move(slots[5], _tma_address(sa.data_ptr(), f32, kb, rows_a, 4 * lda, 4, cfg.block_m, 0), 128)
-    if scale_b_mn_major(cfg.kind, grouping):  # sb stored [K/128, rows]: one BLOCK_N-float box
-        move(slots[6], _tma_address(sb.data_ptr(), f32, b_rows, kb, 4 * sb.stride(1), cfg.block_n, 1, 0), 128)
-    elif cfg.kind == "1d1d":
+    if cfg.kind == "1d1d":
         move(slots[6], _tma_address(sb.data_ptr(), f32, kb, b_rows, 4 * ldb, 4, cfg.block_n, 0), 128)
     elif out.dtype == torch.bfloat16:  # an FP32 1D2D output is stored from registers
         box_n, swizzle = (64, 128) if swizzled_out(cfg) else (cfg.block_n, 0)
