@@ -32,7 +32,6 @@ def per_call_us(fn, reps=20000):
 
 def main():
     device.set_num_sms(132)
-    native._gemm_config.split_k_enabled = False  # split-K's scratch and counters need CUDA
     descriptor = (ctypes.c_uint8 * 128)()
 
     class FakeMap:
@@ -46,7 +45,7 @@ def main():
     runtime.encode_tma_2d = lambda *args: FakeMap()
     native._raw_stream = lambda index: 0
     torch.cuda.is_current_stream_capturing = lambda: False
-    cfg = native.choose_config(M, N, K, 132)
+    cfg = native.choose_config(M, N, K, 132, split_k=False)  # split-K's scratch and counters need CUDA
     launch = native._Launch(cfg, NoLaunch(), 1024, cfg.num_ctas)
     native._launch_for = lambda *args, **kwargs: launch
     a = per_token_cast(torch.randn(M, 256).repeat(1, K // 256))

@@ -2,7 +2,7 @@
 # One device call: GPU tests (every native path against the reference), then the benchmark
 # tables. Usage on the device:
 #   bash scripts/on_device.sh [bench suite [its options]]...      (default: gemm)
-# e.g. bash scripts/on_device.sh gemm "gemm --split-k --shapes 64,2112,7168;128,4096,7168" grouped
+# e.g. bash scripts/on_device.sh gemm "gemm --shapes 64,2112,7168;128,4096,7168" grouped
 #      bash scripts/on_device.sh none      (the GPU tests only)
 # Every step has its own time limit (STEP_TIMEOUT seconds, default 600), so one hang costs
 # one step, not the call; TESTS=0 skips the GPU tests, TEST_FILES picks some.

@@ -1,6 +1,6 @@
 """The cuBLAS blockwise path (torch._scaled_mm) against the reference (GPU tests).
 
-Passing on the device is what lets `auto` prefer cuBLAS (ops/backend.py PREFER_CUBLAS).
+Passing on the device is what lets `auto` prefer cuBLAS (ops/backend.py).
 """
 import pytest
 import torch

@@ -50,14 +50,8 @@ def grouped_kernels():
 
 def split_k_kernels():
     """The split-K kernels the heuristic picks for the small-M bench shapes once enabled."""
-    from fp8train.ops.native import gemm_config
-
-    saved, gemm_config.split_k_enabled = gemm_config.split_k_enabled, True
-    try:
-        return [(choose_config(m, n, k, NUM_SMS, "1d2d"), n, k, False, "none")
-                for m, n, k in DENSE_1D2D if m <= 128]
-    finally:
-        gemm_config.split_k_enabled = saved
+    return [(choose_config(m, n, k, NUM_SMS, "1d2d"), n, k, False, "none")
+            for m, n, k in DENSE_1D2D if m <= 128]
 
 
 def bench_kernels():
@@ -134,22 +128,20 @@ def test_k_grouped_kernel_is_one_for_every_token_count():
     assert "kvar" in kernel_name(cfg, 7168, 4096, False, "k_contiguous")
 
 
-def test_grouped_configs_never_take_split_k_or_clusters(monkeypatch):
-    """Grouped GEMMs run without split-K or clusters whatever the switches say, and the
-    config cache follows the switches."""
-    from fp8train.ops.native import gemm_config
+def test_grouped_configs_never_take_split_k_or_clusters():
+    """Grouped GEMMs run without split-K or clusters whatever the options say, and the
+    config cache follows the options."""
     from fp8train.ops.native.sm90_fp8_gemm import render_source
 
-    monkeypatch.setattr(gemm_config, "split_k_enabled", True)
-    monkeypatch.setattr(gemm_config, "multicast_enabled", True)
     assert choose_config(128, 4096, 7168, NUM_SMS).split_k > 1
-    assert choose_config(8192, 4096, 7168, NUM_SMS).cluster == 2
+    assert choose_config(8192, 4096, 7168, NUM_SMS, multicast=True).cluster == 2
+    assert choose_config(8192, 4096, 7168, NUM_SMS).cluster == 1
     for m, rows in ((128, None), (8192, None), (1024, 128)):
-        cfg = choose_config(m, 4096, 7168, NUM_SMS, "1d2d", rows_per_group=rows, grouped=True)
+        cfg = choose_config(m, 4096, 7168, NUM_SMS, "1d2d", rows_per_group=rows, grouped=True,
+                            multicast=True)
         assert (cfg.split_k, cfg.cluster) == (1, 1)
         render_source(cfg, 4096, 7168, False, "m_contiguous")
-    monkeypatch.setattr(gemm_config, "split_k_enabled", False)
-    assert choose_config(128, 4096, 7168, NUM_SMS).split_k == 1
+    assert choose_config(128, 4096, 7168, NUM_SMS, split_k=False).split_k == 1
 
 
 @needs_toolchain

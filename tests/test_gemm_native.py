@@ -108,11 +108,10 @@ def test_split_k_matches_reference_and_is_deterministic(m, n, kb, split_k, block
     assert all(torch.equal(outs[0], o) for o in outs[1:]), "split-K results differ between launches"
 
 
-def test_split_k_heuristic_shapes(monkeypatch):
-    """The configs the heuristic picks with split-K on, on the bench's small-M shapes."""
+def test_split_k_heuristic_shapes():
+    """The configs the heuristic picks (split-K), on the bench's small-M shapes."""
     from fp8train.ops.native import gemm_config
 
-    monkeypatch.setattr(gemm_config, "split_k_enabled", True)
     for m, n, k in [(64, 2112, 7168), (128, 4096, 7168), (64, 7168, 2048), (128, 7168, 16384)]:
         assert gemm_config.choose_config(m, n, k, 132).split_k > 1
         run_case(m, n, k, "1d2d")
@@ -124,12 +123,11 @@ def test_zero_rows_launch_nothing():
     assert ops.fp8_gemm_nt(a, b).shape == (0, 64)
 
 
-def test_split_k_in_a_cuda_graph_then_eager(monkeypatch):
+def test_split_k_in_a_cuda_graph_then_eager():
     """Split-K captured in a graph (its counters are the graph's own) replays correctly,
     and eager calls on the same stream afterwards still start from zeroed counters."""
     from fp8train.ops.native import gemm_config
 
-    monkeypatch.setattr(gemm_config, "split_k_enabled", True)
     m, n, k = 64, 2112, 7168
     assert gemm_config.choose_config(m, n, k, 132).split_k > 1
     gen = torch.Generator(device="cuda").manual_seed(3)

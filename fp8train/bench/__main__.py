@@ -20,24 +20,12 @@ def main(argv=None) -> int:
     parser.add_argument("--eager-only", action="store_true",
                         help="hf suite: skip the compiled rows (each compiles every layer)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    parser.add_argument("--multicast", action="store_true",
-                        help="let the heuristic pick TMA multicast clusters (off by default)")
-    parser.add_argument("--split-k", action="store_true",
-                        help="let the heuristic split K for M <= 128 (off until verified)")
     args = parser.parse_args(argv)
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         print("fp8train.bench needs an sm_90 (Hopper) GPU", file=sys.stderr)
         return 2
-    if args.multicast:
-        from ..ops.native import gemm_config
-
-        gemm_config.multicast_enabled = True
-    if args.split_k:
-        from ..ops.native import gemm_config
-
-        gemm_config.split_k_enabled = True
     if args.suite == "gemm":
         from .gemm import run
 

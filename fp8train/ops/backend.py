@@ -14,12 +14,11 @@ from .. import _env
 
 _backend = None  # None: read FP8TRAIN_BACKEND at first use
 
-# cuBLAS blockwise beats the native dense kernels on most shapes today (native 0.74x /
-# 0.85x median on the H100, docs/kernels.md), and our `_scaled_mm` wrapper
-# (ops/cublas.py) matches the reference there (tests/test_gemm_cublas.py). So `auto` runs a
-# dense GEMM on cuBLAS where cuBLAS serves it, except where the native kernel measured
-# faster (`native_beats_cublas`); the grouped GEMMs have no cuBLAS counterpart.
-PREFER_CUBLAS = True
+# `auto` runs a dense GEMM on cuBLAS where cuBLAS serves it (our `_scaled_mm` wrapper,
+# ops/cublas.py, matches the reference there: tests/test_gemm_cublas.py), since cuBLAS
+# blockwise beats the native dense kernels on most shapes (native 0.91x median on the H100,
+# docs/kernels.md), except where the native kernel measured faster (`native_beats_cublas`);
+# the grouped GEMMs have no cuBLAS counterpart.
 
 
 def native_beats_cublas(m: int, n: int, k: int) -> bool:

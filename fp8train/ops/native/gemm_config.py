@@ -99,13 +99,12 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-# TMA multicast clusters: correct (GPU tests) but measured ~3x slower than without on the
-# H100 (330 vs 1050 TFLOP/s at 4096x4096x7168, docs/kernels.md), so off until understood.
-multicast_enabled = False
-# Split-K for M <= 128: the GPU tests pass (bit-identical across launches) and on the H100
-# it is faster or equal on every small-M bench shape (e.g. 128x7168x16384 0.77 -> 0.95x
-# cuBLAS, 128x4096x7168 1.00 -> 1.13x; docs/kernels.md).
-split_k_enabled = True
+# Split-K for M <= 128 (always, for dense GEMMs): the GPU tests pass (bit-identical across
+# launches) and on the H100 it is faster or equal on every small-M bench shape (e.g.
+# 128x7168x16384 0.77 -> 0.95x cuBLAS, 128x4096x7168 1.00 -> 1.13x; docs/kernels.md).
+# TMA multicast over a cluster of two is correct and, since its fence fix, at parity with no
+# cluster at 128x128 tiles (docs/kernels.md): the heuristic picks it only when asked
+# (`multicast=True`), for the measurements on larger tiles that will decide it.
 MIN_K_BLOCKS_PER_SPLIT = 4  # fewer and the pipeline never fills; the fixup dominates
 MAX_SPLIT_BLOCK_N = 136  # wider split-K tiles spill in the reduction (BM 64, BN 192: 8 bytes)
 
@@ -147,11 +146,13 @@ def relative_speed(block_n: int, kind: str) -> float:
 
 
 def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
-                  rows_per_group: int | None = None, grouped: bool = False) -> GemmConfig:
-    """The config the native GEMM runs for this problem (cached per shape and per setting
-    of the module's multicast / split-K switches).
+                  rows_per_group: int | None = None, grouped: bool = False, *,
+                  split_k: bool = True, multicast: bool = False) -> GemmConfig:
+    """The config the native GEMM runs for this problem (cached per shape and options).
 
     grouped: a grouped (MoE) GEMM, which runs without clusters or split-K.
+    split_k: let M <= 128 split K (dense only); multicast: let the heuristic pick clusters
+    of two sharing A (dense only; off by default).
     rows_per_group: for grouped GEMMs whose tiles never span two experts (masked), the rows
     each expert has: BLOCK_M then fits an expert (64 when it has <= 64 rows), and `m`
     counts the expert's padded rows times the experts.
@@ -162,8 +163,8 @@ def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
     the measured relative speed of that BLOCK_N.
     """
     grouped = grouped or rows_per_group is not None
-    return _choose_config(m, n, k, num_sms, kind, rows_per_group, split_k_enabled and not grouped,
-                          multicast_enabled and not grouped)
+    return _choose_config(m, n, k, num_sms, kind, rows_per_group, split_k and not grouped,
+                          multicast and not grouped)
 
 
 @functools.lru_cache(maxsize=4096)

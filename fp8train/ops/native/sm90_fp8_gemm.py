@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import gemm_config as _gemm_config
 from .gemm_config import GemmConfig, choose_config, shared_bytes
 from .wgmma import render_wgmma_e4m3
 from ..scale_layout import kblock_major_ld
@@ -131,8 +130,7 @@ _launches: dict = {}
 
 def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int, num_sms: int,
                 config: GemmConfig | None = None, grouping: str = "none", out_f32: bool = False) -> _Launch:
-    key = (m, n, k, kind, accumulate, device, num_sms, config, grouping, out_f32,
-           _gemm_config.split_k_enabled, _gemm_config.multicast_enabled)
+    key = (m, n, k, kind, accumulate, device, num_sms, config, grouping, out_f32)
     launch = _launches.get(key)
     if launch is None:
         from ..jit.runtime import load_kernel
