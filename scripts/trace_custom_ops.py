@@ -191,8 +191,6 @@ def main() -> int:
     parser.add_argument("--recipe", default="deepseek_v3", help="an FP8Recipe.from_name preset")
     parser.add_argument("--unfused-permute", action="store_true",
                         help="HF experts gather their rows in high precision, then cast")
-    parser.add_argument("--rowwise-scales", choices=("kblock", "row"), default="kblock",
-                        help="storage of the 1x128 row-wise scales (formats.ROWWISE_SCALES_KBLOCK_MAJOR)")
     parser.add_argument("--trace-grouped", action="store_true",
                         help="let Dynamo trace FP8GroupedLinearFunction under autocast on the GPU "
                              "too (grouped_linear.EAGER_UNDER_COMPILE = ()): the case that "
@@ -221,9 +219,6 @@ def main() -> int:
     assert _custom_ops._casts is _casts and _custom_ops._gemm is _gemm
 
     # Bisection switches: each turns one GPU-only path of the FP8 layers off.
-    from fp8train.quant import formats
-
-    formats.ROWWISE_SCALES_KBLOCK_MAJOR = args.rowwise_scales == "kblock"
     if args.unfused_permute:
         from fp8train.nn import hf
         from fp8train.nn.moe_layout import gather_rows

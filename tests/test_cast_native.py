@@ -195,24 +195,17 @@ def test_offsets_past_two_to_the_31_bytes():
 @settings(max_examples=40, deadline=None)
 @given(st.data(), st.integers(1, 600), LENGTHS, st.booleans(), st.sampled_from(["per_token", "dual", "permuted"]))
 def test_k_block_major_row_scales(data, t, k, pow2, kind):
-    """With formats.ROWWISE_SCALES_KBLOCK_MAJOR the kernels write the row-wise scales
-    K-block-major: same bits as the reference, in the layout the GEMMs read."""
-    from fp8train.quant import formats
-
+    """The kernels write the row-wise scales K-block-major: same bits as the reference, in
+    the layout the GEMMs read."""
     x = data.draw(tensors((t, k))).cuda()
-    saved = formats.ROWWISE_SCALES_KBLOCK_MAJOR
-    formats.ROWWISE_SCALES_KBLOCK_MAJOR = True
-    try:
-        if kind == "per_token":
-            got, want = native.per_token_cast(x, pow2), per_token_cast_ref(x, pow2)
-        elif kind == "dual":
-            got, want = native.dual_cast(x, pow2), dual_cast_ref(x, pow2)
-        else:
-            src = torch.randint(0, t + 1, (t + 37,), device="cuda")
-            got = native.dual_cast(x, pow2, src_rows=src, num_rows=src.shape[0])
-            want = permute_cast_ref(x, src, pow2, colwise=True)
-    finally:
-        formats.ROWWISE_SCALES_KBLOCK_MAJOR = saved
+    if kind == "per_token":
+        got, want = native.per_token_cast(x, pow2), per_token_cast_ref(x, pow2)
+    elif kind == "dual":
+        got, want = native.dual_cast(x, pow2), dual_cast_ref(x, pow2)
+    else:
+        src = torch.randint(0, t + 1, (t + 37,), device="cuda")
+        got = native.dual_cast(x, pow2, src_rows=src, num_rows=src.shape[0])
+        want = permute_cast_ref(x, src, pow2, colwise=True)
     assert_same(got, want)
     scale = got[1]
     rows, kb = scale.shape

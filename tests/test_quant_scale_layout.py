@@ -1,24 +1,14 @@
-"""Row-wise 1x128 scales stored K-block-major (``formats.ROWWISE_SCALES_KBLOCK_MAJOR``):
-the same values, the GEMMs' layout, and every consumer (modules, MoE, torch.compile with
-Inductor) giving bit-identical results to the row-major layout. The switch is off until the
-native casts writing it pass on a GPU; these CPU tests keep the reference side of it right."""
-import pytest
+"""Row-wise 1x128 scales are stored K-block-major: the values of the plain row-major tensor,
+the layout the GEMMs read, and the GEMMs giving the same bits for the K-block-major scales
+as for a row-major copy of them; Inductor traces the custom ops' packed form."""
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fp8train.nn import FP8Linear, FP8MoE
-from fp8train.quant import formats, per_token_cast, per_token_cast_dual
-
-
-@pytest.fixture
-def kblock_major(monkeypatch):
-    monkeypatch.setattr(formats, "ROWWISE_SCALES_KBLOCK_MAJOR", True)
-
-
-def _with_layout(monkeypatch, on: bool, fn):
-    monkeypatch.setattr(formats, "ROWWISE_SCALES_KBLOCK_MAJOR", on)
-    return fn()
+from fp8train import ops
+from fp8train.nn import FP8Linear
+from fp8train.quant import per_block_cast, per_token_cast, per_token_cast_dual
+from fp8train.quant.reference import per_token_cast_ref
 
 
 @settings(max_examples=30, deadline=None)
@@ -26,22 +16,30 @@ def _with_layout(monkeypatch, on: bool, fn):
 def test_values_equal_and_layout_is_k_block_major(lead, k):
     torch.manual_seed(0)
     x = torch.randn(*lead, k)
-    plain = per_token_cast(x)
-    saved = formats.ROWWISE_SCALES_KBLOCK_MAJOR
-    formats.ROWWISE_SCALES_KBLOCK_MAJOR = True
-    try:
-        q, scale = per_token_cast(x)
-        dual = per_token_cast_dual(x.reshape(-1, k))
-    finally:
-        formats.ROWWISE_SCALES_KBLOCK_MAJOR = saved
-    assert torch.equal(q, plain[0]) and torch.equal(scale, plain[1])
+    want_q, want_scale = per_token_cast_ref(x, False)  # row-major, contiguous
+    q, scale = per_token_cast(x)
+    dual = per_token_cast_dual(x.reshape(-1, k))
+    assert torch.equal(q, want_q) and torch.equal(scale, want_scale)
     rows, kb = x.numel() // k, scale.shape[-1]
     flat = scale.reshape(rows, kb) if rows > 1 else scale.view(rows, kb)
     if rows > 1:
         assert flat.stride(0) == 1, flat.stride()
     if kb > 1:
         assert scale.stride(-1) == max(4, -(-rows // 4) * 4), scale.stride()
-    assert torch.equal(dual[1], plain[1].reshape(rows, kb))
+    assert torch.equal(dual[1], want_scale.reshape(rows, kb))
+
+
+def test_gemms_read_k_block_major_and_row_major_scales_alike():
+    torch.manual_seed(0)
+    a = per_token_cast(torch.randn(200, 384))
+    b = per_block_cast(torch.randn(256, 384))
+    row_major = (a[0], a[1].contiguous())
+    assert a[1].stride() != row_major[1].stride()
+    assert torch.equal(ops.fp8_gemm_nt(a, b), ops.fp8_gemm_nt(row_major, b))
+    wgrad_b = per_token_cast(torch.randn(256, 384))
+    assert torch.equal(ops.fp8_gemm_nt(a, wgrad_b, out_dtype=torch.float32),
+                       ops.fp8_gemm_nt(row_major, (wgrad_b[0], wgrad_b[1].contiguous()),
+                                       out_dtype=torch.float32))
 
 
 def _linear_step(module, x, compiled=False):
@@ -56,34 +54,7 @@ def _linear_step(module, x, compiled=False):
     return loss.detach(), x.grad, module.weight.grad.clone()
 
 
-def test_fp8_linear_identical_in_both_layouts(monkeypatch):
-    torch.manual_seed(0)
-    module = FP8Linear(384, 256, bias=True)
-    x = torch.randn(2, 75, 384)
-    row_major = _with_layout(monkeypatch, False, lambda: _linear_step(module, x))
-    k_major = _with_layout(monkeypatch, True, lambda: _linear_step(module, x))
-    for a, b in zip(row_major, k_major):
-        assert torch.equal(a, b)
-
-
-def test_fp8_moe_identical_in_both_layouts(monkeypatch):
-    torch.manual_seed(0)
-    moe = FP8MoE(128, 128, 4, 2)
-    x = torch.randn(2, 40, 128)
-
-    def step():
-        moe.zero_grad()
-        inp = x.detach().clone().requires_grad_()
-        out = moe(inp)
-        out.float().square().sum().backward()
-        return out.detach(), inp.grad, [p.grad.clone() for p in moe.parameters() if p.grad is not None]
-
-    (o1, g1, w1), (o2, g2, w2) = (_with_layout(monkeypatch, on, step) for on in (False, True))
-    assert torch.equal(o1, o2) and torch.equal(g1, g2)
-    assert all(torch.equal(a, b) for a, b in zip(w1, w2))
-
-
-def test_inductor_fullgraph_with_k_block_major_scales(kblock_major):
+def test_inductor_fullgraph_with_k_block_major_scales():
     """The casts' custom ops hand Inductor contiguous storage (a K-block-major scale view as
     an op output failed Inductor's stride assertion); the module's view of it is traced."""
     torch._dynamo.reset()

@@ -26,7 +26,6 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from ..ops import gemm as _gemm
 from ..ops.scale_layout import kblock_major_ld
 from ..quant import casts as _casts
-from ..quant import formats as _formats
 from ..quant import moe_casts as _moe_casts
 from ..quant.formats import FP8_DTYPE, GROUP
 
@@ -104,12 +103,10 @@ def cast_1x128(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tenso
 
 
 # Row-wise scales cross the custom-op boundary contiguous: Inductor assumes contiguous
-# outputs of these ops, so a K-block-major scale (formats.ROWWISE_SCALES_KBLOCK_MAJOR)
-# leaves an op as its storage [K/128, rows rounded up to 4] and the wrappers below take the
-# [rows, K/128] view of it outside the op.
+# outputs of these ops, so a (K-block-major) row-wise scale leaves an op as its storage
+# [K/128, rows rounded up to 4] and the wrappers below take the [rows, K/128] view of it
+# outside the op.
 def _pack_rowwise(scale: Tensor) -> Tensor:
-    if not _formats.ROWWISE_SCALES_KBLOCK_MAJOR:
-        return scale
     rows, kb = scale.shape
     ld = kblock_major_ld(rows)  # the storage's, since size-1 dims' strides say nothing
     if (rows > 1 and scale.stride(0) != 1) or (kb > 1 and scale.stride(1) != ld) or scale.storage_offset():
@@ -119,15 +116,13 @@ def _pack_rowwise(scale: Tensor) -> Tensor:
 
 
 def _unpack_rowwise(packed: Tensor, rows: int) -> Tensor:
-    return packed[:, :rows].t() if _formats.ROWWISE_SCALES_KBLOCK_MAJOR else packed
+    return packed[:, :rows].t()
 
 
 def _fake_rowwise(x):
     t, k = x.shape
     kb = _ceil_to(k, GROUP) // GROUP
-    scale = (x.new_empty(kb, kblock_major_ld(t), dtype=torch.float32)
-             if _formats.ROWWISE_SCALES_KBLOCK_MAJOR else x.new_empty(t, kb, dtype=torch.float32))
-    return x.new_empty(t, k, dtype=FP8_DTYPE), scale
+    return x.new_empty(t, k, dtype=FP8_DTYPE), x.new_empty(kb, kblock_major_ld(t), dtype=torch.float32)
 
 
 def _fake_colwise(x):

@@ -35,7 +35,7 @@ def per_token_cast(x: torch.Tensor, *, pow2_scale: bool = False, backend=None) -
     x: ``[..., K]`` float tensor (fp32, bf16, fp16 or fp64), K >= 1.
     Returns ``x_fp8`` e4m3 ``[..., K]`` (contiguous) and ``scale`` float32
     ``[..., ceil(K/128)]`` with ``x ~= x_fp8.float() * scale`` per group (stored
-    K-block-major when ``formats.ROWWISE_SCALES_KBLOCK_MAJOR`` is set).
+    K-block-major underneath for 2-D and up: ``formats.empty_rowwise_scales``).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_bool("pow2_scale", pow2_scale)

@@ -12,12 +12,10 @@ FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 GROUP = 128  # elements per scale along the contraction dim (1x128 and 128x128 blocks)
 
-# Row-wise 1x128 scales ([..., ceil(K/128)]) stored K-block-major underneath ([ceil(K/128),
-# rows rounded up to 4]): the layout the GEMM kernels and cuBLAS read A's scales in, so
-# neither has to copy them. The logical shape and every value stay the same; only strides
-# change. On since the native casts writing it passed tests/test_cast_native.py on the H100
-# (bit-exact, both dual-cast kernels).
-ROWWISE_SCALES_KBLOCK_MAJOR = True
+# Row-wise 1x128 scales ([..., ceil(K/128)]) are stored K-block-major underneath
+# ([ceil(K/128), rows rounded up to 4]): the layout the GEMM kernels and cuBLAS read A's scales
+# in, so neither has to copy them. The logical shape and every value are those of the plain
+# row-major tensor; only the strides differ (ops/scale_layout.py).
 
 # The smallest normal float32. A group whose amax/448 falls below it (all-zero groups
 # included) gets this scale: finite, never zero, so dividing by it never makes NaN.
@@ -62,14 +60,12 @@ def cast_to_fp8(x_f32: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.masked_fill(q.isnan(), float("nan")).to(FP8_DTYPE)
 
 
-def empty_rowwise_scales(lead: tuple, col_blocks: int, device, kblock_major: bool | None = None) -> torch.Tensor:
-    """float32 scales of logical shape ``[*lead, col_blocks]`` for a row-wise cast: contiguous,
-    or (``ROWWISE_SCALES_KBLOCK_MAJOR``, 2-D and up) K-block-major underneath, with the
-    flattened row index contiguous and a block stride of the row count rounded up to 4."""
-    if kblock_major is None:
-        kblock_major = ROWWISE_SCALES_KBLOCK_MAJOR
-    if not kblock_major or len(lead) == 0:
-        return torch.empty(*lead, col_blocks, dtype=torch.float32, device=device)
+def empty_rowwise_scales(lead: tuple, col_blocks: int, device) -> torch.Tensor:
+    """float32 scales of logical shape ``[*lead, col_blocks]`` for a row-wise cast, K-block-major
+    underneath (2-D and up): the flattened row index contiguous, a block stride of the row
+    count rounded up to 4."""
+    if len(lead) == 0:
+        return torch.empty(col_blocks, dtype=torch.float32, device=device)
     rows = 1
     strides = []
     for size in reversed(lead):  # the lead dims row-major over the flattened row index
@@ -84,7 +80,7 @@ def empty_rowwise_scales(lead: tuple, col_blocks: int, device, kblock_major: boo
 def to_rowwise_layout(scale: torch.Tensor) -> torch.Tensor:
     """Row-wise scales in the layout ``empty_rowwise_scales`` gives (a copy only when it
     differs): what the reference casts return, so both implementations agree on strides."""
-    if not ROWWISE_SCALES_KBLOCK_MAJOR or scale.dim() < 2:
+    if scale.dim() < 2:
         return scale
     out = empty_rowwise_scales(tuple(scale.shape[:-1]), scale.shape[-1], scale.device)
     if out.stride() == scale.stride():

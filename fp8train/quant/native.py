@@ -142,15 +142,14 @@ def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: 
     qt_cols = -(-rows // GROUP) * GROUP if pad_columnwise else rows
     col_blocks = -(-cols // GROUP)
     dev = x.device
-    kmajor = formats.ROWWISE_SCALES_KBLOCK_MAJOR
     q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev) if rowwise else None
-    s = formats.empty_rowwise_scales((rows,), col_blocks, dev, kmajor) if rowwise else None
+    s = formats.empty_rowwise_scales((rows,), col_blocks, dev) if rowwise else None
     qt = torch.empty(cols, qt_cols, dtype=FP8_DTYPE, device=dev) if colwise else None
     st = torch.empty(cols, -(-qt_cols // GROUP), dtype=torch.float32, device=dev) if colwise else None
     if rows == 0 or not (rowwise or colwise):
         return q, s, qt, st
     # The staged tile (in the input's dtype) serves the row pass too: always there.
-    _kernel("dual_async", x.dtype, bool(pow2_scale), dev.index, kmajor).launch(
+    _kernel("dual_async", x.dtype, bool(pow2_scale), dev.index, True).launch(
         (col_blocks, -(-rows // GROUP)), _THREADS, GROUP * GROUP * x.dtype.itemsize,
         (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), _ptr(q), _ptr(s),
          s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols, _ptr(st), int(rowwise), int(colwise)),
@@ -168,9 +167,9 @@ def per_token_cast(x: torch.Tensor, pow2_scale: bool, *, src_rows: Optional[torc
     lead = x.shape[:-1] if src_rows is None else (rows,)
     col_blocks = -(-cols // GROUP)
     dev = x.device
-    kmajor = formats.ROWWISE_SCALES_KBLOCK_MAJOR and len(lead) > 0
+    kmajor = len(lead) > 0  # a 1-D input has one row of scales: plain
     q = torch.empty(*lead, cols, dtype=FP8_DTYPE, device=dev)
-    s = formats.empty_rowwise_scales(tuple(lead), col_blocks, dev, kmajor)
+    s = formats.empty_rowwise_scales(tuple(lead), col_blocks, dev)
     chunks = rows * col_blocks * (GROUP // 16)
     if chunks == 0:
         return q, s
