@@ -19,15 +19,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_gemm_kernels_compile import bench_kernels  # noqa: E402  (the bench's kernel list)
-
+from fp8train.bench.kernel_list import NUM_SMS, bench_kernels  # noqa: E402
 from fp8train.ops.jit import compiler  # noqa: E402
 from fp8train.ops.native.sm90_fp8_gemm import compile_kernel  # noqa: E402
 from fp8train.ops.native.gemm_config import choose_config  # noqa: E402
 from fp8train.quant import native  # noqa: E402
 
-NUM_SMS = 132  # the H100 the project measures on
 
 
 def recipe_kernels(spec: str) -> list:

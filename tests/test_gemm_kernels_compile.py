@@ -2,16 +2,14 @@
 stays on the FP8 tensor-core path (QGMMA in the SASS) and never spills to local memory.
 Needs nvcc and cuobjdump/nvdisasm (the test extra installs the latter); no GPU."""
 import concurrent.futures
-import shutil
 
 import pytest
 
-from fp8train.bench.gemm import DENSE_1D2D, WGRAD_1D1D
+from fp8train.bench.kernel_list import NUM_SMS, bench_kernels
 from fp8train.ops.jit.toolkit import find_cuda_tool, nvcc_path
 from fp8train.ops.native.gemm_config import SMEM_LIMIT, choose_config, shared_bytes
 from fp8train.ops.native.sm90_fp8_gemm import compile_kernel
 
-NUM_SMS = 132  # the H100 the project measures on
 
 
 def _have(tool_lookup) -> bool:
@@ -24,47 +22,6 @@ def _have(tool_lookup) -> bool:
 needs_toolchain = pytest.mark.skipif(
     not (_have(nvcc_path) and find_cuda_tool("cuobjdump") and find_cuda_tool("nvdisasm")),
     reason="needs nvcc, cuobjdump and nvdisasm")
-
-
-# The grouped bench's shapes: (experts, rows per expert, N, K).
-M_GROUPED = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168),
-             (8, 4096, 7168, 2048), (32, 1024, 4096, 7168), (64, 512, 2048, 7168)]
-
-
-def grouped_kernels():
-    """(config, n, k, accumulate, grouping) of the grouped benchmark's kernels: m-grouped
-    contiguous and masked (expected rows 64/128/256), k-grouped wgrad with and without
-    accumulation; the choices mirror the launchers in ops/native/sm90_fp8_gemm.py."""
-    seen = {}
-    for g, rows, n, k in M_GROUPED:
-        seen[(choose_config(g * rows, n, k, NUM_SMS, "1d2d"), n, k, False, "m_contiguous")] = None
-        for expected in (64, 128, 256):
-            block_m = 64 if expected <= 64 else 128
-            cfg = choose_config(g * -(-expected // block_m) * block_m, n, k, NUM_SMS, "1d2d",
-                                rows_per_group=expected)
-            seen[(cfg, n, k, False, "m_masked")] = None
-        for accumulate in (False, True):  # wgrad: a = dY^T [N, T], b = X^T [K, T]
-            seen[(choose_config(g * n, k, 128, NUM_SMS, "1d1d"), k, 0, accumulate, "k_contiguous")] = None
-    return list(seen)
-
-
-def split_k_kernels():
-    """The split-K kernels the heuristic picks for the small-M bench shapes once enabled."""
-    return [(choose_config(m, n, k, NUM_SMS, "1d2d"), n, k, False, "none")
-            for m, n, k in DENSE_1D2D if m <= 128]
-
-
-def bench_kernels():
-    """(config, n, k, accumulate, grouping) of every kernel the benchmark shapes launch."""
-    seen = dict.fromkeys(split_k_kernels())
-    for m, n, k in DENSE_1D2D:
-        seen[(choose_config(m, n, k, NUM_SMS, "1d2d"), n, k, False, "none")] = None
-    for m, n, k in WGRAD_1D1D:
-        for accumulate in (False, True):
-            seen[(choose_config(m, n, k, NUM_SMS, "1d1d"), n, k, accumulate, "none")] = None
-    for key in grouped_kernels():
-        seen[key] = None
-    return list(seen)
 
 
 def test_heuristic_choices_are_legal():
