@@ -312,8 +312,8 @@ def skip_step(accelerator, model, state, metrics, done: int, step_loss, grad_nor
     message = (f"step {done}: loss {step_loss.item():.4g}, gradient norm {float(grad_norm):.4g} "
                f"({where}); step skipped, {state.consecutive_skips} in a row")
     accelerator.print(message)
-    metrics.write({"step": done, "skipped": True, "loss": None, "grad_norm": None,
-                   "first_nonfinite_grad": bad})
+    # No "loss" key: readers of the train records (compare.py) see only steps that trained.
+    metrics.write({"step": done, "skipped": True, "first_nonfinite_grad": bad})
     if state.consecutive_skips >= limit:
         sys.exit(f"{message}: max_skipped_steps={limit} reached, the run stops (diverged); "
                  "its checkpoints hold only finite weights")

@@ -56,7 +56,7 @@ def stub_driver() -> None:
     gemm_native._launch_for = launch_for
     assert real_launch_for is not launch_for
     cast_native._kernel = lambda *args, **kwargs: stub
-    cast_native._stream = lambda dev: 0
+    cast_native._raw_stream = lambda index: 0
     cast_native.supports = lambda x: x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.is_contiguous()
     ops_native.toolchain_status = lambda: (True, "ok")
     backend.is_hopper = lambda index: True

@@ -26,6 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fp8train import FP8Linear, convert_to_fp8, ops  # noqa: E402
 from fp8train.bench import hf as bench_hf  # noqa: E402
+from fp8train.bench.gemm import rel_err as _rel  # noqa: E402
+from fp8train.bench.hf import one_ulp_nudge as _ulp_nudge  # noqa: E402
 
 SLEEP_CYCLES = 4_000_000_000  # ~2 s at the H100's clock: longer than any step's host time
 
@@ -98,7 +100,7 @@ def run_steps(args) -> None:
             (out_dir / f"{tag}_{sort_by}.txt").write_text(text)
             if fp8 or sort_by == "self_cpu_time_total":
                 print(f"--- {name}, two steps, by {sort_by}\n{text}", flush=True)
-        del model, opt
+        model = opt = None  # free them before the next precision's model
         torch._dynamo.reset()
         torch.cuda.empty_cache()
 
@@ -150,19 +152,6 @@ def run_layers(args) -> None:
         host, gpu = host_and_gpu_ms(layer_step, 5)
         print(f"LlamaDecoderLayer {'FP8' if fp8 else 'BF16'} {batch}x2048 fwd+bwd: host {host:.2f} ms, "
               f"GPU {gpu:.2f} ms", flush=True)
-
-
-def _rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _ulp_nudge(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """x (BF16 values) moved by one BF16 ulp up or down, element by element, at random."""
-    bits = x.to(torch.bfloat16).view(torch.int16)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    step = torch.randint(0, 2, bits.shape, device=x.device, generator=gen, dtype=torch.int16) * 2 - 1
-    return (bits + step).view(torch.bfloat16).to(x.dtype)
 
 
 def run_numerics(args) -> None:
@@ -231,7 +220,7 @@ def run_numerics(args) -> None:
                     ops.set_backend(backend)
                     try:
                         res.append(f"{backend} {_rel(ops.fp8_gemm_nt(a, b, out_dtype=torch.float32), want):.2e}")
-                    except RuntimeError as e:
+                    except RuntimeError:
                         res.append(f"{backend} n/a")
                 print(f"gemm {kind} {m}x{n}x{k}: {', '.join(res)}", flush=True)
     ops.set_backend("auto")

@@ -161,26 +161,19 @@ def _layer_eager_and_compiled(device: str, backend: str, autocast: bool,
     return outputs
 
 
-def _one_ulp(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """x moved by one BF16 ulp, up or down at random, element by element."""
-    bits = x.to(torch.bfloat16).view(torch.int16)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    step = torch.randint(0, 2, bits.shape, device=x.device, generator=gen, dtype=torch.int16) * 2 - 1
-    return (bits + step).view(torch.bfloat16).to(x.dtype)
-
-
 def _reference_spread(device: str, autocast: bool, nudges: int = 3) -> list:
     """Per output: the largest relative change of the layer's output and gradients on the
     reference emulation when its input moves by one BF16 ulp: how far two computations of
     the same FP8 layer can land apart when only rounding differs (an element moved across an
     e4m3 rounding boundary moves by up to 2^-4 of its group's scale)."""
+    from fp8train.bench.hf import one_ulp_nudge
     from fp8train import ops
 
     layer, x, position_ids, pos = _moe_layer(device, torch.float32)
     ops.set_backend("reference")
     try:
         base = _layer_step(layer, layer, x, position_ids, pos, device, autocast)
-        moved = [_layer_step(layer, layer, _one_ulp(x, seed), position_ids, pos, device, autocast)
+        moved = [_layer_step(layer, layer, one_ulp_nudge(x, seed), position_ids, pos, device, autocast)
                  for seed in range(nudges)]
     finally:
         ops.set_backend("auto")

@@ -202,7 +202,7 @@ def _layer_outputs(model, ids, inputs: Optional[list] = None):
     return captured
 
 
-def _one_ulp(x: torch.Tensor, seed: int) -> torch.Tensor:
+def one_ulp_nudge(x: torch.Tensor, seed: int) -> torch.Tensor:
     """x moved by one BF16 ulp, up or down at random, element by element."""
     bits = x.to(torch.bfloat16).view(torch.int16)
     gen = torch.Generator(device=x.device).manual_seed(seed)
@@ -219,7 +219,7 @@ def _layer_native_errs(model, ids) -> Tuple[List[float], List[float], torch.Tens
     ops.set_backend("reference")
     try:
         reference = _layer_outputs(model, ids)
-        nudged = _layer_outputs(model, ids, inputs=[_one_ulp(inp, i) for i, (inp, _) in enumerate(reference)])
+        nudged = _layer_outputs(model, ids, inputs=[one_ulp_nudge(inp, i) for i, (inp, _) in enumerate(reference)])
     finally:
         ops.set_backend(saved)
     with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16):

@@ -145,8 +145,8 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
 # autocast) Dynamo's trace of it handed its backward all-zero output gradients and told its
 # forward the input needs none: expert weight and input gradients came out zero with
 # aot_eager as with Inductor, with the reference ops as with the kernels, while eager, FP32
-# without autocast, and the dense FP8LinearFunction were right (
-# scripts/trace_custom_ops.py; docs/hf.md). Whether autocast or the BF16 output (then the
+# without autocast, and the dense FP8LinearFunction were right
+# (scripts/trace_custom_ops.py; docs/hf.md). Whether autocast or the BF16 output (then the
 # GEMM's own output tensor, returned as is) triggers it is not known, so both take this path;
 # the eager Function is right there. `scripts/trace_custom_ops.py --trace-grouped` sets it to
 # () to trace the Function; the CPU test sets ("cpu",) to take this path.

@@ -142,14 +142,13 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
     backend: ``auto``, ``native``, ``cublas`` or ``reference`` for this call; None: the
        process-wide choice (``set_backend``).
     """
-    x, sx = a if isinstance(a, (tuple, list)) and len(a) == 2 else (None, None)
-    y, sy = b if isinstance(b, (tuple, list)) and len(b) == 2 else (None, None)
-    plan = _cached_plan(
+    path, kind, m, n, dtype = _cached_plan(
         _dense_plans,
-        lambda: (_tensors_key(x, sx, y, sy, out), out is None or out.is_contiguous(), out_dtype,
-                 _flag(accumulate), backend, _backend.get_backend()),
+        lambda: (_tensors_key(*_pair(a), *_pair(b), out), out is None or out.is_contiguous(),
+                 out_dtype, _flag(accumulate), backend, _backend.get_backend()),
         lambda: _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate, backend))
-    path, kind, m, n, dtype = plan
+    x, sx = a
+    y, sy = b
     if path == "native":
         from .native.sm90_fp8_gemm import fp8_gemm_nt_native
 

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from ..ops.jit.runtime import raw_stream as _raw_stream
 from . import formats
 from .formats import FP8_DTYPE, GROUP
 
@@ -123,12 +124,6 @@ def _vec_in(x: torch.Tensor) -> int:
     return int(x.shape[-1] % 16 == 0 and x.data_ptr() % 16 == 0)
 
 
-def _stream(dev: torch.device) -> int:
-    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # no Stream object per call
-    if get is not None:
-        return get(dev.index)
-    return torch.cuda.current_stream(dev).cuda_stream
-
 
 def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: bool = True,
               *, pad_columnwise: bool = True, src_rows: Optional[torch.Tensor] = None,
@@ -153,7 +148,7 @@ def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: 
         (col_blocks, -(-rows // GROUP)), _THREADS, GROUP * GROUP * x.dtype.itemsize,
         (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), _ptr(q), _ptr(s),
          s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols, _ptr(st), int(rowwise), int(colwise)),
-        (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32), _stream(dev))
+        (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32), _raw_stream(dev.index))
     return q, s, qt, st
 
 
@@ -177,7 +172,7 @@ def per_token_cast(x: torch.Tensor, pow2_scale: bool, *, src_rows: Optional[torc
         -(-chunks // _THREADS), _THREADS, 0,
         (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), q.data_ptr(), s.data_ptr(),
          s.stride(-1)),
-        (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _u32), _stream(dev))
+        (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _u32), _raw_stream(dev.index))
     return q, s
 
 
@@ -197,5 +192,5 @@ def block_cast(w: torch.Tensor, pow2_scale: bool, transposed: bool = True):
     _kernel("block", w.dtype, bool(pow2_scale), dev.index).launch(
         (kb, nb, experts), _THREADS, _TILE_SMEM if transposed else 0,
         (w.data_ptr(), n, k, _vec_in(w), wq.data_ptr(), s.data_ptr(), _ptr(wtq), _ptr(st)),
-        (_vp, _u32, _u32, _u32, _vp, _vp, _vp, _vp), _stream(dev))
+        (_vp, _u32, _u32, _u32, _vp, _vp, _vp, _vp), _raw_stream(dev.index))
     return wq, s, wtq, st

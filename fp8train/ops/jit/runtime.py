@@ -234,6 +234,15 @@ class Kernel:
         return config
 
 
+def raw_stream(device_index: int) -> int:
+    """The current stream of a device as the raw handle a launch takes (no Stream object
+    built per call, where torch offers that)."""
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get is not None:
+        return get(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
 _launcher = None  # FP8TRAIN_LAUNCHER, read at the first launch
 
 

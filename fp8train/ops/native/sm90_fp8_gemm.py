@@ -16,6 +16,7 @@ import torch
 
 from .gemm_config import GemmConfig, choose_config, shared_bytes
 from .wgmma import render_wgmma_e4m3
+from ..jit.runtime import raw_stream as _raw_stream
 from ..scale_layout import kblock_major_ld
 
 KERNEL_NAME = "fp8train_gemm"
@@ -230,13 +231,6 @@ def _split_counters(device: int, outputs: int) -> torch.Tensor:
         counters = _counters[key] = torch.zeros(max(outputs, 1024), dtype=torch.int32,
                                                 device=torch.device("cuda", device))
     return counters
-
-
-def _raw_stream(device_index: int) -> int:
-    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if get is not None:
-        return get(device_index)
-    return torch.cuda.current_stream(device_index).cuda_stream
 
 
 def fp8_gemm_nt_native(a, sa, b, sb, out: torch.Tensor, kind: str, accumulate: bool,
