@@ -10,7 +10,9 @@ syncs shows a host time as long as the sleep); then a ``torch.profiler`` table o
 steps, by self CPU time and by GPU time (written under --out). ``--layer-check`` runs the
 bench's per-layer kernel check first, as ``bench hf`` does.
 layers: host and GPU time of one forward+backward of ``FP8Linear`` against ``nn.Linear``
-(16384 x 4096 -> 14336) and of a converted HF Llama decoder layer against its BF16 twin.
+(--tokens x 4096 -> 14336) and of a converted HF Llama decoder layer against its BF16 twin,
+FP8 as shipped and with every GEMM native; ``--profile-layers`` adds where each decoder
+layer's host time goes (torch.profiler, CPU).
 numerics: each decoder layer's and each FP8Linear's output, GPU paths against the reference
 emulation on the same input, beside the reference's own spread when its input moves by one
 BF16 ulp; and every GEMM shape of the model on cuBLAS and native against the reference.
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fp8train import FP8Linear, convert_to_fp8, ops  # noqa: E402
+from fp8train import FP8Linear, FP8Recipe, convert_to_fp8, ops  # noqa: E402
 from fp8train.bench import hf as bench_hf  # noqa: E402
 from fp8train.bench.gemm import rel_err as _rel  # noqa: E402
 from fp8train.bench.hf import one_ulp_nudge as _ulp_nudge  # noqa: E402
@@ -105,7 +107,9 @@ def run_steps(args) -> None:
         torch.cuda.empty_cache()
 
 
-def _decoder_layer(fp8: bool):
+def _decoder_layer(recipe):
+    """A 1B-class HF Llama decoder layer (bench hf's llama-1b), converted with ``recipe``
+    unless it is None."""
     from transformers import AutoConfig
     from transformers.models.llama import modeling_llama
 
@@ -115,29 +119,38 @@ def _decoder_layer(fp8: bool):
     torch.manual_seed(0)
     layer = modeling_llama.LlamaDecoderLayer(config, 0).cuda()
     rotary = modeling_llama.LlamaRotaryEmbedding(config).cuda()
-    if fp8:
-        convert_to_fp8(layer)
+    if recipe is not None:
+        convert_to_fp8(layer, recipe)
     return layer, rotary
+
+
+# (label, recipe): BF16, FP8 as shipped, and FP8 with every GEMM on the native kernels
+# (cuBLAS's `_scaled_mm` costs more host time per call than a native launch).
+_LAYER_VARIANTS = (("BF16", None), ("FP8", FP8Recipe()), ("FP8 native", FP8Recipe(backend="native")))
 
 
 def run_layers(args) -> None:
     t = args.tokens
-    for fp8 in (False, True):
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for label, recipe in _LAYER_VARIANTS:
         torch.manual_seed(0)
-        lin = (FP8Linear if fp8 else torch.nn.Linear)(4096, 14336, bias=False).cuda()
+        lin = (torch.nn.Linear(4096, 14336, bias=False) if recipe is None
+               else FP8Linear(4096, 14336, bias=False, recipe=recipe)).cuda()
         x = torch.randn(t, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(t, 14336, device="cuda", dtype=torch.bfloat16)
 
         def linear_step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = lin(x)
+                # A new view each step, as training hands every layer a new input: the
+                # sibling-layer cast cache must not serve the previous step's cast.
+                y = lin(x.view_as(x))
             y.backward(dy)
 
         host, gpu = host_and_gpu_ms(linear_step, 5)
-        print(f"{'FP8Linear' if fp8 else 'nn.Linear'} {t}x4096->14336 fwd+bwd: host {host:.2f} ms, "
-              f"GPU {gpu:.2f} ms", flush=True)
-    for fp8 in (False, True):
-        layer, rotary = _decoder_layer(fp8)
+        print(f"{label:10s} linear {t}x4096->14336 fwd+bwd: host {host:.2f} ms, GPU {gpu:.2f} ms", flush=True)
+    for label, recipe in _LAYER_VARIANTS:
+        layer, rotary = _decoder_layer(recipe)
         batch = t // 2048
         h = torch.randn(batch, 2048, 2048, device="cuda", requires_grad=True)
         pos = torch.arange(2048, device="cuda")[None].expand(batch, -1)
@@ -150,8 +163,18 @@ def run_layers(args) -> None:
             out.backward(dy)
 
         host, gpu = host_and_gpu_ms(layer_step, 5)
-        print(f"LlamaDecoderLayer {'FP8' if fp8 else 'BF16'} {batch}x2048 fwd+bwd: host {host:.2f} ms, "
-              f"GPU {gpu:.2f} ms", flush=True)
+        print(f"{label:10s} LlamaDecoderLayer {batch}x2048 fwd+bwd: host {host:.2f} ms, GPU {gpu:.2f} ms",
+              flush=True)
+        if args.profile_layers:
+            # CPU activity only: where the host time of one layer step goes, op by op.
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    layer_step()
+            torch.cuda.synchronize()
+            text = _table(prof, "self_cpu_time_total", 40)
+            slug = label.replace(" ", "_").lower()
+            (out_dir / f"layer_{slug}_self_cpu.txt").write_text(text)
+            print(f"--- {label} decoder layer, three steps, by self CPU time\n{text}", flush=True)
 
 
 def run_numerics(args) -> None:
@@ -236,6 +259,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--out", default="profile_out")
+    parser.add_argument("--profile-layers", action="store_true",
+                        help="layers: a torch.profiler table (CPU) of three decoder-layer steps per variant")
     args = parser.parse_args()
     {"steps": run_steps, "layers": run_layers, "numerics": run_numerics}[args.what](args)
 

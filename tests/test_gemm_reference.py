@@ -61,6 +61,17 @@ def test_fp8_gemm_nt_bf16_output_and_out_argument():
     assert torch.equal(out, y)
 
 
+def test_fp8_gemm_nt_ignores_autocast():
+    """Autocast must not turn the emulation's FP32 block products into BF16 ones, and the
+    caller's autocast state is back as it was afterwards."""
+    a, b = per_token_cast(rand(64, 512, seed=6)), per_block_cast(rand(128, 512, seed=7))
+    plain = fp8_gemm_nt(a, b, out_dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = fp8_gemm_nt(a, b, out_dtype=torch.float32)
+        assert torch.is_autocast_enabled("cpu")
+    assert torch.equal(inside, plain)
+
+
 def test_fp8_gemm_nt_accumulate_adds_in_float32():
     x, g = rand(256, 384, seed=3), rand(128, 384, seed=4)
     a, b = per_token_cast(x), per_token_cast(g)

@@ -10,12 +10,11 @@ costs tens of microseconds of host time per call, and an eager FP8 linear layer 
 seven of these calls a step.
 
 Every op takes ``backend`` (``""``: the process-wide choice), handed down to the casts and
-GEMMs as an argument, and runs with autocast off: the reference emulation multiplies FP32
-blocks, and autocast would quietly make those matmuls BF16.
+GEMMs as an argument. Autocast changes nothing inside: the kernels and cuBLAS take FP8
+operands, and the reference emulation turns autocast off around its FP32 block products.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Tuple
 
@@ -68,14 +67,6 @@ def _op(name: str, mutates_args=()):
 
 def _backend(backend: str):
     return backend or None
-
-
-def _autocast_off(device: torch.device):
-    """Autocast off for one op's body (a no-op context when it is off already, as it is
-    inside the autograd Functions)."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _colwise(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor]:
@@ -164,16 +155,15 @@ def _(x, pow2_scale, backend):
 
 
 def _cast_layouts(x: Tensor, pow2_scale: bool, rowwise: bool, colwise: bool, backend: str):
-    """The casts themselves (row-wise scales unpacked), autocast off."""
-    with _autocast_off(x.device):
-        if rowwise and colwise and x.shape[0] > 0:
-            return _casts.per_token_cast_dual(x, pow2_scale=pow2_scale, backend=_backend(backend))
-        q = scale = qt = scale_t = None
-        if rowwise:
-            q, scale = _casts.per_token_cast(x, pow2_scale=pow2_scale, backend=_backend(backend))
-        if colwise:
-            qt, scale_t = _colwise(x, pow2_scale, backend)
-        return q, scale, qt, scale_t
+    """The casts themselves (row-wise scales unpacked)."""
+    if rowwise and colwise and x.shape[0] > 0:
+        return _casts.per_token_cast_dual(x, pow2_scale=pow2_scale, backend=_backend(backend))
+    q = scale = qt = scale_t = None
+    if rowwise:
+        q, scale = _casts.per_token_cast(x, pow2_scale=pow2_scale, backend=_backend(backend))
+    if colwise:
+        qt, scale_t = _colwise(x, pow2_scale, backend)
+    return q, scale, qt, scale_t
 
 
 def cast_1x128_layouts(x_hp: Tensor, pow2_scale: bool, rowwise: bool, colwise: bool,
@@ -198,8 +188,7 @@ def cast_1x128_layouts(x_hp: Tensor, pow2_scale: bool, rowwise: bool, colwise: b
 @_op("cast_128x128")
 def cast_128x128(w: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """128x128 block cast of a weight [N, K] or expert stack [G, N, K]."""
-    with _autocast_off(w.device):
-        return _casts.per_block_cast(w, pow2_scale=pow2_scale, backend=_backend(backend))
+    return _casts.per_block_cast(w, pow2_scale=pow2_scale, backend=_backend(backend))
 
 
 @cast_128x128.op.register_fake
@@ -215,9 +204,8 @@ def cast_128x128_dual(w: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor
     """The 128x128 casts of a weight [N, K] (or [G, N, K]) and of its transpose from one
     read of w: (W_q, scale, (W^T)_q, scale^T). The transposed pair is byte for byte the
     first one transposed (``transpose_128x128``), written by the same kernel pass."""
-    with _autocast_off(w.device):
-        w_fp8, w_scale, wt_fp8, wt_scale = _casts.per_block_cast_dual(w, pow2_scale=pow2_scale,
-                                                                      backend=_backend(backend))
+    w_fp8, w_scale, wt_fp8, wt_scale = _casts.per_block_cast_dual(w, pow2_scale=pow2_scale,
+                                                                  backend=_backend(backend))
     # A custom op's outputs must not alias each other: the reference transposes the scale
     # grid with .contiguous(), a view when the grid has a single row or column.
     if wt_scale.untyped_storage().data_ptr() == w_scale.untyped_storage().data_ptr():
@@ -281,9 +269,8 @@ def _(x, src_tokens, pow2_scale, backend):
 
 def _cast_permuted(x: Tensor, src_tokens: Tensor, pow2_scale: bool, colwise: bool, backend: str):
     """(fp8, scale, t_fp8, t_scale) of x[src_tokens], row-wise scales unpacked."""
-    with _autocast_off(x.device):
-        result = _moe_casts.per_token_cast_permuted(x, src_tokens, pow2_scale=pow2_scale,
-                                                    colwise=colwise, backend=_backend(backend))
+    result = _moe_casts.per_token_cast_permuted(x, src_tokens, pow2_scale=pow2_scale,
+                                                colwise=colwise, backend=_backend(backend))
     return result if colwise else (*result, None, None)
 
 
@@ -306,9 +293,8 @@ def cast_1x128_permuted_layouts(x_hp: Tensor, src_tokens: Tensor, pow2_scale: bo
 def gemm_nt(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
             out_dtype: torch.dtype, backend: str) -> Tensor:
     """``fp8_gemm_nt`` returning a new [M, N] tensor of ``out_dtype``."""
-    with _autocast_off(a.device):
-        return _gemm.fp8_gemm_nt((a, a_scale), (b, b_scale), out_dtype=out_dtype,
-                                 backend=_backend(backend))
+    return _gemm.fp8_gemm_nt((a, a_scale), (b, b_scale), out_dtype=out_dtype,
+                             backend=_backend(backend))
 
 
 @gemm_nt.op.register_fake
@@ -320,9 +306,8 @@ def _(a, a_scale, b, b_scale, out_dtype, backend):
 def gemm_nt_accumulate_(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
                         out: Tensor, backend: str) -> None:
     """``out += a @ b.T`` in FP32 (wgrad into ``main_grad``)."""
-    with _autocast_off(a.device):
-        _gemm.fp8_gemm_nt((a, a_scale), (b, b_scale), out, accumulate=True,
-                          backend=_backend(backend))
+    _gemm.fp8_gemm_nt((a, a_scale), (b, b_scale), out, accumulate=True,
+                      backend=_backend(backend))
 
 
 @gemm_nt_accumulate_.op.register_fake
@@ -334,9 +319,8 @@ def _(a, a_scale, b, b_scale, out, backend):
 def m_grouped_gemm_nt_contiguous(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
                                  group_offsets: Tensor, backend: str) -> Tensor:
     """MoE fprop/dgrad on the contiguous layout: bf16 [M, N]."""
-    with _autocast_off(a.device):
-        return _gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets,
-                                                      backend=_backend(backend))
+    return _gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets,
+                                                  backend=_backend(backend))
 
 
 @m_grouped_gemm_nt_contiguous.op.register_fake
@@ -348,9 +332,8 @@ def _(a, a_scale, b, b_scale, group_offsets, backend):
 def k_grouped_gemm_nt_contiguous(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
                                  group_offsets: Tensor, backend: str) -> Tensor:
     """MoE wgrad: float32 [G, N, K] from 1x128-along-T operands a [N, T], b [K, T]."""
-    with _autocast_off(a.device):
-        return _gemm.k_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets,
-                                                      backend=_backend(backend))
+    return _gemm.k_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets,
+                                                  backend=_backend(backend))
 
 
 @k_grouped_gemm_nt_contiguous.op.register_fake
@@ -362,9 +345,8 @@ def _(a, a_scale, b, b_scale, group_offsets, backend):
 def k_grouped_gemm_nt_accumulate_(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
                                   group_offsets: Tensor, out: Tensor, backend: str) -> None:
     """MoE wgrad added in FP32 into ``out`` [G, N, K] (``main_grad``)."""
-    with _autocast_off(a.device):
-        _gemm.k_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets, out,
-                                               accumulate=True, backend=_backend(backend))
+    _gemm.k_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets, out,
+                                           accumulate=True, backend=_backend(backend))
 
 
 @k_grouped_gemm_nt_accumulate_.op.register_fake

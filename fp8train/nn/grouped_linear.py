@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._autocast import autocast_off
 from .._checks import FLOAT_DTYPES, check_tensor
 from . import _custom_ops as ops
 from .linear_function import (GROUP, backward_operands, check_main_grad, compute_dtype,
@@ -55,7 +56,7 @@ def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype:
     (y, (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight)). x: the rows ``[M, K]``, or
     with ``src_tokens`` ``[M]`` the tokens ``[T, K]`` they copy (then x_hp is the tokens)."""
     pow2, backend = recipe.pow2_scale, recipe.backend_arg
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         rowwise, colwise = recipe.fprop_fp8, need_dw and recipe.wgrad_fp8
         if src_tokens is not None and rowwise:  # the permutation fused into the casts
             x_rows = None
@@ -112,7 +113,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         grad_out_hp = grad_out.contiguous()  # [M, N], K-major rows for the casts
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.need_dw
         dx = dw = None
-        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+        with autocast_off(grad_out.device.type):
             dgrad_q, wgrad_q = need_dx and recipe.dgrad_fp8, need_dw and recipe.wgrad_fp8
             dy_fp8, dy_scale, dyt_fp8, dyt_scale, w_t_fp8, w_t_scale = backward_operands(
                 grad_out_hp, weight, w_t_fp8, w_t_scale, recipe, dgrad_q, wgrad_q)

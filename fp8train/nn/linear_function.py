@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from .._autocast import autocast_off
 from .._checks import FLOAT_DTYPES, check_tensor
 from . import _custom_ops as ops
 from .fp8_weight import FP8BlockWeight
@@ -113,7 +114,7 @@ def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
     n, k = weight.shape
     x_hp = x.reshape(-1, k)  # [T, K]
     pow2, backend = recipe.pow2_scale, recipe.backend_arg
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         # Sibling layers reading the same x (q/k/v, gate/up) share one cast of it.
         x_fp8, x_scale, xt_fp8, xt_scale = cast_input_layouts(
             x, x_hp, pow2, recipe.fprop_fp8, need_dw and recipe.wgrad_fp8, backend)
@@ -175,7 +176,7 @@ class FP8LinearFunction(torch.autograd.Function):
         need_dw = ctx.need_dw
         need_db = ctx.has_bias and ctx.needs_input_grad[2]
         dx = dw = db = None
-        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+        with autocast_off(grad_out.device.type):
             dgrad_q = need_dx and recipe.dgrad_fp8
             wgrad_q = need_dw and recipe.wgrad_fp8 and ctx.num_tokens > 0
             dy_fp8, dy_scale, dyt_fp8, dyt_scale, w_t_fp8, w_t_scale = backward_operands(

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._autocast import autocast_off
 from .grouped_linear import FP8GroupedLinear, GroupedLinear, _check_int
 from .linear_function import GROUP
 from .moe_layout import build_moe_layout, unpermute
@@ -49,7 +50,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x ``[T, H]`` -> (weights float32 ``[T, k]``, expert ids int64 ``[T, k]``)."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             probs = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
             weights, ids = probs.topk(self.top_k, dim=-1)
             if self.norm_topk_prob:

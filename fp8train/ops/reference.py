@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .._autocast import autocast_off
+
 GROUP = 128
 
 
@@ -25,10 +27,11 @@ def fp8_gemm_nt_ref(a, sa, b, sb) -> torch.Tensor:
     n = b.shape[0]
     sb_rows = _expand_b_scale(sb, n)
     acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
-    for kb in range(k // GROUP):
-        cols = slice(kb * GROUP, (kb + 1) * GROUP)
-        partial = a[:, cols].float() @ b[:, cols].float().t()
-        acc += partial * (sa[:, kb, None] * sb_rows[None, :, kb])
+    with autocast_off(a.device.type):  # autocast would make the FP32 block products BF16
+        for kb in range(k // GROUP):
+            cols = slice(kb * GROUP, (kb + 1) * GROUP)
+            partial = a[:, cols].float() @ b[:, cols].float().t()
+            acc += partial * (sa[:, kb, None] * sb_rows[None, :, kb])
     return acc
 
 
