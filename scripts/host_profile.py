@@ -30,7 +30,7 @@ def per_call_us(fn, reps=2000):
 
 launch = native._launch_for(m, n, k, "1d2d", False, 0, 132)
 cfg = launch.config
-sa_mn, ld = native.tma_ready_scales(a[1])
+sa_mn, ld, _ = native._scales_as_read(a[1].contiguous(), 0, False, "a")  # row-major
 tm_a = encode_tma_2d(a[0].data_ptr(), a[0].dtype, k, m, k, 128, cfg.block_m, 128)
 tm_b = encode_tma_2d(b[0].data_ptr(), b[0].dtype, k, n, k, 128, cfg.block_n, 128)
 tm_sa = encode_tma_2d(sa_mn.data_ptr(), torch.float32, k // 128, m, 4 * ld, 4, cfg.block_m, 0)
@@ -39,7 +39,7 @@ steps = {
     "fp8_gemm_nt (public, out given)": lambda: ops.fp8_gemm_nt(a, b, out),
     "fp8_gemm_nt (public, allocates)": lambda: ops.fp8_gemm_nt(a, b),
     "native launcher only": lambda: native.fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, "1d2d", False),
-    "tma_ready_scales": lambda: native.tma_ready_scales(a[1]),
+    "_scales_as_read (in place)": lambda: native._scales_as_read(a[1], 0, True, "a"),
     "_tma_address (cached)": lambda: native._tma_address(a[0].data_ptr(), a[0].dtype, k, m, k, 128, 128, 128),
     "encode_tma_2d x1": lambda: encode_tma_2d(a[0].data_ptr(), a[0].dtype, k, m, k, 128, 128, 128),
     "kernel.launch (tuples)": lambda: launch.kernel.launch(

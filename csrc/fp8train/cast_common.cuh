@@ -203,20 +203,21 @@ __device__ __forceinline__ void write_row_group(const float (&v)[CHUNK], uint32_
 }
 
 // The end of a column pass (dual casts): column k's 128 tokens from t0 (16 per lane, `sub`
-// = which 16) -> 16 e4m3 bytes of qt's row k at t0 + 16 sub and, from lane 0, the scale at
-// scale_t[k, row_block] (row_blocks per row).
+// = which 16) -> 16 e4m3 bytes of qt's row k at t0 + 16 sub and, from lane 0, the scale of
+// scale_t[k, row_block], stored K-block-major like every 1x128 scale (qt's rows are the rows
+// of these scales): at row_block * scale_t_ld + k.
 template <bool POW2>
 __device__ __forceinline__ void write_column_group(const float (&v)[CHUNK], uint32_t k, uint32_t t0, uint32_t sub,
-                                                   uint32_t cols, uint32_t row_block, uint32_t row_blocks,
+                                                   uint32_t cols, uint32_t row_block,
                                                    uint8_t* __restrict__ qt, uint32_t qt_cols,
-                                                   float* __restrict__ scale_t) {
+                                                   float* __restrict__ scale_t, uint32_t scale_t_ld) {
     const float s_col = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
     const uint32_t t = t0 + CHUNK * sub;
     if (k < cols) {
         if (t < qt_cols)
             store_e4m3(qt + static_cast<uint64_t>(k) * qt_cols + t, v, Quantizer(s_col, POW2), qt_cols - t,
                        qt_cols % CHUNK == 0);
-        if (sub == 0) scale_t[static_cast<uint64_t>(k) * row_blocks + row_block] = s_col;
+        if (sub == 0) scale_t[static_cast<uint64_t>(row_block) * scale_t_ld + k] = s_col;
     }
 }
 

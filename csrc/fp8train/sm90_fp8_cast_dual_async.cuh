@@ -1,7 +1,7 @@
 // Fused dual cast of an activation or output gradient x [T, K], bit-identical to
 // fp8train.quant.reference.dual_cast_ref (the scale rule is in cast_common.cuh): one read of
 // x, two outputs, the row-wise 1x128 cast along K (q, scale) and the column-wise 1x128 cast of
-// x.T along T (qt [K, qt_cols], scale_t), qt_cols being T or T rounded up to 128 (the wgrad
+// x.T along T (qt [K, qt_cols], scale_t K-block-major with block stride scale_t_ld), qt_cols being T or T rounded up to 128 (the wgrad
 // operand; padding rows are zeros, which change no amax). With src_rows, output row t reads
 // input row src_rows[t] (>= src_count: a zero row): the MoE permutation fused in.
 //
@@ -76,7 +76,8 @@ __device__ __forceinline__ void dual_cast_tile_async(const T* __restrict__ x, co
                                                      bool vec_in, uint8_t* __restrict__ q,
                                                      float* __restrict__ scale, uint32_t scale_ld,
                                                      uint8_t* __restrict__ qt, uint32_t qt_cols,
-                                                     float* __restrict__ scale_t, bool rowwise, bool colwise) {
+                                                     float* __restrict__ scale_t, uint32_t scale_t_ld,
+                                                     bool rowwise, bool colwise) {
     using namespace cast;
     using Tile = StagedTile<T>;
     constexpr uint32_t WARPS = DUAL_ASYNC_THREADS / 32;
@@ -149,7 +150,7 @@ __device__ __forceinline__ void dual_cast_tile_async(const T* __restrict__ x, co
 #pragma unroll
         for (uint32_t j = 0; j < CHUNK; ++j)
             v[j] = raw_to_float<T>(load_shared_element<T>(tile, Tile::element_offset(CHUNK * sub + j, c)));
-        write_column_group<POW2>(v, k0 + c, t0, sub, cols, blockIdx.y, gridDim.y, qt, qt_cols, scale_t);
+        write_column_group<POW2>(v, k0 + c, t0, sub, cols, blockIdx.y, qt, qt_cols, scale_t, scale_t_ld);
     }
 }
 

@@ -88,25 +88,25 @@ def _colwise(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor]
 @_op("cast_1x128")
 def cast_1x128(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """Row-wise 1x128 cast of x [T, K] (the fprop/dgrad A operand); the scale packed
-    (`_pack_rowwise`)."""
+    (`_pack_scales`)."""
     q, scale, _, _ = _cast_layouts(x, pow2_scale, True, False, backend)
-    return q, _pack_rowwise(scale)
+    return q, _pack_scales(scale)
 
 
-# Row-wise scales cross the custom-op boundary contiguous: Inductor assumes contiguous
-# outputs of these ops, so a (K-block-major) row-wise scale leaves an op as its storage
-# [K/128, rows rounded up to 4] and the wrappers below take the [rows, K/128] view of it
-# outside the op.
-def _pack_rowwise(scale: Tensor) -> Tensor:
+# 1x128 scales cross the custom-op boundary contiguous: Inductor assumes contiguous outputs
+# of these ops, so a (K-block-major) scale [rows, blocks] leaves an op as its storage
+# [blocks, rows rounded up to 4] and the wrappers below take the [rows, blocks] view of it
+# outside the op. Row-wise and column-wise scales alike (the latter's rows are x.T's).
+def _pack_scales(scale: Tensor) -> Tensor:
     rows, kb = scale.shape
     ld = kblock_major_ld(rows)  # the storage's, since size-1 dims' strides say nothing
     if (rows > 1 and scale.stride(0) != 1) or (kb > 1 and scale.stride(1) != ld) or scale.storage_offset():
-        raise RuntimeError(f"row-wise scales: expected K-block-major storage [{kb}, {ld}], got "
+        raise RuntimeError(f"1x128 scales: expected K-block-major storage [{kb}, {ld}], got "
                            f"strides {scale.stride()} at offset {scale.storage_offset()}")
     return scale.as_strided((kb, ld), (ld, 1))
 
 
-def _unpack_rowwise(packed: Tensor, rows: int) -> Tensor:
+def _unpack_scales(packed: Tensor, rows: int) -> Tensor:
     return packed[:, :rows].t()
 
 
@@ -120,7 +120,7 @@ def _fake_colwise(x):
     t, k = x.shape
     tp = _ceil_to(t, GROUP)
     return (x.new_empty(k, tp, dtype=FP8_DTYPE),
-            x.new_empty(k, tp // GROUP, dtype=torch.float32))
+            x.new_empty(tp // GROUP, kblock_major_ld(k), dtype=torch.float32))
 
 
 @cast_1x128.op.register_fake
@@ -130,8 +130,12 @@ def _(x, pow2_scale, backend):
 
 @_op("cast_1x128_colwise")
 def cast_1x128_colwise(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    """Column-wise cast of x [T, K] -> ([K, Tp] e4m3, [K, Tp/128] f32), Tp = T padded to 128."""
-    return _cast_layouts(x, pow2_scale, False, True, backend)[2:]
+    """Column-wise cast of x [T, K] -> ([K, Tp] e4m3, [K, Tp/128] f32 packed), Tp = T padded
+    to 128."""
+    if x.shape[0] == 0:
+        return _fake_colwise(x)
+    qt, scale_t = _cast_layouts(x, pow2_scale, False, True, backend)[2:]
+    return qt, _pack_scales(scale_t)
 
 
 @cast_1x128_colwise.op.register_fake
@@ -142,11 +146,11 @@ def _(x, pow2_scale, backend):
 @_op("cast_1x128_both")
 def cast_1x128_both(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Both layouts of x [T, K] in one op: row-wise (along K) and column-wise (along T,
-    padded), from one read of x."""
+    padded), from one read of x; both scales packed."""
     if x.shape[0] == 0:  # no tokens: nothing to cast, empty operands of the right shapes
-        return (*_fake_rowwise(x), *_colwise(x, pow2_scale, backend))
+        return (*_fake_rowwise(x), *_fake_colwise(x))
     q, scale, qt, scale_t = _cast_layouts(x, pow2_scale, True, True, backend)
-    return q, _pack_rowwise(scale), qt, scale_t
+    return q, _pack_scales(scale), qt, _pack_scales(scale_t)
 
 
 @cast_1x128_both.op.register_fake
@@ -175,14 +179,15 @@ def cast_1x128_layouts(x_hp: Tensor, pow2_scale: bool, rowwise: bool, colwise: b
         return None, None, None, None
     if _runs_direct((x_hp,)):
         return _cast_layouts(x_hp, pow2_scale, rowwise, colwise, backend)
-    rows = x_hp.shape[0]
+    rows, cols = x_hp.shape
     if rowwise and colwise:
-        q, packed, qt, scale_t = cast_1x128_both(x_hp, pow2_scale, backend)
-        return q, _unpack_rowwise(packed, rows), qt, scale_t
+        q, packed, qt, packed_t = cast_1x128_both(x_hp, pow2_scale, backend)
+        return q, _unpack_scales(packed, rows), qt, _unpack_scales(packed_t, cols)
     if rowwise:
         q, packed = cast_1x128(x_hp, pow2_scale, backend)
-        return q, _unpack_rowwise(packed, rows), None, None
-    return (None, None, *cast_1x128_colwise(x_hp, pow2_scale, backend))
+        return q, _unpack_scales(packed, rows), None, None
+    qt, packed_t = cast_1x128_colwise(x_hp, pow2_scale, backend)
+    return None, None, qt, _unpack_scales(packed_t, cols)
 
 
 @_op("cast_128x128")
@@ -243,7 +248,7 @@ def cast_1x128_permuted(x: Tensor, src_tokens: Tensor, pow2_scale: bool,
     if src_tokens.shape[0] == 0:  # no rows: empty operands of the right shapes
         return _fake_permuted_rowwise(x, src_tokens)
     q, scale, _, _ = _cast_permuted(x, src_tokens, pow2_scale, False, backend)
-    return q, _pack_rowwise(scale)
+    return q, _pack_scales(scale)
 
 
 @cast_1x128_permuted.op.register_fake
@@ -259,7 +264,7 @@ def cast_1x128_permuted_both(x: Tensor, src_tokens: Tensor, pow2_scale: bool,
     if src_tokens.shape[0] == 0:
         return (*_fake_permuted_rowwise(x, src_tokens), *_fake_permuted_colwise(x, src_tokens))
     q, scale, qt, scale_t = _cast_permuted(x, src_tokens, pow2_scale, True, backend)
-    return q, _pack_rowwise(scale), qt, scale_t
+    return q, _pack_scales(scale), qt, _pack_scales(scale_t)
 
 
 @cast_1x128_permuted_both.op.register_fake
@@ -282,10 +287,10 @@ def cast_1x128_permuted_layouts(x_hp: Tensor, src_tokens: Tensor, pow2_scale: bo
         return _cast_permuted(x_hp, src_tokens, pow2_scale, colwise, backend)
     rows = src_tokens.shape[0]
     if colwise:
-        q, packed, qt, scale_t = cast_1x128_permuted_both(x_hp, src_tokens, pow2_scale, backend)
-        return q, _unpack_rowwise(packed, rows), qt, scale_t
+        q, packed, qt, packed_t = cast_1x128_permuted_both(x_hp, src_tokens, pow2_scale, backend)
+        return q, _unpack_scales(packed, rows), qt, _unpack_scales(packed_t, x_hp.shape[1])
     q, packed = cast_1x128_permuted(x_hp, src_tokens, pow2_scale, backend)
-    return q, _unpack_rowwise(packed, rows), None, None
+    return q, _unpack_scales(packed, rows), None, None
 
 
 # --------------------------------------------------------------------------- GEMMs

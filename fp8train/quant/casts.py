@@ -82,7 +82,8 @@ def _check_weight(w: torch.Tensor, pow2_scale) -> None:
 def per_token_cast_transposed(x: torch.Tensor, *, pow2_scale: bool = False, backend=None) -> FP8Pair:
     """Column-wise (wgrad) cast: x ``[T, K]`` -> the 1x128 cast of ``x.T`` along T.
 
-    Returns ``xt_fp8`` e4m3 ``[K, T]`` contiguous and ``scale`` float32 ``[K, ceil(T/128)]``.
+    Returns ``xt_fp8`` e4m3 ``[K, T]`` contiguous and ``scale`` float32 ``[K, ceil(T/128)]``,
+    stored K-block-major like every 1x128 scale (these are the row-wise scales of xt_fp8).
     Cast from the high-precision x, never from a row-wise FP8 copy (that would round twice).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
@@ -92,7 +93,8 @@ def per_token_cast_transposed(x: torch.Tensor, *, pow2_scale: bool = False, back
     if x.shape[1] > 0 and _use_native(x, backend):
         _, _, xt_fp8, xt_scale = _native.dual_cast(x, pow2_scale, rowwise=False, pad_columnwise=False)
         return xt_fp8, xt_scale
-    return per_token_cast_transposed_ref(x, pow2_scale)
+    xt_fp8, xt_scale = per_token_cast_transposed_ref(x, pow2_scale)
+    return xt_fp8, to_rowwise_layout(xt_scale)
 
 
 def _use_native(x: torch.Tensor, backend) -> bool:
@@ -119,7 +121,8 @@ def _use_native(x: torch.Tensor, backend) -> bool:
 def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False, backend=None):
     """Both casts an activation or output gradient needs, from one read of x ``[T, K]``:
     the row-wise 1x128 cast (``[T, K]``, ``[T, ceil(K/128)]``) and the column-wise cast of
-    ``x.T`` along T (``[K, Tp]``, ``[K, Tp/128]``, T zero-padded to Tp, a multiple of 128).
+    ``x.T`` along T (``[K, Tp]``, ``[K, Tp/128]``, T zero-padded to Tp, a multiple of 128);
+    both scales stored K-block-major.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
     check_bool("pow2_scale", pow2_scale)
@@ -128,7 +131,7 @@ def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False, backend=No
     if _use_native(x, backend):
         return _native.dual_cast(x, pow2_scale)
     x_fp8, scale, xt_fp8, xt_scale = dual_cast_ref(x, pow2_scale)
-    return x_fp8, to_rowwise_layout(scale), xt_fp8, xt_scale
+    return x_fp8, to_rowwise_layout(scale), xt_fp8, to_rowwise_layout(xt_scale)
 
 
 def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block=(1, GROUP)) -> torch.Tensor:

@@ -30,7 +30,8 @@ def per_token_cast_permuted(x: torch.Tensor, src_tokens: torch.Tensor, *,
         ``T`` marks a zero (padding) row. Values must lie in ``[0, T]``.
     Returns ``q`` e4m3 ``[M, K]`` and ``scale`` float32 ``[M, ceil(K/128)]``; with
     ``colwise`` also ``qt`` ``[K, Mp]`` and ``qt_scale`` ``[K, Mp/128]`` (Mp = M rounded up
-    to 128, zero rows; M already is a multiple of 128 for a MoELayout).
+    to 128, zero rows; M already is a multiple of 128 for a MoELayout). Scales are stored
+    K-block-major (``formats.empty_rowwise_scales``).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
     check_tensor("src_tokens", src_tokens, dtypes=(torch.int64,), ndims=(1,))
@@ -45,8 +46,8 @@ def per_token_cast_permuted(x: torch.Tensor, src_tokens: torch.Tensor, *,
         if colwise:
             return _native.dual_cast(x, pow2_scale, src_rows=src_tokens, num_rows=rows)
         return _native.per_token_cast(x, pow2_scale, src_rows=src_tokens, num_rows=rows)
-    q, scale, *colwise_pair = permute_cast_ref(x, src_tokens, pow2_scale, colwise)
-    return (q, to_rowwise_layout(scale), *colwise_pair)
+    result = permute_cast_ref(x, src_tokens, pow2_scale, colwise)
+    return tuple(to_rowwise_layout(t) if t.dtype == torch.float32 else t for t in result)
 
 
 def per_token_cast_transposed_grouped(x: torch.Tensor, group_offsets: torch.Tensor, *,

@@ -33,9 +33,11 @@ _KINDS = {
     "dual_async": ("sm90_fp8_cast_dual_async.cuh",
                    "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
                    "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld, "
-                   "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t rowwise, uint32_t colwise",
+                   "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t scale_t_ld, uint32_t rowwise, "
+                   "uint32_t colwise",
                    "fp8train::dual_cast_tile_async<{T}, {POW2}, {KMAJOR}>(x, src_rows, src_count, rows, "
-                   "cols, vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, rowwise != 0, colwise != 0);"),
+                   "cols, vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, scale_t_ld, rowwise != 0, "
+                   "colwise != 0);"),
     "per_token": ("sm90_fp8_cast_per_token.cuh",
                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
                   "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld",
@@ -128,7 +130,8 @@ def _vec_in(x: torch.Tensor) -> int:
 def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: bool = True,
               *, pad_columnwise: bool = True, src_rows: Optional[torch.Tensor] = None,
               num_rows: Optional[int] = None):
-    """x [T, K] -> (q [R, K], scale [R, ceil(K/128)], qt [K, Rt], scale_t [K, ceil(Rt/128)]);
+    """x [T, K] -> (q [R, K], scale [R, ceil(K/128)], qt [K, Rt], scale_t [K, ceil(Rt/128)]),
+    both scales K-block-major (``formats.empty_rowwise_scales``);
     R = T, or ``num_rows`` rows gathered through ``src_rows`` (int64 [R], values >= T are
     zero rows); Rt = R rounded up to 128 with ``pad_columnwise`` (zero rows), else R. The
     layouts not asked for come back as None."""
@@ -140,15 +143,17 @@ def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: 
     q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev) if rowwise else None
     s = formats.empty_rowwise_scales((rows,), col_blocks, dev) if rowwise else None
     qt = torch.empty(cols, qt_cols, dtype=FP8_DTYPE, device=dev) if colwise else None
-    st = torch.empty(cols, -(-qt_cols // GROUP), dtype=torch.float32, device=dev) if colwise else None
+    # x.T's scales are the row-wise scales of qt's rows: K-block-major, as cuBLAS reads them.
+    st = formats.empty_rowwise_scales((cols,), -(-qt_cols // GROUP), dev) if colwise else None
     if rows == 0 or not (rowwise or colwise):
         return q, s, qt, st
     # The staged tile (in the input's dtype) serves the row pass too: always there.
     _kernel("dual_async", x.dtype, bool(pow2_scale), dev.index, True).launch(
         (col_blocks, -(-rows // GROUP)), _THREADS, GROUP * GROUP * x.dtype.itemsize,
         (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), _ptr(q), _ptr(s),
-         s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols, _ptr(st), int(rowwise), int(colwise)),
-        (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32), _raw_stream(dev.index))
+         s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols, _ptr(st), st.stride(-1) if colwise else 0,
+         int(rowwise), int(colwise)),
+        (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32, _u32), _raw_stream(dev.index))
     return q, s, qt, st
 
 

@@ -155,19 +155,6 @@ def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int
     return launch
 
 
-def tma_ready_scales(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """1x128 scales ``[R, Kb]`` as the kernel's TMA reads them: row-major with a row stride
-    (returned, in floats) that is a multiple of 4, i.e. 16 bytes. Contiguous scales with
-    Kb % 4 == 0 are used as they are; anything else is copied once into a padded buffer."""
-    rows, kb = scale.shape
-    if scale.stride(1) == 1 and scale.stride(0) % 4 == 0 and scale.data_ptr() % 16 == 0:
-        return scale, scale.stride(0)
-    ld = -(-kb // 4) * 4
-    buffer = torch.empty(rows, ld, dtype=torch.float32, device=scale.device)
-    buffer[:, :kb].copy_(scale)
-    return buffer, ld
-
-
 class _ParamBlock:
     """Kernel parameters in one block: SLOTS slots of 128 bytes (a CUtensorMap is 128
     bytes) and the void* array pointing at them. A launch hands the driver the array's
@@ -301,18 +288,12 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
     Python a launch costs); only split-K's scratch pointer changes per call."""
     cfg = launch.config
     device = a.device.index
-    reusable = True  # False: a scale copy made for this call only (its block is not kept)
-    if scale_a_kblock_major(grouping):  # sa read as [K/128, rows] underneath
-        if _kblock_major_ready(sa):
-            sa_ready = sa
-        else:
-            sa_ready, reusable = _mn_major_staged(sa, device)
-        lda = 0
+    sa_ready, lda, reusable_a = _scales_as_read(sa, device, scale_a_kblock_major(grouping), "a")
+    if cfg.kind == "1d1d":
+        sb_ready, ldb, reusable_b = _scales_as_read(sb, device, False, "b")
     else:
-        sa_ready, lda = tma_ready_scales(sa)
-        reusable = sa_ready is sa
-    sb_ready, ldb = tma_ready_scales(sb) if cfg.kind == "1d1d" else (sb, 0)
-    reusable = reusable and sb_ready is sb
+        sb_ready, ldb, reusable_b = sb, 0, True
+    reusable = reusable_a and reusable_b  # False: a copy made for this call only (its block is not kept)
     blocks = getattr(_local, "blocks", None)
     if blocks is None:
         blocks = _local.blocks = {}
@@ -350,40 +331,50 @@ def _kblock_major_ready(scale: torch.Tensor) -> bool:
     return scale.stride(0) == 1 and scale.stride(1) % 4 == 0 and scale.data_ptr() % 16 == 0
 
 
-def _mn_major_staged(scale: torch.Tensor, device: int) -> tuple[torch.Tensor, bool]:
-    """`_mn_major` into a buffer kept per (thread, device, stream, shape): every call on a
-    stream rewrites it after the previous kernel on that stream has read it (stream order),
-    so a repeated GEMM keeps one scale pointer and its cached parameter block, and skips an
-    allocation. Per thread, since two threads enqueueing on one stream could interleave a
-    copy between another's copy and launch. Under graph capture the copy gets its own
-    buffer (the graph owns it). Returns the view and whether it may back a
-    cached parameter block."""
-    if torch.cuda.is_current_stream_capturing():
-        return _mn_major(scale), False
+def _row_major_ready(scale: torch.Tensor) -> bool:
+    """1x128 scales [rows, K/128] that already lie row-major with a TMA-legal row stride."""
+    return scale.stride(1) == 1 and scale.stride(0) % 4 == 0 and scale.data_ptr() % 16 == 0
+
+
+def _scales_as_read(scale: torch.Tensor, device: int, kblock_major: bool, role: str):
+    """1x128 scales as the kernel's TMA reads them: K-block-major, or row-major with a row
+    stride of a multiple of 4 floats. Returns (scales, row stride in floats for a row-major
+    read else 0, whether a cached parameter block may hold them). Scales already so are used
+    in place (the casts write K-block-major); others are staged (`_staged`)."""
+    if kblock_major and _kblock_major_ready(scale):
+        return scale, 0, True
+    if not kblock_major and _row_major_ready(scale):
+        return scale, scale.stride(0), True
+    staged, reusable = _staged(scale, device, kblock_major, role)
+    return staged, 0 if kblock_major else staged.stride(0), reusable
+
+
+def _staged(scale: torch.Tensor, device: int, kblock_major: bool, role: str) -> tuple[torch.Tensor, bool]:
+    """A copy of ``scale`` [rows, Kb] in the layout the kernel reads, in a buffer kept per
+    (thread, device, stream, operand, shape, layout): every call on a stream rewrites it after
+    the previous kernel on that stream has read it (stream order), so a repeated GEMM keeps
+    one scale pointer and its cached parameter block, and skips an allocation. Per thread,
+    since two threads enqueueing on one stream could interleave a copy between another's
+    copy and launch; per operand, since A's and B's scales of one launch may share a shape.
+    Under graph capture the copy gets its own buffer (the graph owns it). Returns the view
+    and whether it may back a cached parameter block."""
+    rows, kb = scale.shape
+    shape = (kb, kblock_major_ld(rows)) if kblock_major else (rows, -(-kb // 4) * 4)
+    capturing = torch.cuda.is_current_stream_capturing()
     staging = getattr(_local, "staging", None)
     if staging is None:
         staging = _local.staging = {}
-    rows, kb = scale.shape
-    key = (device, _raw_stream(device), rows, kb)
-    buffer = staging.get(key)
+    key = (device, _raw_stream(device), role, rows, kb, kblock_major)
+    buffer = None if capturing else staging.get(key)
     if buffer is None:
-        if len(staging) >= _STAGING_LIMIT:
-            staging.clear()
-        buffer = staging[key] = torch.empty(kb, kblock_major_ld(rows), dtype=torch.float32, device=scale.device)
-    view = buffer[:, :rows]
-    view.copy_(scale.t())
-    return view.t(), True
-
-
-def _mn_major(scale: torch.Tensor) -> torch.Tensor:
-    """1x128 scales [R, Kb] stored K-block-major ([Kb, R4] underneath, R4 = R rounded up to
-    4 so rows of the storage are 16-byte multiples), as the kernel reads A's scales. A new
-    copy each call (a few us of GPU time at training sizes); scales already stored so
-    (`scale.t()` of such a buffer) are used in place."""
-    rows, kb = scale.shape
-    buffer = torch.empty(kb, kblock_major_ld(rows), dtype=torch.float32, device=scale.device)
-    buffer[:, :rows].copy_(scale.t())
-    return buffer[:, :rows].t()
+        buffer = torch.empty(shape, dtype=torch.float32, device=scale.device)
+        if not capturing:
+            if len(staging) >= _STAGING_LIMIT:
+                staging.clear()
+            staging[key] = buffer
+    view = buffer[:, :rows].t() if kblock_major else buffer[:, :kb]
+    view.copy_(scale)
+    return view, not capturing
 
 
 def _fill_params(cfg: GemmConfig, a, sa, lda: int, b, sb, ldb: int, out, shape_m: int, grouping: str,
