@@ -11,14 +11,7 @@ from .nn import (
     load_fp8_safetensors,
     save_pretrained_fp8,
 )
-from .ops import (
-    fp8_gemm_nt,
-    get_backend,
-    k_grouped_fp8_gemm_nt_contiguous,
-    m_grouped_fp8_gemm_nt_contiguous,
-    m_grouped_fp8_gemm_nt_masked,
-    set_backend,
-)
+from .ops import *  # noqa: F403 (the GEMM operators and the backend choice: ops.__all__)
 from .quant import dequantize, per_block_cast, per_token_cast, per_token_cast_transposed
 
 __version__ = "0.1.0"
@@ -31,12 +24,7 @@ __all__ = [
     "per_block_cast",
     "per_token_cast_transposed",
     "dequantize",
-    "fp8_gemm_nt",
-    "m_grouped_fp8_gemm_nt_contiguous",
-    "m_grouped_fp8_gemm_nt_masked",
-    "k_grouped_fp8_gemm_nt_contiguous",
-    "set_backend",
-    "get_backend",
+    *ops.__all__,
     "convert_to_fp8",
     "export_fp8_safetensors",
     "load_fp8_safetensors",

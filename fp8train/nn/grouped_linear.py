@@ -70,8 +70,8 @@ def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype:
 
         if recipe.fprop_fp8:
             # The grouped kernel writes BF16 (DeepGEMM's contract).
-            y = ops.m_grouped_gemm_nt_contiguous(x_fp8, x_scale, w_fp8, w_scale,
-                                                 group_offsets, backend).to(out_dtype)
+            y = ops.grouped_gemm_nt_contiguous(x_fp8, x_scale, w_fp8, w_scale,
+                                               group_offsets, False, backend).to(out_dtype)
         else:
             y = segment_matmul(x_rows.to(out_dtype), weight.to(out_dtype), group_offsets)
 
@@ -120,8 +120,8 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
 
             if need_dx:
                 if recipe.dgrad_fp8:
-                    dx = ops.m_grouped_gemm_nt_contiguous(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
-                                                          group_offsets, backend)
+                    dx = ops.grouped_gemm_nt_contiguous(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
+                                                        group_offsets, False, backend)
                 else:
                     dx = segment_matmul(grad_out_hp, weight.to(grad_out_hp.dtype).transpose(1, 2),
                                         group_offsets)
@@ -134,8 +134,8 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                     ops.k_grouped_gemm_nt_accumulate_(dyt_fp8, dyt_scale, xt_fp8, xt_scale,
                                                       group_offsets, weight.main_grad, backend)
                 elif recipe.wgrad_fp8:
-                    dw = ops.k_grouped_gemm_nt_contiguous(dyt_fp8, dyt_scale, xt_fp8, xt_scale,
-                                                          group_offsets, backend).to(ctx.w_dtype)
+                    dw = ops.grouped_gemm_nt_contiguous(dyt_fp8, dyt_scale, xt_fp8, xt_scale,
+                                                        group_offsets, True, backend).to(ctx.w_dtype)
                 else:
                     dw = segment_wgrad(grad_out_hp, x_hp, group_offsets).to(ctx.w_dtype)
         return dx, dw, None, None, None, None
