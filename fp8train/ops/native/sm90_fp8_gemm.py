@@ -91,12 +91,12 @@ def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: 
 
 
 # A's 1x128 scales are read K-block-major ([K/128, rows] underneath: one 512-byte TMA box per
-# stage instead of 128 16-byte ones, +10% to +36% on the H100) by every kernel but the masked
-# one, whose experts' rows start at g * M_max, so a box's inner coordinate is not 16-byte
-# aligned (it hit an illegal instruction) and the k-grouped one (not yet re-run that way):
-# those two read them row-major. B's 1x128 scales (1D1D) are read row-major: K-block-major
-# measured 3-7% slower.
-_KBLOCK_MAJOR_GROUPINGS = ("none", "m_contiguous")
+# stage instead of 128 16-byte ones, +10% to +36% on the H100), the layout the casts write,
+# by every kernel but the masked one, whose experts' rows start at g * M_max, so a box's
+# inner coordinate is not 16-byte aligned (it hit an illegal instruction): it reads them
+# row-major (staged). B's 1x128 scales (1D1D, k-grouped) are read row-major (staged):
+# K-block-major measured 3-7% slower.
+_KBLOCK_MAJOR_GROUPINGS = ("none", "m_contiguous", "k_contiguous")
 
 
 def scale_a_kblock_major(grouping: str) -> bool:
