@@ -15,14 +15,17 @@ import argparse
 import copy
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: benchmarks/
+
 import fp8train  # noqa: E402
-from fp8train.bench import hf as bench_hf  # noqa: E402
-from fp8train.bench.hf import MODELS  # noqa: E402
-from fp8train.bench.gemm import rel_err  # noqa: E402
-from fp8train.bench.hf import TINY_ARCHS as ARCHS, TINY_VOCAB as VOCAB, tiny_model  # noqa: E402
+from benchmarks import hf as bench_hf  # noqa: E402
+from benchmarks.hf import MODELS  # noqa: E402
+from benchmarks.gemm import rel_err  # noqa: E402
+from benchmarks.hf import TINY_ARCHS as ARCHS, TINY_VOCAB as VOCAB, tiny_model  # noqa: E402
 
 
 def build(name: str, layers, device: str, seq_len: int):

@@ -15,14 +15,17 @@ the same init and see the same tokens. Bytes are counted at ``all_gather_single`
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from fp8train.bench.collectives import count_all_gather_bytes
-from fp8train.nn import FP8Linear
-from fp8train.nn.fsdp import enable_fp8_all_gather
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: benchmarks/
+
+from benchmarks.collectives import count_all_gather_bytes  # noqa: E402
+from fp8train.nn import FP8Linear  # noqa: E402
+from fp8train.nn.fsdp import enable_fp8_all_gather  # noqa: E402
 
 
 def make_model(dim: int, ffn: int, pairs: int, device: torch.device) -> nn.Sequential:

@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1 FP8TRAIN_CACHE_DIR=${FP8TRAIN_CACHE_DIR:-$PWD/.kcache}
 new="env PYTHONPATH=. python scripts/profile_step.py"
 base="env PYTHONPATH=.baseline python .baseline/profile_step.py"
 nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-[ "${SKIP_BENCH:-0}" = 1 ] || PYTHONPATH=. timeout 170 python -m fp8train.bench hf --models llama-1b --eager-only > "$OUT/bench_hf.log" 2>&1
+[ "${SKIP_BENCH:-0}" = 1 ] || PYTHONPATH=. timeout 170 python -m benchmarks hf --models llama-1b --eager-only > "$OUT/bench_hf.log" 2>&1
 grep -E "^llama|worst layer|more than|tok/s \(|against" "$OUT/bench_hf.log"
 { [ -d .baseline ] && timeout 80 $base layers; echo "--- new"; timeout 80 $new layers; } 2>&1 | grep -v -i warn | tee "$OUT/layers.log"
 { [ -d .baseline ] && timeout 90 $base steps --out /tmp/pb; echo "--- new"; timeout 90 $new steps --out /tmp/pn; } > "$OUT/steps.log" 2>&1

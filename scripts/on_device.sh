@@ -37,7 +37,7 @@ for spec in ${suites[@]+"${suites[@]}"}; do
     slug=$(echo "$spec" | tr -c 'A-Za-z0-9' '_' | cut -c1-60)
     echo "=== bench $spec"
     # shellcheck disable=SC2086  # the spec is a suite and its options
-    timeout "$limit" python -m fp8train.bench $spec --json "$LOGS/bench_$slug.json" 2>&1 | tee "$LOGS/bench_$slug.log"
+    timeout "$limit" python -m benchmarks $spec --json "$LOGS/bench_$slug.json" 2>&1 | tee "$LOGS/bench_$slug.log"
     status=$((status | PIPESTATUS[0]))
     pack
 done

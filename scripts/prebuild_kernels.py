@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fp8train.bench.kernel_list import NUM_SMS, bench_kernels  # noqa: E402
+from benchmarks.kernel_list import NUM_SMS, bench_kernels  # noqa: E402
 from fp8train.ops.jit import compiler  # noqa: E402
 from fp8train.ops.native.sm90_fp8_gemm import compile_kernel  # noqa: E402
 from fp8train.ops.native.gemm_config import choose_config  # noqa: E402

@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fp8train import FP8Linear, FP8Recipe, convert_to_fp8, ops  # noqa: E402
-from fp8train.bench import hf as bench_hf  # noqa: E402
-from fp8train.bench.gemm import rel_err as _rel  # noqa: E402
-from fp8train.bench.hf import one_ulp_nudge as _ulp_nudge  # noqa: E402
+from benchmarks import hf as bench_hf  # noqa: E402
+from benchmarks.gemm import rel_err as _rel  # noqa: E402
+from benchmarks.hf import one_ulp_nudge as _ulp_nudge  # noqa: E402
 
 SLEEP_CYCLES = 4_000_000_000  # ~2 s at the H100's clock: longer than any step's host time
 

@@ -6,14 +6,17 @@ Sections: multicast, configs, split. (The attribution and scale-layout sweeps an
 their questions: docs/kernels.md has the figures.)
 """
 import sys
+from pathlib import Path
 
 import torch
 
-from fp8train.bench.timing import num_input_sets, time_calls
-from fp8train.ops.native.gemm_config import SMEM_LIMIT, GemmConfig, shared_bytes
-from fp8train.ops.native import sm90_fp8_gemm
-from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native
-from fp8train.quant import per_block_cast, per_token_cast
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: benchmarks/
+
+from benchmarks.timing import num_input_sets, time_calls  # noqa: E402
+from fp8train.ops.native.gemm_config import SMEM_LIMIT, GemmConfig, shared_bytes  # noqa: E402
+from fp8train.ops.native import sm90_fp8_gemm  # noqa: E402
+from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native  # noqa: E402
+from fp8train.quant import per_block_cast, per_token_cast  # noqa: E402
 
 
 def deepest(bm, bn, kind):

@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: benchmarks/
+
 import fp8train  # noqa: E402
 from fp8train.nn import _custom_ops  # noqa: E402
-from fp8train.bench.gemm import rel_err  # noqa: E402
-from fp8train.bench.hf import TINY_ARCHS as ARCHS, tiny_model  # noqa: E402
+from benchmarks.gemm import rel_err  # noqa: E402
+from benchmarks.hf import TINY_ARCHS as ARCHS, tiny_model  # noqa: E402
 
 LOG: list = []
 AUTOCAST = True  # BF16 autocast, as bench hf and the recipes train (--no-autocast: FP32)

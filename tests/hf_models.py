@@ -1,8 +1,8 @@
-"""The tests/test_hf_* files' tiny transformers models (``fp8train.bench.hf``'s, built from
+"""The tests/test_hf_* files' tiny transformers models (``benchmarks.hf``'s, built from
 configs, no download) and their batches."""
 import torch
 
-from fp8train.bench.hf import TINY_ARCHS, TINY_ARCHS_EXTRA, TINY_VOCAB, tiny_config, tiny_model  # noqa: F401
+from benchmarks.hf import TINY_ARCHS, TINY_ARCHS_EXTRA, TINY_VOCAB, tiny_config, tiny_model  # noqa: F401
 from numerics import rel_err  # noqa: F401  (the HF tests import it from here)
 
 ARCHS, ARCHS_EXTRA, VOCAB = TINY_ARCHS, TINY_ARCHS_EXTRA, TINY_VOCAB

@@ -1,10 +1,10 @@
 """The layer benchmark's correctness half runs on CPU at toy sizes (the timing half needs a
-GPU and runs on the device: python -m fp8train.bench linear|moe)."""
+GPU and runs on the device: python -m benchmarks linear|moe)."""
 import warnings
 
 import torch
 
-from fp8train.bench.layers import LIMITS, build_linear, build_moe, compare, step_fn
+from benchmarks.layers import LIMITS, build_linear, build_moe, compare, step_fn
 
 warnings.filterwarnings("ignore", message="fp8train: .* runs on the reference")
 
@@ -29,7 +29,7 @@ def test_moe_comparison_is_within_fp8_bounds():
 def test_tensorwise_stand_in_is_a_working_fp8_linear():
     """The torchao-style reference the linear bench times next to ours computes the layer
     (per-tensor scales: looser than 1x128, still within a few percent on Gaussian data)."""
-    from fp8train.bench.tensorwise_linear import TensorwiseFP8Linear
+    from benchmarks.tensorwise_linear import TensorwiseFP8Linear
 
     base, _ = build_linear(256, 256, 384, "cpu")
     twin = TensorwiseFP8Linear(256, 384, bias=False, dtype=torch.bfloat16)

@@ -5,7 +5,7 @@ import concurrent.futures
 
 import pytest
 
-from fp8train.bench.kernel_list import NUM_SMS, bench_kernels
+from benchmarks.kernel_list import NUM_SMS, bench_kernels
 from fp8train.ops.jit.toolkit import find_cuda_tool, nvcc_path
 from fp8train.ops.native.gemm_config import SMEM_LIMIT, choose_config, shared_bytes
 from fp8train.ops.native.sm90_fp8_gemm import compile_kernel

@@ -166,7 +166,7 @@ def _reference_spread(device: str, autocast: bool, nudges: int = 3) -> list:
     reference emulation when its input moves by one BF16 ulp: how far two computations of
     the same FP8 layer can land apart when only rounding differs (an element moved across an
     e4m3 rounding boundary moves by up to 2^-4 of its group's scale)."""
-    from fp8train.bench.hf import one_ulp_nudge
+    from benchmarks.hf import one_ulp_nudge
     from fp8train import ops
 
     layer, x, position_ids, pos = _moe_layer(device, torch.float32)

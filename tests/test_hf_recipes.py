@@ -53,7 +53,7 @@ def test_bench_hf_bf16_experts_run_in_the_autocast_dtype():
     from torch._dynamo.utils import counters
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fp8train.bench import hf as bench_hf
+    from benchmarks import hf as bench_hf
 
     config = AutoConfig.for_model("qwen3_moe", hidden_size=128, intermediate_size=256,
                                   moe_intermediate_size=128, num_hidden_layers=3,
@@ -98,7 +98,7 @@ def test_bench_hf_layer_check_isolates_each_layer():
     so a fault shows in its own layer only and differences do not carry up the stack."""
     import copy
 
-    from fp8train.bench import hf as bench_hf
+    from benchmarks import hf as bench_hf
     from hf_models import batch, tiny_model
 
     model = tiny_model("llama", seed=0)

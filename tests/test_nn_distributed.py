@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from fp8train.bench.collectives import count_all_gather_bytes
+from benchmarks.collectives import count_all_gather_bytes
 from fp8train.nn import FP8Linear
 from fp8train.nn import _custom_ops as ops
 from fp8train.nn.fsdp import FP8AllGatherWeight, enable_fp8_all_gather

@@ -1,4 +1,4 @@
-"""The k-grouped wgrad part of ``python -m fp8train.bench grouped``.
+"""The k-grouped wgrad part of ``python -m benchmarks grouped``.
 
 For each grouped shape (G experts, rows per expert, N, K) of the fprop, the weight gradient
 ``dW[g] = dY[g]^T X[g]``: a = dY^T ``[N, T]`` and b = X^T ``[K, T]``, both 1x128 along the
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from ..ops import reference as ref
-from ..quant import per_token_cast
+from fp8train import ops
+from fp8train.ops import reference as ref
+from fp8train.quant import per_token_cast
 from .timing import num_input_sets, time_candidates
 
 

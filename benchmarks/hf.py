@@ -1,4 +1,4 @@
-"""``python -m fp8train.bench hf``: training steps of Hugging Face models, FP8 vs BF16.
+"""``python -m benchmarks hf``: training steps of Hugging Face models, FP8 vs BF16.
 
 Two ~1B models built from configs (nothing downloaded): a Llama-style dense model and a
 Qwen3-MoE-style model (hidden 2048, 16 experts top-4). Each runs AdamW training steps on
@@ -26,8 +26,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .. import ops
-from ..nn import convert_to_fp8
+from fp8train import ops
+from fp8train.nn import convert_to_fp8
 
 # Each decoder layer's output on the GPU paths vs the reference emulation of the same FP8
 # model, both fed the reference's input to that layer: the same quantization, so only FP32
@@ -336,7 +336,7 @@ def run(models: Optional[str] = None, json_path: Optional[str] = None, *, batch:
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-                       "command": "python -m fp8train.bench hf", "rows": rows}, f, indent=2)
+                       "command": "python -m benchmarks hf", "rows": rows}, f, indent=2)
     return status
 
 

@@ -1,4 +1,5 @@
-"""Benchmarks on a Hopper GPU: ``python -m fp8train.bench gemm|grouped|linear|moe|quant|hf``.
+"""Benchmarks on a Hopper GPU: ``python -m benchmarks gemm|grouped|linear|moe|quant|hf``, run
+from the root of a source checkout (they are not part of the installed package).
 
 Each suite first checks correctness against the reference, then prints its table; ratios
 are always against baselines measured in the same run.
@@ -10,7 +11,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fp8train.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("suite", choices=["gemm", "grouped", "linear", "moe", "quant", "hf"],
                         help="which benchmark to run")
     parser.add_argument("--shapes", default=None,
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        print("fp8train.bench needs an sm_90 (Hopper) GPU", file=sys.stderr)
+        print("benchmarks needs an sm_90 (Hopper) GPU", file=sys.stderr)
         return 2
     if args.suite == "gemm":
         from .gemm import run

@@ -1,4 +1,4 @@
-"""``python -m fp8train.bench quant``: effective bandwidth of the FP8 casts.
+"""``python -m benchmarks quant``: effective bandwidth of the FP8 casts.
 
 Effective GB/s = (bytes read + bytes written) / time. Next to each native cast: a
 device-to-device copy of the same input (the ceiling) and ``torch.compile`` of the reference
@@ -12,9 +12,9 @@ import json
 
 import torch
 
-from ..nn.moe_layout import build_moe_layout
-from ..quant import native
-from ..quant.reference import (
+from fp8train.nn.moe_layout import build_moe_layout
+from fp8train.quant import native
+from fp8train.quant.reference import (
     dual_cast_ref,
     per_block_cast_dual_ref,
     per_token_cast_ref,

@@ -1,4 +1,4 @@
-"""``python -m fp8train.bench linear|moe``: forward+backward of the FP8 modules against the
+"""``python -m benchmarks linear|moe``: forward+backward of the FP8 modules against the
 same modules in BF16, timed on the GPU the way DESIGN.md times the anchors.
 
 Each row also checks the FP8 layer's output and gradients against the BF16 layer (relative
@@ -13,8 +13,8 @@ import statistics
 import torch
 import torch.nn as nn
 
-from .. import ops
-from ..nn import FP8Linear, FP8MoE, MoE
+from fp8train import ops
+from fp8train.nn import FP8Linear, FP8MoE, MoE
 from .tensorwise_linear import tensorwise_twin, torchao_twin
 from .timing import time_calls
 

@@ -1,4 +1,4 @@
-"""``python -m fp8train.bench gemm``: correctness, then speed of the dense FP8 GEMMs.
+"""``python -m benchmarks gemm``: correctness, then speed of the dense FP8 GEMMs.
 
 Native vs cuBLAS blockwise (``torch._scaled_mm`` with the same FP8 operands and scales),
 cuBLAS tensorwise FP8 and bf16 ``torch.matmul``, timed as DESIGN.md's anchors were.
@@ -11,10 +11,10 @@ import statistics
 
 import torch
 
-from .. import ops
-from ..ops import reference as ref
-from ..ops.native.gemm_config import choose_config
-from ..quant import per_block_cast, per_token_cast
+from fp8train import ops
+from fp8train.ops import reference as ref
+from fp8train.ops.native.gemm_config import choose_config
+from fp8train.quant import per_block_cast, per_token_cast
 from .timing import num_input_sets, time_calls
 
 # (M, N, K) -> DeepGEMM 2025-07 / cuBLAS blockwise ratio on the lent H100 (DESIGN.md).

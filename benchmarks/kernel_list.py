@@ -3,7 +3,7 @@
 tests check (QGMMA, no spills) without a GPU."""
 from __future__ import annotations
 
-from ..ops.native.gemm_config import choose_config
+from fp8train.ops.native.gemm_config import choose_config
 from .gemm import DENSE_1D2D, WGRAD_1D1D
 
 NUM_SMS = 132  # the H100 the project measures on

@@ -1,4 +1,4 @@
-"""``python -m fp8train.bench grouped``: the grouped (MoE) FP8 GEMMs.
+"""``python -m benchmarks grouped``: the grouped (MoE) FP8 GEMMs.
 
 m-grouped contiguous: native (checked against the reference first) vs a loop of cuBLAS
 blockwise ``_scaled_mm`` per expert (same operands), ``torch._scaled_grouped_mm`` (rowwise
@@ -13,9 +13,9 @@ import statistics
 
 import torch
 
-from .. import ops
-from ..ops import reference as ref
-from ..quant import per_block_cast, per_token_cast
+from fp8train import ops
+from fp8train.ops import reference as ref
+from fp8train.quant import per_block_cast, per_token_cast
 from .timing import num_input_sets, time_candidates
 
 SHAPES = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168),
