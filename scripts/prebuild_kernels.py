@@ -67,10 +67,10 @@ def main() -> int:
         jobs += [("gemm", kernel) for kernel in kernels]
     # Row-wise scales are K-block-major (the dual cast always; the per-token cast but for a
     # 1-D input); the weight cast writes 128x128 scales.
-    kmajor = {"dual_async": (True,), "per_token": (False, True), "block": (False,)}
+    kblock_major = {"dual_async": (True,), "per_token": (False, True), "block": (False,)}
     jobs += [("cast", (kind, dtype, pow2, km)) for kind in native.KINDS
              for dtype in (torch.bfloat16, torch.float16, torch.float32) for pow2 in (False, True)
-             for km in kmajor[kind]]
+             for km in kblock_major[kind]]
 
     def build(job):
         what, args = job

@@ -34,9 +34,9 @@ def test_cast_kernels_compile_without_spills(tmp_path, monkeypatch):
     compiler._reset_process_caches()
 
     def build(case):
-        kind, dtype, pow2, kmajor = case
-        return compiler.compile_cubin(native.compiled_name(kind, dtype, pow2, kmajor),
-                                      native.render_source(kind, dtype, pow2, kmajor))
+        kind, dtype, pow2, kblock_major = case
+        return compiler.compile_cubin(native.compiled_name(kind, dtype, pow2, kblock_major),
+                                      native.render_source(kind, dtype, pow2, kblock_major))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         compiled = list(pool.map(build, REPRESENTATIVE))

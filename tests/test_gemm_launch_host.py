@@ -11,7 +11,7 @@ import torch
 from fp8train.ops.jit import device
 from fp8train.ops.native import sm90_fp8_gemm as native
 from fp8train.quant import per_block_cast, per_token_cast
-from fp8train.quant.formats import to_rowwise_layout
+from fp8train.ops.scale_layout import as_kblock_major
 
 
 class RecordingKernel:
@@ -60,7 +60,7 @@ def operands(m, n, k):
 
 def kernel_layout(a):
     """A with its scales stored as the kernel reads them (K-block-major), so no copy is made."""
-    return a[0], to_rowwise_layout(a[1])
+    return a[0], as_kblock_major(a[1])
 
 
 def test_repeated_calls_reuse_one_parameter_block(stubbed):

@@ -44,8 +44,8 @@ struct Sm90Fp8Gemm {
     static constexpr uint32_t kTileABytes = BLOCK_M * BLOCK_K;
     static constexpr uint32_t kTileBBytes = BLOCK_N * BLOCK_K;
     static constexpr uint32_t kScaleCols = 4;  // K blocks per scale box (16 bytes a row)
-    static constexpr bool kScaleAMNMajor = SCALE_A_KBLOCK_MAJOR;
-    static constexpr uint32_t kScaleABytes = kScaleAMNMajor ? BLOCK_M * 4 : BLOCK_M * kScaleCols * 4;
+    static constexpr bool kScaleAKBlockMajor = SCALE_A_KBLOCK_MAJOR;
+    static constexpr uint32_t kScaleABytes = kScaleAKBlockMajor ? BLOCK_M * 4 : BLOCK_M * kScaleCols * 4;
     static constexpr uint32_t kScaleBBytes = SCALE_B_1X128 ? BLOCK_N * kScaleCols * 4 : 0;
     // What one stage's TMA copies deliver (the barrier's transaction count).
     static constexpr uint32_t kStageBytes = kTileABytes + kTileBBytes + kScaleABytes + kScaleBBytes;
@@ -274,7 +274,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 }
                 tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, op.b_row);
                 const int32_t kb_box = kb & ~(G::kScaleCols - 1);
-                if constexpr (G::kScaleAMNMajor)
+                if constexpr (G::kScaleAKBlockMajor)
                     tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, op.a_row, kb);
                 else
                     tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, kb_box, op.a_row);
@@ -343,9 +343,9 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             // This stage's A scales, read now so their latency hides behind the wgmmas.
             const float* scale_a_smem = reinterpret_cast<const float*>(smem + S::kScaleA + stage * G::kScaleASlot);
             const uint32_t kb_col = kb % G::kScaleCols;
-            const float sa0 = G::kScaleAMNMajor ? scale_a_smem[row_in_tile]
+            const float sa0 = G::kScaleAKBlockMajor ? scale_a_smem[row_in_tile]
                                                 : scale_a_smem[row_in_tile * G::kScaleCols + kb_col];
-            const float sa1 = G::kScaleAMNMajor ? scale_a_smem[row_in_tile + 8]
+            const float sa1 = G::kScaleAKBlockMajor ? scale_a_smem[row_in_tile + 8]
                                                 : scale_a_smem[(row_in_tile + 8) * G::kScaleCols + kb_col];
 
             const uint64_t desc_a = smem_desc_k_major_sw128(smem + S::kA + stage * G::kTileABytes + group * 64 * 128);

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..ops import gemm as _gemm
+from ..ops import scale_layout
 from ..ops.scale_layout import kblock_major_ld
 from ..quant import casts as _casts
 from ..quant import moe_casts as _moe_casts
@@ -88,26 +89,13 @@ def _colwise(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor]
 @_op("cast_1x128")
 def cast_1x128(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """Row-wise 1x128 cast of x [T, K] (the fprop/dgrad A operand); the scale packed
-    (`_pack_scales`)."""
+    (`scale_layout.pack`)."""
     q, scale, _, _ = _cast_layouts(x, pow2_scale, True, False, backend)
-    return q, _pack_scales(scale)
+    return q, scale_layout.pack(scale)
 
 
-# 1x128 scales cross the custom-op boundary contiguous: Inductor assumes contiguous outputs
-# of these ops, so a (K-block-major) scale [rows, blocks] leaves an op as its storage
-# [blocks, rows rounded up to 4] and the wrappers below take the [rows, blocks] view of it
-# outside the op. Row-wise and column-wise scales alike (the latter's rows are x.T's).
-def _pack_scales(scale: Tensor) -> Tensor:
-    rows, kb = scale.shape
-    ld = kblock_major_ld(rows)  # the storage's, since size-1 dims' strides say nothing
-    if (rows > 1 and scale.stride(0) != 1) or (kb > 1 and scale.stride(1) != ld) or scale.storage_offset():
-        raise RuntimeError(f"1x128 scales: expected K-block-major storage [{kb}, {ld}], got "
-                           f"strides {scale.stride()} at offset {scale.storage_offset()}")
-    return scale.as_strided((kb, ld), (ld, 1))
-
-
-def _unpack_scales(packed: Tensor, rows: int) -> Tensor:
-    return packed[:, :rows].t()
+# 1x128 scales cross the custom-op boundary as their contiguous storage (scale_layout.pack):
+# Inductor assumes contiguous outputs of these ops; the wrappers below unpack them outside.
 
 
 def _fake_rowwise(x):
@@ -135,7 +123,7 @@ def cast_1x128_colwise(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tenso
     if x.shape[0] == 0:
         return _fake_colwise(x)
     qt, scale_t = _cast_layouts(x, pow2_scale, False, True, backend)[2:]
-    return qt, _pack_scales(scale_t)
+    return qt, scale_layout.pack(scale_t)
 
 
 @cast_1x128_colwise.op.register_fake
@@ -150,7 +138,7 @@ def cast_1x128_both(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, 
     if x.shape[0] == 0:  # no tokens: nothing to cast, empty operands of the right shapes
         return (*_fake_rowwise(x), *_fake_colwise(x))
     q, scale, qt, scale_t = _cast_layouts(x, pow2_scale, True, True, backend)
-    return q, _pack_scales(scale), qt, _pack_scales(scale_t)
+    return q, scale_layout.pack(scale), qt, scale_layout.pack(scale_t)
 
 
 @cast_1x128_both.op.register_fake
@@ -182,12 +170,12 @@ def cast_1x128_layouts(x_hp: Tensor, pow2_scale: bool, rowwise: bool, colwise: b
     rows, cols = x_hp.shape
     if rowwise and colwise:
         q, packed, qt, packed_t = cast_1x128_both(x_hp, pow2_scale, backend)
-        return q, _unpack_scales(packed, rows), qt, _unpack_scales(packed_t, cols)
+        return q, scale_layout.unpack(packed, rows), qt, scale_layout.unpack(packed_t, cols)
     if rowwise:
         q, packed = cast_1x128(x_hp, pow2_scale, backend)
-        return q, _unpack_scales(packed, rows), None, None
+        return q, scale_layout.unpack(packed, rows), None, None
     qt, packed_t = cast_1x128_colwise(x_hp, pow2_scale, backend)
-    return None, None, qt, _unpack_scales(packed_t, cols)
+    return None, None, qt, scale_layout.unpack(packed_t, cols)
 
 
 @_op("cast_128x128")
@@ -248,7 +236,7 @@ def cast_1x128_permuted(x: Tensor, src_tokens: Tensor, pow2_scale: bool,
     if src_tokens.shape[0] == 0:  # no rows: empty operands of the right shapes
         return _fake_permuted_rowwise(x, src_tokens)
     q, scale, _, _ = _cast_permuted(x, src_tokens, pow2_scale, False, backend)
-    return q, _pack_scales(scale)
+    return q, scale_layout.pack(scale)
 
 
 @cast_1x128_permuted.op.register_fake
@@ -264,7 +252,7 @@ def cast_1x128_permuted_both(x: Tensor, src_tokens: Tensor, pow2_scale: bool,
     if src_tokens.shape[0] == 0:
         return (*_fake_permuted_rowwise(x, src_tokens), *_fake_permuted_colwise(x, src_tokens))
     q, scale, qt, scale_t = _cast_permuted(x, src_tokens, pow2_scale, True, backend)
-    return q, _pack_scales(scale), qt, _pack_scales(scale_t)
+    return q, scale_layout.pack(scale), qt, scale_layout.pack(scale_t)
 
 
 @cast_1x128_permuted_both.op.register_fake
@@ -288,9 +276,9 @@ def cast_1x128_permuted_layouts(x_hp: Tensor, src_tokens: Tensor, pow2_scale: bo
     rows = src_tokens.shape[0]
     if colwise:
         q, packed, qt, packed_t = cast_1x128_permuted_both(x_hp, src_tokens, pow2_scale, backend)
-        return q, _unpack_scales(packed, rows), qt, _unpack_scales(packed_t, x_hp.shape[1])
+        return q, scale_layout.unpack(packed, rows), qt, scale_layout.unpack(packed_t, x_hp.shape[1])
     q, packed = cast_1x128_permuted(x_hp, src_tokens, pow2_scale, backend)
-    return q, _unpack_scales(packed, rows), None, None
+    return q, scale_layout.unpack(packed, rows), None, None
 
 
 # --------------------------------------------------------------------------- GEMMs

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .scale_layout import is_kblock_major
+
 
 def supports(a: torch.Tensor, b_rows: int, out_dtype: torch.dtype, accumulate: bool) -> bool:
     """cuBLAS blockwise scaling: sm_90 only, no in-place accumulation, and only where its
@@ -35,16 +37,14 @@ def fp8_gemm_nt_cublas(a, sa, b, sb, out_dtype: torch.dtype, out=None) -> torch.
     Scales already in cuBLAS's layout (the casts write A's and B's 1x128 scales so) are
     passed as they are; others are copied into it."""
     m, n = a.shape[0], b.shape[0]
-    scale_a = sa if _outer_major(sa, m) else sa.t().contiguous().t()
+    # With M and N multiples of 4 (``supports``), K-block-major scales are exactly the
+    # outer-dim-major layout cuBLAS reads.
+    scale_a = sa if is_kblock_major(sa) else sa.t().contiguous().t()
     if sb.shape[0] == n and n > 1:  # B's 1x128 scales: a contiguous [Kb, N]
-        scale_b = sb.t() if _outer_major(sb, n) else sb.t().contiguous()
+        scale_b = sb.t() if is_kblock_major(sb) else sb.t().contiguous()
     else:  # B's 128x128 scales [Nb, Kb] read as [Kb, Nb]
         scale_b = sb.t()
     if out is None:
         return torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=out_dtype)
     return torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=out.dtype, out=out)
 
-
-def _outer_major(scale: torch.Tensor, rows: int) -> bool:
-    """[rows, Kb] scales stored as a contiguous [Kb, rows] (stride 1 along rows)."""
-    return scale.stride(0) == 1 and (scale.shape[1] == 1 or scale.stride(1) == rows)

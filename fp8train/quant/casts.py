@@ -15,7 +15,8 @@ from typing import Tuple
 import torch
 
 from .._checks import FLOAT_DTYPES, check_bool, check_same_device, check_shape, check_tensor, ceil_div
-from .formats import FP8_DTYPE, GROUP, to_rowwise_layout
+from ..ops.scale_layout import as_kblock_major
+from .formats import FP8_DTYPE, GROUP
 from . import native as _native
 from .reference import (
     dequantize_ref,
@@ -35,7 +36,7 @@ def per_token_cast(x: torch.Tensor, *, pow2_scale: bool = False, backend=None) -
     x: ``[..., K]`` float tensor (fp32, bf16, fp16 or fp64), K >= 1.
     Returns ``x_fp8`` e4m3 ``[..., K]`` (contiguous) and ``scale`` float32
     ``[..., ceil(K/128)]`` with ``x ~= x_fp8.float() * scale`` per group (stored
-    K-block-major underneath for 2-D and up: ``formats.empty_rowwise_scales``).
+    K-block-major underneath for 2-D and up: ``ops.scale_layout``).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_bool("pow2_scale", pow2_scale)
@@ -44,7 +45,7 @@ def per_token_cast(x: torch.Tensor, *, pow2_scale: bool = False, backend=None) -
     if _use_native(x, backend):
         return _native.per_token_cast(x, pow2_scale)
     x_fp8, scale = per_token_cast_ref(x, pow2_scale)
-    return x_fp8, to_rowwise_layout(scale)
+    return x_fp8, as_kblock_major(scale)
 
 
 def per_block_cast(w: torch.Tensor, *, pow2_scale: bool = False, backend=None) -> FP8Pair:
@@ -94,7 +95,7 @@ def per_token_cast_transposed(x: torch.Tensor, *, pow2_scale: bool = False, back
         _, _, xt_fp8, xt_scale = _native.dual_cast(x, pow2_scale, rowwise=False, pad_columnwise=False)
         return xt_fp8, xt_scale
     xt_fp8, xt_scale = per_token_cast_transposed_ref(x, pow2_scale)
-    return xt_fp8, to_rowwise_layout(xt_scale)
+    return xt_fp8, as_kblock_major(xt_scale)
 
 
 def _use_native(x: torch.Tensor, backend) -> bool:
@@ -131,7 +132,7 @@ def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False, backend=No
     if _use_native(x, backend):
         return _native.dual_cast(x, pow2_scale)
     x_fp8, scale, xt_fp8, xt_scale = dual_cast_ref(x, pow2_scale)
-    return x_fp8, to_rowwise_layout(scale), xt_fp8, to_rowwise_layout(xt_scale)
+    return x_fp8, as_kblock_major(scale), xt_fp8, as_kblock_major(xt_scale)
 
 
 def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block=(1, GROUP)) -> torch.Tensor:

@@ -6,16 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.scale_layout import kblock_major_ld
-
 FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 GROUP = 128  # elements per scale along the contraction dim (1x128 and 128x128 blocks)
 
-# Row-wise 1x128 scales ([..., ceil(K/128)]) are stored K-block-major underneath
-# ([ceil(K/128), rows rounded up to 4]): the layout the GEMM kernels and cuBLAS read A's scales
-# in, so neither has to copy them. The logical shape and every value are those of the plain
-# row-major tensor; only the strides differ (ops/scale_layout.py).
+# 1x128 scales are stored K-block-major (fp8train/ops/scale_layout.py).
 
 # The smallest normal float32. A group whose amax/448 falls below it (all-zero groups
 # included) gets this scale: finite, never zero, so dividing by it never makes NaN.
@@ -58,31 +53,3 @@ def cast_to_fp8(x_f32: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """
     q = x_f32 / scale
     return q.masked_fill(q.isnan(), float("nan")).to(FP8_DTYPE)
-
-
-def empty_rowwise_scales(lead: tuple, col_blocks: int, device) -> torch.Tensor:
-    """float32 scales of logical shape ``[*lead, col_blocks]`` for a row-wise cast, K-block-major
-    underneath (2-D and up): the flattened row index contiguous, a block stride of the row
-    count rounded up to 4."""
-    if len(lead) == 0:
-        return torch.empty(col_blocks, dtype=torch.float32, device=device)
-    rows = 1
-    strides = []
-    for size in reversed(lead):  # the lead dims row-major over the flattened row index
-        strides.append(rows)
-        rows *= size
-    ld = kblock_major_ld(rows)
-    # One allocation viewed in place (a slice, transpose and view cost three more ops a call).
-    storage = torch.empty(col_blocks * ld, dtype=torch.float32, device=device)
-    return storage.as_strided((*lead, col_blocks), (*reversed(strides), ld))
-
-
-def to_rowwise_layout(scale: torch.Tensor) -> torch.Tensor:
-    """Row-wise scales in the layout ``empty_rowwise_scales`` gives (a copy only when it
-    differs): what the reference casts return, so both implementations agree on strides."""
-    if scale.dim() < 2:
-        return scale
-    out = empty_rowwise_scales(tuple(scale.shape[:-1]), scale.shape[-1], scale.device)
-    if out.stride() == scale.stride():
-        return scale
-    return out.copy_(scale)

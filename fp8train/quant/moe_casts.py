@@ -16,7 +16,8 @@ import torch
 
 from .._checks import FLOAT_DTYPES, check_bool, check_same_device, check_tensor
 from .casts import _use_native, per_token_cast_transposed
-from .formats import FP8_DTYPE, GROUP, to_rowwise_layout
+from ..ops.scale_layout import as_kblock_major
+from .formats import FP8_DTYPE, GROUP
 from . import native as _native
 from .reference import permute_cast_ref
 
@@ -31,7 +32,7 @@ def per_token_cast_permuted(x: torch.Tensor, src_tokens: torch.Tensor, *,
     Returns ``q`` e4m3 ``[M, K]`` and ``scale`` float32 ``[M, ceil(K/128)]``; with
     ``colwise`` also ``qt`` ``[K, Mp]`` and ``qt_scale`` ``[K, Mp/128]`` (Mp = M rounded up
     to 128, zero rows; M already is a multiple of 128 for a MoELayout). Scales are stored
-    K-block-major (``formats.empty_rowwise_scales``).
+    K-block-major (``ops.scale_layout``).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
     check_tensor("src_tokens", src_tokens, dtypes=(torch.int64,), ndims=(1,))
@@ -47,7 +48,7 @@ def per_token_cast_permuted(x: torch.Tensor, src_tokens: torch.Tensor, *,
             return _native.dual_cast(x, pow2_scale, src_rows=src_tokens, num_rows=rows)
         return _native.per_token_cast(x, pow2_scale, src_rows=src_tokens, num_rows=rows)
     result = permute_cast_ref(x, src_tokens, pow2_scale, colwise)
-    return tuple(to_rowwise_layout(t) if t.dtype == torch.float32 else t for t in result)
+    return tuple(as_kblock_major(t) if t.dtype == torch.float32 else t for t in result)
 
 
 def per_token_cast_transposed_grouped(x: torch.Tensor, group_offsets: torch.Tensor, *,

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..ops.jit.runtime import raw_stream as _raw_stream
-from . import formats
+from ..ops.scale_layout import empty_scales
 from .formats import FP8_DTYPE, GROUP
 
 _C_TYPES = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
@@ -35,13 +35,13 @@ _KINDS = {
                    "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld, "
                    "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t scale_t_ld, uint32_t rowwise, "
                    "uint32_t colwise",
-                   "fp8train::dual_cast_tile_async<{T}, {POW2}, {KMAJOR}>(x, src_rows, src_count, rows, "
+                   "fp8train::dual_cast_tile_async<{T}, {POW2}, {KBLOCK_MAJOR}>(x, src_rows, src_count, rows, "
                    "cols, vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, scale_t_ld, rowwise != 0, "
                    "colwise != 0);"),
     "per_token": ("sm90_fp8_cast_per_token.cuh",
                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
                   "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld",
-                  "fp8train::per_token_cast_chunk<{T}, {POW2}, {KMAJOR}>(x, src_rows, src_count, rows, "
+                  "fp8train::per_token_cast_chunk<{T}, {POW2}, {KBLOCK_MAJOR}>(x, src_rows, src_count, rows, "
                   "cols, vec_in != 0, q, scale, scale_ld);"),
     "block": ("sm90_fp8_cast_block.cuh",
               "const {T}* w, uint32_t n_rows, uint32_t cols, uint32_t vec_in, uint8_t* wq, "
@@ -91,7 +91,7 @@ def render_source(kind: str, dtype: torch.dtype, pow2_scale: bool, kblock_major:
     """kblock_major: row-wise scales written K-block-major (per_token and dual casts)."""
     header, params, call = _KINDS[kind]
     fill = {"T": _C_TYPES[dtype], "POW2": str(bool(pow2_scale)).lower(),
-            "KMAJOR": str(bool(kblock_major)).lower()}
+            "KBLOCK_MAJOR": str(bool(kblock_major)).lower()}
     return f"""// Rendered by fp8train.quant.native: {kind} cast, {dtype}, pow2_scale={pow2_scale}, kblock_major={kblock_major}
 #include "fp8train/{header}"
 
@@ -104,7 +104,7 @@ extern "C" __global__ void __launch_bounds__({_THREADS}, {_min_blocks(kind, dtyp
 
 def compiled_name(kind: str, dtype: torch.dtype, pow2_scale: bool, kblock_major: bool = False) -> str:
     return (f"sm90_fp8_{kind}_cast_{str(dtype).split('.')[-1]}{'_pow2' if pow2_scale else ''}"
-            f"{'_kmajor' if kblock_major else ''}")
+            f"{'_kblock_major' if kblock_major else ''}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,7 +131,7 @@ def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: 
               *, pad_columnwise: bool = True, src_rows: Optional[torch.Tensor] = None,
               num_rows: Optional[int] = None):
     """x [T, K] -> (q [R, K], scale [R, ceil(K/128)], qt [K, Rt], scale_t [K, ceil(Rt/128)]),
-    both scales K-block-major (``formats.empty_rowwise_scales``);
+    both scales K-block-major (``ops.scale_layout``);
     R = T, or ``num_rows`` rows gathered through ``src_rows`` (int64 [R], values >= T are
     zero rows); Rt = R rounded up to 128 with ``pad_columnwise`` (zero rows), else R. The
     layouts not asked for come back as None."""
@@ -141,10 +141,10 @@ def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: 
     col_blocks = -(-cols // GROUP)
     dev = x.device
     q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev) if rowwise else None
-    s = formats.empty_rowwise_scales((rows,), col_blocks, dev) if rowwise else None
+    s = empty_scales((rows,), col_blocks, dev) if rowwise else None
     qt = torch.empty(cols, qt_cols, dtype=FP8_DTYPE, device=dev) if colwise else None
     # x.T's scales are the row-wise scales of qt's rows: K-block-major, as cuBLAS reads them.
-    st = formats.empty_rowwise_scales((cols,), -(-qt_cols // GROUP), dev) if colwise else None
+    st = empty_scales((cols,), -(-qt_cols // GROUP), dev) if colwise else None
     if rows == 0 or not (rowwise or colwise):
         return q, s, qt, st
     # The staged tile (in the input's dtype) serves the row pass too: always there.
@@ -167,13 +167,13 @@ def per_token_cast(x: torch.Tensor, pow2_scale: bool, *, src_rows: Optional[torc
     lead = x.shape[:-1] if src_rows is None else (rows,)
     col_blocks = -(-cols // GROUP)
     dev = x.device
-    kmajor = len(lead) > 0  # a 1-D input has one row of scales: plain
+    kblock_major = len(lead) > 0  # a 1-D input has one row of scales: plain
     q = torch.empty(*lead, cols, dtype=FP8_DTYPE, device=dev)
-    s = formats.empty_rowwise_scales(tuple(lead), col_blocks, dev)
+    s = empty_scales(tuple(lead), col_blocks, dev)
     chunks = rows * col_blocks * (GROUP // 16)
     if chunks == 0:
         return q, s
-    _kernel("per_token", x.dtype, bool(pow2_scale), dev.index, kmajor).launch(
+    _kernel("per_token", x.dtype, bool(pow2_scale), dev.index, kblock_major).launch(
         -(-chunks // _THREADS), _THREADS, 0,
         (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), q.data_ptr(), s.data_ptr(),
          s.stride(-1)),

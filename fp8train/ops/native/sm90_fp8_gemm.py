@@ -17,7 +17,7 @@ import torch
 from .gemm_config import GemmConfig, choose_config, shared_bytes
 from .wgmma import render_wgmma_e4m3
 from ..jit.runtime import raw_stream as _raw_stream
-from ..scale_layout import kblock_major_ld
+from ..scale_layout import kblock_major_ld, tma_readable
 
 KERNEL_NAME = "fp8train_gemm"
 
@@ -326,25 +326,13 @@ _PARAM_CACHE_LIMIT = 1024  # parameter blocks per thread (1.6 KB each)
 _STAGING_LIMIT = 64  # staged scale buffers per thread
 
 
-def _kblock_major_ready(scale: torch.Tensor) -> bool:
-    """1x128 scales [rows, K/128] that already lie K-block-major with a TMA-legal stride."""
-    return scale.stride(0) == 1 and scale.stride(1) % 4 == 0 and scale.data_ptr() % 16 == 0
-
-
-def _row_major_ready(scale: torch.Tensor) -> bool:
-    """1x128 scales [rows, K/128] that already lie row-major with a TMA-legal row stride."""
-    return scale.stride(1) == 1 and scale.stride(0) % 4 == 0 and scale.data_ptr() % 16 == 0
-
-
 def _scales_as_read(scale: torch.Tensor, device: int, kblock_major: bool, role: str):
     """1x128 scales as the kernel's TMA reads them: K-block-major, or row-major with a row
     stride of a multiple of 4 floats. Returns (scales, row stride in floats for a row-major
     read else 0, whether a cached parameter block may hold them). Scales already so are used
     in place (the casts write K-block-major); others are staged (`_staged`)."""
-    if kblock_major and _kblock_major_ready(scale):
-        return scale, 0, True
-    if not kblock_major and _row_major_ready(scale):
-        return scale, scale.stride(0), True
+    if tma_readable(scale, kblock_major):
+        return scale, 0 if kblock_major else scale.stride(0), True
     staged, reusable = _staged(scale, device, kblock_major, role)
     return staged, 0 if kblock_major else staged.stride(0), reusable
 
