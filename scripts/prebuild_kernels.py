@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: benchmarks/, recipes/
 from benchmarks.kernel_list import NUM_SMS, bench_kernels  # noqa: E402
 from fp8train.ops.jit import compiler  # noqa: E402
 from fp8train.ops.native.sm90_fp8_gemm import compile_kernel  # noqa: E402
@@ -31,7 +32,6 @@ def recipe_kernels(spec: str) -> list:
     """(config, n, k, accumulate, grouping, out_f32) of the dense GEMMs of one recipe config,
     ``NAME`` or ``NAME:key=value,...`` (overrides, e.g. ``small:micro_batch_size=8``): every
     nn.Linear that convert_to_fp8 swaps (all but lm_head), built on the meta device."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch.nn as nn
     from recipes.config import load_config
     from recipes.model import build_model
