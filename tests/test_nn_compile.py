@@ -51,3 +51,36 @@ def test_inductor_fullgraph_fp8_linear_forward_backward():
     # outputs (custom ops) are identical, so gradients agree to float32 rounding.
     for a, b in zip(eager, compiled):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _fp8train_ops_per_graph(module, x):
+    """The fp8train custom ops in the forward and backward graphs AOTAutograd hands the
+    compiler for one step of ``module``."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append([n.target.name().split("::")[1].split(".")[0] for n in gm.graph.nodes
+                       if n.op == "call_function" and hasattr(n.target, "name")
+                       and n.target.name().startswith("fp8train::")])
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    run_step(module, x, aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    return graphs
+
+
+def test_compiled_linear_step_makes_three_custom_op_calls():
+    """Every custom op call under torch.compile is a dispatcher round trip (host time): with
+    the default recipe a layer step is the input's cast, the forward GEMM with its weight
+    cast, and the whole backward."""
+    torch.manual_seed(0)
+    graphs = _fp8train_ops_per_graph(FP8Linear(256, 384), torch.randn(2, 70, 256))
+    assert graphs == [["cast_1x128_both", "fprop_cast_weight"], ["linear_grads"]], graphs
+    # Other recipes keep one op per cast and GEMM.
+    graphs = _fp8train_ops_per_graph(FP8Linear(256, 384, recipe=FP8Recipe(save_fp8_weight=True)),
+                                     torch.randn(2, 70, 256))
+    assert graphs == [["cast_1x128_both", "cast_128x128_dual", "gemm_nt"],
+                      ["cast_1x128_both", "gemm_nt", "gemm_nt"]], graphs

@@ -21,7 +21,7 @@ from torch import nn
 
 from benchmarks.collectives import count_all_gather_bytes
 from fp8train.nn import FP8Linear
-from fp8train.nn import _custom_ops as ops
+from fp8train.quant import casts as quant_casts
 from fp8train.nn.fsdp import FP8AllGatherWeight, enable_fp8_all_gather
 
 WORLD = 2
@@ -77,13 +77,16 @@ def _fsdp_run(model, x, y, rank, fp8_all_gather, mp_policy):
             fully_shard(layer, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
     gathered, casts = [], []
-    cast = ops.cast_128x128
-    ops.cast_128x128 = lambda w, pow2, backend: casts.append(w.shape) or cast(w, pow2, backend)
+    # Every 128x128 weight cast, whichever op makes it (alone or with its transpose).
+    originals = {name: getattr(quant_casts, name) for name in ("per_block_cast", "per_block_cast_dual")}
+    for name, original in originals.items():
+        setattr(quant_casts, name, lambda w, original=original, **kw: casts.append(w.shape) or original(w, **kw))
     try:
         with count_all_gather_bytes(gathered):
             losses = train(model, _local(x, rank), _local(y, rank), reduce=True)
     finally:
-        ops.cast_128x128 = cast
+        for name, original in originals.items():
+            setattr(quant_casts, name, original)
     local = model[0].weight.to_local()
     assert isinstance(local, FP8AllGatherWeight) == fp8_all_gather
     # FP8 all-gather: the layers get their weights already cast, and never cast them again.

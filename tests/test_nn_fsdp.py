@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fp8train.nn import FP8GroupedLinear, FP8Linear, FP8Recipe, fp8_linear
-from fp8train.nn import _custom_ops as ops
+from fp8train.quant import casts as quant_casts
 from fp8train.nn.fp8_weight import FP8BlockWeight
 from fp8train.nn.fsdp import FP8AllGatherWeight, enable_fp8_all_gather
 from fp8train.quant import per_block_cast
@@ -86,12 +86,12 @@ def test_post_all_gather_reuses_its_buffers():
 
 def count_weight_casts(monkeypatch) -> list:
     """A list that gets the shape of every weight the layers cast 128x128 (alone or with
-    its transpose, ``cast_128x128_dual``)."""
+    its transpose, ``per_block_cast_dual``), whichever op makes the cast."""
     casts = []
-    for name in ("cast_128x128", "cast_128x128_dual"):
-        original = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda w, p, backend, original=original:
-                            casts.append(w.shape) or original(w, p, backend))
+    for name in ("per_block_cast", "per_block_cast_dual"):
+        original = getattr(quant_casts, name)
+        monkeypatch.setattr(quant_casts, name, lambda w, original=original, **kw:
+                            casts.append(w.shape) or original(w, **kw))
     return casts
 
 

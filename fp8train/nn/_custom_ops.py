@@ -337,6 +337,49 @@ def _(a, a_scale, b, b_scale, group_offsets, out, backend):
     return None
 
 
+# --------------------------------------------------------------------------- a linear layer's step
+# Under torch.compile every custom op call is a dispatcher round trip: on the lent H100's CPU
+# about 100 us of host time on top of the op's own work, and a linear layer step made seven
+# of them (compiled steps were host-bound). With the default recipe a layer step makes
+# three: the input's cast (its own op, so the casts of one input by sibling layers merge),
+# the forward GEMM with its weight cast, and the whole backward.
+@_op("fprop_cast_weight")
+def fprop_cast_weight(x_fp8: Tensor, x_scale: Tensor, weight: Tensor, pow2_scale: bool,
+                      out_dtype: torch.dtype, backend: str) -> Tensor:
+    """``gemm_nt(x_q, cast_128x128(weight))``: the forward GEMM [T, N] with the weight's
+    128x128 cast made inside."""
+    w_fp8, w_scale = _casts.per_block_cast(weight, pow2_scale=pow2_scale, backend=_backend(backend))
+    return _gemm.fp8_gemm_nt((x_fp8, x_scale), (w_fp8, w_scale), out_dtype=out_dtype,
+                             backend=_backend(backend))
+
+
+@fprop_cast_weight.op.register_fake
+def _(x_fp8, x_scale, weight, pow2_scale, out_dtype, backend):
+    return x_fp8.new_empty(x_fp8.shape[0], weight.shape[0], dtype=out_dtype)
+
+
+@_op("linear_grads")
+def linear_grads(grad_out: Tensor, weight: Tensor, xt_fp8: Tensor, xt_scale: Tensor,
+                 pow2_scale: bool, dx_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor]:
+    """Both gradients of ``y = x @ weight.T`` from grad_out [T, N] (T >= 1) and x's
+    column-wise cast: dy's two casts from one read, (W^T)_q from the weight's dual cast,
+    then dgrad (dx [T, K] in ``dx_dtype``) and wgrad (dw [N, K] float32)."""
+    dy_fp8, dy_scale, dyt_fp8, dyt_scale = _cast_layouts(grad_out, pow2_scale, True, True, backend)
+    w_t_fp8, w_t_scale = _casts.per_block_cast_dual(weight, pow2_scale=pow2_scale,
+                                                    backend=_backend(backend))[2:]
+    dx = _gemm.fp8_gemm_nt((dy_fp8, dy_scale), (w_t_fp8, w_t_scale), out_dtype=dx_dtype,
+                           backend=_backend(backend))
+    dw = _gemm.fp8_gemm_nt((dyt_fp8, dyt_scale), (xt_fp8, xt_scale), out_dtype=torch.float32,
+                           backend=_backend(backend))
+    return dx, dw
+
+
+@linear_grads.op.register_fake
+def _(grad_out, weight, xt_fp8, xt_scale, pow2_scale, dx_dtype, backend):
+    return (grad_out.new_empty(grad_out.shape[0], weight.shape[1], dtype=dx_dtype),
+            grad_out.new_empty(weight.shape, dtype=torch.float32))
+
+
 def transpose_128x128(w_fp8: Tensor, w_scale: Tensor) -> Tuple[Tensor, Tensor]:
     """The exact FP8 copy of W^T from W's 128x128 cast: each block's scale covers the same
     elements after transposing, so transposing data and scale grid loses nothing. Used only

@@ -54,12 +54,22 @@ def cast_weight_dual(weight: torch.Tensor, pow2_scale: bool, backend: str = ""):
     return ops.cast_128x128_dual(weight, pow2_scale, backend)
 
 
+def keeps_w_t(recipe: FP8Recipe, need_dx: bool) -> bool:
+    """Whether the forward makes (W^T)_q and backward keeps it (``save_fp8_weight``)."""
+    return need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight
+
+
+def _plain_weight(weight: torch.Tensor) -> bool:
+    """A high-precision weight the layer casts itself (not a pre-cast FP8BlockWeight)."""
+    return not isinstance(weight, FP8BlockWeight)
+
+
 def forward_weight_casts(weight: torch.Tensor, recipe: FP8Recipe, need_dx: bool) -> tuple:
     """The weight operands the forward makes: W_q for an FP8 fprop, and (W^T)_q when backward
     keeps it (``save_fp8_weight``); one dual cast when both are needed.
     Returns (w_fp8, w_scale, w_t_fp8, w_t_scale), None where not needed."""
     pow2, backend = recipe.pow2_scale, recipe.backend_arg
-    if need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight:
+    if keeps_w_t(recipe, need_dx):
         w_fp8, w_scale, w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2, backend)
         if not recipe.fprop_fp8:
             w_fp8 = w_scale = None
@@ -118,16 +128,21 @@ def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
         # Sibling layers reading the same x (q/k/v, gate/up) share one cast of it.
         x_fp8, x_scale, xt_fp8, xt_scale = cast_input_layouts(
             x, x_hp, pow2, recipe.fprop_fp8, need_dw and recipe.wgrad_fp8, backend)
-        w_fp8, w_scale, w_t_fp8, w_t_scale = forward_weight_casts(weight, recipe, need_dx)
-
         if recipe.fprop_fp8:
             # Bias is added in FP32 before the single rounding to out_dtype.
             y_dtype = gemm_out_dtype(out_dtype) if bias is None else torch.float32
-            y = ops.gemm_nt(x_fp8, x_scale, w_fp8, w_scale, y_dtype, backend)
+            if _plain_weight(weight) and not keeps_w_t(recipe, need_dx):
+                # The default recipe: W_q is made and used inside one op.
+                w_t_fp8 = w_t_scale = None
+                y = ops.fprop_cast_weight(x_fp8, x_scale, weight, pow2, y_dtype, backend)
+            else:
+                w_fp8, w_scale, w_t_fp8, w_t_scale = forward_weight_casts(weight, recipe, need_dx)
+                y = ops.gemm_nt(x_fp8, x_scale, w_fp8, w_scale, y_dtype, backend)
             if bias is not None:
                 y = y + bias.float()
             y = y.to(out_dtype)
         else:
+            w_t_fp8, w_t_scale = forward_weight_casts(weight, recipe, need_dx)[2:]
             y = torch.nn.functional.linear(
                 x_hp.to(out_dtype), weight.to(out_dtype),
                 None if bias is None else bias.to(out_dtype))
@@ -168,44 +183,55 @@ class FP8LinearFunction(torch.autograd.Function):
         xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight = ctx.saved_tensors
         recipe: FP8Recipe = ctx.recipe
         backend = recipe.backend_arg
-        n = grad_out.shape[-1]
-        k = ctx.x_shape[-1]
         # Autograd may hand an expanded (stride-0) gradient; the GEMMs need K-major rows.
-        grad_out_hp = grad_out.reshape(-1, n).contiguous()  # [T, N]
+        grad_out_hp = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()  # [T, N]
         need_dx = ctx.needs_input_grad[0]
         need_dw = ctx.need_dw
         need_db = ctx.has_bias and ctx.needs_input_grad[2]
-        dx = dw = db = None
+        db = None
         with autocast_off(grad_out.device.type):
             dgrad_q = need_dx and recipe.dgrad_fp8
             wgrad_q = need_dw and recipe.wgrad_fp8 and ctx.num_tokens > 0
-            dy_fp8, dy_scale, dyt_fp8, dyt_scale, w_t_fp8, w_t_scale = backward_operands(
-                grad_out_hp, weight, w_t_fp8, w_t_scale, recipe, dgrad_q, wgrad_q)
-
-            if need_dx:
-                if recipe.dgrad_fp8:
-                    dx = ops.gemm_nt(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
-                                     gemm_out_dtype(ctx.x_dtype), backend)
-                else:
-                    dx = grad_out_hp @ weight.to(grad_out_hp.dtype)
-                dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
-
-            if need_dw:
-                if recipe.accumulate_into_main_grad:
-                    if wgrad_q:
-                        ops.gemm_nt_accumulate_(dyt_fp8, dyt_scale, xt_fp8, xt_scale,
-                                                weight.main_grad, backend)
-                elif not recipe.wgrad_fp8:
-                    dw = (grad_out_hp.float().t() @ x_hp.float()).to(ctx.w_dtype)
-                elif wgrad_q:
-                    dw = ops.gemm_nt(dyt_fp8, dyt_scale, xt_fp8, xt_scale,
-                                     torch.float32, backend).to(ctx.w_dtype)
-                else:  # no tokens: an empty contraction
-                    dw = grad_out_hp.new_zeros(n, k, dtype=ctx.w_dtype)
-
+            if (dgrad_q and wgrad_q and w_t_fp8 is None and _plain_weight(weight)
+                    and not recipe.accumulate_into_main_grad):
+                # The default recipe: the whole backward in one op.
+                dx, dw = ops.linear_grads(grad_out_hp, weight, xt_fp8, xt_scale, recipe.pow2_scale,
+                                          gemm_out_dtype(ctx.x_dtype), backend)
+                dx, dw = dx.to(ctx.x_dtype).reshape(ctx.x_shape), dw.to(ctx.w_dtype)
+            else:
+                dx, dw = _grads_op_by_op(ctx, grad_out_hp, xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale,
+                                         weight, dgrad_q, wgrad_q)
             if need_db:
                 db = grad_out_hp.float().sum(0).to(ctx.bias_dtype)
         return dx, dw, db, None, None
+
+
+def _grads_op_by_op(ctx, grad_out_hp, xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight,
+                    dgrad_q: bool, wgrad_q: bool):
+    """(dx, dw) for every recipe, one cast or GEMM op at a time; None where not needed
+    (dw also with ``accumulate_into_main_grad``, which adds into ``weight.main_grad``)."""
+    recipe: FP8Recipe = ctx.recipe
+    backend = recipe.backend_arg
+    dx = dw = None
+    dy_fp8, dy_scale, dyt_fp8, dyt_scale, w_t_fp8, w_t_scale = backward_operands(
+        grad_out_hp, weight, w_t_fp8, w_t_scale, recipe, dgrad_q, wgrad_q)
+    if ctx.needs_input_grad[0]:
+        if recipe.dgrad_fp8:
+            dx = ops.gemm_nt(dy_fp8, dy_scale, w_t_fp8, w_t_scale, gemm_out_dtype(ctx.x_dtype), backend)
+        else:
+            dx = grad_out_hp @ weight.to(grad_out_hp.dtype)
+        dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
+    if ctx.need_dw:
+        if recipe.accumulate_into_main_grad:
+            if wgrad_q:
+                ops.gemm_nt_accumulate_(dyt_fp8, dyt_scale, xt_fp8, xt_scale, weight.main_grad, backend)
+        elif not recipe.wgrad_fp8:
+            dw = (grad_out_hp.float().t() @ x_hp.float()).to(ctx.w_dtype)
+        elif wgrad_q:
+            dw = ops.gemm_nt(dyt_fp8, dyt_scale, xt_fp8, xt_scale, torch.float32, backend).to(ctx.w_dtype)
+        else:  # no tokens: an empty contraction
+            dw = grad_out_hp.new_zeros(grad_out_hp.shape[1], ctx.x_shape[-1], dtype=ctx.w_dtype)
+    return dx, dw
 
 
 def check_main_grad(weight: torch.Tensor) -> None:
