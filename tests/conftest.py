@@ -1,8 +1,14 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+# The repo root: tests import the benchmarks (benchmarks/) and recipes (recipes/), which are
+# not installed with the package; `pytest` alone (not only `python -m pytest`) finds them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # CI has 2 cores: keep example counts modest, no deadlines (first calls compile/warm up).
 settings.register_profile(

@@ -117,3 +117,22 @@ def test_cublas_reads_the_casts_scales_in_place(monkeypatch):
     cublas.fp8_gemm_nt_cublas(xq, xs, wq, ws, torch.bfloat16)  # fprop: A 1x128, B 128x128
     cublas.fp8_gemm_nt_cublas(dytq, dyts, xtq, xts, torch.float32)  # wgrad: both 1x128 along T
     assert seen == [(xs.data_ptr(), ws.data_ptr()), (dyts.data_ptr(), xts.data_ptr())]
+
+
+def test_cublas_copies_scales_whose_block_stride_is_not_the_row_count(monkeypatch):
+    """With rows not a multiple of 4 the casts' block stride is rounded up; cuBLAS reads a
+    stride of exactly the row count, so the wrapper hands it a copy in that layout."""
+    from fp8train.ops import cublas
+
+    seen = []
+
+    def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype=None, out=None):
+        seen.append(scale_a.stride())
+        return torch.empty(a.shape[0], b.shape[1], dtype=out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    a = per_token_cast(torch.randn(250, 512))
+    assert a[1].stride() == (1, 252)
+    wq, ws = per_block_cast(torch.randn(256, 512))
+    cublas.fp8_gemm_nt_cublas(a[0], a[1], wq, ws, torch.bfloat16)
+    assert seen == [(1, 250)]

@@ -24,6 +24,7 @@ def supports(a: torch.Tensor, b_rows: int, out_dtype: torch.dtype, accumulate: b
         a.is_cuda
         and kb % 4 == 0
         and m % 4 == 0
+        and m > 0  # torch rejects an empty A's scales
         and hasattr(torch, "_scaled_mm")
         and torch.cuda.get_device_capability(a.device) == (9, 0)
         and out_dtype in (torch.bfloat16, torch.float32)
@@ -37,11 +38,11 @@ def fp8_gemm_nt_cublas(a, sa, b, sb, out_dtype: torch.dtype, out=None) -> torch.
     Scales already in cuBLAS's layout (the casts write A's and B's 1x128 scales so) are
     passed as they are; others are copied into it."""
     m, n = a.shape[0], b.shape[0]
-    # With M and N multiples of 4 (``supports``), K-block-major scales are exactly the
-    # outer-dim-major layout cuBLAS reads.
-    scale_a = sa if is_kblock_major(sa) else sa.t().contiguous().t()
+    # cuBLAS reads K-block-major scales whose block stride is the row count itself: what the
+    # casts write when the rows are a multiple of 4 (``supports`` asks that of M and N).
+    scale_a = sa if is_kblock_major(sa, ld=m) else sa.t().contiguous().t()
     if sb.shape[0] == n and n > 1:  # B's 1x128 scales: a contiguous [Kb, N]
-        scale_b = sb.t() if is_kblock_major(sb) else sb.t().contiguous()
+        scale_b = sb.t() if is_kblock_major(sb, ld=n) else sb.t().contiguous()
     else:  # B's 128x128 scales [Nb, Kb] read as [Kb, Nb]
         scale_b = sb.t()
     if out is None:

@@ -49,10 +49,12 @@ def as_kblock_major(scale: torch.Tensor) -> torch.Tensor:
     return out.copy_(scale)
 
 
-def is_kblock_major(scale: torch.Tensor) -> bool:
-    """Whether 2-D scales ``[rows, blocks]`` lie exactly as ``empty_scales`` puts them."""
+def is_kblock_major(scale: torch.Tensor, ld: int | None = None) -> bool:
+    """Whether 2-D scales ``[rows, blocks]`` lie K-block-major with block stride ``ld``
+    (default: ``kblock_major_ld(rows)``, exactly as ``empty_scales`` puts them)."""
     rows, blocks = scale.shape
-    return (rows == 1 or scale.stride(0) == 1) and (blocks == 1 or scale.stride(1) == kblock_major_ld(rows))
+    ld = kblock_major_ld(rows) if ld is None else ld
+    return (rows == 1 or scale.stride(0) == 1) and (blocks == 1 or scale.stride(1) == ld)
 
 
 def tma_readable(scale: torch.Tensor, kblock_major: bool) -> bool:
