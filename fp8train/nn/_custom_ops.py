@@ -24,7 +24,6 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..ops import gemm as _gemm
 from ..ops import scale_layout
-from ..ops.scale_layout import kblock_major_ld
 from ..quant import casts as _casts
 from ..quant import moe_casts as _moe_casts
 from ..quant.formats import FP8_DTYPE, GROUP
@@ -101,14 +100,14 @@ def cast_1x128(x: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tenso
 def _fake_rowwise(x):
     t, k = x.shape
     kb = _ceil_to(k, GROUP) // GROUP
-    return x.new_empty(t, k, dtype=FP8_DTYPE), x.new_empty(kb, kblock_major_ld(t), dtype=torch.float32)
+    return x.new_empty(t, k, dtype=FP8_DTYPE), x.new_empty(kb, scale_layout.kblock_major_ld(t), dtype=torch.float32)
 
 
 def _fake_colwise(x):
     t, k = x.shape
     tp = _ceil_to(t, GROUP)
     return (x.new_empty(k, tp, dtype=FP8_DTYPE),
-            x.new_empty(tp // GROUP, kblock_major_ld(k), dtype=torch.float32))
+            x.new_empty(tp // GROUP, scale_layout.kblock_major_ld(k), dtype=torch.float32))
 
 
 @cast_1x128.op.register_fake
@@ -347,10 +346,8 @@ def _(a, a_scale, b, b_scale, group_offsets, out, backend):
 def fprop_cast_weight(x_fp8: Tensor, x_scale: Tensor, weight: Tensor, pow2_scale: bool,
                       out_dtype: torch.dtype, backend: str) -> Tensor:
     """``gemm_nt(x_q, cast_128x128(weight))``: the forward GEMM [T, N] with the weight's
-    128x128 cast made inside."""
-    w_fp8, w_scale = _casts.per_block_cast(weight, pow2_scale=pow2_scale, backend=_backend(backend))
-    return _gemm.fp8_gemm_nt((x_fp8, x_scale), (w_fp8, w_scale), out_dtype=out_dtype,
-                             backend=_backend(backend))
+    128x128 cast made inside (the ops below run their bodies directly here)."""
+    return gemm_nt(x_fp8, x_scale, *cast_128x128(weight, pow2_scale, backend), out_dtype, backend)
 
 
 @fprop_cast_weight.op.register_fake
@@ -364,14 +361,10 @@ def linear_grads(grad_out: Tensor, weight: Tensor, xt_fp8: Tensor, xt_scale: Ten
     """Both gradients of ``y = x @ weight.T`` from grad_out [T, N] (T >= 1) and x's
     column-wise cast: dy's two casts from one read, (W^T)_q from the weight's dual cast,
     then dgrad (dx [T, K] in ``dx_dtype``) and wgrad (dw [N, K] float32)."""
-    dy_fp8, dy_scale, dyt_fp8, dyt_scale = _cast_layouts(grad_out, pow2_scale, True, True, backend)
-    w_t_fp8, w_t_scale = _casts.per_block_cast_dual(weight, pow2_scale=pow2_scale,
-                                                    backend=_backend(backend))[2:]
-    dx = _gemm.fp8_gemm_nt((dy_fp8, dy_scale), (w_t_fp8, w_t_scale), out_dtype=dx_dtype,
-                           backend=_backend(backend))
-    dw = _gemm.fp8_gemm_nt((dyt_fp8, dyt_scale), (xt_fp8, xt_scale), out_dtype=torch.float32,
-                           backend=_backend(backend))
-    return dx, dw
+    dy_fp8, dy_scale, dyt_fp8, dyt_scale = cast_1x128_layouts(grad_out, pow2_scale, True, True, backend)
+    w_t_fp8, w_t_scale = cast_128x128_dual(weight, pow2_scale, backend)[2:]
+    return (gemm_nt(dy_fp8, dy_scale, w_t_fp8, w_t_scale, dx_dtype, backend),
+            gemm_nt(dyt_fp8, dyt_scale, xt_fp8, xt_scale, torch.float32, backend))
 
 
 @linear_grads.op.register_fake

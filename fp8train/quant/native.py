@@ -126,7 +126,6 @@ def _vec_in(x: torch.Tensor) -> int:
     return int(x.shape[-1] % 16 == 0 and x.data_ptr() % 16 == 0)
 
 
-
 def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: bool = True,
               *, pad_columnwise: bool = True, src_rows: Optional[torch.Tensor] = None,
               num_rows: Optional[int] = None):

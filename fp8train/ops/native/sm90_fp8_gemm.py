@@ -347,7 +347,6 @@ def _staged(scale: torch.Tensor, device: int, kblock_major: bool, role: str) -> 
     Under graph capture the copy gets its own buffer (the graph owns it). Returns the view
     and whether it may back a cached parameter block."""
     rows, kb = scale.shape
-    shape = (kb, kblock_major_ld(rows)) if kblock_major else (rows, -(-kb // 4) * 4)
     capturing = torch.cuda.is_current_stream_capturing()
     staging = getattr(_local, "staging", None)
     if staging is None:
@@ -355,6 +354,7 @@ def _staged(scale: torch.Tensor, device: int, kblock_major: bool, role: str) -> 
     key = (device, _raw_stream(device), role, rows, kb, kblock_major)
     buffer = None if capturing else staging.get(key)
     if buffer is None:
+        shape = (kb, kblock_major_ld(rows)) if kblock_major else (rows, -(-kb // 4) * 4)
         buffer = torch.empty(shape, dtype=torch.float32, device=scale.device)
         if not capturing:
             if len(staging) >= _STAGING_LIMIT:
