@@ -10,7 +10,8 @@ syncs shows a host time as long as the sleep); then a ``torch.profiler`` table o
 steps, by self CPU time and by GPU time (written under --out). ``--layer-check`` runs the
 bench's per-layer kernel check first, as ``bench hf`` does.
 layers: host and GPU time of one forward+backward of ``FP8Linear`` against ``nn.Linear``
-(--tokens x 4096 -> 14336) and of a converted HF Llama decoder layer against its BF16 twin,
+(--tokens x 4096 -> 14336; ``--cprofile``: its Python functions by own time) and of a
+converted HF Llama decoder layer against its BF16 twin,
 FP8 as shipped and keeping the forward's (W^T)_q; ``--profile-layers`` adds where each
 decoder layer's host time goes (torch.profiler, CPU).
 numerics: each decoder layer's and each FP8Linear's output, GPU paths against the reference
@@ -131,6 +132,28 @@ def _decoder_layer(recipe):
 _LAYER_VARIANTS = (("BF16", None), ("FP8", FP8Recipe()), ("FP8 W^T kept", FP8Recipe(save_fp8_weight=True)))
 
 
+def _cprofile(step, path: Path, steps: int = 20) -> None:
+    """Python functions by own time over ``steps`` calls of ``step`` queued behind a busy
+    GPU (so no call waits on a kernel); written to ``path``, the top lines printed."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    path.write_text(text.getvalue())
+    print(f"--- cProfile of {steps} steps, by own time ({path})\n"
+          + "\n".join(text.getvalue().splitlines()[:45]), flush=True)
+
+
 def run_layers(args) -> None:
     t = args.tokens
     out_dir = Path(args.out)
@@ -151,6 +174,8 @@ def run_layers(args) -> None:
 
         host, gpu = host_and_gpu_ms(linear_step, 5)
         print(f"{label:10s} linear {t}x4096->14336 fwd+bwd: host {host:.2f} ms, GPU {gpu:.2f} ms", flush=True)
+        if args.cprofile:
+            _cprofile(linear_step, out_dir / f"linear_{label.replace(' ', '_').lower()}_cprofile.txt")
     for label, recipe in _LAYER_VARIANTS:
         layer, rotary = _decoder_layer(recipe)
         batch = t // 2048
@@ -263,6 +288,8 @@ def main() -> None:
     parser.add_argument("--out", default="profile_out")
     parser.add_argument("--profile-layers", action="store_true",
                         help="layers: a torch.profiler table (CPU) of three decoder-layer steps per variant")
+    parser.add_argument("--cprofile", action="store_true",
+                        help="layers: Python functions by own time over 20 linear steps per variant")
     args = parser.parse_args()
     {"steps": run_steps, "layers": run_layers, "numerics": run_numerics}[args.what](args)
 

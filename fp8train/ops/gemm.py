@@ -15,6 +15,7 @@ from . import backend as _backend
 from . import cublas as _cublas
 from . import native as _native
 from . import reference as _ref
+from .native.sm90_fp8_gemm import fp8_gemm_nt_native, k_grouped_native, m_grouped_masked_native
 
 GROUP = 128
 FP8Pair = Tuple[torch.Tensor, torch.Tensor]
@@ -150,8 +151,6 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: Optional[torch.Tensor] = None, *,
     x, sx = a
     y, sy = b
     if path == "native":
-        from .native.sm90_fp8_gemm import fp8_gemm_nt_native
-
         if out is None:
             out = torch.empty(m, n, dtype=dtype, device=x.device)
         if m and n:  # TMA descriptors cannot describe an empty tensor; there is nothing to do
@@ -223,8 +222,6 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
     if path == "native":
-        from .native.sm90_fp8_gemm import fp8_gemm_nt_native
-
         if m and n:
             fp8_gemm_nt_native(a, sa, b, sb.contiguous(), out, "1d2d", False,
                                group_offsets=group_offsets.contiguous())
@@ -294,8 +291,6 @@ def m_grouped_fp8_gemm_nt_masked(a: FP8Pair, b: FP8Pair, masked_m: torch.Tensor,
     if out is None:
         out = torch.zeros(g, m_max, n, dtype=torch.bfloat16, device=a.device)
     if path == "native":
-        from .native.sm90_fp8_gemm import m_grouped_masked_native
-
         if g and m_max and n:
             m_grouped_masked_native(a, sa.contiguous(), b, sb.contiguous(), masked_m.contiguous(), out,
                                     m_max if expected_m is None else min(expected_m, m_max))
@@ -330,8 +325,6 @@ def k_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     if out is None:
         out = torch.empty(g, n, k, dtype=torch.float32, device=a.device)
     if path == "native":
-        from .native.sm90_fp8_gemm import k_grouped_native
-
         if t == 0 and not accumulate:
             out.zero_()  # every expert is empty: zero gradients
         elif t and n and k:

@@ -15,6 +15,8 @@ from typing import Tuple
 import torch
 
 from .._checks import FLOAT_DTYPES, check_bool, check_same_device, check_shape, check_tensor, ceil_div
+from ..ops import backend as _backend
+from ..ops import native as _ops_native
 from ..ops.scale_layout import as_kblock_major
 from .formats import FP8_DTYPE, GROUP
 from . import native as _native
@@ -104,13 +106,10 @@ def _use_native(x: torch.Tensor, backend) -> bool:
     ``reference``; anything else, fp64 included, goes to the reference, which gives the
     same bytes. The ``native`` backend on a GPU the kernels cannot serve raises, as the
     GEMMs' does. ``cublas`` is about GEMMs: its casts run as under ``auto``."""
-    from ..ops import backend as _backend
-    from ..ops.native import toolchain_status
-
     chosen = _backend.chosen(backend)
     if chosen == "reference" or not _native.supports(x):
         return False
-    ok, why = (toolchain_status() if _backend.is_hopper(x.device.index or 0)
+    ok, why = (_ops_native.toolchain_status() if _backend.is_hopper(x.device.index or 0)
                else (False, f"tensors on {x.device}, not an sm_90 GPU"))
     if not ok:
         if chosen == "native":

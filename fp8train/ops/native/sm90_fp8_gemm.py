@@ -16,6 +16,7 @@ import torch
 
 from .gemm_config import GemmConfig, choose_config, shared_bytes
 from .wgmma import render_wgmma_e4m3
+from ..jit.device import get_num_sms
 from ..jit.runtime import raw_stream as _raw_stream
 from ..scale_layout import kblock_major_ld, tma_readable
 
@@ -229,8 +230,6 @@ def fp8_gemm_nt_native(a, sa, b, sb, out: torch.Tensor, kind: str, accumulate: b
     `config` overrides the heuristic (benchmarks and sweeps). With `group_offsets` (int32
     [G+1] on the device, multiples of 128) the GEMM is m-grouped contiguous: b [G, N, K],
     sb [G, ceil(N/128), K/128] contiguous; offsets are read by the kernel, never the host."""
-    from ..jit.device import get_num_sms
-
     m, k = a.shape
     grouping = "none" if group_offsets is None else "m_contiguous"
     out_f32 = kind == "1d2d" and out.dtype == torch.float32
@@ -245,8 +244,6 @@ def m_grouped_masked_native(a, sa, b, sb, masked_m: torch.Tensor, out: torch.Ten
     a [G, M_max, K], sa [G, M_max, K/128], b [G, N, K], sb [G, ceil(N/128), K/128], out
     [G, M_max, N] bf16, all contiguous; masked_m int32 [G] on the device. The config is the
     one for G x expected_m rows; every SM runs, since the real tile count is on the device."""
-    from ..jit.device import get_num_sms
-
     g, m_max, k = a.shape
     num_sms = get_num_sms()
     expected_m = max(1, expected_m)
@@ -266,8 +263,6 @@ def k_grouped_native(a, sa, b, sb, group_offsets: torch.Tensor, out: torch.Tenso
     a [M, T] and b [N, T] e4m3 with 1x128 scales along T ([M, T/128], [N, T/128]); out
     [G, M, N] fp32 contiguous; group_offsets int32 [G+1] on the device, multiples of 128.
     One kernel serves every token count: T is read at run time."""
-    from ..jit.device import get_num_sms
-
     m, t = a.shape
     n = b.shape[0]
     g = group_offsets.shape[0] - 1
