@@ -125,11 +125,15 @@ def _decoder_layer(recipe):
     return layer, rotary
 
 
-# (label, recipe): BF16, FP8 as shipped, and FP8 keeping the forward's (W^T)_q for dgrad
-# (one weight cast a step fewer, one byte per weight element held until backward). Every
-# GEMM on the native kernels instead of cuBLAS was measured here too, and cost more host
-# time, not less (H100, 2026-12-07, docs/hf.md).
-_LAYER_VARIANTS = (("BF16", None), ("FP8", FP8Recipe()), ("FP8 W^T kept", FP8Recipe(save_fp8_weight=True)))
+# (label, recipe): BF16, FP8 as shipped, FP8 keeping the forward's (W^T)_q for dgrad (one
+# weight cast a step fewer, one byte per weight element held until backward), and FP8 with
+# every GEMM on the native kernels instead of cuBLAS.
+_LAYER_VARIANTS = (("BF16", None), ("FP8", FP8Recipe()), ("FP8 W^T kept", FP8Recipe(save_fp8_weight=True)),
+                   ("FP8 native", FP8Recipe(backend="native")))
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label.lower())
 
 
 def _cprofile(step, path: Path, steps: int = 20) -> None:
@@ -175,7 +179,7 @@ def run_layers(args) -> None:
         host, gpu = host_and_gpu_ms(linear_step, 5)
         print(f"{label:10s} linear {t}x4096->14336 fwd+bwd: host {host:.2f} ms, GPU {gpu:.2f} ms", flush=True)
         if args.cprofile:
-            _cprofile(linear_step, out_dir / f"linear_{label.replace(' ', '_').lower()}_cprofile.txt")
+            _cprofile(linear_step, out_dir / f"linear_{_slug(label)}_cprofile.txt")
     for label, recipe in _LAYER_VARIANTS:
         layer, rotary = _decoder_layer(recipe)
         batch = t // 2048
@@ -199,8 +203,7 @@ def run_layers(args) -> None:
                     layer_step()
             torch.cuda.synchronize()
             text = _table(prof, "self_cpu_time_total", 40)
-            slug = label.replace(" ", "_").lower()
-            (out_dir / f"layer_{slug}_self_cpu.txt").write_text(text)
+            (out_dir / f"layer_{_slug(label)}_self_cpu.txt").write_text(text)
             print(f"--- {label} decoder layer, three steps, by self CPU time\n{text}", flush=True)
 
 

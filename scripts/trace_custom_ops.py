@@ -2,7 +2,7 @@
 and results, logged in both runs and compared call by call.
 
     python scripts/trace_custom_ops.py [--arch qwen3_moe] [--backends aot_eager,inductor,dump]
-        [--trace-grouped [--grouped-variant NAME]] [--recipe NAME] [--no-autocast] ...
+        [--recipe NAME] [--no-autocast] ...
 
 One decoder layer of the tests' tiny transformers model, converted to FP8, forward and
 backward under BF16 autocast (as ``bench hf`` trains), eager and then under each
@@ -12,10 +12,9 @@ run time, so the log shows what the kernels really received: shape, strides, off
 against eager, and the op calls whose operands or results differ. Backend ``dump`` is
 aot_eager writing AOTAutograd's forward and backward graphs to ``--dump-graphs``.
 
-It found that on the H100 (torch 2.11) a traced FP8GroupedLinearFunction
-under autocast gets all-zero output gradients (``--trace-grouped``); the switches turn one
-path off at a time, and ``--grouped-variant`` tries changes to the Function that might make
-it traceable.
+It found why a traced FP8GroupedLinearFunction under CUDA autocast got all-zero output
+gradients on the H100 (torch 2.11): its forward returned the GEMM op's output tensor itself;
+returning a new tensor of its own (as the dense Function does) traces right.
 """
 import argparse
 import functools
@@ -77,40 +76,6 @@ def wrap(module, name: str) -> None:
         return out
 
     setattr(module, name, logged)
-
-
-def _returns(transform) -> None:
-    """FP8GroupedLinearFunction's forward returning ``transform(y)`` instead of the GEMM's
-    output tensor itself."""
-    from fp8train.nn import grouped_linear
-
-    forward = grouped_linear._forward
-    grouped_linear._forward = lambda *a: (lambda y, saved: (transform(y), saved))(*forward(*a))
-
-
-def _autocast_off_around_apply() -> None:
-    """The grouped Function applied with autocast off (its output dtype is fixed before)."""
-    from fp8train.nn import grouped_linear
-
-    original = grouped_linear.FP8GroupedLinearFunction
-
-    class AutocastOff:
-        @staticmethod
-        def apply(x, *args):
-            with torch.autocast(x.device.type, enabled=False):
-                return original.apply(x, *args)
-
-    grouped_linear.FP8GroupedLinearFunction = AutocastOff
-
-
-GROUPED_VARIANTS = {
-    "as-is": lambda: None,
-    # What FP8LinearFunction returns (traced right on the GPU): a new node, not a view.
-    "unsafe-view-output": lambda: _returns(lambda y: torch.ops.aten._unsafe_view(y, y.shape)),
-    "view-output": lambda: _returns(lambda y: y.view(y.shape)),
-    "clone-output": lambda: _returns(torch.clone),
-    "autocast-off": _autocast_off_around_apply,
-}
 
 
 def run_layer(layer, fn, x, pos, position_ids, device):
@@ -192,13 +157,6 @@ def main() -> int:
     parser.add_argument("--recipe", default="deepseek_v3", help="an FP8Recipe.from_name preset")
     parser.add_argument("--unfused-permute", action="store_true",
                         help="HF experts gather their rows in high precision, then cast")
-    parser.add_argument("--trace-grouped", action="store_true",
-                        help="let Dynamo trace FP8GroupedLinearFunction under autocast on the GPU "
-                             "too (grouped_linear.EAGER_UNDER_COMPILE = ()): the case that "
-                             "lost its gradients on the H100")
-    parser.add_argument("--grouped-variant", choices=sorted(GROUPED_VARIANTS), default="as-is",
-                        help="a candidate change to the grouped Function, to find a traceable "
-                             "form (implies --trace-grouped)")
     parser.add_argument("--tol", type=float, default=0.05,
                         help="relative checksum difference that counts as a difference")
     parser.add_argument("--dump-graphs", default="graphs",
@@ -232,11 +190,6 @@ def main() -> int:
             return fused(x, weight, layout, recipe, transposed, bias)
 
         hf._grouped_linear = unfused
-    if args.trace_grouped or args.grouped_variant != "as-is":
-        from fp8train.nn import grouped_linear
-
-        grouped_linear.EAGER_UNDER_COMPILE = ()
-    GROUPED_VARIANTS[args.grouped_variant]()
     model = tiny_model(args.arch, seed=3).to(args.device)
     fp8train.convert_to_fp8(model, fp8train.FP8Recipe.from_name(args.recipe))
     layer = model.model.layers[0]

@@ -80,12 +80,15 @@ def test_per_token_cast_bit_exact(data, lead, k, pow2):
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.data(), st.integers(0, 3), st.integers(1, 400), LENGTHS, st.booleans(), st.booleans())
-def test_block_cast_bit_exact(data, experts, n, k, pow2, transposed):
+@given(st.data(), st.integers(0, 3), st.integers(1, 400), LENGTHS, st.booleans(),
+       st.sampled_from([(True, True), (True, False), (False, True)]))
+def test_block_cast_bit_exact(data, experts, n, k, pow2, pairs):
+    plain, transposed = pairs
     shape = (n, k) if experts == 0 else (experts, n, k)
     w = data.draw(tensors(shape)).cuda()
     want = per_block_cast_dual_ref(w, pow2)
-    assert_same(native.block_cast(w, pow2, transposed), want if transposed else (*want[:2], None, None))
+    want = (*(want[:2] if plain else (None, None)), *(want[2:] if transposed else (None, None)))
+    assert_same(native.block_cast(w, pow2, plain=plain, transposed=transposed), want)
 
 
 @settings(max_examples=40, deadline=None)
@@ -143,6 +146,7 @@ def test_native_backend_routes_the_public_casts():
             "transposed": quant.per_token_cast_transposed(x),
             "block": quant.per_block_cast(w),
             "block_dual": quant.per_block_cast_dual(w),
+            "block_transposed": quant.per_block_cast_transposed(w),
             "permuted": quant.per_token_cast_permuted(x, layout.src_tokens, colwise=True),
         }
     finally:
@@ -152,6 +156,7 @@ def test_native_backend_routes_the_public_casts():
     assert_same(got["transposed"], per_token_cast_transposed_ref(x))
     assert_same(got["block"], per_block_cast_dual_ref(w)[:2])
     assert_same(got["block_dual"], per_block_cast_dual_ref(w))
+    assert_same(got["block_transposed"], per_block_cast_dual_ref(w)[2:])
     assert_same(got["permuted"], permute_cast_ref(x, layout.src_tokens, colwise=True))
 
 

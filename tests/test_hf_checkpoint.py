@@ -95,19 +95,29 @@ def test_save_pretrained_fp8_argument_checks(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
 def test_fp8_checkpoint_loads_on_the_gpu_in_fp8(arch, tmp_path):
     """On a GPU transformers keeps the checkpoint's weights in e4m3 (its fine-grained FP8
-    layers) rather than dequantizing them; the logits stay close to the converted model's."""
+    layers) rather than dequantizing them: the loaded layers hold the file's bytes and
+    scales, and, where transformers has its FP8 matmul (the `kernels` package, fetched from
+    the hub: absent on an offline machine), the logits stay close to the converted model's."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     model = tiny_model(arch)
     fp8train.convert_to_fp8(model)
     fp8train.save_pretrained_fp8(model, tmp_path / "fp8")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", device_map="cuda")
-    kept_fp8 = [k for k, v in loaded.state_dict().items() if v.dtype == torch.float8_e4m3fn]
+    saved = {}
+    for path in (tmp_path / "fp8").glob("*.safetensors"):
+        saved.update(load_file(path))
+    state = loaded.state_dict()
+    kept_fp8 = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
     assert kept_fp8, "transformers dequantized the checkpoint on the GPU"
+    for key in kept_fp8:  # the file's names, bytes and scales, as written
+        scale = f"{key}_scale_inv"
+        assert key in saved and scale in saved and scale in state, key
+        assert torch.equal(state[key].cpu().view(torch.uint8), saved[key].view(torch.uint8)), key
+        assert torch.equal(state[scale].cpu(), saved[scale]), scale
     if importlib.util.find_spec("kernels") is None:
-        # transformers' FP8 matmul on the GPU comes from the hub through the `kernels`
-        # package; without it (the offline device) only the e4m3 load above is checkable.
-        pytest.skip("loaded in e4m3 (checked); the FP8 forward needs the `kernels` package")
+        return
     ids = batch(5).cuda()
     with torch.no_grad():
         got = loaded(input_ids=ids).logits

@@ -153,10 +153,11 @@ def _layer_step(fn, layer, x, position_ids, pos, device: str, autocast: bool):
 def _layer_eager_and_compiled(device: str, backend: str, autocast: bool,
                               dtype: torch.dtype = torch.float32):
     """A converted Qwen3-MoE decoder layer's output and gradients, eager and then under
-    ``torch.compile(backend=backend)``."""
+    ``torch.compile(backend=backend, fullgraph=True)``: one graph, the grouped expert
+    Functions traced inside it."""
     layer, x, position_ids, pos = _moe_layer(device, dtype)
     outputs = [_layer_step(fn, layer, x, position_ids, pos, device, autocast)
-               for fn in (layer, torch.compile(layer, backend=backend))]
+               for fn in (layer, torch.compile(layer, backend=backend, fullgraph=True))]
     torch._dynamo.reset()
     return outputs
 
@@ -198,38 +199,21 @@ def test_compiled_decoder_layer_forward_backward(device, backend):
         assert rel_err(got, want) <= bound
 
 
-@pytest.mark.parametrize("autocast,dtype,outside", [(True, torch.float32, True),
-                                                    (False, torch.bfloat16, True),
-                                                    (False, torch.float32, False)])
-def test_grouped_function_runs_outside_the_graph_where_tracing_failed(monkeypatch, autocast,
-                                                                     dtype, outside):
-    """Where tracing FP8GroupedLinearFunction lost its gradients (CUDA, torch 2.11, under
-    autocast; BF16 untested, so included: EAGER_UNDER_COMPILE), a compiled layer runs it
-    eagerly between graphs: the same gradients as eager, and a graph break. FP32 without
-    autocast (traced right on the GPU) stays in the graph. Exercised here on the CPU."""
-    from torch._dynamo.utils import counters
-
-    from fp8train.nn import grouped_linear
-
-    monkeypatch.setattr(grouped_linear, "EAGER_UNDER_COMPILE", ("cpu",))
-    torch._dynamo.reset()
-    counters.clear()
+@pytest.mark.parametrize("autocast,dtype", [(True, torch.float32), (False, torch.bfloat16),
+                                            (False, torch.float32)])
+def test_compiled_moe_layer_traces_the_grouped_function(autocast, dtype):
+    """The grouped Function traced in one graph (BF16 output or autocast included, where
+    returning the GEMM op's own output tensor once lost the gradients on the GPU): the
+    same output and gradients as eager, router included."""
     eager, compiled = _layer_eager_and_compiled("cpu", "aot_eager", autocast, dtype)
-    breaks = list(counters["graph_break"])
-    assert any("_apply_outside_graph" in reason for reason in breaks) == outside, breaks
     for want, got in zip(eager, compiled):
         assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (the native kernels)")
-@pytest.mark.xfail(reason="torch 2.11 on the H100: Dynamo's trace of FP8GroupedLinearFunction "
-                          "under CUDA autocast gives its backward zero gradients (docs/hf.md); "
-                          "an XPASS means a torch or fp8train change made it traceable")
-def test_grouped_function_traced_under_cuda_autocast(monkeypatch):
-    from fp8train.nn import grouped_linear
-
-    monkeypatch.setattr(grouped_linear, "EAGER_UNDER_COMPILE", ())
+def test_grouped_function_traced_under_cuda_autocast():
+    """On the GPU's own kernels under CUDA BF16 autocast, the case that lost its gradients."""
     eager, compiled = _layer_eager_and_compiled("cuda", "aot_eager", autocast=True)
     # aot_eager runs the traced graphs with eager kernels: only a lost gradient is O(1).
     for want, got in zip(eager, compiled):

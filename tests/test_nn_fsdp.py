@@ -85,10 +85,10 @@ def test_post_all_gather_reuses_its_buffers():
 
 
 def count_weight_casts(monkeypatch) -> list:
-    """A list that gets the shape of every weight the layers cast 128x128 (alone or with
-    its transpose, ``per_block_cast_dual``), whichever op makes the cast."""
+    """A list that gets the shape of every weight the layers cast 128x128 (W, W with W^T,
+    or W^T alone), whichever op makes the cast."""
     casts = []
-    for name in ("per_block_cast", "per_block_cast_dual"):
+    for name in ("per_block_cast", "per_block_cast_dual", "per_block_cast_transposed"):
         original = getattr(quant_casts, name)
         monkeypatch.setattr(quant_casts, name, lambda w, original=original, **kw:
                             casts.append(w.shape) or original(w, **kw))

@@ -223,13 +223,15 @@ def test_main_grad_accumulates_in_fp32_and_leaves_grad_none():
 
 
 def count_weight_casts(monkeypatch) -> dict:
-    """Calls of the 128x128 casts (W alone, W with W^T) and of the FP8 block transpose."""
+    """Calls of the 128x128 casts (W alone, W with W^T, W^T alone) and of the FP8 block
+    transpose."""
     import fp8train.quant.casts as casts
     from fp8train.nn import _custom_ops
 
-    calls = {"per_block_cast": 0, "per_block_cast_dual": 0, "transpose_128x128": 0}
+    calls = {"per_block_cast": 0, "per_block_cast_dual": 0, "per_block_cast_transposed": 0,
+             "transpose_128x128": 0}
     for module, name in ((casts, "per_block_cast"), (casts, "per_block_cast_dual"),
-                         (_custom_ops, "transpose_128x128")):
+                         (casts, "per_block_cast_transposed"), (_custom_ops, "transpose_128x128")):
         def counted(*args, _name=name, _original=getattr(module, name), **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
@@ -238,19 +240,21 @@ def count_weight_casts(monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize("save_fp8_weight", [False, True])
-def test_training_step_makes_w_t_with_one_dual_cast(save_fp8_weight, monkeypatch):
-    """(W^T)_q comes from the dual cast (one read of W, native kernel once VERIFIED), never
-    from transposing a cast W: in the forward with save_fp8_weight (W_q feeds fprop), else
-    in backward."""
+def test_training_step_casts_w_t_from_w(save_fp8_weight, monkeypatch):
+    """(W^T)_q is cast from W in one read, never by transposing a cast W: with
+    save_fp8_weight in the forward's dual cast (W_q feeds fprop), else in backward by the
+    cast that writes (W^T)_q alone."""
     calls = count_weight_casts(monkeypatch)
     module = FP8Linear(256, 384, recipe=FP8Recipe(save_fp8_weight=save_fp8_weight))
     x = rand(70, 256, seed=11).requires_grad_()
     y = module(x)
     assert calls == {"per_block_cast": 0 if save_fp8_weight else 1,
-                     "per_block_cast_dual": 1 if save_fp8_weight else 0, "transpose_128x128": 0}
+                     "per_block_cast_dual": 1 if save_fp8_weight else 0,
+                     "per_block_cast_transposed": 0, "transpose_128x128": 0}
     y.backward(rand(70, 384, seed=12))
-    assert calls == {"per_block_cast": 0 if save_fp8_weight else 1, "per_block_cast_dual": 1,
-                     "transpose_128x128": 0}
+    assert calls == {"per_block_cast": 0 if save_fp8_weight else 1,
+                     "per_block_cast_dual": 1 if save_fp8_weight else 0,
+                     "per_block_cast_transposed": 0 if save_fp8_weight else 1, "transpose_128x128": 0}
 
 
 def test_save_fp8_weight_with_main_grad():
@@ -446,7 +450,8 @@ def test_eager_layers_call_the_op_bodies_directly(monkeypatch):
         raise AssertionError("an eager call went through the registered op")
 
     for name in ("cast_1x128", "cast_1x128_both", "cast_1x128_colwise", "cast_128x128",
-                 "cast_128x128_dual", "gemm_nt"):
+                 "cast_128x128_dual", "cast_128x128_transposed", "gemm_nt", "fprop_cast_weight",
+                 "linear_grads"):
         monkeypatch.setattr(getattr(_custom_ops, name), "op", fail)
     x.grad = layer.weight.grad = None
     layer(x).sum().backward()

@@ -268,11 +268,12 @@ def test_native_casts_only_on_an_sm90_gpu(monkeypatch):
 def test_flags_must_be_bools():
     """pow2_scale="yes" or accumulate="no" would otherwise read as True: refused, named."""
     from fp8train import ops
-    from fp8train.quant import per_block_cast_dual, per_token_cast_dual, per_token_cast_transposed
+    from fp8train.quant import (per_block_cast_dual, per_block_cast_transposed, per_token_cast_dual,
+                                per_token_cast_transposed)
 
     x = torch.randn(128, 128)
-    for cast in (per_token_cast, per_block_cast, per_block_cast_dual, per_token_cast_dual,
-                 per_token_cast_transposed):
+    for cast in (per_token_cast, per_block_cast, per_block_cast_dual, per_block_cast_transposed,
+                 per_token_cast_dual, per_token_cast_transposed):
         with pytest.raises(TypeError, match="pow2_scale: expected a bool, got str 'yes'"):
             cast(x, pow2_scale="yes")
     a, b = per_token_cast(x), per_token_cast(x)

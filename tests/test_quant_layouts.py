@@ -10,6 +10,7 @@ from fp8train.nn.moe_layout import build_moe_layout, permute
 from fp8train.quant import (
     per_block_cast,
     per_block_cast_dual,
+    per_block_cast_transposed,
     per_token_cast,
     per_token_cast_dual,
     per_token_cast_permuted,
@@ -46,6 +47,8 @@ def test_block_cast_dual_is_cast_of_w_and_of_its_transpose(data, experts, n, k, 
     assert same(w_fp8, ref_fp8) and same(w_scale, ref_scale)
     assert same(wt_fp8, t_fp8) and same(wt_scale, t_scale)
     assert wt_fp8.shape == (*w.shape[:-2], k, n)
+    only_t_fp8, only_t_scale = per_block_cast_transposed(w, pow2_scale=pow2)
+    assert same(only_t_fp8, t_fp8) and same(only_t_scale, t_scale)
 
 
 def _offsets(counts):

@@ -4,6 +4,7 @@
 //   wt_q [K, N] with scale_t [ceil(K/128), ceil(N/128)]   (dgrad operand, W^T)
 // in one read of w. A block's scale covers the same elements after transposing, so wt_q holds
 // the same bytes as w_q transposed; writing it here saves the separate transpose pass.
+// Either pair may be left out (a null wq or wtq): dgrad's re-cast wants only wt_q.
 //
 // One block per 128 x 128 tile: 16-byte loads into registers (and the swizzled shared tile
 // when the transpose is wanted), one block-wide amax, then w_q from registers and wt_q from
@@ -31,11 +32,11 @@ __device__ __forceinline__ void block_cast_tile(const T* __restrict__ w, uint32_
     const uint32_t n0 = blockIdx.y * GROUP, k0 = blockIdx.x * GROUP;
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t octet = lane / LANES_PER_GROUP, sub = lane % LANES_PER_GROUP;
-    const bool transposed = wtq != nullptr;
+    const bool plain = wq != nullptr, transposed = wtq != nullptr;
     // Expert g's slices of every tensor (all [G, ...] contiguous).
     const uint64_t g = blockIdx.z, elems = static_cast<uint64_t>(n_rows) * cols;
-    w += g * elems, wq += g * elems;
-    scale += g * gridDim.x * gridDim.y;
+    w += g * elems;
+    if (plain) wq += g * elems, scale += g * gridDim.x * gridDim.y;
     if (transposed) wtq += g * elems, scale_t += g * gridDim.x * gridDim.y;
 
     Chunk<T> chunks[STEPS];
@@ -65,7 +66,7 @@ __device__ __forceinline__ void block_cast_tile(const T* __restrict__ w, uint32_
     const float s_block = scale_from_amax(amax, POW2);
     const Quantizer d(s_block, POW2);
     if (threadIdx.x == 0) {
-        scale[blockIdx.y * gridDim.x + blockIdx.x] = s_block;
+        if (plain) scale[blockIdx.y * gridDim.x + blockIdx.x] = s_block;
         if (transposed) scale_t[blockIdx.x * gridDim.y + blockIdx.y] = s_block;
     }
 
@@ -74,7 +75,7 @@ __device__ __forceinline__ void block_cast_tile(const T* __restrict__ w, uint32_
 #pragma unroll
     for (uint32_t s = 0; s < STEPS; ++s) {
         const uint32_t n = n0 + (s * WARPS + warp) * ROWS_PER_STEP + octet;
-        if (n < n_rows && k < cols) {
+        if (plain && n < n_rows && k < cols) {
             float v[CHUNK];
 #pragma unroll
             for (uint32_t j = 0; j < CHUNK; ++j) v[j] = element(chunks[s], j);

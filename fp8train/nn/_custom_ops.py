@@ -52,7 +52,8 @@ def _runs_direct(args) -> bool:
 def _op(name: str, mutates_args=()):
     """Register the function as the custom op ``fp8train::name``; the returned callable
     runs the function itself where ``_runs_direct`` allows and the op otherwise.
-    ``.op`` is the registered op (for ``register_fake``)."""
+    ``.op`` is the registered op (for ``register_fake``), ``.body`` the function (what a
+    fused op's body calls: it runs directly already)."""
     def register(fn):
         op = torch.library.custom_op(f"fp8train::{name}", mutates_args=mutates_args)(fn)
 
@@ -60,7 +61,7 @@ def _op(name: str, mutates_args=()):
         def call(*args):
             return fn(*args) if _runs_direct(args) else op(*args)
 
-        call.op = op
+        call.op, call.body = op, fn
         return call
     return register
 
@@ -216,6 +217,21 @@ def _(w, pow2_scale, backend):
             w.new_empty(*lead, kb, nb, dtype=torch.float32))
 
 
+@_op("cast_128x128_transposed")
+def cast_128x128_transposed(w: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """The 128x128 cast of w's transpose read from w [N, K] (or [G, N, K]): dgrad's
+    (W^T)_q when the forward kept no copy; the same bytes as cast_128x128_dual's pair."""
+    return _casts.per_block_cast_transposed(w, pow2_scale=pow2_scale, backend=_backend(backend))
+
+
+@cast_128x128_transposed.op.register_fake
+def _(w, pow2_scale, backend):
+    n, k = w.shape[-2:]
+    lead = w.shape[:-2]
+    return (w.new_empty(*lead, k, n, dtype=FP8_DTYPE),
+            w.new_empty(*lead, _ceil_to(k, GROUP) // GROUP, _ceil_to(n, GROUP) // GROUP, dtype=torch.float32))
+
+
 # The MoE casts with the permutation into the padded layout fused in: x [T, K] holds the
 # tokens, src_tokens int64 [M] the token each padded row copies (T: a zero row), and the
 # results are those of cast_1x128 / cast_1x128_both on ``permute(x)`` [M, K], which never
@@ -346,8 +362,9 @@ def _(a, a_scale, b, b_scale, group_offsets, out, backend):
 def fprop_cast_weight(x_fp8: Tensor, x_scale: Tensor, weight: Tensor, pow2_scale: bool,
                       out_dtype: torch.dtype, backend: str) -> Tensor:
     """``gemm_nt(x_q, cast_128x128(weight))``: the forward GEMM [T, N] with the weight's
-    128x128 cast made inside (the ops below run their bodies directly here)."""
-    return gemm_nt(x_fp8, x_scale, *cast_128x128(weight, pow2_scale, backend), out_dtype, backend)
+    128x128 cast made inside."""
+    w_fp8, w_scale = cast_128x128.body(weight, pow2_scale, backend)
+    return gemm_nt.body(x_fp8, x_scale, w_fp8, w_scale, out_dtype, backend)
 
 
 @fprop_cast_weight.op.register_fake
@@ -359,12 +376,11 @@ def _(x_fp8, x_scale, weight, pow2_scale, out_dtype, backend):
 def linear_grads(grad_out: Tensor, weight: Tensor, xt_fp8: Tensor, xt_scale: Tensor,
                  pow2_scale: bool, dx_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor]:
     """Both gradients of ``y = x @ weight.T`` from grad_out [T, N] (T >= 1) and x's
-    column-wise cast: dy's two casts from one read, (W^T)_q from the weight's dual cast,
-    then dgrad (dx [T, K] in ``dx_dtype``) and wgrad (dw [N, K] float32)."""
-    dy_fp8, dy_scale, dyt_fp8, dyt_scale = cast_1x128_layouts(grad_out, pow2_scale, True, True, backend)
-    w_t_fp8, w_t_scale = cast_128x128_dual(weight, pow2_scale, backend)[2:]
-    return (gemm_nt(dy_fp8, dy_scale, w_t_fp8, w_t_scale, dx_dtype, backend),
-            gemm_nt(dyt_fp8, dyt_scale, xt_fp8, xt_scale, torch.float32, backend))
+    column-wise cast: dy's two casts from one read, (W^T)_q cast from the weight, then dgrad (dx [T, K] in ``dx_dtype``) and wgrad (dw [N, K] float32)."""
+    dy_fp8, dy_scale, dyt_fp8, dyt_scale = _cast_layouts(grad_out, pow2_scale, True, True, backend)
+    w_t_fp8, w_t_scale = cast_128x128_transposed.body(weight, pow2_scale, backend)
+    return (gemm_nt.body(dy_fp8, dy_scale, w_t_fp8, w_t_scale, dx_dtype, backend),
+            gemm_nt.body(dyt_fp8, dyt_scale, xt_fp8, xt_scale, torch.float32, backend))
 
 
 @linear_grads.op.register_fake

@@ -77,7 +77,11 @@ def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype:
 
         saved = saved_for_backward(x, xt_fp8, xt_scale, weight, w_t_fp8, w_t_scale, recipe,
                                    need_dx, need_dw)
-    return y, saved
+    # A new tensor of the Function's own, as the dense layer returns: with the GEMM op's
+    # output returned as is (the BF16 case, where .to() is a no-op), Dynamo's trace of
+    # the Function under CUDA autocast gave its backward all-zero output gradients
+    # (torch 2.11, H100; scripts/trace_custom_ops.py --grouped-variant).
+    return torch.ops.aten._unsafe_view(y, y.shape), saved
 
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
@@ -139,37 +143,6 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                 else:
                     dw = segment_wgrad(grad_out_hp, x_hp, group_offsets).to(ctx.w_dtype)
         return dx, dw, None, None, None, None
-
-
-# Devices on which a compiled graph runs FP8GroupedLinearFunction eagerly (a graph break)
-# when its output is BF16/FP16 or autocast is on. On the H100 (torch 2.11, CUDA BF16
-# autocast) Dynamo's trace of it handed its backward all-zero output gradients and told its
-# forward the input needs none: expert weight and input gradients came out zero with
-# aot_eager as with Inductor, with the reference ops as with the kernels, while eager, FP32
-# without autocast, and the dense FP8LinearFunction were right
-# (scripts/trace_custom_ops.py; docs/hf.md). Whether autocast or the BF16 output (then the
-# GEMM's own output tensor, returned as is) triggers it is not known, so both take this path;
-# the eager Function is right there. `scripts/trace_custom_ops.py --trace-grouped` sets it to
-# () to trace the Function; the CPU test sets ("cpu",) to take this path.
-EAGER_UNDER_COMPILE = ("cuda",)
-
-
-@torch.compiler.disable
-def _apply_outside_graph(*args):
-    return FP8GroupedLinearFunction.apply(*args)
-
-
-def apply_grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_offsets: torch.Tensor,
-                         recipe: FP8Recipe, out_dtype: torch.dtype,
-                         src_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``FP8GroupedLinearFunction.apply``, run outside a compiled graph where tracing it
-    lost its gradients (``EAGER_UNDER_COMPILE``); so ``fullgraph=True`` fails there rather
-    than train on zero gradients."""
-    device = x.device.type
-    if (torch.compiler.is_compiling() and device in EAGER_UNDER_COMPILE
-            and (torch.is_autocast_enabled(device) or out_dtype != torch.float32)):
-        return _apply_outside_graph(x, weight, group_offsets, recipe, out_dtype, src_tokens)
-    return FP8GroupedLinearFunction.apply(x, weight, group_offsets, recipe, out_dtype, src_tokens)
 
 
 def _check_int(name: str, value) -> int:
@@ -279,8 +252,8 @@ class FP8GroupedLinear(GroupedLinear):
         if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
             return _forward(x, self.weight, group_offsets, src_tokens, self.recipe, out_dtype,
                             False, False)[0]
-        return apply_grouped_linear(x, self.weight, group_offsets, self.recipe, out_dtype,
-                                    src_tokens)
+        return FP8GroupedLinearFunction.apply(x, self.weight, group_offsets, self.recipe,
+                                              out_dtype, src_tokens)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"

@@ -10,9 +10,9 @@
   class; their forward is switched to the experts implementation ``"fp8train"`` registered
   with ``ExpertsInterface``. It permutes tokens into fp8train's padded contiguous layout
   (``moe_layout``; for the first projection inside its FP8 casts) and runs both projections
-  through ``FP8GroupedLinearFunction`` (``apply_grouped_linear``): fprop and dgrad
-  m-grouped, wgrad k-grouped. So ``state_dict``, ``save_pretrained`` and
-  ``from_pretrained`` see exactly the model they saw before.
+  through ``FP8GroupedLinearFunction``: fprop and dgrad m-grouped, wgrad k-grouped. So
+  ``state_dict``, ``save_pretrained`` and ``from_pretrained`` see exactly the model they
+  saw before.
 
 transformers is imported here only, and only when an HF model is converted.
 """
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .._checks import check_tensor
-from .grouped_linear import _forward as _grouped_forward, apply_grouped_linear
+from .grouped_linear import FP8GroupedLinearFunction, _forward as _grouped_forward
 from .linear_function import GROUP, check_main_grad, compute_dtype
 from .moe_layout import build_moe_layout, unpermute
 from .recipe import FP8Recipe
@@ -87,7 +87,7 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, layout, recipe: FP8Re
         weight = weight.transpose(1, 2).contiguous()
     out_dtype = compute_dtype(x)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        out = apply_grouped_linear(x, weight, layout.group_offsets, recipe, out_dtype, src_tokens)
+        out = FP8GroupedLinearFunction.apply(x, weight, layout.group_offsets, recipe, out_dtype, src_tokens)
     else:
         out = _grouped_forward(x, weight, layout.group_offsets, src_tokens, recipe, out_dtype,
                                False, False)[0]

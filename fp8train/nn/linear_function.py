@@ -9,9 +9,8 @@ either the master weight (already alive as a parameter: no extra memory, W is re
 backward) or, with ``recipe.save_fp8_weight``, W^T in FP8. No high-precision activation is
 kept unless the recipe runs wgrad in high precision.
 
-W_q and (W^T)_q come from one dual cast (one read of W) wherever (W^T)_q is made: in the
-forward with ``save_fp8_weight`` (W_q feeds fprop), else in backward (W_q is dropped; the
-dual cast still moves fewer bytes than casting W and transposing the FP8 result).
+(W^T)_q is cast from W directly, in one read: in the forward with ``save_fp8_weight``,
+together with W_q (one dual cast), else in backward, where the cast writes (W^T)_q alone.
 
 The wgrad contraction runs over tokens, which must be a multiple of 128: the column-wise
 casts pad T with zero rows (zero rows change no scale and add nothing to dW).
@@ -54,6 +53,14 @@ def cast_weight_dual(weight: torch.Tensor, pow2_scale: bool, backend: str = ""):
     return ops.cast_128x128_dual(weight, pow2_scale, backend)
 
 
+def cast_weight_transposed(weight: torch.Tensor, pow2_scale: bool, backend: str = ""):
+    """((W^T)_q, scale^T) for dgrad: cast from a high-precision weight (one read, only the
+    transposed copy written), or a pre-cast ``FP8BlockWeight``'s blocks transposed."""
+    if isinstance(weight, FP8BlockWeight):
+        return ops.transpose_128x128(*cast_weight(weight, pow2_scale))
+    return ops.cast_128x128_transposed(weight, pow2_scale, backend)
+
+
 def keeps_w_t(recipe: FP8Recipe, need_dx: bool) -> bool:
     """Whether the forward makes (W^T)_q and backward keeps it (``save_fp8_weight``)."""
     return need_dx and recipe.dgrad_fp8 and recipe.save_fp8_weight
@@ -89,7 +96,7 @@ def backward_operands(grad_out_hp: torch.Tensor, weight: torch.Tensor, w_t_fp8, 
     dy_fp8, dy_scale, dyt_fp8, dyt_scale = ops.cast_1x128_layouts(grad_out_hp, pow2, dgrad_q, wgrad_q,
                                                                   backend)
     if dgrad_q and w_t_fp8 is None:
-        w_t_fp8, w_t_scale = cast_weight_dual(weight, pow2, backend)[2:]
+        w_t_fp8, w_t_scale = cast_weight_transposed(weight, pow2, backend)
     return dy_fp8, dy_scale, dyt_fp8, dyt_scale, w_t_fp8, w_t_scale
 
 

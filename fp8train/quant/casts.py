@@ -58,7 +58,7 @@ def per_block_cast(w: torch.Tensor, *, pow2_scale: bool = False, backend=None) -
     """
     _check_weight(w, pow2_scale)
     if _use_native(w, backend):
-        return _native.block_cast(w, pow2_scale, transposed=False)[:2]
+        return _native.block_cast(w, pow2_scale, plain=True, transposed=False)[:2]
     return per_block_cast_ref(w, pow2_scale)
 
 
@@ -71,8 +71,18 @@ def per_block_cast_dual(w: torch.Tensor, *, pow2_scale: bool = False, backend=No
     """
     _check_weight(w, pow2_scale)
     if _use_native(w, backend):
-        return _native.block_cast(w, pow2_scale, transposed=True)
+        return _native.block_cast(w, pow2_scale, plain=True, transposed=True)
     return per_block_cast_dual_ref(w, pow2_scale)
+
+
+def per_block_cast_transposed(w: torch.Tensor, *, pow2_scale: bool = False, backend=None) -> FP8Pair:
+    """The 128x128 cast of ``w.mT`` (dgrad's ``(W^T)_q``) read from w ``[N, K]`` or
+    ``[G, N, K]``: (``wt_fp8`` ``[..., K, N]``, ``wt_scale`` ``[..., ceil(K/128),
+    ceil(N/128)]``), the transposed pair of ``per_block_cast_dual`` without the plain one."""
+    _check_weight(w, pow2_scale)
+    if _use_native(w, backend):
+        return _native.block_cast(w, pow2_scale, plain=False, transposed=True)[2:]
+    return per_block_cast_dual_ref(w, pow2_scale)[2:]
 
 
 def _check_weight(w: torch.Tensor, pow2_scale) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -72,13 +73,18 @@ def kernel_name(kind: str) -> str:
 def supports(x: torch.Tensor) -> bool:
     """A CUDA tensor the kernels take: bf16/fp16/fp32, contiguous, non-empty, with every
     index in 32 bits and every grid within the launch limits (else the reference runs)."""
-    if not (x.is_cuda and x.dtype in _C_TYPES and x.is_contiguous() and x.numel() > 0):
-        return False
-    cols = x.shape[-1]
-    rows = x.numel() // cols
-    n = x.shape[-2] if x.dim() >= 2 else 1
+    return (x.is_cuda and x.dtype in _C_TYPES and x.numel() > 0 and x.is_contiguous()
+            and _shape_fits(x.shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape_fits(shape: torch.Size) -> bool:
+    """The size limits of ``supports``, per shape (the same few shapes repeat every step)."""
+    cols = shape[-1]
+    rows = math.prod(shape) // cols
+    n = shape[-2] if len(shape) >= 2 else 1
     experts = rows // n  # grid z of the block cast ([G, N, K])
-    return (max(x.shape) <= _U32_MAX and chunks_fit(rows, cols)
+    return (max(shape) <= _U32_MAX and chunks_fit(rows, cols)
             and -(-n // GROUP) <= _GRID_YZ and experts <= _GRID_YZ)
 
 
@@ -180,21 +186,21 @@ def per_token_cast(x: torch.Tensor, pow2_scale: bool, *, src_rows: Optional[torc
     return q, s
 
 
-def block_cast(w: torch.Tensor, pow2_scale: bool, transposed: bool = True):
+def block_cast(w: torch.Tensor, pow2_scale: bool, *, plain: bool = True, transposed: bool = True):
     """w [..., N, K] (2-D or 3-D) -> (w_q [..., N, K], scale [..., ceil(N/128), ceil(K/128)],
-    wt_q [..., K, N], scale_t [..., ceil(K/128), ceil(N/128)]); the transposed pair is None
-    unless asked for."""
+    wt_q [..., K, N], scale_t [..., ceil(K/128), ceil(N/128)]); the plain pair is None
+    unless ``plain``, the transposed one None unless ``transposed``."""
     n, k = w.shape[-2:]
     lead = w.shape[:-2]
     experts = w.numel() // (n * k)
     nb, kb = -(-n // GROUP), -(-k // GROUP)
     dev = w.device
-    wq = torch.empty(w.shape, dtype=FP8_DTYPE, device=dev)
-    s = torch.empty(*lead, nb, kb, dtype=torch.float32, device=dev)
+    wq = torch.empty(w.shape, dtype=FP8_DTYPE, device=dev) if plain else None
+    s = torch.empty(*lead, nb, kb, dtype=torch.float32, device=dev) if plain else None
     wtq = torch.empty(*lead, k, n, dtype=FP8_DTYPE, device=dev) if transposed else None
     st = torch.empty(*lead, kb, nb, dtype=torch.float32, device=dev) if transposed else None
     _kernel("block", w.dtype, bool(pow2_scale), dev.index).launch(
         (kb, nb, experts), _THREADS, _TILE_SMEM if transposed else 0,
-        (w.data_ptr(), n, k, _vec_in(w), wq.data_ptr(), s.data_ptr(), _ptr(wtq), _ptr(st)),
+        (w.data_ptr(), n, k, _vec_in(w), _ptr(wq), _ptr(s), _ptr(wtq), _ptr(st)),
         (_vp, _u32, _u32, _u32, _vp, _vp, _vp, _vp), _raw_stream(dev.index))
     return wq, s, wtq, st
