@@ -138,9 +138,9 @@ def _slug(label: str) -> str:
 
 def _cprofile(step, path: Path, steps: int = 20) -> None:
     """Python functions by own time over ``steps`` calls of ``step`` queued behind a busy
-    GPU (so no call waits on a kernel); written to ``path``, the top lines printed."""
+    GPU (so no call waits on a kernel), in microseconds per step; written to ``path``, the
+    top lines printed."""
     import cProfile
-    import io
     import pstats
 
     torch.cuda.synchronize()
@@ -151,11 +151,13 @@ def _cprofile(step, path: Path, steps: int = 20) -> None:
         step()
     profiler.disable()
     torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
-    path.write_text(text.getvalue())
-    print(f"--- cProfile of {steps} steps, by own time ({path})\n"
-          + "\n".join(text.getvalue().splitlines()[:45]), flush=True)
+    rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda kv: -kv[1][2])
+    lines = [f"{'own us/step':>11s} {'cum us/step':>11s} {'calls/step':>10s}  function"]
+    for (file, line, name), (_, calls, own, cum, _) in rows[:40]:
+        where = name if file == "~" else f"{Path(file).name}:{line}({name})"
+        lines.append(f"{own / steps * 1e6:11.1f} {cum / steps * 1e6:11.1f} {calls / steps:10.1f}  {where}")
+    path.write_text("\n".join(lines) + "\n")
+    print(f"--- cProfile of {steps} steps ({path})\n" + "\n".join(lines[:26]), flush=True)
 
 
 def run_layers(args) -> None:
