@@ -15,7 +15,7 @@ from fp8train import ops
 from fp8train.ops import reference as ref
 from fp8train.ops.native.gemm_config import choose_config
 from fp8train.quant import per_block_cast, per_token_cast
-from .timing import num_input_sets, time_calls
+from .timing import num_input_sets, paired_ratio, time_calls
 
 # (M, N, K) -> DeepGEMM 2025-07 / cuBLAS blockwise ratio on the lent H100 (DESIGN.md).
 DENSE_1D2D = {
@@ -92,9 +92,13 @@ def _bench_1d2d(m, n, k):
     tensorwise = [lambda c=c: torch._scaled_mm(c[0], c[1], one, one, out_dtype=torch.bfloat16,
                                                use_fast_accum=True) for c in tw_args]
     bf16 = [lambda s=s: torch.matmul(s[0], s[1].t()) for s in sets]
-    return {name: time_calls(fns) for name, fns in
-            (("native", native), ("cublas", cublas), ("auto", auto), ("cublas_out", cublas_out),
-             ("auto_out", auto_out), ("tensorwise", tensorwise), ("bf16", bf16))}
+    times = {name: time_calls(fns) for name, fns in
+             (("native", native), ("cublas", cublas), ("auto", auto), ("cublas_out", cublas_out),
+              ("auto_out", auto_out), ("tensorwise", tensorwise), ("bf16", bf16))}
+    # What `auto` costs over cuBLAS called directly (throughput ratios: direct time / auto's).
+    paired = {"auto_vs_cublas": 1 / paired_ratio(auto, cublas),
+              "auto_out_vs_cublas_out": 1 / paired_ratio(auto_out, cublas_out)}
+    return times, paired
 
 
 def _bench_1d1d(m, n, k):
@@ -106,7 +110,7 @@ def _bench_1d1d(m, n, k):
                    for s in sets]
     cublas = [lambda c=c: torch._scaled_mm(c[0], c[1], c[2], c[3], out_dtype=torch.float32)
               for c in cublas_args]
-    return {name: time_calls(fns) for name, fns in (("native", native), ("cublas", cublas))}
+    return {name: time_calls(fns) for name, fns in (("native", native), ("cublas", cublas))}, {}
 
 
 def _auto_path(m, n, k) -> str:
@@ -134,17 +138,16 @@ def run(shapes: str | None, json_path: str | None) -> int:
         for m, n, k in shape_list:
             ok, err = _check(m, n, k, kind)
             failures += not ok
-            times = _bench_1d2d(m, n, k) if kind == "1d2d" else _bench_1d1d(m, n, k)
+            times, paired = _bench_1d2d(m, n, k) if kind == "1d2d" else _bench_1d1d(m, n, k)
             row = {"kind": kind, "m": m, "n": n, "k": k, "ok": ok, "rel_err": err,
                    "config": str(choose_config(m, n, k, num_sms, kind))}
             for name, (ms, host_us) in times.items():
                 row[f"{name}_tflops"] = _tflops(m, n, k, ms)
                 row[f"{name}_host_us"] = host_us
             row["ratio"] = row["native_tflops"] / row["cublas_tflops"]
-            if kind == "1d2d":  # what `auto` costs over cuBLAS called directly
+            row.update(paired)
+            if kind == "1d2d":
                 row["auto_path"] = _auto_path(m, n, k)
-                row["auto_vs_cublas"] = row["auto_tflops"] / row["cublas_tflops"]
-                row["auto_out_vs_cublas_out"] = row["auto_out_tflops"] / row["cublas_out_tflops"]
             row["deepgemm_ratio"] = DENSE_1D2D.get((m, n, k)) if kind == "1d2d" else None
             if m <= 128:
                 row["roofline_pct"] = roofline_pct(m, n, k, 2 * m * n * k / (row["native_tflops"] * 1e12))

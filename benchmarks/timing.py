@@ -51,6 +51,20 @@ def time_calls(calls: Sequence[Callable[[], object]], *, batch: int = 40, repeat
     return statistics.median(gpu_ms), statistics.median(host_us)
 
 
+def paired_ratio(calls_a: Sequence[Callable[[], object]], calls_b: Sequence[Callable[[], object]],
+                 *, rounds: int = 7) -> float:
+    """GPU time of ``calls_a`` over that of ``calls_b``: the median over ``rounds`` of the two
+    measured back to back (the order alternating), so clock drift between separate
+    measurements of two paths that launch the same kernels does not read as a difference."""
+    ratios = []
+    for i in range(rounds):
+        first, second = (calls_a, calls_b) if i % 2 == 0 else (calls_b, calls_a)
+        t_first, t_second = time_calls(first, repeats=3)[0], time_calls(second, repeats=3)[0]
+        t_a, t_b = (t_first, t_second) if i % 2 == 0 else (t_second, t_first)
+        ratios.append(t_a / t_b)
+    return statistics.median(ratios)
+
+
 def time_candidates(label: str, candidates: dict, flops: int, *, batch: int = 10) -> dict:
     """TFLOP/s of each named list of calls; a candidate that fails (a baseline this torch
     lacks, say) is reported and left out rather than ending the run."""
