@@ -80,7 +80,7 @@ def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype:
     # A new tensor of the Function's own, as the dense layer returns: with the GEMM op's
     # output returned as is (the BF16 case, where .to() is a no-op), Dynamo's trace of
     # the Function under CUDA autocast gave its backward all-zero output gradients
-    # (torch 2.11, H100; scripts/trace_custom_ops.py --grouped-variant).
+    # (torch 2.11, H100; found with scripts/trace_custom_ops.py).
     return torch.ops.aten._unsafe_view(y, y.shape), saved
 
 
