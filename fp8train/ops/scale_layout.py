@@ -33,9 +33,12 @@ def empty_scales(lead: tuple, blocks: int, device) -> torch.Tensor:
         strides.append(rows)
         rows *= size
     ld = kblock_major_ld(rows)
-    # One allocation viewed in place (a slice, transpose and view cost three more ops a call).
+    shape, stride = (*lead, blocks), (*reversed(strides), ld)
+    if rows == ld:  # the strided allocation spans exactly [blocks, ld]: one op
+        return torch.empty_strided(shape, stride, dtype=torch.float32, device=device)
+    # The padding past the last block's rows must be allocated too (TMA reads whole boxes).
     storage = torch.empty(blocks * ld, dtype=torch.float32, device=device)
-    return storage.as_strided((*lead, blocks), (*reversed(strides), ld))
+    return storage.as_strided(shape, stride)
 
 
 def as_kblock_major(scale: torch.Tensor) -> torch.Tensor:
