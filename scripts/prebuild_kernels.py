@@ -65,20 +65,14 @@ def main() -> int:
         kernels = recipe_kernels(name)
         print(f"{name}: {len(kernels)} GEMM kernels")
         jobs += [("gemm", kernel) for kernel in kernels]
-    # Row-wise scales are K-block-major (the dual cast always; the per-token cast but for a
-    # 1-D input); the weight cast writes 128x128 scales.
-    kblock_major = {"dual_async": (True,), "per_token": (False, True), "block": (False,)}
-    jobs += [("cast", (kind, dtype, pow2, km)) for kind in native.KINDS
-             for dtype in (torch.bfloat16, torch.float16, torch.float32) for pow2 in (False, True)
-             for km in kblock_major[kind]]
+    jobs += [("cast", (kind, dtype, pow2)) for kind in native.KINDS
+             for dtype in (torch.bfloat16, torch.float16, torch.float32) for pow2 in (False, True)]
 
     def build(job):
         what, args = job
         if what == "gemm":
             return compile_kernel(*args)
-        kind, dtype, pow2, km = args
-        return compiler.compile_cubin(native.compiled_name(kind, dtype, pow2, km),
-                                      native.render_source(kind, dtype, pow2, km))
+        return compiler.compile_cubin(native.compiled_name(*args), native.render_source(*args))
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:

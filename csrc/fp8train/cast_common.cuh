@@ -184,11 +184,10 @@ __device__ __forceinline__ float octet_amax(float amax) {
 
 // The end of a row pass (dual casts): one row's 128-group held 16 values per lane by the 8
 // lanes of an octet (`sub` = which 16) -> its e4m3 bytes at q[t, k..] and, from lane 0, its
-// scale. KBLOCK_MAJOR: the scale (t, block) lives at block * scale_ld + t (K-block-major, the
-// GEMMs' layout for A's scales), else at t * col_blocks + block.
-template <bool POW2, bool KBLOCK_MAJOR>
+// scale, at block * scale_ld + t (K-block-major, the GEMMs' layout for A's scales).
+template <bool POW2>
 __device__ __forceinline__ void write_row_group(const float (&v)[CHUNK], uint32_t t, uint32_t k, uint32_t sub,
-                                                uint32_t rows, uint32_t cols, uint32_t block, uint32_t col_blocks,
+                                                uint32_t rows, uint32_t cols, uint32_t block,
                                                 uint8_t* __restrict__ q, float* __restrict__ scale,
                                                 uint32_t scale_ld) {
     const float s_row = scale_from_amax(octet_amax(chunk_amax(v)), POW2);
@@ -197,8 +196,7 @@ __device__ __forceinline__ void write_row_group(const float (&v)[CHUNK], uint32_
             store_e4m3(q + static_cast<uint64_t>(t) * cols + k, v, Quantizer(s_row, POW2), cols - k,
                        cols % CHUNK == 0);
         if (sub == 0)
-            scale[KBLOCK_MAJOR ? static_cast<uint64_t>(block) * scale_ld + t
-                         : static_cast<uint64_t>(t) * col_blocks + block] = s_row;
+            scale[static_cast<uint64_t>(block) * scale_ld + t] = s_row;
     }
 }
 

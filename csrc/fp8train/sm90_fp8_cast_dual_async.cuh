@@ -70,7 +70,7 @@ __device__ __forceinline__ uint32_t load_shared_element(const uint8_t* tile, uin
 
 }  // namespace cast
 
-template <typename T, bool POW2, bool KBLOCK_MAJOR>
+template <typename T, bool POW2>
 __device__ __forceinline__ void dual_cast_tile_async(const T* __restrict__ x, const int64_t* __restrict__ src_rows,
                                                      uint32_t src_count, uint32_t rows, uint32_t cols,
                                                      bool vec_in, uint8_t* __restrict__ q,
@@ -91,7 +91,6 @@ __device__ __forceinline__ void dual_cast_tile_async(const T* __restrict__ x, co
     const uint32_t t0 = blockIdx.y * GROUP, k0 = blockIdx.x * GROUP;
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t octet = lane / LANES_PER_GROUP, sub = lane % LANES_PER_GROUP;
-    const uint32_t col_blocks = gridDim.x;
 
     // Load: thread i stages unit i % UNITS of rows i / UNITS + j * (THREADS / UNITS).
     const uint32_t u = threadIdx.x % Tile::UNITS;
@@ -138,7 +137,7 @@ __device__ __forceinline__ void dual_cast_tile_async(const T* __restrict__ x, co
             float v[CHUNK];
 #pragma unroll
             for (uint32_t j = 0; j < CHUNK; ++j) v[j] = element(chunk, j);
-            write_row_group<POW2, KBLOCK_MAJOR>(v, t, k, sub, rows, cols, blockIdx.x, col_blocks, q, scale, scale_ld);
+            write_row_group<POW2>(v, t, k, sub, rows, cols, blockIdx.x, q, scale, scale_ld);
         }
     }
     if (!colwise) return;

@@ -15,9 +15,9 @@ namespace fp8train {
 
 constexpr uint32_t PER_TOKEN_CAST_THREADS = 256;
 
-// KBLOCK_MAJOR: scale (r, block) lives at block * scale_ld + r (K-block-major, the GEMMs' layout
-// for A's scales), else at r * ceil(cols/128) + block.
-template <typename T, bool POW2, bool KBLOCK_MAJOR>
+// Scale (r, block) lives at block * scale_ld + r (K-block-major, the GEMMs' layout for A's
+// scales; a single row passes scale_ld = 1, which is also row-major).
+template <typename T, bool POW2>
 __device__ __forceinline__ void per_token_cast_chunk(const T* __restrict__ x, const int64_t* __restrict__ src_rows,
                                                      uint32_t src_count, uint32_t rows, uint32_t cols,
                                                      bool vec_in, uint8_t* __restrict__ q,
@@ -46,7 +46,7 @@ __device__ __forceinline__ void per_token_cast_chunk(const T* __restrict__ x, co
         store_e4m3(q + static_cast<uint64_t>(r) * cols + k, v, Quantizer(s, POW2), cols - k, cols % CHUNK == 0);
     if (in_row % LANES_PER_GROUP == 0) {
         const uint64_t block = in_row / LANES_PER_GROUP;
-        scale[KBLOCK_MAJOR ? block * scale_ld + r : static_cast<uint64_t>(r) * col_blocks + block] = s;
+        scale[block * scale_ld + r] = s;
     }
 }
 

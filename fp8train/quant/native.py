@@ -36,13 +36,13 @@ _KINDS = {
                    "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld, "
                    "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t scale_t_ld, uint32_t rowwise, "
                    "uint32_t colwise",
-                   "fp8train::dual_cast_tile_async<{T}, {POW2}, {KBLOCK_MAJOR}>(x, src_rows, src_count, rows, "
+                   "fp8train::dual_cast_tile_async<{T}, {POW2}>(x, src_rows, src_count, rows, "
                    "cols, vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, scale_t_ld, rowwise != 0, "
                    "colwise != 0);"),
     "per_token": ("sm90_fp8_cast_per_token.cuh",
                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
                   "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld",
-                  "fp8train::per_token_cast_chunk<{T}, {POW2}, {KBLOCK_MAJOR}>(x, src_rows, src_count, rows, "
+                  "fp8train::per_token_cast_chunk<{T}, {POW2}>(x, src_rows, src_count, rows, "
                   "cols, vec_in != 0, q, scale, scale_ld);"),
     "block": ("sm90_fp8_cast_block.cuh",
               "const {T}* w, uint32_t n_rows, uint32_t cols, uint32_t vec_in, uint8_t* wq, "
@@ -93,12 +93,10 @@ def chunks_fit(rows: int, cols: int) -> bool:
     return rows * -(-cols // GROUP) * (GROUP // 16) < 2**31
 
 
-def render_source(kind: str, dtype: torch.dtype, pow2_scale: bool, kblock_major: bool = False) -> str:
-    """kblock_major: row-wise scales written K-block-major (per_token and dual casts)."""
+def render_source(kind: str, dtype: torch.dtype, pow2_scale: bool) -> str:
     header, params, call = _KINDS[kind]
-    fill = {"T": _C_TYPES[dtype], "POW2": str(bool(pow2_scale)).lower(),
-            "KBLOCK_MAJOR": str(bool(kblock_major)).lower()}
-    return f"""// Rendered by fp8train.quant.native: {kind} cast, {dtype}, pow2_scale={pow2_scale}, kblock_major={kblock_major}
+    fill = {"T": _C_TYPES[dtype], "POW2": str(bool(pow2_scale)).lower()}
+    return f"""// Rendered by fp8train.quant.native: {kind} cast, {dtype}, pow2_scale={pow2_scale}
 #include "fp8train/{header}"
 
 extern "C" __global__ void __launch_bounds__({_THREADS}, {_min_blocks(kind, dtype)})
@@ -108,18 +106,16 @@ extern "C" __global__ void __launch_bounds__({_THREADS}, {_min_blocks(kind, dtyp
 """
 
 
-def compiled_name(kind: str, dtype: torch.dtype, pow2_scale: bool, kblock_major: bool = False) -> str:
-    return (f"sm90_fp8_{kind}_cast_{str(dtype).split('.')[-1]}{'_pow2' if pow2_scale else ''}"
-            f"{'_kblock_major' if kblock_major else ''}")
+def compiled_name(kind: str, dtype: torch.dtype, pow2_scale: bool) -> str:
+    return f"sm90_fp8_{kind}_cast_{str(dtype).split('.')[-1]}{'_pow2' if pow2_scale else ''}"
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(kind: str, dtype: torch.dtype, pow2_scale: bool, device: int, kblock_major: bool = False):
+def _kernel(kind: str, dtype: torch.dtype, pow2_scale: bool, device: int):
     from ..ops.jit.compiler import compile_cubin
     from ..ops.jit.runtime import load_kernel
 
-    compiled = compile_cubin(compiled_name(kind, dtype, pow2_scale, kblock_major),
-                             render_source(kind, dtype, pow2_scale, kblock_major))
+    compiled = compile_cubin(compiled_name(kind, dtype, pow2_scale), render_source(kind, dtype, pow2_scale))
     return load_kernel(compiled, kernel_name(kind), device)
 
 
@@ -153,7 +149,7 @@ def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: 
     if rows == 0 or not (rowwise or colwise):
         return q, s, qt, st
     # The staged tile (in the input's dtype) serves the row pass too: always there.
-    _kernel("dual_async", x.dtype, bool(pow2_scale), dev.index, True).launch(
+    _kernel("dual_async", x.dtype, bool(pow2_scale), dev.index).launch(
         (col_blocks, -(-rows // GROUP)), _THREADS, GROUP * GROUP * x.dtype.itemsize,
         (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), _ptr(q), _ptr(s),
          s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols, _ptr(st), st.stride(-1) if colwise else 0,
@@ -172,13 +168,12 @@ def per_token_cast(x: torch.Tensor, pow2_scale: bool, *, src_rows: Optional[torc
     lead = x.shape[:-1] if src_rows is None else (rows,)
     col_blocks = -(-cols // GROUP)
     dev = x.device
-    kblock_major = len(lead) > 0  # a 1-D input has one row of scales: plain
     q = torch.empty(*lead, cols, dtype=FP8_DTYPE, device=dev)
     s = empty_scales(tuple(lead), col_blocks, dev)
     chunks = rows * col_blocks * (GROUP // 16)
     if chunks == 0:
         return q, s
-    _kernel("per_token", x.dtype, bool(pow2_scale), dev.index, kblock_major).launch(
+    _kernel("per_token", x.dtype, bool(pow2_scale), dev.index).launch(
         -(-chunks // _THREADS), _THREADS, 0,
         (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), q.data_ptr(), s.data_ptr(),
          s.stride(-1)),
