@@ -1,4 +1,4 @@
-"""Which implementation serves a GEMM call: native kernels, cuBLAS or the reference.
+"""Which implementation serves a GEMM or cast call: native kernels, cuBLAS or the reference.
 
 ``auto`` picks the fastest one available for the call's device and says once which path
 runs; an explicit choice that cannot serve a call raises instead of falling back.
@@ -88,6 +88,7 @@ def resolve(op: str, device: torch.device, *, native_ok, cublas_ok: bool,
                                f"blockwise FP8 GEMM for this call (tensors on {device})")
         return "cublas"
     # auto
+    why = f"tensors on {device}"
     if on_hopper:
         if cublas_ok and cublas_first:
             return "cublas"
@@ -97,5 +98,6 @@ def resolve(op: str, device: torch.device, *, native_ok, cublas_ok: bool,
         if cublas_ok:
             announce(f"{op} runs on cuBLAS: native kernels unavailable ({why})")
             return "cublas"
-    announce(f"{op} runs on the reference emulation (tensors on {device})")
+        why = f"native kernels unavailable: {why}"
+    announce(f"{op} runs on the reference emulation ({why})")
     return "reference"

@@ -119,13 +119,8 @@ def _use_native(x: torch.Tensor, backend) -> bool:
     chosen = _backend.chosen(backend)
     if chosen == "reference" or not _native.supports(x):
         return False
-    ok, why = (_ops_native.toolchain_status() if _backend.is_hopper(x.device.index or 0)
-               else (False, f"tensors on {x.device}, not an sm_90 GPU"))
-    if not ok:
-        if chosen == "native":
-            raise RuntimeError(f"FP8 cast: backend 'native' requested but unavailable: {why}")
-        _backend.announce(f"FP8 casts run on the reference emulation: native kernels unavailable ({why})")
-    return ok
+    return _backend.resolve("FP8 casts", x.device, native_ok=_ops_native.toolchain_status, cublas_ok=False,
+                            backend="auto" if chosen == "cublas" else chosen) == "native"
 
 
 def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False, backend=None):
