@@ -75,7 +75,7 @@ def _cases(t: int, k: int, src: torch.Tensor, ref):
         "per-token": (_bytes(t, k, False), lambda x: native.per_token_cast(x, False),
                       lambda x: per_token(x, False)),
         "dual": (_bytes(t, k, True), lambda x: native.dual_cast(x, False), lambda x: dual(x, False)),
-        "weight+T": (weight_bytes, lambda x: native.block_cast(x, False, True),
+        "weight+T": (weight_bytes, lambda x: native.block_cast(x, False, plain=True, transposed=True),
                      lambda x: block(x, False)),
         "permuted": (permuted_bytes,
                      lambda x: native.per_token_cast(x[:tokens], False, src_rows=src, num_rows=m),

@@ -3,6 +3,7 @@ FP8 checkpoint, loaded back with AutoModelForCausalLM.from_pretrained (which deq
 on a machine without a GPU)."""
 import importlib.util
 import json
+import re
 import warnings
 
 import pytest
@@ -91,6 +92,33 @@ def test_save_pretrained_fp8_argument_checks(tmp_path):
         fp8train.save_pretrained_fp8(model, tmp_path, state_dict={})
 
 
+def _file_tensor(saved: dict, key: str) -> torch.Tensor:
+    """The file's tensor for a key of the loaded model: its own, or for transformers' fused
+    experts (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I], and their
+    ``_scale_inv``) the per-expert tensors of the file stacked as transformers fuses them."""
+    if key in saved:
+        return saved[key]
+    fused = re.fullmatch(r"(.*\.experts)\.(gate_up_proj|down_proj)(_scale_inv)?", key)
+    assert fused, f"{key}: neither in the file nor a fused expert tensor"
+    prefix, name, suffix = fused.group(1), fused.group(2), "weight" + (fused.group(3) or "")
+    experts = sorted({int(k[len(prefix) + 1:].split(".")[0]) for k in saved if k.startswith(prefix + ".")})
+    parts = ("gate_proj", "up_proj") if name == "gate_up_proj" else ("down_proj",)
+    return torch.stack([torch.cat([saved[f"{prefix}.{e}.{part}.{suffix}"] for part in parts])
+                        for e in experts])
+
+
+def check_loaded_fp8(state: dict, saved: dict) -> None:
+    """Every e4m3 tensor of a loaded model holds the file's bytes and its scale the file's
+    values (fused expert tensors against the file's experts stacked)."""
+    kept_fp8 = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
+    assert kept_fp8, "transformers dequantized the checkpoint"
+    for key in kept_fp8:
+        want = _file_tensor(saved, key)
+        assert torch.equal(state[key].cpu().view(torch.uint8), want.view(torch.uint8)), key
+        scale = f"{key}_scale_inv"
+        assert torch.equal(state[scale].cpu(), _file_tensor(saved, scale)), scale
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
 def test_fp8_checkpoint_loads_on_the_gpu_in_fp8(arch, tmp_path):
@@ -108,14 +136,7 @@ def test_fp8_checkpoint_loads_on_the_gpu_in_fp8(arch, tmp_path):
     saved = {}
     for path in (tmp_path / "fp8").glob("*.safetensors"):
         saved.update(load_file(path))
-    state = loaded.state_dict()
-    kept_fp8 = [k for k, v in state.items() if v.dtype == torch.float8_e4m3fn]
-    assert kept_fp8, "transformers dequantized the checkpoint on the GPU"
-    for key in kept_fp8:  # the file's names, bytes and scales, as written
-        scale = f"{key}_scale_inv"
-        assert key in saved and scale in saved and scale in state, key
-        assert torch.equal(state[key].cpu().view(torch.uint8), saved[key].view(torch.uint8)), key
-        assert torch.equal(state[scale].cpu(), saved[scale]), scale
+    check_loaded_fp8(loaded.state_dict(), saved)
     if importlib.util.find_spec("kernels") is None:
         return
     ids = batch(5).cuda()

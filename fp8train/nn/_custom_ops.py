@@ -389,7 +389,8 @@ def _(x_fp8, x_scale, weight, pow2_scale, out_dtype, backend):
 def linear_grads(grad_out: Tensor, weight: Tensor, xt_fp8: Tensor, xt_scale: Tensor,
                  pow2_scale: bool, dx_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor]:
     """Both gradients of ``y = x @ weight.T`` from grad_out [T, N] (T >= 1) and x's
-    column-wise cast: dy's two casts from one read, (W^T)_q cast from the weight, then dgrad (dx [T, K] in ``dx_dtype``) and wgrad (dw [N, K] float32)."""
+    column-wise cast: dy's two casts from one read, (W^T)_q cast from the weight, then
+    dgrad (dx [T, K] in ``dx_dtype``) and wgrad (dw [N, K] float32)."""
     dy_fp8, dy_scale, dyt_fp8, dyt_scale = _cast_layouts(grad_out, pow2_scale, True, True, backend)
     w_t_fp8, w_t_scale = cast_128x128_transposed.body(weight, pow2_scale, backend)
     return (gemm_nt.body(dy_fp8, dy_scale, w_t_fp8, w_t_scale, dx_dtype, backend),
@@ -405,6 +406,6 @@ def _(grad_out, weight, xt_fp8, xt_scale, pow2_scale, dx_dtype, backend):
 def transpose_128x128(w_fp8: Tensor, w_scale: Tensor) -> Tuple[Tensor, Tensor]:
     """The exact FP8 copy of W^T from W's 128x128 cast: each block's scale covers the same
     elements after transposing, so transposing data and scale grid loses nothing. Used only
-    for a weight that arrives already cast (``FP8BlockWeight``); a high-precision weight
-    gets both copies from ``cast_128x128_dual``."""
+    for a weight that arrives already cast (``FP8BlockWeight``); a high-precision weight is
+    cast directly (``cast_128x128_dual``, or ``cast_128x128_transposed`` in backward)."""
     return (w_fp8.transpose(-1, -2).contiguous(), w_scale.transpose(-1, -2).contiguous())

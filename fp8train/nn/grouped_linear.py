@@ -14,8 +14,8 @@ Given ``src_tokens`` (``MoELayout.src_tokens``), x is the tokens ``[T, K]`` and 
 reads the padded rows ``x[src_tokens]`` itself: the FP8 casts gather them
 (``per_token_cast_permuted``), so the permuted high-precision copy is only made where a
 high-precision GEMM reads it (fprop or wgrad of a partial recipe), and dgrad sums the rows'
-gradients back onto their tokens. W_q and (W^T)_q come from one dual cast, as in
-``linear_function``.
+gradients back onto their tokens. (W^T)_q is cast from W as in ``linear_function`` (with W_q
+in the forward's dual cast under ``save_fp8_weight``, else alone in backward).
 """
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ def resolve(op: str, device: torch.device, *, native_ok, cublas_ok: bool,
                                f"blockwise FP8 GEMM for this call (tensors on {device})")
         return "cublas"
     # auto
-    why = f"tensors on {device}"
+    why = f"tensors on {device}" + (", not an sm_90 GPU" if device.type == "cuda" else "")
     if on_hopper:
         if cublas_ok and cublas_first:
             return "cublas"

@@ -119,7 +119,7 @@ def _use_native(x: torch.Tensor, backend) -> bool:
     chosen = _backend.chosen(backend)
     if chosen == "reference" or not _native.supports(x):
         return False
-    return _backend.resolve("FP8 casts", x.device, native_ok=_ops_native.toolchain_status, cublas_ok=False,
+    return _backend.resolve("FP8 quantization (casts)", x.device, native_ok=_ops_native.toolchain_status, cublas_ok=False,
                             backend="auto" if chosen == "cublas" else chosen) == "native"
 
 
