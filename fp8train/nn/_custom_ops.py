@@ -242,7 +242,8 @@ def _(w, pow2_scale, backend):
     n, k = w.shape[-2:]
     lead = w.shape[:-2]
     return (w.new_empty(*lead, k, n, dtype=FP8_DTYPE),
-            w.new_empty(*lead, _ceil_to(k, GROUP) // GROUP, _ceil_to(n, GROUP) // GROUP, dtype=torch.float32))
+            w.new_empty(*lead, _ceil_to(k, GROUP) // GROUP, _ceil_to(n, GROUP) // GROUP,
+                        dtype=torch.float32))
 
 
 # The MoE casts with the permutation into the padded layout fused in: x [T, K] holds the

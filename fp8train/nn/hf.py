@@ -87,7 +87,8 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, layout, recipe: FP8Re
         weight = weight.transpose(1, 2).contiguous()
     out_dtype = compute_dtype(x)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        out = FP8GroupedLinearFunction.apply(x, weight, layout.group_offsets, recipe, out_dtype, src_tokens)
+        out = FP8GroupedLinearFunction.apply(x, weight, layout.group_offsets, recipe, out_dtype,
+                                             src_tokens)
     else:
         out = _grouped_forward(x, weight, layout.group_offsets, src_tokens, recipe, out_dtype,
                                False, False)[0]

@@ -119,8 +119,9 @@ def _use_native(x: torch.Tensor, backend) -> bool:
     chosen = _backend.chosen(backend)
     if chosen == "reference" or not _native.supports(x):
         return False
-    return _backend.resolve("FP8 quantization (casts)", x.device, native_ok=_ops_native.toolchain_status, cublas_ok=False,
-                            backend="auto" if chosen == "cublas" else chosen) == "native"
+    path = _backend.resolve("FP8 quantization (casts)", x.device, native_ok=_ops_native.toolchain_status,
+                            cublas_ok=False, backend="auto" if chosen == "cublas" else chosen)
+    return path == "native"
 
 
 def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False, backend=None):
