@@ -1,9 +1,10 @@
 // Fused dual cast of an activation or output gradient x [T, K], bit-identical to
 // fp8train.quant.reference.dual_cast_ref (the scale rule is in cast_common.cuh): one read of
 // x, two outputs, the row-wise 1x128 cast along K (q, scale) and the column-wise 1x128 cast of
-// x.T along T (qt [K, qt_cols], scale_t K-block-major with block stride scale_t_ld), qt_cols being T or T rounded up to 128 (the wgrad
-// operand; padding rows are zeros, which change no amax). With src_rows, output row t reads
-// input row src_rows[t] (>= src_count: a zero row): the MoE permutation fused in.
+// x.T along T (qt [K, qt_cols], scale_t K-block-major with block stride scale_t_ld), qt_cols
+// being T or T rounded up to 128 (the wgrad operand; padding rows are zeros, which change no
+// amax). With src_rows, output row t reads input row src_rows[t] (>= src_count: a zero row):
+// the MoE permutation fused in.
 //
 // The input tile is staged in shared memory in its own dtype (32 KB for bf16/fp16) by
 // asynchronous 16-byte copies that hold no registers, so 6 blocks fit per SM and their loads

@@ -197,12 +197,20 @@ def cast_128x128(w: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Ten
     return _casts.per_block_cast(w, pow2_scale=pow2_scale, backend=_backend(backend))
 
 
+def _fake_block(w):
+    """(W_q, scale, (W^T)_q, scale^T) of the 128x128 casts of w [..., N, K], empty."""
+    n, k = w.shape[-2:]
+    nb, kb = _ceil_to(n, GROUP) // GROUP, _ceil_to(k, GROUP) // GROUP
+    lead = w.shape[:-2]
+    return (w.new_empty(w.shape, dtype=FP8_DTYPE),
+            w.new_empty(*lead, nb, kb, dtype=torch.float32),
+            w.new_empty(*lead, k, n, dtype=FP8_DTYPE),
+            w.new_empty(*lead, kb, nb, dtype=torch.float32))
+
+
 @cast_128x128.register_fake
 def _(w, pow2_scale, backend):
-    n, k = w.shape[-2:]
-    grid = (_ceil_to(n, GROUP) // GROUP, _ceil_to(k, GROUP) // GROUP)
-    return (w.new_empty(w.shape, dtype=FP8_DTYPE),
-            w.new_empty(*w.shape[:-2], *grid, dtype=torch.float32))
+    return _fake_block(w)[:2]
 
 
 @_op("cast_128x128_dual")
@@ -221,13 +229,7 @@ def cast_128x128_dual(w: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor
 
 @cast_128x128_dual.register_fake
 def _(w, pow2_scale, backend):
-    n, k = w.shape[-2:]
-    nb, kb = _ceil_to(n, GROUP) // GROUP, _ceil_to(k, GROUP) // GROUP
-    lead = w.shape[:-2]
-    return (w.new_empty(w.shape, dtype=FP8_DTYPE),
-            w.new_empty(*lead, nb, kb, dtype=torch.float32),
-            w.new_empty(*lead, k, n, dtype=FP8_DTYPE),
-            w.new_empty(*lead, kb, nb, dtype=torch.float32))
+    return _fake_block(w)
 
 
 @_op("cast_128x128_transposed")
@@ -239,11 +241,7 @@ def cast_128x128_transposed(w: Tensor, pow2_scale: bool, backend: str) -> Tuple[
 
 @cast_128x128_transposed.register_fake
 def _(w, pow2_scale, backend):
-    n, k = w.shape[-2:]
-    lead = w.shape[:-2]
-    return (w.new_empty(*lead, k, n, dtype=FP8_DTYPE),
-            w.new_empty(*lead, _ceil_to(k, GROUP) // GROUP, _ceil_to(n, GROUP) // GROUP,
-                        dtype=torch.float32))
+    return _fake_block(w)[2:]
 
 
 # The MoE casts with the permutation into the padded layout fused in: x [T, K] holds the

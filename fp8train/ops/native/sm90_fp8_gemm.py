@@ -18,7 +18,7 @@ from .gemm_config import GemmConfig, choose_config, shared_bytes
 from .wgmma import render_wgmma_e4m3
 from ..jit.device import get_num_sms
 from ..jit.runtime import raw_stream as _raw_stream
-from ..scale_layout import kblock_major_ld, tma_readable
+from ..scale_layout import kblock_major_ld, tma_readable, unpack
 
 KERNEL_NAME = "fp8train_gemm"
 
@@ -327,9 +327,10 @@ def _scales_as_read(scale: torch.Tensor, device: int, kblock_major: bool, role: 
     read else 0, whether a cached parameter block may hold them). Scales already so are used
     in place (the casts write K-block-major); others are staged (`_staged`)."""
     if tma_readable(scale, kblock_major):
-        return scale, 0 if kblock_major else scale.stride(0), True
-    staged, reusable = _staged(scale, device, kblock_major, role)
-    return staged, 0 if kblock_major else staged.stride(0), reusable
+        ready, reusable = scale, True
+    else:
+        ready, reusable = _staged(scale, device, kblock_major, role)
+    return ready, 0 if kblock_major else ready.stride(0), reusable
 
 
 def _staged(scale: torch.Tensor, device: int, kblock_major: bool, role: str) -> tuple[torch.Tensor, bool]:
@@ -349,13 +350,14 @@ def _staged(scale: torch.Tensor, device: int, kblock_major: bool, role: str) -> 
     key = (device, _raw_stream(device), role, rows, kb, kblock_major)
     buffer = None if capturing else staging.get(key)
     if buffer is None:
+        # K-block-major: the storage scale_layout.pack gives; row-major: rows 16-byte aligned.
         shape = (kb, kblock_major_ld(rows)) if kblock_major else (rows, -(-kb // 4) * 4)
         buffer = torch.empty(shape, dtype=torch.float32, device=scale.device)
         if not capturing:
             if len(staging) >= _STAGING_LIMIT:
                 staging.clear()
             staging[key] = buffer
-    view = buffer[:, :rows].t() if kblock_major else buffer[:, :kb]
+    view = unpack(buffer, rows) if kblock_major else buffer[:, :kb]
     view.copy_(scale)
     return view, not capturing
 
