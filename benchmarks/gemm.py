@@ -1,7 +1,8 @@
 """``python -m benchmarks gemm``: correctness, then speed of the dense FP8 GEMMs.
 
 Native vs cuBLAS blockwise (``torch._scaled_mm`` with the same FP8 operands and scales),
-cuBLAS tensorwise FP8 and bf16 ``torch.matmul``, timed as DESIGN.md's anchors were.
+DeepGEMM on the same operands where it is importable, cuBLAS tensorwise FP8 and bf16
+``torch.matmul``, timed as DESIGN.md's anchors were.
 """
 from __future__ import annotations
 
@@ -15,19 +16,17 @@ from fp8train import ops
 from fp8train.ops import reference as ref
 from fp8train.ops.native.gemm_config import choose_config
 from fp8train.quant import per_block_cast, per_token_cast
+from . import deepgemm
 from .timing import num_input_sets, paired_ratio, time_calls
 
-# (M, N, K) -> DeepGEMM 2025-07 / cuBLAS blockwise ratio on the lent H100 (DESIGN.md).
-DENSE_1D2D = {
-    (64, 2112, 7168): 2.03, (64, 4096, 7168): 1.53, (64, 32768, 512): 0.99,
-    (64, 24576, 1536): 1.09, (64, 7168, 16384): 1.13, (64, 7168, 2048): 1.14,
-    (128, 2112, 7168): 1.90, (128, 24576, 1536): 1.03, (128, 32768, 512): 0.87,
-    (128, 7168, 16384): 1.01, (128, 4096, 7168): 1.41, (128, 7168, 2048): 1.02,
-    (4096, 2112, 7168): 1.01, (4096, 24576, 1536): 1.12, (4096, 32768, 512): 1.10,
-    (4096, 7168, 16384): 1.13, (4096, 4096, 7168): 1.09, (4096, 7168, 2048): 1.06,
-    (8192, 8192, 8192): 1.13, (16384, 7168, 2048): 1.14,
-    (16384, 2048, 7168): None, (4000, 2112, 7168): None,
-}
+# DESIGN.md's anchor shapes (M, N, K), and two of the training step's.
+DENSE_1D2D = [
+    (64, 2112, 7168), (64, 4096, 7168), (64, 32768, 512), (64, 24576, 1536), (64, 7168, 16384),
+    (64, 7168, 2048), (128, 2112, 7168), (128, 24576, 1536), (128, 32768, 512), (128, 7168, 16384),
+    (128, 4096, 7168), (128, 7168, 2048), (4096, 2112, 7168), (4096, 24576, 1536),
+    (4096, 32768, 512), (4096, 7168, 16384), (4096, 4096, 7168), (4096, 7168, 2048),
+    (8192, 8192, 8192), (16384, 7168, 2048), (16384, 2048, 7168), (4000, 2112, 7168),
+]
 WGRAD_1D1D = [(7168, 2048, 16384), (2048, 7168, 16384), (4096, 4096, 32768), (4096, 14336, 16384)]
 HBM_BYTES_PER_S = 3.35e12
 
@@ -92,9 +91,12 @@ def _bench_1d2d(m, n, k):
     tensorwise = [lambda c=c: torch._scaled_mm(c[0], c[1], one, one, out_dtype=torch.bfloat16,
                                                use_fast_accum=True) for c in tw_args]
     bf16 = [lambda s=s: torch.matmul(s[0], s[1].t()) for s in sets]
-    times = {name: time_calls(fns) for name, fns in
-             (("native", native), ("cublas", cublas), ("auto", auto), ("cublas_out", cublas_out),
-              ("auto_out", auto_out), ("tensorwise", tensorwise), ("bf16", bf16))}
+    candidates = [("native", native), ("cublas", cublas), ("auto", auto), ("cublas_out", cublas_out),
+                  ("auto_out", auto_out), ("tensorwise", tensorwise), ("bf16", bf16)]
+    deep = [deepgemm.dense_1d2d(s[2], s[3], o) for s, o in zip(sets, outs)]
+    if all(deep):
+        candidates.append(("deepgemm", deep))
+    times = {name: time_calls(fns) for name, fns in candidates}
     # What `auto` costs over cuBLAS called directly (throughput ratios: direct time / auto's).
     paired = {"auto_vs_cublas": 1 / paired_ratio(auto, cublas),
               "auto_out_vs_cublas_out": 1 / paired_ratio(auto_out, cublas_out)}
@@ -148,7 +150,8 @@ def run(shapes: str | None, json_path: str | None) -> int:
             row.update(paired)
             if kind == "1d2d":
                 row["auto_path"] = _auto_path(m, n, k)
-            row["deepgemm_ratio"] = DENSE_1D2D.get((m, n, k)) if kind == "1d2d" else None
+            if "deepgemm_tflops" in row:
+                row["deepgemm_ratio"] = row["native_tflops"] / row["deepgemm_tflops"]
             if m <= 128:
                 row["roofline_pct"] = roofline_pct(m, n, k, 2 * m * n * k / (row["native_tflops"] * 1e12))
             rows.append(row)
@@ -165,7 +168,8 @@ def _print_row(r):
     if r["kind"] == "1d2d":
         extra = (f" auto({r['auto_path']}) {r['auto_vs_cublas']:.2f}/{r['auto_out_vs_cublas_out']:.2f}x"
                  f" tw {r['tensorwise_tflops']:6.0f} bf16 {r['bf16_tflops']:5.0f}"
-                 + (f" DG {r['deepgemm_ratio']:.2f}" if r["deepgemm_ratio"] else "         "))
+                 + (f" DeepGEMM {r['deepgemm_tflops']:5.0f} ours/DG {r['deepgemm_ratio']:.2f}"
+                    if "deepgemm_ratio" in r else ""))
     roof = f" roof {r['roofline_pct']:3.0f}%" if "roofline_pct" in r else "          "
     print(f"{r['kind']} {r['m']:>5} {r['n']:>5} {r['k']:>5} {'ok ' if r['ok'] else 'BAD'} "
           f"err {r['rel_err']:.1e} | native {r['native_tflops']:6.0f} cublas {r['cublas_tflops']:6.0f} "
@@ -187,6 +191,10 @@ def _print_summary(rows):
         if routed:
             print(f"{kind}: auto on cuBLAS vs cuBLAS direct, worst {min(r['auto_vs_cublas'] for r in routed):.3f}x "
                   f"(out=: {min(r['auto_out_vs_cublas_out'] for r in routed):.3f}x) over {len(routed)} shapes")
+        deep = [r["deepgemm_ratio"] for r in sel if "deepgemm_ratio" in r]
+        if deep:
+            print(f"{kind}: median native/DeepGEMM {statistics.median(deep):.3f}, min {min(deep):.3f}, "
+                  f"max {max(deep):.3f} over {len(deep)} shapes")
         small = [r for r in sel if "roofline_pct" in r]
         if small:
             print(f"{kind}: M<=128 roofline min {min(r['roofline_pct'] for r in small):.0f}%")

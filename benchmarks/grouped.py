@@ -2,9 +2,10 @@
 
 m-grouped contiguous: native (checked against the reference first) vs a loop of cuBLAS
 blockwise ``_scaled_mm`` per expert (same operands), ``torch._scaled_grouped_mm`` (rowwise
-FP8) and ``torch._grouped_mm`` (bf16), on even splits and a Zipf-like uneven one.
-m-grouped masked: native at expected rows 64/128/256 per expert vs the contiguous kernel on
-the same rows. k-grouped wgrad: see ``grouped_wgrad``.
+FP8), ``torch._grouped_mm`` (bf16) and DeepGEMM (same operands, where importable), on even
+splits and a Zipf-like uneven one. m-grouped masked: native at expected rows 64/128/256 per
+expert vs the contiguous kernel on the same rows and DeepGEMM's masked GEMM. k-grouped
+wgrad: see ``grouped_wgrad``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from fp8train import ops
 from fp8train.ops import reference as ref
 from fp8train.quant import per_block_cast, per_token_cast
+from . import deepgemm
 from .timing import num_input_sets, time_candidates
 
 SHAPES = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168),
@@ -73,6 +75,10 @@ def run_case(label: str, rows: list[int], n: int, k: int) -> dict:
         r[0], r[2], r[1], r[3], offs=r[4], out_dtype=torch.bfloat16) for r in rowwise]
     candidates["grouped_mm bf16"] = [lambda s=s: torch._grouped_mm(
         s[0], s[1].transpose(-2, -1), offs=s[2][1:]) for s in sets]
+    deep = [deepgemm.m_grouped_contiguous(s[3], s[4], s[2], torch.empty(m, n, device="cuda", dtype=torch.bfloat16))
+            for s in sets]
+    if all(deep):
+        candidates["DeepGEMM"] = deep
     row.update(time_candidates(label, candidates, flops))
     ops.set_backend("auto")
     return row
@@ -114,6 +120,10 @@ def run_masked_case(g: int, expected: int, n: int, k: int) -> dict:
         "grouped_mm bf16": [lambda v=v, s=s: torch._grouped_mm(v, s[1].transpose(-2, -1))
                             for v, s in zip(valid, sets)],
     }
+    deep = [deepgemm.m_grouped_masked(s[2], s[3], masked_m, expected,
+                                      torch.empty(g, m_max, n, device="cuda", dtype=torch.bfloat16)) for s in sets]
+    if all(deep):
+        candidates["DeepGEMM masked"] = deep
     # Contiguous computes the padded rows too; count only the valid ones everywhere.
     row.update(time_candidates(row["case"], candidates, flops))
     ops.set_backend("auto")
@@ -132,7 +142,7 @@ def run(json_path: str | None) -> int:
         native = row.get("native", float("nan"))
         print(f"{label:>22} {'ok ' if row['ok'] else 'BAD'} err {row['rel_err']:.1e} | native {native:6.0f}"
               + "".join(f" | {name} {row[name]:6.0f} ({native / row[name]:.2f}x)"
-                        for name in ("cublas loop", "scaled_grouped_mm rowwise", "grouped_mm bf16")
+                        for name in ("cublas loop", "scaled_grouped_mm rowwise", "grouped_mm bf16", "DeepGEMM")
                         if name in row), flush=True)
     ratios = [r["native"] / r["scaled_grouped_mm rowwise"] for r in rows_out
               if "native" in r and "scaled_grouped_mm rowwise" in r]
@@ -145,7 +155,8 @@ def run(json_path: str | None) -> int:
             masked = row.get("native masked", float("nan"))
             print(f"{row['case']:>28} {'ok ' if row['ok'] else 'BAD'} err {row['rel_err']:.1e} | masked "
                   f"{masked:6.0f}" + "".join(f" | {name} {row[name]:6.0f} ({masked / row[name]:.2f}x)"
-                                             for name in ("native contiguous", "grouped_mm bf16")
+                                             for name in ("native contiguous", "grouped_mm bf16",
+                                                          "DeepGEMM masked")
                                              if name in row), flush=True)
     rows_out += run_wgrad(SHAPES)
     if json_path:

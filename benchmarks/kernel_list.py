@@ -19,7 +19,7 @@ def grouped_kernels(num_sms: int = NUM_SMS) -> list:
     accumulation; the choices mirror the launchers in ops/native/sm90_fp8_gemm.py."""
     seen = {}
     for g, rows, n, k in M_GROUPED:
-        seen[(choose_config(g * rows, n, k, num_sms, "1d2d"), n, k, False, "m_contiguous")] = None
+        seen[(choose_config(g * rows, n, k, num_sms, "1d2d", grouped=True), n, k, False, "m_contiguous")] = None
         for expected in (64, 128, 256):
             block_m = 64 if expected <= 64 else 128
             cfg = choose_config(g * -(-expected // block_m) * block_m, n, k, num_sms, "1d2d",

@@ -12,6 +12,7 @@ each compile the same kernels at their start.
 """
 import argparse
 import concurrent.futures
+import importlib.util
 import os
 import sys
 import time
@@ -56,6 +57,7 @@ def recipe_kernels(spec: str) -> list:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", nargs="*", default=[], help="recipe configs: NAME or NAME:key=value,...")
+    parser.add_argument("--sweep", action="store_true", help="also the kernels of scripts/sweep_gemm.py tiles256")
     opts = parser.parse_args()
     if not os.environ.get("FP8TRAIN_CACHE_DIR"):
         print("set FP8TRAIN_CACHE_DIR to the cache folder to fill", file=sys.stderr)
@@ -65,6 +67,11 @@ def main() -> int:
         kernels = recipe_kernels(name)
         print(f"{name}: {len(kernels)} GEMM kernels")
         jobs += [("gemm", kernel) for kernel in kernels]
+    if opts.sweep:
+        spec = importlib.util.spec_from_file_location("sweep_gemm", Path(__file__).with_name("sweep_gemm.py"))
+        sweep = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sweep)
+        jobs += [("gemm", kernel) for kernel in sweep.kernels()]
     jobs += [("cast", (kind, dtype, pow2)) for kind in native.KINDS
              for dtype in (torch.bfloat16, torch.float16, torch.float32) for pow2 in (False, True)]
 

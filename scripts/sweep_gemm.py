@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python scripts/sweep_gemm.py [section ...]   (default: every section)
 
-Sections: multicast, configs, split. (The attribution and scale-layout sweeps answered
-their questions: docs/kernels.md has the figures.)
+Sections: tiles256, multicast, configs, split. (The attribution and scale-layout sweeps
+answered their questions: docs/kernels.md has the figures.) Prebuild their kernels with
+`scripts/prebuild_kernels.py --sweep`.
 """
 import sys
 from pathlib import Path
@@ -12,8 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: benchmarks/
 
+from benchmarks import deepgemm  # noqa: E402
 from benchmarks.timing import num_input_sets, time_calls  # noqa: E402
-from fp8train.ops.native.gemm_config import SMEM_LIMIT, GemmConfig, shared_bytes  # noqa: E402
+from fp8train.ops.native.gemm_config import SMEM_LIMIT, GemmConfig, choose_config, shared_bytes  # noqa: E402
 from fp8train.ops.native import sm90_fp8_gemm  # noqa: E402
 from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native  # noqa: E402
 from fp8train.quant import per_block_cast, per_token_cast  # noqa: E402
@@ -26,24 +28,37 @@ def deepest(bm, bn, kind):
     return stages
 
 
+def _config(m, n, kind, bm, bn, stages, group_n, cluster):
+    stages = stages or deepest(bm, bn, kind)
+    tiles = -(-m // bm) * -(-n // bn)
+    ctas = max(cluster, min(132, tiles) // cluster * cluster)
+    return GemmConfig(bm, bn, stages, ctas, group_n, kind, cluster)
+
+
 def sweep(m, n, k, kind, candidates):
+    """Candidates as (block_m, block_n, stages or 0 for the deepest, group_n, cluster)."""
+    sweep_configs(m, n, k, kind, [_config(m, n, kind, *c) for c in candidates])
+
+
+def sweep_configs(m, n, k, kind, configs):
     sets = []
     for i in range(num_input_sets(m * k + n * k)):
         a = per_token_cast(torch.randn(m, k, device="cuda"))
         b = per_block_cast(torch.randn(n, k, device="cuda")) if kind == "1d2d" else per_token_cast(torch.randn(n, k, device="cuda"))
         out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if kind == "1d2d" else torch.float32)
         sets.append((a, b, out))
-    for bm, bn, stages, group_n, cluster in candidates:
-        stages = stages or deepest(bm, bn, kind)
-        tiles = -(-m // bm) * -(-n // bn)
-        ctas = min(132, tiles) // cluster * cluster
-        cfg = GemmConfig(bm, bn, stages, ctas, group_n, kind, cluster)
+    for cfg in configs:
         calls = [lambda s=s: fp8_gemm_nt_native(s[0][0], s[0][1], s[1][0], s[1][1], s[2], kind, False, cfg)
                  for s in sets]
         ms, _ = time_calls(calls)
         grid = sm90_fp8_gemm._launch_for(m, n, k, kind, False, 0, 132, cfg).grid
-        print(f"{kind} {m}x{n}x{k} bm{bm} bn{bn} s{stages} g{group_n} c{cluster} grid {grid}: "
+        print(f"{kind} {m}x{n}x{k} bm{cfg.block_m} bn{cfg.block_n} s{cfg.num_stages} g{cfg.group_n} "
+              f"c{cfg.cluster} grid {grid}: "
               f"{2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
+    deep = [deepgemm.dense_1d2d(*s) for s in sets] if kind == "1d2d" else [None]
+    if all(deep):
+        ms, _ = time_calls(deep)
+        print(f"{kind} {m}x{n}x{k} DeepGEMM: {2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
 
 
 def sweep_split(m, n, k, candidates):
@@ -67,6 +82,32 @@ def sweep_split(m, n, k, candidates):
               f"{bytes_moved / (ms * 1e-3) / 3.35e12:4.0%} of the HBM roofline", flush=True)
 
 
+# Dense 1D2D shapes where the tensor cores bound the time (M >= 4000): the bench's.
+LARGE_1D2D = [(4096, 2112, 7168), (4000, 2112, 7168), (4096, 4096, 7168), (4096, 7168, 2048),
+              (4096, 7168, 16384), (4096, 24576, 1536), (4096, 32768, 512), (8192, 8192, 8192),
+              (16384, 7168, 2048), (16384, 2048, 7168)]
+
+
+def tiles256_configs(m, n, k):
+    """The heuristic's config, then 256-row tiles at BLOCK_N 88-128, 128-row tiles at 88 and
+    128, and 256x128 with A multicast over a cluster of two."""
+    configs = [choose_config(m, n, k, 132, "1d2d")]
+    configs += [_config(m, n, "1d2d", 256, bn, 0, 8, 1) for bn in (88, 96, 112, 128)]
+    configs += [_config(m, n, "1d2d", 128, bn, 0, 8, 1) for bn in (88, 128)]
+    configs.append(_config(m, n, "1d2d", 256, 128, 0, 8, 2))
+    return list(dict.fromkeys(configs))
+
+
+def tiles256():
+    for m, n, k in LARGE_1D2D:
+        sweep_configs(m, n, k, "1d2d", tiles256_configs(m, n, k))
+
+
+def kernels():
+    """(config, n, k, accumulate, grouping) of the tiles256 section, for prebuilding."""
+    return [(cfg, n, k, False, "none") for m, n, k in LARGE_1D2D for cfg in tiles256_configs(m, n, k)]
+
+
 def multicast():
     """Clusters of two sharing A, the grid cut to the clusters that fit at once (v7 ran 3x
     slower without the cut), next to the same tiles without a cluster."""
@@ -88,7 +129,7 @@ def split():
         sweep_split(m, n, k, [(16, 1), (32, 1), (64, 2), (64, 4), (128, 2), (128, 4), (136, 8), (128, 8)])
 
 
-SECTIONS = {"multicast": multicast, "configs": configs, "split": split}
+SECTIONS = {"tiles256": tiles256, "multicast": multicast, "configs": configs, "split": split}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(SECTIONS)

@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.kernel_list import NUM_SMS, bench_kernels
 from fp8train.ops.jit.toolkit import find_cuda_tool, nvcc_path
-from fp8train.ops.native.gemm_config import SMEM_LIMIT, choose_config, shared_bytes
+from fp8train.ops.native.gemm_config import SMEM_LIMIT, GemmConfig, choose_config, shared_bytes
 from fp8train.ops.native.sm90_fp8_gemm import compile_kernel
 
 
@@ -33,6 +33,22 @@ def test_heuristic_choices_are_legal():
                     assert shared_bytes(cfg.block_m, cfg.block_n, cfg.num_stages, kind) <= SMEM_LIMIT
                     assert 1 <= cfg.num_ctas <= NUM_SMS
                     assert cfg.block_n <= max(n, 16)
+
+
+def test_dense_1d2d_takes_256_row_tiles_where_they_fill_the_gpu():
+    """Large dense 1D2D GEMMs take 256-row tiles (measured 1.06-1.25x per wave); wgrad (1D1D),
+    small M and problems with fewer tall tiles than SMs keep 128 rows or fewer."""
+    assert choose_config(4096, 4096, 7168, NUM_SMS).block_m == 256
+    assert choose_config(16384, 7168, 2048, NUM_SMS).block_m == 256
+    assert choose_config(512, 4096, 4096, NUM_SMS).block_m == 128
+    assert choose_config(4096, 4096, 7168, NUM_SMS, "1d1d").block_m == 128
+    assert choose_config(128, 4096, 7168, NUM_SMS).block_m == 128
+    for block_n in range(8, 129, 8):
+        GemmConfig(256, block_n, 3, NUM_SMS, 8, "1d2d")  # every BLOCK_N up to 128 fits
+    with pytest.raises(ValueError, match="block_n"):
+        GemmConfig(256, 136, 3, NUM_SMS, 8, "1d2d")
+    with pytest.raises(ValueError, match="256-row tiles"):
+        GemmConfig(256, 128, 3, NUM_SMS, 8, "1d1d")
 
 
 @needs_toolchain
@@ -96,7 +112,7 @@ def test_grouped_configs_never_take_split_k_or_clusters():
     for m, rows in ((128, None), (8192, None), (1024, 128)):
         cfg = choose_config(m, 4096, 7168, NUM_SMS, "1d2d", rows_per_group=rows, grouped=True,
                             multicast=True)
-        assert (cfg.split_k, cfg.cluster) == (1, 1)
+        assert (cfg.split_k, cfg.cluster) == (1, 1) and cfg.block_m <= 128
         render_source(cfg, 4096, 7168, False, "m_contiguous")
     assert choose_config(128, 4096, 7168, NUM_SMS, split_k=False).split_k == 1
 

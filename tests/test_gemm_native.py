@@ -49,27 +49,57 @@ def test_1d1d_fixed_shapes(m, n, k, accumulate):
     run_case(m, n, k, "1d1d", accumulate)
 
 
+def run_forced(cfg, m, n, k, seed=0, out_dtype=None):
+    """The native kernel of a forced config against the reference: every element written."""
+    from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))
+    w = torch.randn(n, k, device="cuda", generator=gen)
+    b = per_block_cast(w) if cfg.kind == "1d2d" else per_token_cast(w)
+    expect = ref.fp8_gemm_nt_ref(a[0], a[1], b[0], b[1])
+    out_dtype = out_dtype or (torch.bfloat16 if cfg.kind == "1d2d" else torch.float32)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
+    fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, cfg.kind, False, cfg)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any(), "unwritten or NaN output elements"
+    assert rel_err(out, expect) < (4e-3 if out_dtype == torch.bfloat16 else 1e-3)
+
+
 @pytest.mark.parametrize("kind", ["1d2d", "1d1d"])
 @pytest.mark.parametrize("cluster", [1, 2])
 def test_forced_configs_with_odd_column_blocks(kind, cluster):
     """A cluster of two on an odd number of column blocks (the last CTA computes on
     zero-filled B and stores nothing) and a partial last row block."""
     from fp8train.ops.native.gemm_config import GemmConfig
-    from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native
 
-    m, n, k = 1000, 1152, 1024  # 8 row blocks (last partial) x 9 column blocks of 128
-    cfg = GemmConfig(128, 128, 4, 18, 8, kind, cluster)
-    gen = torch.Generator(device="cuda").manual_seed(cluster)
-    a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))
-    w = torch.randn(n, k, device="cuda", generator=gen)
-    b = per_block_cast(w) if kind == "1d2d" else per_token_cast(w)
-    expect = ref.fp8_gemm_nt_ref(a[0], a[1], b[0], b[1])
-    out = torch.full((m, n), float("nan"), device="cuda",
-                     dtype=torch.bfloat16 if kind == "1d2d" else torch.float32)
-    fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, kind, False, cfg)
-    torch.cuda.synchronize()
-    assert not torch.isnan(out).any()
-    assert rel_err(out, expect) < (4e-3 if kind == "1d2d" else 1e-3)
+    # 8 row blocks (last partial) x 9 column blocks of 128
+    run_forced(GemmConfig(128, 128, 4, 18, 8, kind, cluster), 1000, 1152, 1024, seed=cluster)
+
+
+@pytest.mark.parametrize("m,n,k,block_n,cluster,out_dtype", [
+    (1000, 1152, 1024, 128, 1, torch.bfloat16),   # partial last row block, both waves
+    (1000, 1152, 1024, 128, 2, torch.bfloat16),   # multicast halves of 256 rows, odd column blocks
+    (4096, 2112, 7168, 112, 1, torch.bfloat16),   # tiles straddling 128x128 scale blocks
+    (300, 136, 256, 96, 1, torch.bfloat16),       # second wave partly past M
+    (200, 520, 384, 120, 1, torch.bfloat16),      # the second wave entirely past M, unswizzled tile
+    (1000, 1152, 1024, 128, 1, torch.float32),    # FP32 stored from registers
+])
+def test_256_row_tiles(m, n, k, block_n, cluster, out_dtype):
+    from fp8train.ops.native.gemm_config import GemmConfig
+
+    tiles = -(-m // 256) * -(-n // block_n)
+    ctas = max(cluster, min(132, tiles) // cluster * cluster)
+    run_forced(GemmConfig(256, block_n, 3, ctas, 8, "1d2d", cluster), m, n, k, out_dtype=out_dtype)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 1100), st.integers(1, 80).map(lambda v: 8 * v), st.integers(1, 6),
+       st.sampled_from([64, 96, 112, 128]), st.integers(0, 2**31))
+def test_256_row_tiles_random_shapes(m, n, kb, block_n, seed):
+    from fp8train.ops.native.gemm_config import GemmConfig
+
+    run_forced(GemmConfig(256, block_n, 3, 132, 8, "1d2d"), m, n, 128 * kb, seed=seed)
 
 
 @settings(max_examples=30, deadline=None)

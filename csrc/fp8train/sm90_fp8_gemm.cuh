@@ -11,11 +11,14 @@
 // scales read K-block-major measured 3-7% slower and are read row-major.
 //
 // Persistent and warp-specialised: one thread of the last warpgroup issues TMA for A, B and
-// their 1x128 scales into a ring of stages; BLOCK_M/64 math warpgroups consume. Each K
-// block's wgmma partial sum (FP32, reset per block) is promoted on CUDA cores: scaled by
-// scale_a * scale_b and added into a second FP32 accumulator, after the stage has been
-// released so the producer refills it meanwhile. 1D2D tiles leave through shared memory and
-// a TMA store that overlaps the next tile's main loop.
+// their 1x128 scales into a ring of stages; one (BLOCK_M = 64) or two math warpgroups
+// consume. Each K block's wgmma partial sum (FP32, reset per block) is promoted on CUDA
+// cores: scaled by scale_a * scale_b and added into a second FP32 accumulator, after the
+// stage has been released so the producer refills it meanwhile. A 256-row tile is walked by
+// the two warpgroups in two waves of 128 rows: one promoted accumulator per wave, one
+// partial shared by both, so a K block of 48 KB feeds twice the MMAs of a 128-row tile's
+// 32 KB. 1D2D tiles leave through shared memory and a TMA store that overlaps the next
+// tile's main loop.
 #pragma once
 
 #include <cstdint>
@@ -37,7 +40,9 @@ template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAP
 struct Sm90Fp8Gemm {
     static constexpr uint32_t BLOCK_K = 128;
     static constexpr uint32_t kNumKBlocks = SHAPE_K / BLOCK_K;
-    static constexpr uint32_t kNumMathGroups = BLOCK_M / 64;
+    static constexpr uint32_t kNumMathGroups = BLOCK_M == 64 ? 1 : 2;
+    static constexpr uint32_t kWaveRows = kNumMathGroups * 64;  // rows the warpgroups cover at once
+    static constexpr uint32_t kNumWaves = BLOCK_M / kWaveRows;
     static constexpr uint32_t kNumMathThreads = kNumMathGroups * 128;
     static constexpr uint32_t kNumThreads = kNumMathThreads + 128;
     static constexpr uint32_t kNumNScaleBlocks = (SHAPE_N + 127) / 128;
@@ -65,7 +70,10 @@ struct Sm90Fp8Gemm {
     static constexpr bool kMayStraddle = !SCALE_B_1X128 && (128 % BLOCK_N != 0);
 
     static_assert(SHAPE_K % BLOCK_K == 0, "K must be a multiple of 128");
-    static_assert(BLOCK_M == 64 || BLOCK_M == 128, "BLOCK_M must be 64 or 128");
+    static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 256, "BLOCK_M must be 64, 128 or 256");
+    // Two waves hold two promoted accumulators beside the partial: 1.5 x BLOCK_N registers.
+    static_assert(kNumWaves == 1 || (!SCALE_B_1X128 && BLOCK_N <= 128),
+                  "256-row tiles are 1D2D with BLOCK_N <= 128");
     static_assert(BLOCK_N % 8 == 0 && BLOCK_N >= 8 && BLOCK_N <= 256, "BLOCK_N: multiple of 8 in [8, 256]");
     static_assert(SCALE_B_1X128 || BLOCK_N <= 128 + kGcdN128,
                   "1D2D: a BLOCK_N tile must never span three 128x128 scale blocks");
@@ -193,8 +201,8 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     // tile leave FP32 partials in `split_partials` [outputs, SPLIT_K, tile]; the slice that
     // arrives last on the tile's counter (self-resetting, zero between launches) adds them in
     // slice order, so the result does not depend on arrival order, and stores BF16.
-    static_assert(SPLIT_K >= 1 && (SPLIT_K == 1 || (!G::kOutF32 && GROUPING == Grouping::kNone)),
-                  "split-K is for the dense 1D2D GEMM with BF16 output");
+    static_assert(SPLIT_K >= 1 && (SPLIT_K == 1 || (!G::kOutF32 && GROUPING == Grouping::kNone && G::kNumWaves == 1)),
+                  "split-K is for the dense 1D2D GEMM with BF16 output and tiles of one wave");
     static_assert(SCALE_B_1X128 || !G::kOutF32 || GROUPING == Grouping::kNone,
                   "m-grouped GEMMs write BF16");
 
@@ -291,9 +299,11 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
 
     // ---- math warpgroups ----
     claim_registers<G::kMathRegisters>();
+    constexpr uint32_t kWaves = G::kNumWaves;
     const uint32_t group = threadIdx.x / 128, warp_in_group = warp % 4;
-    const uint32_t row_in_tile = group * 64 + warp_in_group * 16 + lane / 4;  // and +8
-    float accum[G::kAccum], partial[G::kAccum];
+    // This thread's rows in wave 0 are row_in_wave and row_in_wave + 8; wave w adds w * kWaveRows.
+    const uint32_t row_in_wave = group * 64 + warp_in_group * 16 + lane / 4;
+    float accum[kWaves][G::kAccum], partial[G::kAccum];
     uint32_t iter = 0;
     // A stage is free once every CTA that reads it is done: our warps and the peer's.
     auto release_stage = [&](uint32_t stage) {
@@ -318,7 +328,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
         const float* scale_b_hi = scale_b_group + min(n0 / 128 + 1, G::kNumNScaleBlocks - 1) * kNumKBlocks;
 
 #pragma unroll
-        for (uint32_t i = 0; i < G::kAccum; ++i) accum[i] = 0.0f;
+        for (uint32_t w = 0; w < kWaves; ++w) {
+#pragma unroll
+            for (uint32_t i = 0; i < G::kAccum; ++i) accum[w][i] = 0.0f;
+        }
 
         // 128x128 B scales are two floats per K block, the same for every thread, read
         // through L1 one K block ahead: a miss to L2 then has a whole block of MMAs to land
@@ -343,91 +356,113 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             // This stage's A scales, read now so their latency hides behind the wgmmas.
             const float* scale_a_smem = reinterpret_cast<const float*>(smem + S::kScaleA + stage * G::kScaleASlot);
             const uint32_t kb_col = kb % G::kScaleCols;
-            const float sa0 = G::kScaleAKBlockMajor ? scale_a_smem[row_in_tile]
-                                                : scale_a_smem[row_in_tile * G::kScaleCols + kb_col];
-            const float sa1 = G::kScaleAKBlockMajor ? scale_a_smem[row_in_tile + 8]
-                                                : scale_a_smem[(row_in_tile + 8) * G::kScaleCols + kb_col];
+            float sa[kWaves][2];
+#pragma unroll
+            for (uint32_t w = 0; w < kWaves; ++w) {
+#pragma unroll
+                for (uint32_t half = 0; half < 2; ++half) {
+                    const uint32_t row = w * G::kWaveRows + row_in_wave + half * 8;
+                    sa[w][half] = G::kScaleAKBlockMajor ? scale_a_smem[row] : scale_a_smem[row * G::kScaleCols + kb_col];
+                }
+            }
 
-            const uint64_t desc_a = smem_desc_k_major_sw128(smem + S::kA + stage * G::kTileABytes + group * 64 * 128);
             const uint64_t desc_b = smem_desc_k_major_sw128(smem + S::kB + stage * G::kTileBBytes);
 #pragma unroll
-            for (uint32_t i = 0; i < G::kAccum; ++i) fence_operand(partial[i]);
-            wgmma_fence();
+            for (uint32_t w = 0; w < kWaves; ++w) {
+                const uint64_t desc_a = smem_desc_k_major_sw128(smem + S::kA + stage * G::kTileABytes +
+                                                                (w * G::kWaveRows + group * 64) * 128);
 #pragma unroll
-            for (uint32_t k = 0; k < 4; ++k) {
-                // 32 bytes of K per instruction: advance the start address by 2 x 16 bytes.
-                Wgmma::mma(desc_a + 2 * k, desc_b + 2 * k, partial, k > 0);
-            }
-            wgmma_commit();
+                for (uint32_t i = 0; i < G::kAccum; ++i) fence_operand(partial[i]);
+                wgmma_fence();
 #pragma unroll
-            for (uint32_t i = 0; i < G::kAccum; ++i) fence_operand(partial[i]);
-            wgmma_wait<0>();
+                for (uint32_t k = 0; k < 4; ++k) {
+                    // 32 bytes of K per instruction: advance the start address by 2 x 16 bytes.
+                    Wgmma::mma(desc_a + 2 * k, desc_b + 2 * k, partial, k > 0);
+                }
+                wgmma_commit();
+#pragma unroll
+                for (uint32_t i = 0; i < G::kAccum; ++i) fence_operand(partial[i]);
+                wgmma_wait<0>();
 
-            // Read the rest of this stage's scales, then hand the stage back before promoting.
-            if constexpr (SCALE_B_1X128) {
-                const float* scale_b_smem = reinterpret_cast<const float*>(smem + S::kScaleB + stage * G::kScaleBSlot);
-                float2 sb[G::kAccum / 4];
+                // After the last wave's MMAs, read the rest of this stage's scales, then hand
+                // the stage back before promoting.
+                const float sa0 = sa[w][0], sa1 = sa[w][1];
+                float* acc = accum[w];
+                if constexpr (SCALE_B_1X128) {  // one wave (static_assert)
+                    const float* scale_b_smem = reinterpret_cast<const float*>(smem + S::kScaleB + stage * G::kScaleBSlot);
+                    float2 sb[G::kAccum / 4];
 #pragma unroll
-                for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
-                    const uint32_t col = j * 8 + (lane % 4) * 2;
-                    sb[j] = make_float2(scale_b_smem[col * G::kScaleCols + kb_col],
-                                        scale_b_smem[(col + 1) * G::kScaleCols + kb_col]);
-                }
-                __syncwarp();
-                if (lane == 0) release_stage(stage);
+                    for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
+                        const uint32_t col = j * 8 + (lane % 4) * 2;
+                        sb[j] = make_float2(scale_b_smem[col * G::kScaleCols + kb_col],
+                                            scale_b_smem[(col + 1) * G::kScaleCols + kb_col]);
+                    }
+                    __syncwarp();
+                    if (lane == 0) release_stage(stage);
 #pragma unroll
-                for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
-                    accum[j * 4 + 0] = fmaf(partial[j * 4 + 0], sa0 * sb[j].x, accum[j * 4 + 0]);
-                    accum[j * 4 + 1] = fmaf(partial[j * 4 + 1], sa0 * sb[j].y, accum[j * 4 + 1]);
-                    accum[j * 4 + 2] = fmaf(partial[j * 4 + 2], sa1 * sb[j].x, accum[j * 4 + 2]);
-                    accum[j * 4 + 3] = fmaf(partial[j * 4 + 3], sa1 * sb[j].y, accum[j * 4 + 3]);
-                }
-            } else {
-                __syncwarp();
-                if (lane == 0) release_stage(stage);
-                const float lo0 = sa0 * sb_lo, lo1 = sa1 * sb_lo;
-                const float hi0 = sa0 * sb_hi, hi1 = sa1 * sb_hi;
+                    for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
+                        acc[j * 4 + 0] = fmaf(partial[j * 4 + 0], sa0 * sb[j].x, acc[j * 4 + 0]);
+                        acc[j * 4 + 1] = fmaf(partial[j * 4 + 1], sa0 * sb[j].y, acc[j * 4 + 1]);
+                        acc[j * 4 + 2] = fmaf(partial[j * 4 + 2], sa1 * sb[j].x, acc[j * 4 + 2]);
+                        acc[j * 4 + 3] = fmaf(partial[j * 4 + 3], sa1 * sb[j].y, acc[j * 4 + 3]);
+                    }
+                } else {
+                    if (w + 1 == kWaves) {
+                        __syncwarp();
+                        if (lane == 0) release_stage(stage);
+                    }
+                    const float lo0 = sa0 * sb_lo, lo1 = sa1 * sb_lo;
+                    const float hi0 = sa0 * sb_hi, hi1 = sa1 * sb_hi;
 #pragma unroll
-                for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
-                    const bool hi = G::kMayStraddle && j * 8 >= split;
-                    const float s0 = hi ? hi0 : lo0, s1 = hi ? hi1 : lo1;
-                    accum[j * 4 + 0] = fmaf(partial[j * 4 + 0], s0, accum[j * 4 + 0]);
-                    accum[j * 4 + 1] = fmaf(partial[j * 4 + 1], s0, accum[j * 4 + 1]);
-                    accum[j * 4 + 2] = fmaf(partial[j * 4 + 2], s1, accum[j * 4 + 2]);
-                    accum[j * 4 + 3] = fmaf(partial[j * 4 + 3], s1, accum[j * 4 + 3]);
+                    for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
+                        const bool hi = G::kMayStraddle && j * 8 >= split;
+                        const float s0 = hi ? hi0 : lo0, s1 = hi ? hi1 : lo1;
+                        acc[j * 4 + 0] = fmaf(partial[j * 4 + 0], s0, acc[j * 4 + 0]);
+                        acc[j * 4 + 1] = fmaf(partial[j * 4 + 1], s0, acc[j * 4 + 1]);
+                        acc[j * 4 + 2] = fmaf(partial[j * 4 + 2], s1, acc[j * 4 + 2]);
+                        acc[j * 4 + 3] = fmaf(partial[j * 4 + 3], s1, acc[j * 4 + 3]);
+                    }
                 }
             }
         }
 
-        // Epilogue: each thread owns rows r and r + 8, and column pairs 8j + 2 (lane % 4).
+        // Epilogue: in each wave a thread owns rows r and r + 8, and column pairs 8j + 2 (lane % 4).
         const uint64_t out_group = (kKGrouped || GROUPING == Grouping::kMMasked)
                                        ? static_cast<uint64_t>(t.group) * shape_m * SHAPE_N : 0;
         if constexpr (G::kOutF32) {
             // An expert without tokens has a zero gradient: written as zeros, or, when
             // accumulating, nothing to add.
             if (ACCUMULATE && kKGrouped && op.kb_begin == op.kb_end) continue;
-            store_from_registers<G::kAccum, SHAPE_N>(accum, m0 + row_in_tile, n0 + (lane % 4) * 2, t.rows,
-                                                     [&](uint64_t index, float v0, float v1) {
-                float2* dst = reinterpret_cast<float2*>(out_f32 + out_group + index);
-                if constexpr (ACCUMULATE) {
-                    const float2 old = *dst;
-                    v0 += old.x;
-                    v1 += old.y;
-                }
-                *dst = make_float2(v0, v1);
-            });
+#pragma unroll
+            for (uint32_t w = 0; w < kWaves; ++w) {
+                store_from_registers<G::kAccum, SHAPE_N>(accum[w], m0 + w * G::kWaveRows + row_in_wave,
+                                                         n0 + (lane % 4) * 2, t.rows,
+                                                         [&](uint64_t index, float v0, float v1) {
+                    float2* dst = reinterpret_cast<float2*>(out_f32 + out_group + index);
+                    if constexpr (ACCUMULATE) {
+                        const float2 old = *dst;
+                        v0 += old.x;
+                        v1 += old.y;
+                    }
+                    *dst = make_float2(v0, v1);
+                });
+            }
         } else if (GROUPING == Grouping::kMMasked && m0 + BLOCK_M > t.rows) {
             // The expert's last, partial tile: rows past masked_m[g] must stay untouched, and
             // TMA would clip only at M_max. Stored from registers with a row guard instead.
             __nv_bfloat16* out_bf16 = reinterpret_cast<__nv_bfloat16*>(out_f32) + out_group;
-            store_from_registers<G::kAccum, SHAPE_N>(accum, m0 + row_in_tile, n0 + (lane % 4) * 2, t.rows,
-                                                     [&](uint64_t index, float v0, float v1) {
-                *reinterpret_cast<__nv_bfloat162*>(out_bf16 + index) = __floats2bfloat162_rn(v0, v1);
-            });
+#pragma unroll
+            for (uint32_t w = 0; w < kWaves; ++w) {
+                store_from_registers<G::kAccum, SHAPE_N>(accum[w], m0 + w * G::kWaveRows + row_in_wave,
+                                                         n0 + (lane % 4) * 2, t.rows,
+                                                         [&](uint64_t index, float v0, float v1) {
+                    *reinterpret_cast<__nv_bfloat162*>(out_bf16 + index) = __floats2bfloat162_rn(v0, v1);
+                });
+            }
         } else {
             if constexpr (SPLIT_K > 1) {
                 if (!reduce_split_k<G::kAccum, G::kNumMathThreads, SPLIT_K>(
-                        accum, split_partials + static_cast<uint64_t>(t.output) * SPLIT_K * BLOCK_M * BLOCK_N,
+                        accum[0], split_partials + static_cast<uint64_t>(t.output) * SPLIT_K * BLOCK_M * BLOCK_N,
                         t.split, split_counters + t.output))
                     continue;  // another slice of K finishes this tile
             }
@@ -437,18 +472,21 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             if (threadIdx.x == 0) tma_store_wait_read();
             named_barrier_sync(1, G::kNumMathThreads);
 #pragma unroll
-            for (uint32_t half = 0; half < 2; ++half) {
-                const uint32_t row = row_in_tile + half * 8;
+            for (uint32_t w = 0; w < kWaves; ++w) {
 #pragma unroll
-                for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
-                    // A warp writes 8 rows x 16 bytes per j: row-major, those 8 rows share
-                    // banks (8-way conflicts); the 128-byte swizzle moves each row's 16
-                    // bytes to chunk (j % 8) ^ (row % 8), spreading them over all banks.
-                    __nv_bfloat16* dst = G::kSwizzledOut
-                        ? tile_out + (j / 8) * BLOCK_M * 64 + row * 64 + (((j % 8) ^ (row % 8)) * 8) + (lane % 4) * 2
-                        : tile_out + row * BLOCK_N + j * 8 + (lane % 4) * 2;
-                    *reinterpret_cast<__nv_bfloat162*>(dst) =
-                        __floats2bfloat162_rn(accum[j * 4 + half * 2], accum[j * 4 + half * 2 + 1]);
+                for (uint32_t half = 0; half < 2; ++half) {
+                    const uint32_t row = w * G::kWaveRows + row_in_wave + half * 8;
+#pragma unroll
+                    for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
+                        // A warp writes 8 rows x 16 bytes per j: row-major, those 8 rows share
+                        // banks (8-way conflicts); the 128-byte swizzle moves each row's 16
+                        // bytes to chunk (j % 8) ^ (row % 8), spreading them over all banks.
+                        __nv_bfloat16* dst = G::kSwizzledOut
+                            ? tile_out + (j / 8) * BLOCK_M * 64 + row * 64 + (((j % 8) ^ (row % 8)) * 8) + (lane % 4) * 2
+                            : tile_out + row * BLOCK_N + j * 8 + (lane % 4) * 2;
+                        *reinterpret_cast<__nv_bfloat162*>(dst) =
+                            __floats2bfloat162_rn(accum[w][j * 4 + half * 2], accum[w][j * 4 + half * 2 + 1]);
+                    }
                 }
             }
             fence_async_shared();

@@ -19,7 +19,8 @@ KINDS = ("1d2d", "1d1d")      # B scales 128x128 (fprop/dgrad, BF16 out) or 1x12
 
 @dataclass(frozen=True)
 class GemmConfig:
-    # Rows of the output tile: 64 (one math warpgroup) or 128 (two).
+    # Rows of the output tile: 64 (one math warpgroup), 128 (two) or 256 (two, each walking
+    # its half in two 64-row waves; dense 1D2D only).
     block_m: int
     # Columns of the output tile: a multiple of 8 up to the register budget; it need not
     # divide 128 (tiles then straddle two 128x128 scale blocks of B).
@@ -42,8 +43,11 @@ class GemmConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}")
-        if self.block_m not in (64, 128):
-            raise ValueError(f"block_m: expected 64 or 128, got {self.block_m}")
+        if self.block_m not in (64, 128, 256):
+            raise ValueError(f"block_m: expected 64, 128 or 256, got {self.block_m}")
+        if self.block_m == 256 and (self.kind != "1d2d" or self.split_k != 1):
+            raise ValueError(f"block_m: 256-row tiles are for the 1d2d kernel without split-K, got "
+                             f"kind {self.kind!r}, split_k={self.split_k}")
         if self.block_n % 8 or not 8 <= self.block_n <= max_block_n(self.block_m) or not \
                 block_n_is_legal(self.block_n, self.kind):
             raise ValueError(f"block_n: expected a multiple of 8 in [8, {max_block_n(self.block_m)}], "
@@ -63,13 +67,15 @@ class GemmConfig:
 
     @property
     def num_threads(self) -> int:
-        return (self.block_m // 64) * 128 + 128
+        return (1 if self.block_m == 64 else 2) * 128 + 128
 
 
 def max_block_n(block_m: int) -> int:
-    """Largest BLOCK_N whose two FP32 accumulators (BLOCK_N registers per thread) leave room
-    for addressing and scales under setmaxnreg's 232 (two math warpgroups) or 248 (one)."""
-    return 176 if block_m == 128 else 192
+    """Largest BLOCK_N whose FP32 accumulators leave room for addressing and scales under
+    setmaxnreg's 232 (two math warpgroups) or 248 (one): a partial and a promoted
+    accumulator take BLOCK_N registers per thread; a 256-row tile's second wave adds
+    BLOCK_N / 2 more."""
+    return {64: 192, 128: 176, 256: 128}[block_m]
 
 
 def block_n_is_legal(block_n: int, kind: str) -> bool:
@@ -102,9 +108,9 @@ def ceil_div(a: int, b: int) -> int:
 # Split-K for M <= 128 (always, for dense GEMMs): the GPU tests pass (bit-identical across
 # launches) and on the H100 it is faster or equal on every small-M bench shape (e.g.
 # 128x7168x16384 0.77 -> 0.95x cuBLAS, 128x4096x7168 1.00 -> 1.13x; docs/kernels.md).
-# TMA multicast over a cluster of two is correct and, since its fence fix, at parity with no
-# cluster at 128x128 tiles (docs/kernels.md): the heuristic picks it only when asked
-# (`multicast=True`), for the measurements on larger tiles that will decide it.
+# TMA multicast of A over a cluster of two is correct, at parity with no cluster at 128x128
+# tiles and 3% slower (median; -9% to +5%) at 256x128 on the H100 (docs/kernels.md): the
+# heuristic picks it only when asked (`multicast=True`); multicast of B is not built yet.
 MIN_K_BLOCKS_PER_SPLIT = 4  # fewer and the pipeline never fills; the fixup dominates
 MAX_SPLIT_BLOCK_N = 136  # wider split-K tiles spill in the reduction (BM 64, BN 192: 8 bytes)
 
@@ -133,16 +139,24 @@ def _small_m_choice(m: int, n: int, k: int, num_sms: int, block_m: int):
     return best[1], best[2]
 
 
-def relative_speed(block_n: int, kind: str) -> float:
-    """Measured TFLOP/s of a BLOCK_M=128 tile relative to the best BLOCK_N, for tiles that
-    fill the GPU (H100, 4096x4096x7168 1D2D and 4096x7168x16384 1D1D; docs/kernels.md).
-    1D2D: N = 128 runs ~15% faster than any tile that straddles 128x128 scale blocks or
-    does not divide 128 (96-160 measured), and 64 loses to operand re-reads."""
+# TFLOP/s per full wave of 256x128 tiles over 128x128 ones: 1.06-1.25, median 1.14 over ten
+# dense 1D2D shapes with M >= 4000 on the H100 (docs/kernels.md): a K block's 48 KB of
+# operands feed twice the MMAs of a 128-row tile's 32 KB.
+TALL_TILE_SPEEDUP = 1.14
+
+
+def relative_speed(block_m: int, block_n: int, kind: str) -> float:
+    """Measured TFLOP/s of a tile per full wave relative to a 128x128 1D2D tile (1D1D: to
+    the best BLOCK_N), for tiles that fill the GPU (H100; docs/kernels.md). 1D2D: N = 128
+    runs ~15% faster than any tile that straddles 128x128 scale blocks or does not divide
+    128 (96-160 measured, at 128 and 256 rows alike), and 64 loses to operand re-reads."""
     if kind == "1d1d":
         return 0.85 + 0.15 * block_n / 176  # 128: 0.90, 152: 0.94, 176: 1.0 measured
     if block_n == 128:
-        return 1.0
-    return 0.61 * block_n / 64 if block_n <= 64 else 0.85
+        speed = 1.0
+    else:
+        speed = 0.61 * block_n / 64 if block_n <= 64 else 0.85
+    return speed * (TALL_TILE_SPEEDUP if block_m == 256 else 1.0)
 
 
 def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
@@ -150,7 +164,7 @@ def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
                   split_k: bool = True, multicast: bool = False) -> GemmConfig:
     """The config the native GEMM runs for this problem (cached per shape and options).
 
-    grouped: a grouped (MoE) GEMM, which runs without clusters or split-K.
+    grouped: a grouped (MoE) GEMM, which runs without clusters, split-K or 256-row tiles.
     split_k: let M <= 128 split K (dense only); multicast: let the heuristic pick clusters
     of two sharing A (dense only; off by default).
     rows_per_group: for grouped GEMMs whose tiles never span two experts (masked), the rows
@@ -159,17 +173,18 @@ def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
 
     M <= 128 is bound by reading B: pick the tile that spreads N over the most SMs (fewest
     waves), or with split-K the (tile, slices) that pull the fewest bytes per SM. Larger M
-    is bound by the tensor cores: minimise waves x tile time, tile time being BLOCK_N over
-    the measured relative speed of that BLOCK_N.
+    is bound by the tensor cores: minimise waves x tile time, tile time being the tile's
+    area over the measured relative speed of its shape (dense 1D2D GEMMs may take 256-row
+    tiles).
     """
     grouped = grouped or rows_per_group is not None
     return _choose_config(m, n, k, num_sms, kind, rows_per_group, split_k and not grouped,
-                          multicast and not grouped)
+                          multicast and not grouped, not grouped)
 
 
 @functools.lru_cache(maxsize=4096)
 def _choose_config(m: int, n: int, k: int, num_sms: int, kind: str, rows_per_group: int | None,
-                   split_k_on: bool, multicast_on: bool) -> GemmConfig:
+                   split_k_on: bool, multicast_on: bool, tall_tiles_on: bool) -> GemmConfig:
     """choose_config with the switches as arguments, so the cache never serves a config
     chosen under other settings."""
     if kind not in KINDS:
@@ -183,25 +198,27 @@ def _choose_config(m: int, n: int, k: int, num_sms: int, kind: str, rows_per_gro
         block_n, split_k = _small_m_choice(m, n, k, num_sms, block_m)
     else:
         best = None
-        for block_n in range(16, max_block_n(block_m) + 1, 8):
-            if (block_n > n and block_n != 16) or not block_n_is_legal(block_n, kind):
-                continue  # never a block wider than the problem
-            tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
-            waves = ceil_div(tiles, num_sms)
-            last_wave = tiles - (waves - 1) * num_sms
-            if m <= 128:
-                key = (waves, -last_wave, -block_n)
-            else:
-                key = (waves * block_n / relative_speed(block_n, kind), -block_n)
-            if best is None or key < best[0]:
-                best = (key, block_n)
-        block_n = best[1]
+        block_ms = (128, 256) if m > 128 and tall_tiles_on and kind == "1d2d" else (block_m,)
+        for bm in block_ms:
+            for block_n in range(16, max_block_n(bm) + 1, 8):
+                if (block_n > n and block_n != 16) or not block_n_is_legal(block_n, kind):
+                    continue  # never a block wider than the problem
+                tiles = ceil_div(m, bm) * ceil_div(n, block_n)
+                waves = ceil_div(tiles, num_sms)
+                last_wave = tiles - (waves - 1) * num_sms
+                if m <= 128:
+                    key = (waves, -last_wave, -block_n)
+                else:
+                    key = (waves * bm * block_n / relative_speed(bm, block_n, kind), -block_n)
+                if best is None or key < best[0]:
+                    best = (key, bm, block_n)
+        block_m, block_n = best[1], best[2]
     tiles = ceil_div(m, block_m) * ceil_div(n, block_n) * split_k
     stages = MAX_STAGES
     while shared_bytes(block_m, block_n, stages, kind) > SMEM_LIMIT:
         stages -= 1
     # Multicast pays where operand traffic from L2 limits: many row blocks sharing A.
-    cluster = 2 if multicast_on and m >= 512 and block_m == 128 and tiles >= num_sms and split_k == 1 else 1
+    cluster = 2 if multicast_on and m >= 512 and block_m >= 128 and tiles >= num_sms and split_k == 1 else 1
     num_ctas = min(num_sms, tiles if cluster == 1 else 2 * ceil_div(tiles, 2))
     num_ctas -= num_ctas % cluster
     return GemmConfig(block_m=block_m, block_n=block_n, num_stages=stages, num_ctas=num_ctas,
