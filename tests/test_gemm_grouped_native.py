@@ -90,6 +90,15 @@ def test_m_grouped_masked_matches_reference(g, m_max, n, kb, data, expected_m, s
     check_masked(out, expect, counts)
 
 
+@pytest.mark.parametrize("m_max", [128, 129, 130, 131, 257])
+def test_m_grouped_masked_reads_k_block_major_scales_at_any_m_max(m_max):
+    """Experts' scales start 16-byte aligned: in place where M_max is a multiple of 4, from a
+    padded copy otherwise; partial last tiles and empty experts included."""
+    counts = [m_max, 0, m_max - 1, 1]
+    _, _, _, out, expect = masked_case(4, m_max, 264, 512, counts, seed=m_max, expected_m=128)
+    check_masked(out, expect, counts)
+
+
 def test_m_grouped_masked_replays_in_a_cuda_graph_with_new_counts():
     """Counts live on the device: a captured call serves whatever counts the replay finds."""
     g, m_max, n, k = 4, 256, 512, 512

@@ -3,12 +3,12 @@
 // A [M, K] e4m3 with 1x128 scales; B [N, K] e4m3 with either 128x128 scales
 // ([ceil(N/128), K/128] row-major, "1D2D": fprop/dgrad, BF16 out) or 1x128 scales ("1D1D":
 // wgrad, FP32 out, optionally accumulated into D). A's 1x128 scales are read K-block-major
-// ([K/128, rows], one contiguous box of BLOCK_M floats per stage) where SCALE_A_KBLOCK_MAJOR,
-// else row-major like B's 1x128 scales (1D1D): [rows, K/128] with a row stride that is a
-// multiple of 4 floats, one TMA box of 4 K blocks x BLOCK rows per stage (TMA moves at least
-// 16 bytes a row), the math threads picking their K block's column out of it. K-block-major
-// reads were 10% (4096x4096x7168) to 36% (4096x7168x2048) faster on the H100; B's 1x128
-// scales read K-block-major measured 3-7% slower and are read row-major.
+// ([K/128, rows] with rows contiguous, the row count padded to 4: one contiguous box of
+// BLOCK_M floats per stage); B's 1x128 scales (1D1D) row-major: [rows, K/128] with a row
+// stride that is a multiple of 4 floats, one TMA box of 4 K blocks x BLOCK_N rows per stage
+// (TMA moves at least 16 bytes a row), the math threads picking their K block's column out
+// of it. Reading A's K-block-major was 10% (4096x4096x7168) to 36% (4096x7168x2048) faster
+// on the H100 than row-major; B's measured 3-7% slower and stays row-major.
 //
 // Persistent and warp-specialised: one thread of the last warpgroup issues TMA for A, B and
 // their 1x128 scales into a ring of stages; one (BLOCK_M = 64) or two math warpgroups
@@ -30,13 +30,11 @@
 
 namespace fp8train {
 
-// SCALE_A_KBLOCK_MAJOR: A's 1x128 scales stored [K/128, rows] (rows contiguous, the row count
-// padded to 4): a stage's box is one contiguous BLOCK_M-float read; else row-major.
 // OUT_F32: a 1D2D kernel writing FP32 (an FP32 model without autocast), stored from registers
 // like 1D1D.
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
           uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, uint32_t CLUSTER,
-          bool SCALE_A_KBLOCK_MAJOR, bool OUT_F32>
+          bool OUT_F32>
 struct Sm90Fp8Gemm {
     static constexpr uint32_t BLOCK_K = 128;
     static constexpr uint32_t kNumKBlocks = SHAPE_K / BLOCK_K;
@@ -49,8 +47,7 @@ struct Sm90Fp8Gemm {
     static constexpr uint32_t kTileABytes = BLOCK_M * BLOCK_K;
     static constexpr uint32_t kTileBBytes = BLOCK_N * BLOCK_K;
     static constexpr uint32_t kScaleCols = 4;  // K blocks per scale box (16 bytes a row)
-    static constexpr bool kScaleAKBlockMajor = SCALE_A_KBLOCK_MAJOR;
-    static constexpr uint32_t kScaleABytes = kScaleAKBlockMajor ? BLOCK_M * 4 : BLOCK_M * kScaleCols * 4;
+    static constexpr uint32_t kScaleABytes = BLOCK_M * 4;
     static constexpr uint32_t kScaleBBytes = SCALE_B_1X128 ? BLOCK_N * kScaleCols * 4 : 0;
     // What one stage's TMA copies deliver (the barrier's transaction count).
     static constexpr uint32_t kStageBytes = kTileABytes + kTileBBytes + kScaleABytes + kScaleBBytes;
@@ -171,7 +168,7 @@ __device__ __forceinline__ bool reduce_split_k(float (&accum)[kAccum], float* __
 
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
           uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, uint32_t CLUSTER,
-          Grouping GROUPING, uint32_t SPLIT_K, typename Wgmma, bool SCALE_A_KBLOCK_MAJOR, bool OUT_F32>
+          Grouping GROUPING, uint32_t SPLIT_K, typename Wgmma, bool OUT_F32>
 __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __restrict__ scale_b,
                                               float* __restrict__ out_f32,
                                               const CUtensorMap* tmap_a, const CUtensorMap* tmap_b,
@@ -182,7 +179,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                                               uint32_t num_groups, float* __restrict__ split_partials,
                                               int32_t* __restrict__ split_counters) {
     using G = Sm90Fp8Gemm<BLOCK_M, BLOCK_N, NUM_STAGES, SHAPE_N, SHAPE_K, SCALE_B_1X128, ACCUMULATE, GROUP_N, CLUSTER,
-                          SCALE_A_KBLOCK_MAJOR, OUT_F32>;
+                          OUT_F32>;
     using S = typename G::SharedStorage;
     constexpr uint32_t kNumKBlocks = G::kNumKBlocks;
     static_assert(!ACCUMULATE || SCALE_B_1X128, "only the FP32 (1D1D) output accumulates");
@@ -234,13 +231,17 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
 
     using Walker = TileWalker<GROUPING, BLOCK_M, BLOCK_N, SHAPE_N, GROUP_N, CLUSTER, SPLIT_K>;
     const uint32_t first_tile = blockIdx.x / CLUSTER, tile_stride = gridDim.x / CLUSTER;
-    // Where a tile's operands live: its rows of A (and of A's scales), of B, and its K blocks.
+    // Where a tile's operands live: its rows of A, of A's scales, of B, and its K blocks.
+    // Masked: expert g's scales start at row g * M_max rounded up to 4, so that every box
+    // starts 16-byte aligned (the host pads them so when M_max is not a multiple of 4).
     struct Operands {
-        uint32_t a_row, b_row, kb_begin, kb_end;
+        uint32_t a_row, scale_a_row, b_row, kb_begin, kb_end;
     };
     auto operands_of = [&](const Tile& t) {
         Operands op;
         op.a_row = (GROUPING == Grouping::kMMasked ? t.group * shape_m : 0) + t.m_block * BLOCK_M;
+        op.scale_a_row = GROUPING == Grouping::kMMasked ? t.group * ((shape_m + 3) & ~3u) + t.m_block * BLOCK_M
+                                                        : op.a_row;
         op.b_row = (kMGrouped ? t.group * SHAPE_N : 0) + t.n_block * BLOCK_N;
         op.kb_begin = 0;
         op.kb_end = kNumKBlocks;
@@ -281,13 +282,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                     tma_load_2d(tmap_a, bar, smem + S::kA + stage * G::kTileABytes, kb * 128, op.a_row);
                 }
                 tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, op.b_row);
-                const int32_t kb_box = kb & ~(G::kScaleCols - 1);
-                if constexpr (G::kScaleAKBlockMajor)
-                    tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, op.a_row, kb);
-                else
-                    tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, kb_box, op.a_row);
+                tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, op.scale_a_row, kb);
                 if constexpr (SCALE_B_1X128)
-                    tma_load_2d(tmap_scale_b, bar, smem + S::kScaleB + stage * G::kScaleBSlot, kb_box, n0);
+                    tma_load_2d(tmap_scale_b, bar, smem + S::kScaleB + stage * G::kScaleBSlot,
+                                kb & ~(G::kScaleCols - 1), n0);
             }
         }
         if constexpr (CLUSTER > 1) {
@@ -362,7 +360,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
 #pragma unroll
                 for (uint32_t half = 0; half < 2; ++half) {
                     const uint32_t row = w * G::kWaveRows + row_in_wave + half * 8;
-                    sa[w][half] = G::kScaleAKBlockMajor ? scale_a_smem[row] : scale_a_smem[row * G::kScaleCols + kb_col];
+                    sa[w][half] = scale_a_smem[row];
                 }
             }
 

@@ -292,7 +292,7 @@ def m_grouped_fp8_gemm_nt_masked(a: FP8Pair, b: FP8Pair, masked_m: torch.Tensor,
         out = torch.zeros(g, m_max, n, dtype=torch.bfloat16, device=a.device)
     if path == "native":
         if g and m_max and n:
-            m_grouped_masked_native(a, sa.contiguous(), b, sb.contiguous(), masked_m.contiguous(), out,
+            m_grouped_masked_native(a, sa, b, sb.contiguous(), masked_m.contiguous(), out,
                                     m_max if expected_m is None else min(expected_m, m_max))
         return out
     counts = masked_m.tolist()

@@ -91,12 +91,10 @@ def _slot(nbytes: int) -> int:
 
 def shared_bytes(block_m: int, block_n: int, num_stages: int, kind: str) -> int:
     """What the kernel asks for; mirrors Sm90Fp8Gemm::kSharedBytes."""
-    # 1x128 scales travel as boxes of 4 K blocks (16 bytes) per row. Kernels that read A's
-    # scales K-block-major need only 4 bytes a row; planning every kernel for the larger slot
-    # keeps one stage count per config whichever layout its grouping reads (the smaller
-    # kernel simply leaves the rest unused).
+    # A's 1x128 scales are read K-block-major (4 bytes a row per stage); B's (1D1D) as boxes
+    # of 4 K blocks (16 bytes) per row.
     scale_b = _slot(16 * block_n) if kind == "1d1d" else 0
-    staged = num_stages * (block_m * BLOCK_K + block_n * BLOCK_K + _slot(16 * block_m) + scale_b)
+    staged = num_stages * (block_m * BLOCK_K + block_n * BLOCK_K + _slot(4 * block_m) + scale_b)
     out_tile = 0 if kind == "1d1d" else 2 * block_m * block_n
     return -(-staged // 1024) * 1024 + out_tile + 16 * num_stages + 1024
 

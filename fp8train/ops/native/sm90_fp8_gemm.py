@@ -18,7 +18,7 @@ from .gemm_config import GemmConfig, choose_config, shared_bytes
 from .wgmma import render_wgmma_e4m3
 from ..jit.device import get_num_sms
 from ..jit.runtime import raw_stream as _raw_stream
-from ..scale_layout import kblock_major_ld, tma_readable, unpack
+from ..scale_layout import empty_scales, kblock_major_ld, tma_readable, unpack
 
 KERNEL_NAME = "fp8train_gemm"
 
@@ -73,8 +73,7 @@ extern "C" __global__ void __launch_bounds__({config.num_threads}, 1)
                             {str(config.kind == "1d1d").lower()}, {str(accumulate).lower()},
                             {config.group_n}, {config.cluster}, fp8train::Grouping::{GROUPINGS[grouping][0]},
                             {config.split_k},
-                            fp8train::Wgmma_m64n{config.block_n}k32, {str(scale_a_kblock_major(grouping)).lower()},
-                            {str(out_f32).lower()}>(
+                            fp8train::Wgmma_m64n{config.block_n}k32, {str(out_f32).lower()}>(
         shape_m, scale_b, out_f32, &tmap_a, &tmap_b, &tmap_scale_a, &tmap_scale_b, &tmap_out,
         group_counts, num_groups, split_partials, split_counters);
 }}
@@ -89,20 +88,6 @@ def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: 
     return (f"sm90_fp8_gemm_{config.kind}{acc}_n{n}_k{k_label}_bm{config.block_m}_bn{config.block_n}"
             f"_s{config.num_stages}_g{config.group_n}_c{config.cluster}"
             + (f"_sk{config.split_k}" if config.split_k > 1 else ""))
-
-
-# A's 1x128 scales are read K-block-major ([K/128, rows] underneath: one 512-byte TMA box per
-# stage instead of 128 16-byte ones, +10% to +36% on the H100), the layout the casts write,
-# by every kernel but the masked one, whose experts' rows start at g * M_max, so a box's
-# inner coordinate is not 16-byte aligned (it hit an illegal instruction): it reads them
-# row-major (staged). B's 1x128 scales (1D1D, k-grouped) are read row-major (staged):
-# K-block-major measured 3-7% slower.
-_KBLOCK_MAJOR_GROUPINGS = ("none", "m_contiguous", "k_contiguous")
-
-
-def scale_a_kblock_major(grouping: str) -> bool:
-    """Whether this grouping's kernel reads A's scales K-block-major."""
-    return grouping in _KBLOCK_MAJOR_GROUPINGS
 
 
 def swizzled_out(config: GemmConfig) -> bool:
@@ -241,9 +226,10 @@ def fp8_gemm_nt_native(a, sa, b, sb, out: torch.Tensor, kind: str, accumulate: b
 def m_grouped_masked_native(a, sa, b, sb, masked_m: torch.Tensor, out: torch.Tensor, expected_m: int,
                             config: GemmConfig | None = None) -> None:
     """out[g, :masked_m[g]] = a[g, :masked_m[g]] b[g]^T on the current stream, no host sync.
-    a [G, M_max, K], sa [G, M_max, K/128], b [G, N, K], sb [G, ceil(N/128), K/128], out
-    [G, M_max, N] bf16, all contiguous; masked_m int32 [G] on the device. The config is the
-    one for G x expected_m rows; every SM runs, since the real tile count is on the device."""
+    a [G, M_max, K], b [G, N, K], sb [G, ceil(N/128), K/128], out [G, M_max, N] bf16, all
+    contiguous; sa [G, M_max, K/128] (K-block-major as the casts write it, else staged);
+    masked_m int32 [G] on the device. The config is the one for G x expected_m rows; every
+    SM runs, since the real tile count is on the device."""
     g, m_max, k = a.shape
     num_sms = get_num_sms()
     expected_m = max(1, expected_m)
@@ -253,8 +239,22 @@ def m_grouped_masked_native(a, sa, b, sb, masked_m: torch.Tensor, out: torch.Ten
                                rows_per_group=expected_m)
     launch = _launch_for(g * expected_m, b.shape[1], k, "1d2d", False, a.device.index, num_sms,
                          config, "m_masked")
-    _launch(launch, num_sms, a.view(g * m_max, k), sa.view(g * m_max, -1), b, sb, out, m_max,
-            "m_masked", masked_m)
+    _launch(launch, num_sms, a.view(g * m_max, k), _masked_scales(sa), b, sb, out, m_max, "m_masked",
+            masked_m)
+
+
+def _masked_scales(sa: torch.Tensor) -> torch.Tensor:
+    """A's scales [G, M_max, K/128] as the masked kernel reads them: [G * M_pad, K/128],
+    expert g's rows from g * M_pad, M_pad = M_max rounded up to 4 so that each expert's TMA
+    boxes start 16-byte aligned. With M_max a multiple of 4 that is the casts' own layout
+    (a view); otherwise a padded copy."""
+    g, m_max, kb = sa.shape
+    m_pad = -(-m_max // 4) * 4
+    if m_pad == m_max:
+        return sa.reshape(g * m_max, kb)
+    padded = empty_scales((g, m_pad), kb, sa.device)
+    padded[:, :m_max].copy_(sa)
+    return padded.view(g * m_pad, kb)
 
 
 def k_grouped_native(a, sa, b, sb, group_offsets: torch.Tensor, out: torch.Tensor, accumulate: bool,
@@ -283,7 +283,7 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
     Python a launch costs); only split-K's scratch pointer changes per call."""
     cfg = launch.config
     device = a.device.index
-    sa_ready, lda, reusable_a = _scales_as_read(sa, device, scale_a_kblock_major(grouping), "a")
+    sa_ready, _, reusable_a = _scales_as_read(sa, device, True, "a")
     if cfg.kind == "1d1d":
         sb_ready, ldb, reusable_b = _scales_as_read(sb, device, False, "b")
     else:
@@ -297,7 +297,7 @@ def _launch(launch: _Launch, grid: int, a, sa, b, sb, out, shape_m: int, groupin
            None if counts is None else (counts.data_ptr(), counts.shape[0]))
     params = blocks.get(key)
     if params is None:
-        params = _fill_params(cfg, a, sa_ready, lda, b, sb_ready, ldb, out, shape_m, grouping, counts)
+        params = _fill_params(cfg, a, sa_ready, b, sb_ready, ldb, out, shape_m, grouping, counts)
         if reusable:
             if len(blocks) >= _PARAM_CACHE_LIMIT:
                 blocks.clear()
@@ -362,11 +362,11 @@ def _staged(scale: torch.Tensor, device: int, kblock_major: bool, role: str) -> 
     return view, not capturing
 
 
-def _fill_params(cfg: GemmConfig, a, sa, lda: int, b, sb, ldb: int, out, shape_m: int, grouping: str,
+def _fill_params(cfg: GemmConfig, a, sa, b, sb, ldb: int, out, shape_m: int, grouping: str,
                  counts: torch.Tensor | None) -> _ParamBlock:
-    """A new parameter block: TMA descriptors of 2D views (A [rows, K], B [rows, K], the
-    TMA-ready 1x128 scales with row strides lda/ldb floats, BF16 out [rows, N]), pointers
-    and sizes. `counts` is group_offsets or masked_m."""
+    """A new parameter block: TMA descriptors of 2D views (A [rows, K], B [rows, K], A's
+    1x128 scales K-block-major, B's 1x128 scales with a row stride of ldb floats, BF16 out
+    [rows, N]), pointers and sizes. `counts` is group_offsets or masked_m."""
     rows_a, k = a.shape
     n = b.shape[-2]
     b_rows = b.numel() // k  # experts' weights TMA'd as one [G*N, K]
@@ -381,10 +381,8 @@ def _fill_params(cfg: GemmConfig, a, sa, lda: int, b, sb, ldb: int, out, shape_m
     box_a = cfg.block_m // cfg.cluster  # each CTA of a cluster loads its share of A
     move(slots[3], _tma_address(a.data_ptr(), a.dtype, k, rows_a, a.stride(0), 128, box_a, 128), 128)
     move(slots[4], _tma_address(b.data_ptr(), b.dtype, k, b_rows, b.stride(-2), 128, cfg.block_n, 128), 128)
-    if scale_a_kblock_major(grouping):  # sa stored [K/128, rows]: one BLOCK_M-float box per K block
-        move(slots[5], _tma_address(sa.data_ptr(), f32, rows_a, kb, 4 * sa.stride(1), cfg.block_m, 1, 0), 128)
-    else:
-        move(slots[5], _tma_address(sa.data_ptr(), f32, kb, rows_a, 4 * lda, 4, cfg.block_m, 0), 128)
+    # sa stored [K/128, rows]: one BLOCK_M-float box per K block
+    move(slots[5], _tma_address(sa.data_ptr(), f32, sa.shape[0], kb, 4 * sa.stride(1), cfg.block_m, 1, 0), 128)
     if cfg.kind == "1d1d":
         move(slots[6], _tma_address(sb.data_ptr(), f32, kb, b_rows, 4 * ldb, 4, cfg.block_n, 0), 128)
     elif out.dtype == torch.bfloat16:  # an FP32 1D2D output is stored from registers
