@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/sweep_gemm.py [section ...]   (default: every section)
 
-Sections: tiles256, multicast, configs, split. (The attribution and scale-layout sweeps
+Sections: tiles256, fewest_ctas, multicast, configs, split. (The attribution and scale-layout sweeps
 answered their questions: docs/kernels.md has the figures.) Prebuild their kernels with
 `scripts/prebuild_kernels.py --sweep`.
 """
@@ -40,7 +40,7 @@ def sweep(m, n, k, kind, candidates):
     sweep_configs(m, n, k, kind, [_config(m, n, kind, *c) for c in candidates])
 
 
-def sweep_configs(m, n, k, kind, configs):
+def sweep_configs(m, n, k, kind, configs, deepgemm_too=True):
     sets = []
     for i in range(num_input_sets(m * k + n * k)):
         a = per_token_cast(torch.randn(m, k, device="cuda"))
@@ -55,7 +55,7 @@ def sweep_configs(m, n, k, kind, configs):
         print(f"{kind} {m}x{n}x{k} bm{cfg.block_m} bn{cfg.block_n} s{cfg.num_stages} g{cfg.group_n} "
               f"c{cfg.cluster} grid {grid}: "
               f"{2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
-    deep = [deepgemm.dense_1d2d(*s) for s in sets] if kind == "1d2d" else [None]
+    deep = [deepgemm.dense_1d2d(*s) for s in sets] if kind == "1d2d" and deepgemm_too else [None]
     if all(deep):
         ms, _ = time_calls(deep)
         print(f"{kind} {m}x{n}x{k} DeepGEMM: {2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
@@ -103,6 +103,18 @@ def tiles256():
         sweep_configs(m, n, k, "1d2d", tiles256_configs(m, n, k))
 
 
+def fewest_ctas():
+    """The heuristic's config on all SMs against the same tiles on the fewest CTAs that keep
+    the number of waves (the same kernel: the grid is a launch argument)."""
+    from dataclasses import replace
+
+    for m, n, k in LARGE_1D2D:
+        cfg = choose_config(m, n, k, 132, "1d2d")
+        tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+        waves = -(-tiles // 132)
+        sweep_configs(m, n, k, "1d2d", [cfg, replace(cfg, num_ctas=-(-tiles // waves))], deepgemm_too=False)
+
+
 def kernels():
     """(config, n, k, accumulate, grouping) of the tiles256 section, for prebuilding."""
     return [(cfg, n, k, False, "none") for m, n, k in LARGE_1D2D for cfg in tiles256_configs(m, n, k)]
@@ -129,7 +141,7 @@ def split():
         sweep_split(m, n, k, [(16, 1), (32, 1), (64, 2), (64, 4), (128, 2), (128, 4), (136, 8), (128, 8)])
 
 
-SECTIONS = {"tiles256": tiles256, "multicast": multicast, "configs": configs, "split": split}
+SECTIONS = {"tiles256": tiles256, "fewest_ctas": fewest_ctas, "multicast": multicast, "configs": configs, "split": split}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(SECTIONS)

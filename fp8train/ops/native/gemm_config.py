@@ -19,8 +19,8 @@ KINDS = ("1d2d", "1d1d")      # B scales 128x128 (fprop/dgrad, BF16 out) or 1x12
 
 @dataclass(frozen=True)
 class GemmConfig:
-    # Rows of the output tile: 64 (one math warpgroup), 128 (two) or 256 (two, each walking
-    # its half in two 64-row waves; dense 1D2D only).
+    # Rows of the output tile: 64 (one math warpgroup), 128 (two) or 256 (two, walking the
+    # tile in two waves of 128 rows; dense 1D2D only).
     block_m: int
     # Columns of the output tile: a multiple of 8 up to the register budget; it need not
     # divide 128 (tiles then straddle two 128x128 scale blocks of B).
