@@ -233,7 +233,8 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     const uint32_t first_tile = blockIdx.x / CLUSTER, tile_stride = gridDim.x / CLUSTER;
     // Where a tile's operands live: its rows of A, of A's scales, of B, and its K blocks.
     // Masked: expert g's scales start at row g * M_max rounded up to 4, so that every box
-    // starts 16-byte aligned (the host pads them so when M_max is not a multiple of 4).
+    // starts 16-byte aligned (the host pads them so when M_max is not a multiple of 4): TMA
+    // raises an illegal instruction on an innermost coordinate that is not.
     struct Operands {
         uint32_t a_row, scale_a_row, b_row, kb_begin, kb_end;
     };
