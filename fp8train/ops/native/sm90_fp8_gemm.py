@@ -54,11 +54,18 @@ def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, grouping
     _check_grouping(config, accumulate, grouping, out_f32)
     if grouping == "k_contiguous":
         k = 0
+    scale_b_1x128, acc, f32 = (str(v).lower() for v in (config.kind == "1d1d", accumulate, out_f32))
+    smem = shared_bytes(config.block_m, config.block_n, config.num_stages, config.kind)
     return f"""// Rendered by fp8train.ops.native.sm90_fp8_gemm: {config}, N={n}, K={k}, {grouping}
 #include "fp8train/sm90_fp8_gemm.cuh"
 
 namespace fp8train {{
 {render_wgmma_e4m3(config.block_n)}
+// The launch passes gemm_config.shared_bytes as the dynamic shared memory: it must hold the
+// kernel's layout.
+static_assert(Sm90Fp8Gemm<{config.block_m}, {config.block_n}, {config.num_stages}, {n}, {k}, {scale_b_1x128}, {acc},
+                          {config.group_n}, {config.cluster}, {f32}>::kSharedBytes <= {smem},
+              "gemm_config.shared_bytes plans less shared memory than the kernel lays out");
 }}  // namespace fp8train
 
 extern "C" __global__ void __launch_bounds__({config.num_threads}, 1)
@@ -70,10 +77,9 @@ extern "C" __global__ void __launch_bounds__({config.num_threads}, 1)
               const int32_t* group_counts, uint32_t num_groups, float* split_partials,
               int32_t* split_counters) {{
     fp8train::sm90_fp8_gemm<{config.block_m}, {config.block_n}, {config.num_stages}, {n}, {k},
-                            {str(config.kind == "1d1d").lower()}, {str(accumulate).lower()},
+                            {scale_b_1x128}, {acc},
                             {config.group_n}, {config.cluster}, fp8train::Grouping::{GROUPINGS[grouping][0]},
-                            {config.split_k},
-                            fp8train::Wgmma_m64n{config.block_n}k32, {str(out_f32).lower()}>(
+                            {config.split_k}, fp8train::Wgmma_m64n{config.block_n}k32, {f32}>(
         shape_m, scale_b, out_f32, &tmap_a, &tmap_b, &tmap_scale_a, &tmap_scale_b, &tmap_out,
         group_counts, num_groups, split_partials, split_counters);
 }}
