@@ -1,27 +1,69 @@
-"""One native GEMM call for Nsight Compute to profile (device only):
+"""One 1D2D GEMM call for Nsight Compute to profile, ours or DeepGEMM's (device only), and
+the side-by-side table of two profiles:
 
-    PYTHONPATH=. ncu -k fp8train_gemm -c 1 --section SpeedOfLight --section WarpStateStats \
-        python scripts/ncu_gemm.py 4096 4096 7168 [128 160]
+    PYTHONPATH=.:.deepgemm python scripts/ncu_gemm.py run ours|deepgemm M N K [BM BN]
+    python scripts/ncu_gemm.py table ours.csv deepgemm.csv     # markdown, metric by metric
+
+`bash scripts/ncu_compare.sh M N K` runs both under ncu and prints the table.
 """
+import csv
 import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: benchmarks/
 
-from fp8train.ops.native.gemm_config import SMEM_LIMIT, GemmConfig, choose_config, shared_bytes
-from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native
-from fp8train.quant import per_block_cast, per_token_cast
 
-m, n, k = (int(v) for v in sys.argv[1:4])
-config = None
-if len(sys.argv) > 5:
-    bm, bn = int(sys.argv[4]), int(sys.argv[5])
-    stages = 12
-    while shared_bytes(bm, bn, stages, "1d2d") > SMEM_LIMIT:
-        stages -= 1
-    config = GemmConfig(bm, bn, stages, min(132, -(-m // bm) * -(-n // bn)), 8, "1d2d")
-a = per_token_cast(torch.randn(m, k, device="cuda"))
-b = per_block_cast(torch.randn(n, k, device="cuda"))
-out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, "1d2d", False, config)
-torch.cuda.synchronize()
-print("config:", config or choose_config(m, n, k, 132))
+def run(which: str, m: int, n: int, k: int, tile: list) -> None:
+    import torch
+
+    from benchmarks import deepgemm
+    from fp8train.ops.native.gemm_config import SMEM_LIMIT, GemmConfig, choose_config, shared_bytes
+    from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native
+    from fp8train.quant import per_block_cast, per_token_cast
+
+    a = per_token_cast(torch.randn(m, k, device="cuda"))
+    b = per_block_cast(torch.randn(n, k, device="cuda"))
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    if which == "deepgemm":
+        call = deepgemm.dense_1d2d(a, b, out)
+        if call is None:
+            sys.exit("deep_gemm is not importable: put .deepgemm on PYTHONPATH")
+        call()
+    else:
+        config = None
+        if tile:
+            bm, bn = tile
+            stages = 12
+            while shared_bytes(bm, bn, stages, "1d2d") > SMEM_LIMIT:
+                stages -= 1
+            config = GemmConfig(bm, bn, stages, min(132, -(-m // bm) * -(-n // bn)), 8, "1d2d")
+        fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, "1d2d", False, config)
+        print("config:", config or choose_config(m, n, k, 132))
+    torch.cuda.synchronize()
+
+
+def _metrics(path: str) -> dict:
+    """(section, metric) -> 'value unit' of the one kernel an ncu --csv --page details file holds."""
+    rows = {}
+    with open(path, newline="") as f:
+        lines = [line for line in f if line.startswith('"')]  # ncu prints its own lines first
+    for row in csv.DictReader(lines):
+        key = (row["Section Name"], row["Metric Name"])
+        rows.setdefault(key, f"{row['Metric Value']} {row['Metric Unit']}".strip())
+    return rows
+
+
+def table(ours_path: str, theirs_path: str) -> None:
+    ours, theirs = _metrics(ours_path), _metrics(theirs_path)
+    print("| section | metric | ours | DeepGEMM |\n| --- | --- | --- | --- |")
+    for key in ours:
+        print(f"| {key[0]} | {key[1]} | {ours[key]} | {theirs.get(key, '-')} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 6 and sys.argv[1] == "run" and sys.argv[2] in ("ours", "deepgemm"):
+        run(sys.argv[2], *(int(v) for v in sys.argv[3:6]), [int(v) for v in sys.argv[6:8]])
+    elif len(sys.argv) == 4 and sys.argv[1] == "table":
+        table(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(__doc__)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Nsight Compute on our 1D2D GEMM and DeepGEMM's, same shape, one kernel each; the side-by-
+# side table of their metrics (device only; carry .kcache and .deepgemm). Logs under $OUT.
+#   bash scripts/ncu_compare.sh [M N K]      (default 4096 4096 7168)
+set -uo pipefail
+OUT=${OUT:-/tmp/fp8train-out}
+mkdir -p "$OUT"
+export PYTHONPATH=.:.deepgemm PYTHONUNBUFFERED=1 FP8TRAIN_CACHE_DIR=${FP8TRAIN_CACHE_DIR:-$PWD/.kcache}
+M=${1:-4096} N=${2:-4096} K=${3:-7168}
+SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+  --section WarpStateStats --section InstructionStats --section LaunchStats --section Occupancy"
+# Warm DeepGEMM's JIT outside the profiler (its nvcc run is slow under ncu).
+python scripts/ncu_gemm.py run deepgemm "$M" "$N" "$K" > /dev/null 2>&1
+status=0
+# --clock-control none: leave the clocks as the benches run them.
+ncu --clock-control none -k regex:fp8train_gemm -c 1 $SECTIONS --csv --page details \
+    python scripts/ncu_gemm.py run ours "$M" "$N" "$K" > "$OUT/ncu_ours.csv" 2> "$OUT/ncu_ours.err" || status=1
+ncu --clock-control none -k regex:fp8_gemm_kernel -c 1 $SECTIONS --csv --page details \
+    python scripts/ncu_gemm.py run deepgemm "$M" "$N" "$K" > "$OUT/ncu_deepgemm.csv" 2> "$OUT/ncu_deepgemm.err" || status=1
+python scripts/ncu_gemm.py table "$OUT/ncu_ours.csv" "$OUT/ncu_deepgemm.csv" | tee "$OUT/ncu_table.md" || status=1
+exit $status
