@@ -6,7 +6,10 @@ random tokens twice from the same init: as built (BF16 GEMMs under autocast; the
 transformers' ``grouped_mm`` experts), and after ``fp8train.convert_to_fp8`` (FP8Linear and
 the ``"fp8train"`` grouped FP8 experts). Both keep FP32 master weights and run under
 ``torch.autocast(bfloat16)``, the recipes' setting, eager and with every decoder layer
-compiled. Printed: tokens/s and peak memory side by side, and their ratios.
+compiled. Printed: tokens/s and peak memory side by side, and their ratios. Where torchao
+is importable, a third run converts the same model with torchao's tensorwise float8 training
+(every linear layer but the head and the MoE router; the experts stay BF16) for a row of its
+own beside ours.
 
 Correctness first: the FP8 model's first loss must be within 2% of the BF16 model's, and
 each decoder layer's output (before training, first sequence, every layer fed the same
@@ -42,7 +45,7 @@ SPREAD_FACTOR = 2.0
 # The target: FP8 training-step tokens/s >= 1.3x BF16 (and peak memory no higher).
 SPEEDUP_BAR = 1.3
 # The table a run is held against: the last one measured, kept in the source tree's docs/.
-PREVIOUS_TABLE = Path(__file__).resolve().parents[2] / "docs" / "bench" / "hf_previous.json"
+PREVIOUS_TABLE = Path(__file__).resolve().parents[1] / "docs" / "bench" / "hf_previous.json"
 # A row this much slower than the previous table's is flagged.
 REGRESSION = 0.05
 
@@ -235,14 +238,34 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).norm() / want.norm()).item()
 
 
-def _measure(name: str, spec: dict, fp8: bool, compiled: bool, batch: int, seq_len: int,
+def torchao_convert(model) -> bool:
+    """Convert ``model`` with torchao's tensorwise float8 training (every linear layer whose
+    dimensions it takes, but the head and the MoE router); False without torchao."""
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError:
+        return False
+
+    def wanted(module, fqn: str) -> bool:
+        return (not fqn.endswith(("lm_head", "mlp.gate")) and module.in_features % 16 == 0
+                and module.out_features % 16 == 0)
+
+    convert_to_float8_training(model, module_filter_fn=wanted)
+    return True
+
+
+def _measure(name: str, spec: dict, precision: str, compiled: bool, batch: int, seq_len: int,
              steps: int, warmup: int) -> dict:
+    """One row: ``precision`` is "bf16", "fp8" (ours) or "torchao" (tensorwise float8)."""
+    fp8 = precision == "fp8"
     torch.cuda.synchronize()
     # Whatever an earlier run left allocated (caches, a leak) is not this run's memory.
     leftover = torch.cuda.memory_allocated()
     model = _build(spec, seq_len, seed=0)
     if fp8:
         convert_to_fp8(model)
+    elif precision == "torchao":
+        torchao_convert(model)
     gen = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, spec["vocab_size"], (batch, seq_len), device="cuda", generator=gen)
     # Before compiling: the hooks of the per-layer check would be traced into the graphs.
@@ -266,7 +289,7 @@ def _measure(name: str, spec: dict, fp8: bool, compiled: bool, batch: int, seq_l
         loss = _step(model, optimizer, ids)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    row = {"model": name, "precision": "fp8" if fp8 else "bf16", "compiled": compiled,
+    row = {"model": name, "precision": precision, "compiled": compiled,
            "params": sum(p.numel() for p in model.parameters()), "first_loss": first,
            "last_loss": loss.item(), "tokens_per_s": batch * seq_len * steps / seconds,
            "peak_mem_gb": (torch.cuda.max_memory_allocated() - leftover) / 2**30,
@@ -292,12 +315,15 @@ def run(models: Optional[str] = None, json_path: Optional[str] = None, *, batch:
         raise ValueError(f"models: unknown {unknown}; choose from {list(MODELS)}")
     rows: List[dict] = []
     status = 0
+    with_torchao = _torchao_available()
+    if not with_torchao:
+        print("torchao: not importable, its rows are left out")
     print(f"{'model':<14} {'compiled':>8} {'params':>8} {'bf16 tok/s':>11} {'fp8 tok/s':>10} "
           f"{'speedup':>7} {'bf16 GiB':>8} {'fp8 GiB':>7} {'mem ratio':>9}")
     for name in names:
         for compiled in compiled_rows:
-            bf16, fp8 = (_measure(name, MODELS[name], is_fp8, compiled, batch, seq_len, steps,
-                                  warmup) for is_fp8 in (False, True))
+            bf16, fp8 = (_measure(name, MODELS[name], precision, compiled, batch, seq_len, steps,
+                                  warmup) for precision in ("bf16", "fp8"))
             h_bf16, h_fp8, h_ref = bf16.pop("hidden"), fp8.pop("hidden"), fp8.pop("hidden_ref")
             bf16.pop("hidden_ref")
             fp8["hidden_rel_err"] = _rel_err(h_fp8, h_bf16)
@@ -332,12 +358,29 @@ def run(models: Optional[str] = None, json_path: Optional[str] = None, *, batch:
                   f"{bf16['peak_mem_gb']:>8.1f} {fp8['peak_mem_gb']:>7.1f} "
                   f"{fp8['peak_mem_gb'] / bf16['peak_mem_gb']:>8.2f}x"
                   f"  (targets: speedup >= {SPEEDUP_BAR}, mem ratio <= 1.00)", flush=True)
+            if with_torchao:
+                ao = _measure(name, MODELS[name], "torchao", compiled, batch, seq_len, steps, warmup)
+                for key in ("hidden", "hidden_ref", "max_layer_native_err", "layer_native_limit"):
+                    ao.pop(key)
+                rows.append(ao)
+                print(f"{name:<14} {str(compiled):>8} torchao tensorwise {ao['tokens_per_s']:>10,.0f} tok/s "
+                      f"({ao['tokens_per_s'] / bf16['tokens_per_s']:.2f}x BF16; ours "
+                      f"{fp8['tokens_per_s'] / ao['tokens_per_s']:.2f}x torchao), {ao['peak_mem_gb']:.1f} GiB, "
+                      f"last loss {ao['last_loss']:.4f}", flush=True)
     _print_against_previous(rows, previous_path)
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                        "command": "python -m benchmarks hf", "rows": rows}, f, indent=2)
     return status
+
+
+def _torchao_available() -> bool:
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _print_against_previous(rows: List[dict], path: Optional[Path]) -> None:

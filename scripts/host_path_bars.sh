@@ -3,11 +3,17 @@
 #   bash scripts/host_path_bars.sh 1   # every GPU test file (REQUIRE_GPU), one process per file
 #   bash scripts/host_path_bars.sh 2   # bench hf (both models, eager and compiled), host time per
 #                                      # layer step with its Python profile, auto vs cuBLAS direct
-# Carry .kcache (FP8TRAIN_CACHE_DIR=.kcache python scripts/prebuild_kernels.py).
+# Carry .kcache (FP8TRAIN_CACHE_DIR=.kcache python scripts/prebuild_kernels.py), and .whl with
+# a torchao wheel for its bench hf row (docs/hf.md).
 set -uo pipefail
 OUT=${OUT:-/tmp/fp8train-out}
 mkdir -p "$OUT"
-export PYTHONPATH=. PYTHONUNBUFFERED=1 FP8TRAIN_CACHE_DIR=${FP8TRAIN_CACHE_DIR:-$PWD/.kcache} FP8TRAIN_REQUIRE_GPU=1
+# torchao (its row in bench hf) from a carried wheel, where there is one in .whl/.
+if ls .whl/torchao-*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/torchao-*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 FP8TRAIN_CACHE_DIR=${FP8TRAIN_CACHE_DIR:-$PWD/.kcache} FP8TRAIN_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 status=0
 case "${1:-1}" in
@@ -15,12 +21,12 @@ case "${1:-1}" in
     STEP_TIMEOUT=150 bash scripts/on_device.sh none || status=1
     ;;
 2)
-    timeout 220 python -m benchmarks hf --models llama-1b,qwen3-moe-1b > "$OUT/bench_hf.log" 2>&1 || status=1
-    grep -E "^llama|^qwen|worst layer|tok/s \(|against|more than" "$OUT/bench_hf.log"
-    timeout 150 python scripts/profile_step.py layers --cprofile --out "$OUT/prof" 2>&1 | grep -v -i warn \
+    timeout 320 python -m benchmarks hf --models llama-1b,qwen3-moe-1b > "$OUT/bench_hf.log" 2>&1 || status=1
+    grep -E "^llama|^qwen|worst layer|tok/s \(|against|more than|torchao" "$OUT/bench_hf.log"
+    timeout 120 python scripts/profile_step.py layers --cprofile --out "$OUT/prof" 2>&1 | grep -v -i warn \
         > "$OUT/layers.log" || status=1
     grep -E " host " "$OUT/layers.log"
-    timeout 150 python -m benchmarks gemm --shapes "4096,32768,512;128,32768,512;4096,7168,2048;8192,8192,8192;4096,4096,7168" \
+    timeout 130 python -m benchmarks gemm --shapes "4096,32768,512;128,32768,512;4096,7168,2048;8192,8192,8192;4096,4096,7168" \
         > "$OUT/bench_gemm.log" 2>&1 || status=1
     grep -E "auto" "$OUT/bench_gemm.log" | tail -8
     ;;
