@@ -7,6 +7,7 @@ answered their questions: docs/kernels.md has the figures.) Prebuild their kerne
 `scripts/prebuild_kernels.py --sweep`.
 """
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -90,11 +91,12 @@ LARGE_1D2D = [(4096, 2112, 7168), (4000, 2112, 7168), (4096, 4096, 7168), (4096,
 
 def tiles256_configs(m, n, k):
     """The heuristic's config, then 256-row tiles at BLOCK_N 88-128, 128-row tiles at 88 and
-    128, and 256x128 with A multicast over a cluster of two."""
+    128, and 256x128 with A or B multicast over a cluster of two."""
     configs = [choose_config(m, n, k, 132, "1d2d")]
     configs += [_config(m, n, "1d2d", 256, bn, 0, 8, 1) for bn in (88, 96, 112, 128)]
     configs += [_config(m, n, "1d2d", 128, bn, 0, 8, 1) for bn in (88, 128)]
     configs.append(_config(m, n, "1d2d", 256, 128, 0, 8, 2))
+    configs.append(replace(_config(m, n, "1d2d", 256, 128, 0, 8, 2), shares="b"))
     return list(dict.fromkeys(configs))
 
 
@@ -106,8 +108,6 @@ def tiles256():
 def fewest_ctas():
     """The heuristic's config on all SMs against the same tiles on the fewest CTAs that keep
     the number of waves (the same kernel: the grid is a launch argument)."""
-    from dataclasses import replace
-
     for m, n, k in LARGE_1D2D:
         cfg = choose_config(m, n, k, 132, "1d2d")
         tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)

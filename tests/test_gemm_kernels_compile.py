@@ -51,6 +51,13 @@ def test_dense_1d2d_takes_256_row_tiles_where_they_fill_the_gpu():
         GemmConfig(256, 128, 3, NUM_SMS, 8, "1d1d")
 
 
+def test_sharing_b_needs_a_cluster_of_two_and_even_halves():
+    GemmConfig(256, 128, 3, NUM_SMS, 8, "1d2d", 2, shares="b")
+    for cluster, block_n in ((1, 128), (2, 120)):
+        with pytest.raises(ValueError, match="shares"):
+            GemmConfig(128, block_n, 3, 132, 8, "1d2d", cluster, shares="b")
+
+
 @needs_toolchain
 def test_bench_kernels_compile_to_qgmma_without_spills(tmp_path, monkeypatch):
     from fp8train.ops.jit import compiler
@@ -118,7 +125,8 @@ def test_grouped_configs_never_take_split_k_or_clusters():
 
 
 @needs_toolchain
-def test_multicast_kernel_has_no_gpu_fence_per_k_block(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shares", ["a", "b"])
+def test_multicast_kernel_has_no_gpu_fence_per_k_block(tmp_path, monkeypatch, shares):
     """The cluster-of-two kernel's remote stage releases must not carry a GPU-wide fence:
     `mbarrier.arrive.release.cluster` compiled to MEMBAR.ALL.GPU before every arrive (two per
     warp per K block), which held multicast to ~330 TFLOP/s on the H100. What remains is one
@@ -129,7 +137,7 @@ def test_multicast_kernel_has_no_gpu_fence_per_k_block(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FP8TRAIN_CACHE_DIR", str(tmp_path))
     compiler._reset_process_caches()
-    ck = compile_kernel(GemmConfig(128, 128, 5, 132, 8, "1d2d", 2), 4096, 7168, False, "none")
+    ck = compile_kernel(GemmConfig(128, 128, 5, 132, 8, "1d2d", 2, shares=shares), 4096, 7168, False, "none")
     sass = disassemble(ck.cubin_path)
     assert "UTMALDG.2D.MULTICAST" in sass
     assert sass.count("MEMBAR.ALL.GPU") <= sass.count("UCGABAR_ARV"), \

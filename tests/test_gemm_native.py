@@ -67,30 +67,33 @@ def run_forced(cfg, m, n, k, seed=0, out_dtype=None):
 
 
 @pytest.mark.parametrize("kind", ["1d2d", "1d1d"])
-@pytest.mark.parametrize("cluster", [1, 2])
-def test_forced_configs_with_odd_column_blocks(kind, cluster):
-    """A cluster of two on an odd number of column blocks (the last CTA computes on
-    zero-filled B and stores nothing) and a partial last row block."""
+@pytest.mark.parametrize("cluster,shares", [(1, "a"), (2, "a"), (2, "b")])
+def test_forced_configs_with_odd_blocks(kind, cluster, shares):
+    """A cluster of two on an odd number of column blocks (sharing A) or row blocks (sharing
+    B): the last CTA computes on zero-filled operands and stores nothing; a partial last row
+    block."""
     from fp8train.ops.native.gemm_config import GemmConfig
 
-    # 8 row blocks (last partial) x 9 column blocks of 128
-    run_forced(GemmConfig(128, 128, 4, 18, 8, kind, cluster), 1000, 1152, 1024, seed=cluster)
+    # 7 row blocks (last partial) x 9 column blocks of 128
+    run_forced(GemmConfig(128, 128, 4, 18, 8, kind, cluster, shares=shares), 800, 1152, 1024, seed=cluster)
 
 
-@pytest.mark.parametrize("m,n,k,block_n,cluster,out_dtype", [
-    (1000, 1152, 1024, 128, 1, torch.bfloat16),   # partial last row block, both waves
-    (1000, 1152, 1024, 128, 2, torch.bfloat16),   # multicast halves of 256 rows, odd column blocks
-    (4096, 2112, 7168, 112, 1, torch.bfloat16),   # tiles straddling 128x128 scale blocks
-    (300, 136, 256, 96, 1, torch.bfloat16),       # second wave partly past M
-    (200, 520, 384, 120, 1, torch.bfloat16),      # the second wave entirely past M, unswizzled tile
-    (1000, 1152, 1024, 128, 1, torch.float32),    # FP32 stored from registers
+@pytest.mark.parametrize("m,n,k,block_n,cluster,shares,out_dtype", [
+    (1000, 1152, 1024, 128, 1, "a", torch.bfloat16),  # partial last row block, both waves
+    (1000, 1152, 1024, 128, 2, "a", torch.bfloat16),  # A multicast in halves of 256 rows, odd column blocks
+    (700, 1152, 1024, 128, 2, "b", torch.bfloat16),   # B multicast, odd row blocks
+    (4096, 2112, 7168, 112, 1, "a", torch.bfloat16),  # tiles straddling 128x128 scale blocks
+    (300, 136, 256, 96, 1, "a", torch.bfloat16),      # second wave partly past M
+    (200, 520, 384, 120, 1, "a", torch.bfloat16),     # the second wave entirely past M, unswizzled tile
+    (1000, 1152, 1024, 128, 1, "a", torch.float32),   # FP32 stored from registers
 ])
-def test_256_row_tiles(m, n, k, block_n, cluster, out_dtype):
+def test_256_row_tiles(m, n, k, block_n, cluster, shares, out_dtype):
     from fp8train.ops.native.gemm_config import GemmConfig
 
     tiles = -(-m // 256) * -(-n // block_n)
     ctas = max(cluster, min(132, tiles) // cluster * cluster)
-    run_forced(GemmConfig(256, block_n, 3, ctas, 8, "1d2d", cluster), m, n, k, out_dtype=out_dtype)
+    run_forced(GemmConfig(256, block_n, 3, ctas, 8, "1d2d", cluster, shares=shares), m, n, k,
+               out_dtype=out_dtype)
 
 
 @settings(max_examples=15, deadline=None)

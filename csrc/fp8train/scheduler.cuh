@@ -19,24 +19,32 @@ enum class Grouping : uint32_t {
 // Tiles are grouped by GROUP_N column blocks; inside a group, N varies fastest, then M.
 // The ~132 tiles in flight then touch ~GROUP_N tiles of B and ~132/GROUP_N of A.
 // With a cluster of CLUSTER CTAs, the scheduler hands out cluster tiles: CTA `rank` of the
-// cluster takes column block n * CLUSTER + rank of the same row block (they share A). A
-// column block past the end (odd count) still runs, on zero-filled B, and stores nothing.
-template <uint32_t BLOCK_N, uint32_t SHAPE_N, uint32_t GROUP_N, uint32_t CLUSTER = 1>
+// cluster takes column block n * CLUSTER + rank of the same row block (they share A), or with
+// SHARE_B row block m * CLUSTER + rank of the same column block (they share B). A block past
+// the end (odd count) still runs, on zero-filled operands, and stores nothing.
+template <uint32_t BLOCK_N, uint32_t SHAPE_N, uint32_t GROUP_N, uint32_t CLUSTER = 1, bool SHARE_B = false>
 struct Rasterizer {
     static constexpr uint32_t kNumNBlocks = (SHAPE_N + BLOCK_N - 1) / BLOCK_N;
-    static constexpr uint32_t kNumNClusterBlocks = (kNumNBlocks + CLUSTER - 1) / CLUSTER;
+    // Column units the walk counts: cluster tiles of CLUSTER column blocks, or single ones.
+    static constexpr uint32_t kNumNClusterBlocks = SHARE_B ? kNumNBlocks : (kNumNBlocks + CLUSTER - 1) / CLUSTER;
     static_assert(GROUP_N >= 1, "GROUP_N must be positive");
 
-    // Tile `tile` (< num_m_blocks * kNumNClusterBlocks) of a grid of num_m_blocks rows.
-    __device__ __forceinline__ static void coords(uint32_t tile, uint32_t num_m_blocks, uint32_t rank,
+    // Tile `tile` (< num_m_units * kNumNClusterBlocks) of a grid of num_m_units row units
+    // (row blocks, or with SHARE_B cluster tiles of CLUSTER row blocks).
+    __device__ __forceinline__ static void coords(uint32_t tile, uint32_t num_m_units, uint32_t rank,
                                                   uint32_t& m_block, uint32_t& n_block) {
-        const uint32_t group_span = GROUP_N * num_m_blocks;
+        const uint32_t group_span = GROUP_N * num_m_units;
         const uint32_t group = tile / group_span;
         const uint32_t first_n = group * GROUP_N;
         const uint32_t n_in_group = min(GROUP_N, kNumNClusterBlocks - first_n);
         const uint32_t in_group = tile - group * group_span;
-        m_block = in_group / n_in_group;
-        n_block = (first_n + in_group % n_in_group) * CLUSTER + rank;
+        if constexpr (SHARE_B) {
+            m_block = in_group / n_in_group * CLUSTER + rank;
+            n_block = first_n + in_group % n_in_group;
+        } else {
+            m_block = in_group / n_in_group;
+            n_block = (first_n + in_group % n_in_group) * CLUSTER + rank;
+        }
     }
 };
 
@@ -69,11 +77,12 @@ struct Tile {
 // only) every output tile is SPLIT_K consecutive work tiles, one per slice of K, so the
 // slices of one output run at the same time and their partial sums meet in L2.
 template <Grouping GROUPING, uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t SHAPE_N, uint32_t GROUP_N,
-          uint32_t CLUSTER, uint32_t SPLIT_K = 1>
+          uint32_t CLUSTER, uint32_t SPLIT_K = 1, bool SHARE_B = false>
 struct TileWalker {
-    using Raster = Rasterizer<BLOCK_N, SHAPE_N, GROUP_N, CLUSTER>;
+    using Raster = Rasterizer<BLOCK_N, SHAPE_N, GROUP_N, CLUSTER, SHARE_B>;
     static constexpr uint32_t kN = Raster::kNumNClusterBlocks;
     static_assert(GROUPING == Grouping::kNone || CLUSTER == 1, "grouped GEMMs run without clusters");
+    static_assert(!SHARE_B || CLUSTER > 1, "sharing B takes a cluster");
     static_assert(SPLIT_K == 1 || (GROUPING == Grouping::kNone && CLUSTER == 1),
                   "split-K is for dense GEMMs without clusters");
 
@@ -91,6 +100,10 @@ struct TileWalker {
     }
 
     __device__ __forceinline__ uint32_t m_blocks() const { return (shape_m + BLOCK_M - 1) / BLOCK_M; }
+    // Row units of the dense walk: row blocks, or with SHARE_B cluster tiles of row blocks.
+    __device__ __forceinline__ uint32_t m_units() const {
+        return SHARE_B ? (m_blocks() + CLUSTER - 1) / CLUSTER : m_blocks();
+    }
 
     // Row blocks of masked expert g (its count clipped to [0, M_max]: a bad count never
     // makes the kernel write outside the expert's rows).
@@ -119,11 +132,11 @@ struct TileWalker {
             t.rows = shape_m;
             Raster::coords(tile - t.group * per_group, m_blocks(), rank, t.m_block, t.n_block);
         } else {
-            if (tile >= m_blocks() * kN * SPLIT_K) return false;
+            if (tile >= m_units() * kN * SPLIT_K) return false;
             t.rows = shape_m;
             t.output = tile / SPLIT_K;
             t.split = tile - t.output * SPLIT_K;
-            Raster::coords(t.output, m_blocks(), rank, t.m_block, t.n_block);
+            Raster::coords(t.output, m_units(), rank, t.m_block, t.n_block);
             t.group = 0;
             if constexpr (GROUPING == Grouping::kMContiguous) {
                 // Rows past the last offset belong to no expert (a static-size buffer's

@@ -76,8 +76,10 @@ struct Sm90Fp8Gemm {
                   "1D2D: a BLOCK_N tile must never span three 128x128 scale blocks");
     static_assert(SHAPE_N % 8 == 0, "N must be a multiple of 8");
     static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of 1 or 2 CTAs");
-    // Each CTA of a cluster loads BLOCK_M / CLUSTER rows of A and multicasts them to both.
+    // Each CTA of a cluster loads its share of the shared operand (A's BLOCK_M / CLUSTER
+    // rows, or B's BLOCK_N / CLUSTER) and multicasts it to both.
     static constexpr uint32_t kRowsAPerCta = BLOCK_M / CLUSTER;
+    static constexpr uint32_t kRowsBPerCta = BLOCK_N / CLUSTER;
     // setmaxnreg budgets. setmaxnreg.inc blocks until the registers are free, so the split
     // keeps the 1024 spare registers of the launch allocation (168 x 384) rather than using
     // all 64K: 40 x 128 + 232 x 256 = 64512. The multicast producer needs 56 (no spills).
@@ -168,7 +170,7 @@ __device__ __forceinline__ bool reduce_split_k(float (&accum)[kAccum], float* __
 
 template <uint32_t BLOCK_M, uint32_t BLOCK_N, uint32_t NUM_STAGES, uint32_t SHAPE_N,
           uint32_t SHAPE_K, bool SCALE_B_1X128, bool ACCUMULATE, uint32_t GROUP_N, uint32_t CLUSTER,
-          Grouping GROUPING, uint32_t SPLIT_K, typename Wgmma, bool OUT_F32>
+          Grouping GROUPING, uint32_t SPLIT_K, typename Wgmma, bool OUT_F32, bool SHARE_B>
 __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __restrict__ scale_b,
                                               float* __restrict__ out_f32,
                                               const CUtensorMap* tmap_a, const CUtensorMap* tmap_b,
@@ -183,6 +185,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     using S = typename G::SharedStorage;
     constexpr uint32_t kNumKBlocks = G::kNumKBlocks;
     static_assert(!ACCUMULATE || SCALE_B_1X128, "only the FP32 (1D1D) output accumulates");
+    // SHARE_B: the two CTAs of a cluster take neighbouring row blocks of one column block and
+    // multicast B between them (else neighbouring column blocks sharing A).
+    static_assert(!SHARE_B || (CLUSTER == 2 && GROUPING == Grouping::kNone && G::kRowsBPerCta * 128 % 1024 == 0),
+                  "sharing B: dense, a cluster of two, BLOCK_N / 2 a multiple of 8 (swizzle alignment)");
     // m-grouped: B is [G, N, K] (TMA'd as G*N rows) with 128x128 scales [G, N/128, K/128];
     // each M tile multiplies its expert's B. Columns past N of a tile read the next
     // expert's rows; they are never stored. Masked: A is [G, M_max, K] (TMA'd as G*M_max
@@ -229,7 +235,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     __syncthreads();
     if constexpr (CLUSTER > 1) cluster_sync();  // the peer's barriers exist before any multicast
 
-    using Walker = TileWalker<GROUPING, BLOCK_M, BLOCK_N, SHAPE_N, GROUP_N, CLUSTER, SPLIT_K>;
+    using Walker = TileWalker<GROUPING, BLOCK_M, BLOCK_N, SHAPE_N, GROUP_N, CLUSTER, SPLIT_K, SHARE_B>;
     const uint32_t first_tile = blockIdx.x / CLUSTER, tile_stride = gridDim.x / CLUSTER;
     // Where a tile's operands live: its rows of A, of A's scales, of B, and its K blocks.
     // Masked: expert g's scales start at row g * M_max rounded up to 4, so that every box
@@ -275,14 +281,20 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 else mbar_wait(&empty[stage], (round & 1) ^ 1);
                 uint64_t* bar = &full[stage];
                 mbar_arrive_expect_tx(bar, G::kStageBytes);
-                if constexpr (CLUSTER > 1) {
+                if constexpr (CLUSTER > 1 && !SHARE_B) {
                     const uint32_t rows = rank * G::kRowsAPerCta;
                     tma_load_2d_multicast(tmap_a, bar, smem + S::kA + stage * G::kTileABytes + rows * 128,
                                           kb * 128, op.a_row + rows, (1 << CLUSTER) - 1);
                 } else {
                     tma_load_2d(tmap_a, bar, smem + S::kA + stage * G::kTileABytes, kb * 128, op.a_row);
                 }
-                tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, op.b_row);
+                if constexpr (SHARE_B) {
+                    const uint32_t rows = rank * G::kRowsBPerCta;
+                    tma_load_2d_multicast(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes + rows * 128,
+                                          kb * 128, op.b_row + rows, (1 << CLUSTER) - 1);
+                } else {
+                    tma_load_2d(tmap_b, bar, smem + S::kB + stage * G::kTileBBytes, kb * 128, op.b_row);
+                }
                 tma_load_2d(tmap_scale_a, bar, smem + S::kScaleA + stage * G::kScaleASlot, op.scale_a_row, kb);
                 if constexpr (SCALE_B_1X128)
                     tma_load_2d(tmap_scale_b, bar, smem + S::kScaleB + stage * G::kScaleBSlot,

@@ -33,12 +33,15 @@ class GemmConfig:
     group_n: int
     # "1d2d" (B scales 128x128, BF16 out) or "1d1d" (B scales 1x128, FP32 out).
     kind: str = "1d2d"
-    # CTAs per cluster: 2 shares each A tile between two neighbouring N tiles by TMA
-    # multicast (half the A traffic from L2); 1 otherwise.
+    # CTAs per cluster: 2 shares an operand tile between two neighbouring tiles by TMA
+    # multicast (half its traffic from L2); 1 otherwise.
     cluster: int = 1
     # Slices of K per output tile (1D2D, small M): each slice runs on its own CTA and the
     # last to finish adds the FP32 partials; 1 = no split.
     split_k: int = 1
+    # What a cluster of two shares: "a" (two column blocks of one row block) or "b" (two row
+    # blocks of one column block; dense only).
+    shares: str = "a"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -62,6 +65,10 @@ class GemmConfig:
         if self.split_k < 1 or (self.split_k > 1 and (self.kind != "1d2d" or self.cluster != 1)):
             raise ValueError(f"split_k: expected 1, or > 1 for a 1d2d kernel without clusters, got "
                              f"{self.split_k} ({self.kind}, cluster={self.cluster})")
+        if self.shares not in ("a", "b") or (self.shares == "b" and (self.cluster != 2 or self.block_n % 16)):
+            raise ValueError(f"shares: expected 'a', or 'b' with a cluster of two and block_n a "
+                             f"multiple of 16, got {self.shares!r} (cluster={self.cluster}, "
+                             f"block_n={self.block_n})")
         if self.num_ctas < 1 or self.group_n < 1:
             raise ValueError(f"num_ctas and group_n must be positive, got {self.num_ctas}, {self.group_n}")
 

@@ -79,7 +79,8 @@ extern "C" __global__ void __launch_bounds__({config.num_threads}, 1)
     fp8train::sm90_fp8_gemm<{config.block_m}, {config.block_n}, {config.num_stages}, {n}, {k},
                             {scale_b_1x128}, {acc},
                             {config.group_n}, {config.cluster}, fp8train::Grouping::{GROUPINGS[grouping][0]},
-                            {config.split_k}, fp8train::Wgmma_m64n{config.block_n}k32, {f32}>(
+                            {config.split_k}, fp8train::Wgmma_m64n{config.block_n}k32, {f32},
+                            {str(config.shares == "b").lower()}>(
         shape_m, scale_b, out_f32, &tmap_a, &tmap_b, &tmap_scale_a, &tmap_scale_b, &tmap_out,
         group_counts, num_groups, split_partials, split_counters);
 }}
@@ -92,7 +93,7 @@ def kernel_name(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: 
     acc += "_f32" if out_f32 else ""
     k_label = "var" if grouping == "k_contiguous" else k
     return (f"sm90_fp8_gemm_{config.kind}{acc}_n{n}_k{k_label}_bm{config.block_m}_bn{config.block_n}"
-            f"_s{config.num_stages}_g{config.group_n}_c{config.cluster}"
+            f"_s{config.num_stages}_g{config.group_n}_c{config.cluster}{'b' if config.shares == 'b' else ''}"
             + (f"_sk{config.split_k}" if config.split_k > 1 else ""))
 
 
@@ -384,9 +385,11 @@ def _fill_params(cfg: GemmConfig, a, sa, b, sb, ldb: int, out, shape_m: int, gro
     params.set_u64(1, sb.data_ptr() if cfg.kind == "1d2d" else 0)
     params.set_u64(2, out.data_ptr())
     slots, move = params.slots, ctypes.memmove
-    box_a = cfg.block_m // cfg.cluster  # each CTA of a cluster loads its share of A
+    # Each CTA of a cluster loads its share of the operand the cluster shares.
+    box_a = cfg.block_m // (cfg.cluster if cfg.shares == "a" else 1)
+    box_b = cfg.block_n // (cfg.cluster if cfg.shares == "b" else 1)
     move(slots[3], _tma_address(a.data_ptr(), a.dtype, k, rows_a, a.stride(0), 128, box_a, 128), 128)
-    move(slots[4], _tma_address(b.data_ptr(), b.dtype, k, b_rows, b.stride(-2), 128, cfg.block_n, 128), 128)
+    move(slots[4], _tma_address(b.data_ptr(), b.dtype, k, b_rows, b.stride(-2), 128, box_b, 128), 128)
     # sa stored [K/128, rows]: one BLOCK_M-float box per K block
     move(slots[5], _tma_address(sa.data_ptr(), f32, sa.shape[0], kb, 4 * sa.stride(1), cfg.block_m, 1, 0), 128)
     if cfg.kind == "1d1d":
