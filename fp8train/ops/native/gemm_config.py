@@ -115,7 +115,8 @@ def ceil_div(a: int, b: int) -> int:
 # 128x7168x16384 0.77 -> 0.95x cuBLAS, 128x4096x7168 1.00 -> 1.13x; docs/kernels.md).
 # TMA multicast of A over a cluster of two is correct, at parity with no cluster at 128x128
 # tiles and 3% slower (median; -9% to +5%) at 256x128 on the H100 (docs/kernels.md): the
-# heuristic picks it only when asked (`multicast=True`); multicast of B is not built yet.
+# heuristic picks it only when asked (`multicast=True`). Multicast of B (`shares="b"`) is
+# built and tested on the CPU side, not yet measured: only forced configs take it.
 MIN_K_BLOCKS_PER_SPLIT = 4  # fewer and the pipeline never fills; the fixup dominates
 MAX_SPLIT_BLOCK_N = 136  # wider split-K tiles spill in the reduction (BM 64, BN 192: 8 bytes)
 
