@@ -104,6 +104,15 @@ struct Sm90Fp8Gemm {
     static constexpr uint32_t kSharedBytes = SharedStorage::kBytes + 1024;
 };
 
+// The next slot of a ring of NUM_STAGES, flipping the barrier phase at each wrap.
+template <uint32_t NUM_STAGES>
+__device__ __forceinline__ void advance_stage(uint32_t& stage, uint32_t& phase) {
+    if (++stage == NUM_STAGES) {
+        stage = 0;
+        phase ^= 1;
+    }
+}
+
 // Hands a thread's accumulator pairs to `store(row * SHAPE_N + col, v0, v1)` straight from
 // registers (the wgmma m64 layout: rows `row` and `row + 8`, column pairs `col + 8j`),
 // skipping rows at or past `rows` and columns past N.
@@ -269,16 +278,15 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     if (threadIdx.x >= G::kNumMathThreads) {
         release_registers<G::kProducerRegisters>();
         // One thread issues every copy; the others wait at the end (cluster barrier).
-        uint32_t iter = 0;
+        uint32_t stage = 0, phase = 0;  // the ring's position, carried across tiles
         Walker walker(group_counts, num_groups, shape_m, rank, first_tile, tile_stride);
         Tile t;
         while (threadIdx.x == G::kNumMathThreads && walker.next(t)) {
             const Operands op = operands_of(t);
             const int32_t n0 = t.n_block * BLOCK_N;
-            for (uint32_t kb = op.kb_begin; kb < op.kb_end; ++kb, ++iter) {
-                const uint32_t stage = iter % NUM_STAGES, round = iter / NUM_STAGES;
-                if constexpr (CLUSTER > 1) mbar_wait_cluster(&empty[stage], (round & 1) ^ 1);
-                else mbar_wait(&empty[stage], (round & 1) ^ 1);
+            for (uint32_t kb = op.kb_begin; kb < op.kb_end; ++kb, advance_stage<NUM_STAGES>(stage, phase)) {
+                if constexpr (CLUSTER > 1) mbar_wait_cluster(&empty[stage], phase ^ 1);
+                else mbar_wait(&empty[stage], phase ^ 1);
                 uint64_t* bar = &full[stage];
                 mbar_arrive_expect_tx(bar, G::kStageBytes);
                 if constexpr (CLUSTER > 1 && !SHARE_B) {
@@ -311,11 +319,18 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
     // ---- math warpgroups ----
     claim_registers<G::kMathRegisters>();
     constexpr uint32_t kWaves = G::kNumWaves;
-    const uint32_t group = threadIdx.x / 128, warp_in_group = warp % 4;
+    // The warpgroup index read through a shuffle: the compiler then knows it is warp-uniform
+    // and keeps the wgmma descriptors built from it in uniform registers (no per-K-block moves).
+    const uint32_t group = __shfl_sync(0xffffffff, threadIdx.x / 128, 0), warp_in_group = warp % 4;
     // This thread's rows in wave 0 are row_in_wave and row_in_wave + 8; wave w adds w * kWaveRows.
     const uint32_t row_in_wave = group * 64 + warp_in_group * 16 + lane / 4;
     float accum[kWaves][G::kAccum], partial[G::kAccum];
-    uint32_t iter = 0;
+    uint32_t stage = 0, phase = 0;  // the ring's position, carried across tiles
+    // wgmma descriptors of stage 0 (B, and this warpgroup's 64 rows of wave 0 of A): a stage
+    // or a wave moves only their start address (16-byte units), computed once here rather
+    // than per K block. Shared addresses stay below 2^18, so that 14-bit field never carries.
+    const uint64_t desc_a0 = smem_desc_k_major_sw128(smem + S::kA + group * 64 * 128);
+    const uint64_t desc_b0 = smem_desc_k_major_sw128(smem + S::kB);
     // A stage is free once every CTA that reads it is done: our warps and the peer's.
     auto release_stage = [&](uint32_t stage) {
         if constexpr (CLUSTER > 1) {
@@ -354,8 +369,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 sb_hi_next = G::kMayStraddle ? __ldg(scale_b_hi + op.kb_begin) : sb_lo_next;
             }
         }
-        for (uint32_t kb = op.kb_begin; kb < op.kb_end; ++kb, ++iter) {
-            const uint32_t stage = iter % NUM_STAGES, round = iter / NUM_STAGES;
+        for (uint32_t kb = op.kb_begin; kb < op.kb_end; ++kb, advance_stage<NUM_STAGES>(stage, phase)) {
             const float sb_lo = sb_lo_next, sb_hi = sb_hi_next;
             if constexpr (!SCALE_B_1X128) {
                 if (kb + 1 < op.kb_end) {
@@ -363,7 +377,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                     sb_hi_next = G::kMayStraddle ? __ldg(scale_b_hi + kb + 1) : sb_lo_next;
                 }
             }
-            mbar_wait(&full[stage], round & 1);
+            mbar_wait(&full[stage], phase);
             // This stage's A scales, read now so their latency hides behind the wgmmas.
             const float* scale_a_smem = reinterpret_cast<const float*>(smem + S::kScaleA + stage * G::kScaleASlot);
             const uint32_t kb_col = kb % G::kScaleCols;
@@ -377,11 +391,10 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 }
             }
 
-            const uint64_t desc_b = smem_desc_k_major_sw128(smem + S::kB + stage * G::kTileBBytes);
+            const uint64_t desc_b = desc_b0 + stage * (G::kTileBBytes >> 4);
 #pragma unroll
             for (uint32_t w = 0; w < kWaves; ++w) {
-                const uint64_t desc_a = smem_desc_k_major_sw128(smem + S::kA + stage * G::kTileABytes +
-                                                                (w * G::kWaveRows + group * 64) * 128);
+                const uint64_t desc_a = desc_a0 + ((stage * G::kTileABytes + w * G::kWaveRows * 128) >> 4);
 #pragma unroll
                 for (uint32_t i = 0; i < G::kAccum; ++i) fence_operand(partial[i]);
                 wgmma_fence();
