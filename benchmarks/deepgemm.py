@@ -30,8 +30,9 @@ def load():
 
 
 def _lhs_scales(dg, scale: torch.Tensor) -> torch.Tensor:
-    # Our 1x128 scales are stored K-block-major with 16-byte aligned rows, the layout it
-    # reads: this returns them as they are (a copy would be its cost, made outside the timing).
+    # Our 2-D 1x128 scales are stored K-block-major with 16-byte aligned rows, the layout it
+    # reads: this returns them as they are. 3-D (masked) ones lie [K/128, G*M_max] where it
+    # wants [G, K/128, M_max]: it copies them, here, outside the timing.
     return dg.get_col_major_tma_aligned_tensor(scale)
 
 

@@ -151,7 +151,7 @@ def run(shapes: str | None, json_path: str | None) -> int:
             if kind == "1d2d":
                 row["auto_path"] = _auto_path(m, n, k)
             if "deepgemm_tflops" in row:
-                row["deepgemm_ratio"] = row["native_tflops"] / row["deepgemm_tflops"]
+                row["native_vs_deepgemm"] = row["native_tflops"] / row["deepgemm_tflops"]
             if m <= 128:
                 row["roofline_pct"] = roofline_pct(m, n, k, 2 * m * n * k / (row["native_tflops"] * 1e12))
             rows.append(row)
@@ -168,8 +168,8 @@ def _print_row(r):
     if r["kind"] == "1d2d":
         extra = (f" auto({r['auto_path']}) {r['auto_vs_cublas']:.2f}/{r['auto_out_vs_cublas_out']:.2f}x"
                  f" tw {r['tensorwise_tflops']:6.0f} bf16 {r['bf16_tflops']:5.0f}"
-                 + (f" DeepGEMM {r['deepgemm_tflops']:5.0f} ours/DG {r['deepgemm_ratio']:.2f}"
-                    if "deepgemm_ratio" in r else ""))
+                 + (f" DeepGEMM {r['deepgemm_tflops']:5.0f} ours/DG {r['native_vs_deepgemm']:.2f}"
+                    if "native_vs_deepgemm" in r else ""))
     roof = f" roof {r['roofline_pct']:3.0f}%" if "roofline_pct" in r else "          "
     print(f"{r['kind']} {r['m']:>5} {r['n']:>5} {r['k']:>5} {'ok ' if r['ok'] else 'BAD'} "
           f"err {r['rel_err']:.1e} | native {r['native_tflops']:6.0f} cublas {r['cublas_tflops']:6.0f} "
@@ -191,7 +191,7 @@ def _print_summary(rows):
         if routed:
             print(f"{kind}: auto on cuBLAS vs cuBLAS direct, worst {min(r['auto_vs_cublas'] for r in routed):.3f}x "
                   f"(out=: {min(r['auto_out_vs_cublas_out'] for r in routed):.3f}x) over {len(routed)} shapes")
-        deep = [r["deepgemm_ratio"] for r in sel if "deepgemm_ratio" in r]
+        deep = [r["native_vs_deepgemm"] for r in sel if "native_vs_deepgemm" in r]
         if deep:
             print(f"{kind}: median native/DeepGEMM {statistics.median(deep):.3f}, min {min(deep):.3f}, "
                   f"max {max(deep):.3f} over {len(deep)} shapes")

@@ -61,7 +61,7 @@ def table(ours_path: str, theirs_path: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 6 and sys.argv[1] == "run" and sys.argv[2] in ("ours", "deepgemm"):
+    if len(sys.argv) in (6, 8) and sys.argv[1] == "run" and sys.argv[2] in ("ours", "deepgemm"):
         run(sys.argv[2], *(int(v) for v in sys.argv[3:6]), [int(v) for v in sys.argv[6:8]])
     elif len(sys.argv) == 4 and sys.argv[1] == "table":
         table(sys.argv[2], sys.argv[3])

@@ -54,7 +54,7 @@ def sweep_configs(m, n, k, kind, configs, deepgemm_too=True):
         ms, _ = time_calls(calls)
         grid = sm90_fp8_gemm._launch_for(m, n, k, kind, False, 0, 132, cfg).grid
         print(f"{kind} {m}x{n}x{k} bm{cfg.block_m} bn{cfg.block_n} s{cfg.num_stages} g{cfg.group_n} "
-              f"c{cfg.cluster} grid {grid}: "
+              f"c{cfg.cluster}{cfg.shares if cfg.cluster > 1 else ''} grid {grid}: "
               f"{2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
     deep = [deepgemm.dense_1d2d(*s) for s in sets] if kind == "1d2d" and deepgemm_too else [None]
     if all(deep):
@@ -107,7 +107,7 @@ def tiles256():
 
 def fewest_ctas():
     """The heuristic's config on all SMs against the same tiles on the fewest CTAs that keep
-    the number of waves (the same kernel: the grid is a launch argument)."""
+    the number of waves (the same compiled kernel: the grid is a launch argument)."""
     for m, n, k in LARGE_1D2D:
         cfg = choose_config(m, n, k, 132, "1d2d")
         tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)

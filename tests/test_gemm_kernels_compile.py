@@ -99,6 +99,25 @@ def test_render_rejects_impossible_kernels(kind, accumulate, grouping, cluster, 
         render_source(cfg, 4096, 7168, accumulate, grouping)
 
 
+@pytest.mark.parametrize("grouping", ["m_contiguous", "m_masked"])
+def test_render_rejects_256_row_tiles_for_grouped_gemms(grouping):
+    """Expert segments are multiples of 128 rows: a 256-row tile could span two experts."""
+    from fp8train.ops.native.sm90_fp8_gemm import render_source
+
+    with pytest.raises(ValueError, match="256-row tiles"):
+        render_source(GemmConfig(256, 128, 3, 132, 8, "1d2d"), 4096, 7168, False, grouping)
+
+
+def test_kernel_source_does_not_depend_on_the_grid():
+    """Configs differing only in num_ctas share one compiled kernel."""
+    from dataclasses import replace
+
+    from fp8train.ops.native.sm90_fp8_gemm import render_source
+
+    cfg = choose_config(4096, 4096, 7168, NUM_SMS)
+    assert render_source(cfg, 4096, 7168, False) == render_source(replace(cfg, num_ctas=64), 4096, 7168, False)
+
+
 def test_k_grouped_kernel_is_one_for_every_token_count():
     from fp8train.ops.native.sm90_fp8_gemm import kernel_name, render_source
 

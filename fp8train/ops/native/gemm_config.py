@@ -114,7 +114,7 @@ def ceil_div(a: int, b: int) -> int:
 # launches) and on the H100 it is faster or equal on every small-M bench shape (e.g.
 # 128x7168x16384 0.77 -> 0.95x cuBLAS, 128x4096x7168 1.00 -> 1.13x; docs/kernels.md).
 # TMA multicast of A over a cluster of two is correct, at parity with no cluster at 128x128
-# tiles and 3% slower (median; -9% to +5%) at 256x128 on the H100 (docs/kernels.md): the
+# tiles and 1.5% slower (median; -8% to +5%) at 256x128 on the H100 (docs/kernels.md): the
 # heuristic picks it only when asked (`multicast=True`). Multicast of B (`shares="b"`) is
 # built and tested on the CPU side, not yet measured: only forced configs take it.
 MIN_K_BLOCKS_PER_SPLIT = 4  # fewer and the pipeline never fills; the fixup dominates
@@ -145,8 +145,9 @@ def _small_m_choice(m: int, n: int, k: int, num_sms: int, block_m: int):
     return best[1], best[2]
 
 
-# TFLOP/s per full wave of 256x128 tiles over 128x128 ones: 1.06-1.25, median 1.14 over ten
-# dense 1D2D shapes with M >= 4000 on the H100 (docs/kernels.md): a K block's 48 KB of
+# TFLOP/s per full wave of 256x128 tiles over 128x128 ones: 1.06-1.25, median 1.14 over the
+# eight dense 1D2D shapes with M >= 4096 and N >= 4096 of the H100 sweep (docs/kernels.md;
+# the two N = 2112 shapes compared tiles of other widths): a K block's 48 KB of
 # operands feed twice the MMAs of a 128-row tile's 32 KB.
 TALL_TILE_SPEEDUP = 1.14
 

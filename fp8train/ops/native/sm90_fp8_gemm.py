@@ -40,9 +40,10 @@ def _check_grouping(config: GemmConfig, accumulate: bool, grouping: str, out_f32
         raise ValueError("out_f32: only the dense 1D2D kernel without split-K takes the FP32 "
                          f"output switch, got kind {config.kind!r}, grouping {grouping!r}, "
                          f"split_k={config.split_k}")
-    if grouping != "none" and (config.cluster != 1 or config.split_k != 1):
-        raise ValueError(f"grouping {grouping!r} runs without clusters or split-K, got "
-                         f"cluster={config.cluster}, split_k={config.split_k}")
+    if grouping != "none" and (config.cluster != 1 or config.split_k != 1 or config.block_m > 128):
+        raise ValueError(f"grouping {grouping!r} runs without clusters, split-K or 256-row tiles "
+                         f"(expert segments are multiples of 128 rows), got cluster={config.cluster}, "
+                         f"split_k={config.split_k}, block_m={config.block_m}")
 
 
 def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none",
@@ -56,7 +57,11 @@ def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, grouping
         k = 0
     scale_b_1x128, acc, f32 = (str(v).lower() for v in (config.kind == "1d1d", accumulate, out_f32))
     smem = shared_bytes(config.block_m, config.block_n, config.num_stages, config.kind)
-    return f"""// Rendered by fp8train.ops.native.sm90_fp8_gemm: {config}, N={n}, K={k}, {grouping}
+    # The comment names only what the kernel is compiled for (not the grid), so configs that
+    # differ in num_ctas share one cached kernel.
+    compiled_for = (f"{config.kind} BM={config.block_m} BN={config.block_n} stages={config.num_stages} "
+                    f"group_n={config.group_n} cluster={config.cluster}{config.shares} split_k={config.split_k}")
+    return f"""// Rendered by fp8train.ops.native.sm90_fp8_gemm: {compiled_for}, N={n}, K={k}, {grouping}
 #include "fp8train/sm90_fp8_gemm.cuh"
 
 namespace fp8train {{
