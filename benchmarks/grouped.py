@@ -18,7 +18,7 @@ from fp8train import ops
 from fp8train.ops import reference as ref
 from fp8train.quant import per_block_cast, per_token_cast
 from . import deepgemm
-from .timing import num_input_sets, time_candidates
+from .timing import graphed_or_none, num_input_sets, time_candidates
 
 SHAPES = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168),
           (8, 4096, 7168, 2048), (32, 1024, 4096, 7168), (64, 512, 2048, 7168)]
@@ -62,10 +62,14 @@ def run_case(label: str, rows: list[int], n: int, k: int) -> dict:
     bounds = [(int(offsets[g]), int(offsets[g + 1])) for g in range(len(rows))]
     candidates = {
         "native": [lambda s=s: ops.m_grouped_fp8_gemm_nt_contiguous(s[3], s[4], s[2]) for s in sets],
-        "cublas loop": [lambda s=s: [torch._scaled_mm(
-            s[3][0][lo:hi], s[4][0][g].t(), s[3][1][lo:hi].t().contiguous().t(), s[4][1][g].t(),
-            out_dtype=torch.bfloat16) for g, (lo, hi) in enumerate(bounds) if hi > lo] for s in sets],
     }
+    # One cuBLAS call per expert, replayed from a CUDA graph: the GPU's time, not the host's
+    # (64 launches could not be queued fast enough to keep the GPU busy).
+    loop = graphed_or_none(label, "cublas loop", [lambda s=s: [torch._scaled_mm(
+        s[3][0][lo:hi], s[4][0][g].t(), s[3][1][lo:hi].t().contiguous().t(), s[4][1][g].t(),
+        out_dtype=torch.bfloat16) for g, (lo, hi) in enumerate(bounds) if hi > lo] for s in sets])
+    if loop:
+        candidates["cublas loop"] = loop
     rowwise = []
     for s in sets:
         xa, xs = _rowwise_fp8(s[0])

@@ -65,6 +65,30 @@ def paired_ratio(calls_a: Sequence[Callable[[], object]], calls_b: Sequence[Call
     return statistics.median(ratios)
 
 
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured once in a CUDA graph; the returned call replays it. For baselines that
+    are loops of many small launches (a cuBLAS call per expert): replaying the graph times
+    the GPU's work, not the host's queueing of each launch."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the capture: cuBLAS handles and workspaces
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def graphed_or_none(label: str, name: str, calls: Sequence[Callable[[], object]]):
+    """``graphed`` of every call, or None (the reason printed) where capture fails."""
+    try:
+        return [graphed(fn) for fn in calls]
+    except RuntimeError as exc:
+        print(f"{label}: {name} could not be captured in a CUDA graph ({str(exc)[:120]})", flush=True)
+        return None
+
+
 def time_candidates(label: str, candidates: dict, flops: int, *, batch: int = 10) -> dict:
     """TFLOP/s of each named list of calls; a candidate that fails (a baseline this torch
     lacks, say) is reported and left out rather than ending the run."""
