@@ -7,9 +7,9 @@ transformers' ``grouped_mm`` experts), and after ``fp8train.convert_to_fp8`` (FP
 the ``"fp8train"`` grouped FP8 experts). Both keep FP32 master weights and run under
 ``torch.autocast(bfloat16)``, the recipes' setting, eager and with every decoder layer
 compiled. Printed: tokens/s and peak memory side by side, and their ratios. Where torchao
-is importable, a third run converts the same model with torchao's tensorwise float8 training
-(every linear layer but the head and the MoE router; the experts stay BF16) for a row of its
-own beside ours.
+is importable, a third run converts the same model with torchao's float8 training (tensorwise
+for every linear layer but the head and the MoE router, its FP8 grouped GEMMs for the MoE
+experts) for a row of its own beside ours; a failure there is reported and the run goes on.
 
 Correctness first: the FP8 model's first loss must be within 2% of the BF16 model's, and
 each decoder layer's output (before training, first sequence, every layer fed the same
@@ -239,8 +239,10 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def torchao_convert(model) -> bool:
-    """Convert ``model`` with torchao's tensorwise float8 training (every linear layer whose
-    dimensions it takes, but the head and the MoE router); False without torchao."""
+    """Convert ``model`` with torchao's float8 training: tensorwise for every linear layer
+    whose dimensions it takes but the head and the MoE router, and its FP8 (rowwise) grouped
+    GEMMs for MoE experts, which then run transformers' own ``grouped_mm`` experts on
+    torchao's weight wrappers. False without torchao."""
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError:
@@ -251,6 +253,13 @@ def torchao_convert(model) -> bool:
                 and module.out_features % 16 == 0)
 
     convert_to_float8_training(model, module_filter_fn=wanted)
+    if any(fqn.endswith("mlp.experts") for fqn, _ in model.named_modules()):
+        from torchao.prototype.moe_training.config import Float8TrainingOpConfig
+        from torchao.quantization.quant_api import quantize_
+
+        quantize_(model, config=Float8TrainingOpConfig(),
+                  filter_fn=lambda module, fqn: fqn.endswith("mlp.experts"))
+        model.set_experts_implementation("grouped_mm")
     return True
 
 
@@ -359,11 +368,19 @@ def run(models: Optional[str] = None, json_path: Optional[str] = None, *, batch:
                   f"{fp8['peak_mem_gb'] / bf16['peak_mem_gb']:>8.2f}x"
                   f"  (targets: speedup >= {SPEEDUP_BAR}, mem ratio <= 1.00)", flush=True)
             if with_torchao:
-                ao = _measure(name, MODELS[name], "torchao", compiled, batch, seq_len, steps, warmup)
+                try:
+                    ao = _measure(name, MODELS[name], "torchao", compiled, batch, seq_len, steps, warmup)
+                except Exception as exc:  # a baseline that fails is reported, not the end of the run
+                    print(f"{name:<14} {str(compiled):>8} torchao: failed ({type(exc).__name__}: "
+                          f"{str(exc)[:160]})", flush=True)
+                    torch._dynamo.reset()
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    continue
                 for key in ("hidden", "hidden_ref", "max_layer_native_err", "layer_native_limit"):
                     ao.pop(key)
                 rows.append(ao)
-                print(f"{name:<14} {str(compiled):>8} torchao tensorwise {ao['tokens_per_s']:>10,.0f} tok/s "
+                print(f"{name:<14} {str(compiled):>8} torchao float8 {ao['tokens_per_s']:>10,.0f} tok/s "
                       f"({ao['tokens_per_s'] / bf16['tokens_per_s']:.2f}x BF16; ours "
                       f"{fp8['tokens_per_s'] / ao['tokens_per_s']:.2f}x torchao), {ao['peak_mem_gb']:.1f} GiB, "
                       f"last loss {ao['last_loss']:.4f}", flush=True)
