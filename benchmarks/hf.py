@@ -265,7 +265,7 @@ def torchao_convert(model) -> bool:
 
 def _measure(name: str, spec: dict, precision: str, compiled: bool, batch: int, seq_len: int,
              steps: int, warmup: int) -> dict:
-    """One row: ``precision`` is "bf16", "fp8" (ours) or "torchao" (tensorwise float8)."""
+    """One row: ``precision`` is "bf16", "fp8" (ours) or "torchao" (``torchao_convert``)."""
     fp8 = precision == "fp8"
     torch.cuda.synchronize()
     # Whatever an earlier run left allocated (caches, a leak) is not this run's memory.

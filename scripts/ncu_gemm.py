@@ -17,7 +17,7 @@ def run(which: str, m: int, n: int, k: int, tile: list) -> None:
     import torch
 
     from benchmarks import deepgemm
-    from fp8train.ops.native.gemm_config import SMEM_LIMIT, GemmConfig, choose_config, shared_bytes
+    from fp8train.ops.native.gemm_config import GemmConfig, choose_config, deepest_stages
     from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native
     from fp8train.quant import per_block_cast, per_token_cast
 
@@ -33,10 +33,8 @@ def run(which: str, m: int, n: int, k: int, tile: list) -> None:
         config = None
         if tile:
             bm, bn = tile
-            stages = 12
-            while shared_bytes(bm, bn, stages, "1d2d") > SMEM_LIMIT:
-                stages -= 1
-            config = GemmConfig(bm, bn, stages, min(132, -(-m // bm) * -(-n // bn)), 8, "1d2d")
+            config = GemmConfig(bm, bn, deepest_stages(bm, bn, "1d2d"), min(132, -(-m // bm) * -(-n // bn)), 8,
+                                "1d2d")
         fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, "1d2d", False, config)
         print("config:", config or choose_config(m, n, k, 132))
     torch.cuda.synchronize()

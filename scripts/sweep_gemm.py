@@ -16,21 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 
 from benchmarks import deepgemm  # noqa: E402
 from benchmarks.timing import num_input_sets, time_calls  # noqa: E402
-from fp8train.ops.native.gemm_config import SMEM_LIMIT, GemmConfig, choose_config, shared_bytes  # noqa: E402
+from fp8train.ops.native.gemm_config import GemmConfig, choose_config, deepest_stages  # noqa: E402
 from fp8train.ops.native import sm90_fp8_gemm  # noqa: E402
 from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native  # noqa: E402
 from fp8train.quant import per_block_cast, per_token_cast  # noqa: E402
 
 
-def deepest(bm, bn, kind):
-    stages = 12
-    while shared_bytes(bm, bn, stages, kind) > SMEM_LIMIT:
-        stages -= 1
-    return stages
-
-
 def _config(m, n, kind, bm, bn, stages, group_n, cluster):
-    stages = stages or deepest(bm, bn, kind)
+    stages = stages or deepest_stages(bm, bn, kind)
     tiles = -(-m // bm) * -(-n // bn)
     ctas = max(cluster, min(132, tiles) // cluster * cluster)
     return GemmConfig(bm, bn, stages, ctas, group_n, kind, cluster)
@@ -75,7 +68,7 @@ def sweep_split(m, n, k, candidates):
     for bn, split in candidates:
         bm = 64 if m <= 64 else 128
         tiles = -(-m // bm) * -(-n // bn) * split
-        cfg = GemmConfig(bm, bn, deepest(bm, bn, "1d2d"), min(132, tiles), 1, "1d2d", 1, split)
+        cfg = GemmConfig(bm, bn, deepest_stages(bm, bn, "1d2d"), min(132, tiles), 1, "1d2d", 1, split)
         calls = [lambda s=s: fp8_gemm_nt_native(s[0][0], s[0][1], s[1][0], s[1][1], s[2], "1d2d", False, cfg)
                  for s in sets]
         ms, _ = time_calls(calls)

@@ -6,13 +6,17 @@ from hypothesis import strategies as st
 
 from fp8train import ops
 from fp8train.ops import reference as ref
+from fp8train.ops.native.gemm_config import GemmConfig
+from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native
 from fp8train.quant import per_block_cast, per_token_cast
 from numerics import rel_err_of_output as rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("native_backend")]
 
 
-def run_case(m, n, k, kind, accumulate=False, seed=0, scale=1.0, out_dtype=None):
+def run_case(m, n, k, kind, accumulate=False, seed=0, scale=1.0, out_dtype=None, config=None):
+    """The GEMM against the reference, every element written: through the public op, or with
+    ``config`` the native kernel of that forced config."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(m, k, device="cuda", generator=gen) * scale
     w = torch.randn(n, k, device="cuda", generator=gen)
@@ -24,7 +28,10 @@ def run_case(m, n, k, kind, accumulate=False, seed=0, scale=1.0, out_dtype=None)
     if accumulate:
         out = torch.randn(m, n, device="cuda", generator=gen)
         expect = out + expect
-    ops.fp8_gemm_nt(a, b, out, accumulate=accumulate)
+    if config is None:
+        ops.fp8_gemm_nt(a, b, out, accumulate=accumulate)
+    else:
+        fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, kind, accumulate, config)
     torch.cuda.synchronize()
     assert not torch.isnan(out).any(), "unwritten or NaN output elements"
     limit = 4e-3 if out_dtype == torch.bfloat16 else 1e-3
@@ -49,33 +56,15 @@ def test_1d1d_fixed_shapes(m, n, k, accumulate):
     run_case(m, n, k, "1d1d", accumulate)
 
 
-def run_forced(cfg, m, n, k, seed=0, out_dtype=None):
-    """The native kernel of a forced config against the reference: every element written."""
-    from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native
-
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))
-    w = torch.randn(n, k, device="cuda", generator=gen)
-    b = per_block_cast(w) if cfg.kind == "1d2d" else per_token_cast(w)
-    expect = ref.fp8_gemm_nt_ref(a[0], a[1], b[0], b[1])
-    out_dtype = out_dtype or (torch.bfloat16 if cfg.kind == "1d2d" else torch.float32)
-    out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
-    fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, cfg.kind, False, cfg)
-    torch.cuda.synchronize()
-    assert not torch.isnan(out).any(), "unwritten or NaN output elements"
-    assert rel_err(out, expect) < (4e-3 if out_dtype == torch.bfloat16 else 1e-3)
-
-
 @pytest.mark.parametrize("kind", ["1d2d", "1d1d"])
 @pytest.mark.parametrize("cluster,shares", [(1, "a"), (2, "a"), (2, "b")])
 def test_forced_configs_with_odd_blocks(kind, cluster, shares):
     """A cluster of two on an odd number of column blocks (sharing A) or row blocks (sharing
     B): the last CTA computes on zero-filled operands and stores nothing; a partial last row
     block."""
-    from fp8train.ops.native.gemm_config import GemmConfig
-
     # 7 row blocks (last partial) x 9 column blocks of 128
-    run_forced(GemmConfig(128, 128, 4, 18, 8, kind, cluster, shares=shares), 800, 1152, 1024, seed=cluster)
+    run_case(800, 1152, 1024, kind, seed=cluster,
+             config=GemmConfig(128, 128, 4, 18, 8, kind, cluster, shares=shares))
 
 
 @pytest.mark.parametrize("m,n,k,block_n,cluster,shares,out_dtype", [
@@ -88,21 +77,17 @@ def test_forced_configs_with_odd_blocks(kind, cluster, shares):
     (1000, 1152, 1024, 128, 1, "a", torch.float32),   # FP32 stored from registers
 ])
 def test_256_row_tiles(m, n, k, block_n, cluster, shares, out_dtype):
-    from fp8train.ops.native.gemm_config import GemmConfig
-
     # Four CTAs (two clusters): each walks several tiles, so the stage ring and its phase
     # carry from tile to tile.
-    run_forced(GemmConfig(256, block_n, 3, 4, 8, "1d2d", cluster, shares=shares), m, n, k,
-               out_dtype=out_dtype)
+    run_case(m, n, k, "1d2d", out_dtype=out_dtype,
+             config=GemmConfig(256, block_n, 3, 4, 8, "1d2d", cluster, shares=shares))
 
 
 @settings(max_examples=15, deadline=None)
 @given(st.integers(1, 1100), st.integers(1, 80).map(lambda v: 8 * v), st.integers(1, 6),
        st.sampled_from([64, 96, 112, 128]), st.integers(0, 2**31))
 def test_256_row_tiles_random_shapes(m, n, kb, block_n, seed):
-    from fp8train.ops.native.gemm_config import GemmConfig
-
-    run_forced(GemmConfig(256, block_n, 3, 132, 8, "1d2d"), m, n, 128 * kb, seed=seed)
+    run_case(m, n, 128 * kb, "1d2d", seed=seed, config=GemmConfig(256, block_n, 3, 132, 8, "1d2d"))
 
 
 @settings(max_examples=30, deadline=None)
@@ -119,9 +104,6 @@ def test_random_shapes(m, n, kb, kind, accumulate, seed, scale):
 def test_split_k_matches_reference_and_is_deterministic(m, n, kb, split_k, block_n, seed):
     """Forced split-K configs, K blocks not dividing evenly among the slices, partial tiles;
     three launches give the same bits (the counters reset, slices add in a fixed order)."""
-    from fp8train.ops.native.gemm_config import GemmConfig
-    from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native
-
     split_k = min(split_k, kb)
     block_m = 64 if m <= 64 else 128
     cfg = GemmConfig(block_m, block_n, 4, 132, 1, "1d2d", 1, split_k)

@@ -382,7 +382,6 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
             mbar_wait(&full[stage], phase);
             // This stage's A scales, read now so their latency hides behind the wgmmas.
             const float* scale_a_smem = reinterpret_cast<const float*>(smem + S::kScaleA + stage * G::kScaleASlot);
-            const uint32_t kb_col = kb % G::kScaleCols;
             float sa[kWaves][2];
 #pragma unroll
             for (uint32_t w = 0; w < kWaves; ++w) {
@@ -416,6 +415,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 float* acc = accum[w];
                 if constexpr (SCALE_B_1X128) {  // one wave (static_assert)
                     const float* scale_b_smem = reinterpret_cast<const float*>(smem + S::kScaleB + stage * G::kScaleBSlot);
+                    const uint32_t kb_col = kb % G::kScaleCols;  // this K block's column of the 4-block box
                     float2 sb[G::kAccum / 4];
 #pragma unroll
                     for (uint32_t j = 0; j < G::kAccum / 4; ++j) {

@@ -106,6 +106,14 @@ def shared_bytes(block_m: int, block_n: int, num_stages: int, kind: str) -> int:
     return -(-staged // 1024) * 1024 + out_tile + 16 * num_stages + 1024
 
 
+def deepest_stages(block_m: int, block_n: int, kind: str) -> int:
+    """The most pipeline stages (up to MAX_STAGES) whose shared memory fits the limit."""
+    stages = MAX_STAGES
+    while shared_bytes(block_m, block_n, stages, kind) > SMEM_LIMIT:
+        stages -= 1
+    return stages
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -221,9 +229,7 @@ def _choose_config(m: int, n: int, k: int, num_sms: int, kind: str, rows_per_gro
                     best = (key, bm, block_n)
         block_m, block_n = best[1], best[2]
     tiles = ceil_div(m, block_m) * ceil_div(n, block_n) * split_k
-    stages = MAX_STAGES
-    while shared_bytes(block_m, block_n, stages, kind) > SMEM_LIMIT:
-        stages -= 1
+    stages = deepest_stages(block_m, block_n, kind)
     # Multicast pays where operand traffic from L2 limits: many row blocks sharing A.
     cluster = 2 if multicast_on and m >= 512 and block_m >= 128 and tiles >= num_sms and split_k == 1 else 1
     num_ctas = min(num_sms, tiles if cluster == 1 else 2 * ceil_div(tiles, 2))
