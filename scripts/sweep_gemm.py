@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/sweep_gemm.py [section ...]   (default: every section)
 
-Sections: tiles256, fewest_ctas, multicast, configs, split. (The attribution and scale-layout sweeps
+Sections: tiles256, raster, fewest_ctas, multicast, configs, split. (The attribution and scale-layout sweeps
 answered their questions: docs/kernels.md has the figures.) Prebuild their kernels with
 `scripts/prebuild_kernels.py --sweep`.
 """
@@ -108,9 +108,28 @@ def fewest_ctas():
         sweep_configs(m, n, k, "1d2d", [cfg, replace(cfg, num_ctas=-(-tiles // waves))], deepgemm_too=False)
 
 
+def raster_configs(m, n, k):
+    """256x128 tiles under L2 rasterisations: column blocks per scheduler group (cluster
+    tiles with A multicast), alone and over clusters of two sharing A or B."""
+    configs = [choose_config(m, n, k, 132, "1d2d")]
+    configs += [_config(m, n, "1d2d", 256, 128, 0, g, 1) for g in (4, 8, 16, 32)]
+    configs += [_config(m, n, "1d2d", 256, 128, 0, g, 2) for g in (4, 8)]
+    configs += [replace(_config(m, n, "1d2d", 256, 128, 0, g, 2), shares="b") for g in (8, 16)]
+    return list(dict.fromkeys(configs))
+
+
+def raster():
+    """Each shape's configs timed twice, the second pass in reverse order, so a drift of
+    the clocks over the pass shows as a difference between the two."""
+    for m, n, k in LARGE_1D2D:
+        configs = raster_configs(m, n, k)
+        sweep_configs(m, n, k, "1d2d", configs + configs[::-1])
+
+
 def kernels():
-    """(config, n, k, accumulate, grouping) of the tiles256 section, for prebuilding."""
-    return [(cfg, n, k, False, "none") for m, n, k in LARGE_1D2D for cfg in tiles256_configs(m, n, k)]
+    """(config, n, k, accumulate, grouping) of the tiles256 and raster sections, for prebuilding."""
+    configs = {(cfg, n, k) for m, n, k in LARGE_1D2D for cfg in tiles256_configs(m, n, k) + raster_configs(m, n, k)}
+    return [(cfg, n, k, False, "none") for cfg, n, k in configs]
 
 
 def multicast():
@@ -134,7 +153,7 @@ def split():
         sweep_split(m, n, k, [(16, 1), (32, 1), (64, 2), (64, 4), (128, 2), (128, 4), (136, 8), (128, 8)])
 
 
-SECTIONS = {"tiles256": tiles256, "fewest_ctas": fewest_ctas, "multicast": multicast, "configs": configs, "split": split}
+SECTIONS = {"tiles256": tiles256, "raster": raster, "fewest_ctas": fewest_ctas, "multicast": multicast, "configs": configs, "split": split}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(SECTIONS)
