@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/sweep_gemm.py [section ...]   (default: every section)
 
-Sections: tiles256, raster, fewest_ctas, multicast, configs, split. (The attribution and scale-layout sweeps
+Sections: tiles256, raster, wgrad256, fewest_ctas, multicast, configs, split. (The attribution and scale-layout sweeps
 answered their questions: docs/kernels.md has the figures.) Prebuild their kernels with
 `scripts/prebuild_kernels.py --sweep`.
 """
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 
 from benchmarks import deepgemm  # noqa: E402
 from benchmarks.timing import num_input_sets, time_calls  # noqa: E402
-from fp8train.ops.native.gemm_config import GemmConfig, choose_config, deepest_stages  # noqa: E402
+from fp8train.ops.native.gemm_config import GemmConfig, choose_config, deepest_stages, raster_group_n  # noqa: E402
 from fp8train.ops.native import sm90_fp8_gemm  # noqa: E402
 from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native  # noqa: E402
 from fp8train.quant import per_block_cast, per_token_cast  # noqa: E402
@@ -126,9 +126,32 @@ def raster():
         sweep_configs(m, n, k, "1d2d", configs + configs[::-1])
 
 
+# wgrad (1D1D): the bench's shapes and a 1B Llama's (8192 tokens).
+WGRAD_1D1D = [(7168, 2048, 16384), (2048, 7168, 16384), (4096, 4096, 32768), (4096, 14336, 16384),
+              (2048, 8192, 8192), (8192, 2048, 8192), (2048, 2048, 8192)]
+
+
+def wgrad256_configs(m, n, k):
+    """The heuristic's 1D1D config against 256-row tiles at BLOCK_N 96-128."""
+    configs = [choose_config(m, n, k, 132, "1d1d")]
+    for bn in (96, 112, 128):
+        cfg = _config(m, n, "1d1d", 256, bn, 0, 1, 1)
+        group_n = raster_group_n(-(-m // 256), -(-n // bn), 256, bn, cfg.num_ctas)
+        configs.append(replace(cfg, group_n=group_n))
+    return list(dict.fromkeys(configs))
+
+
+def wgrad256():
+    for m, n, k in WGRAD_1D1D:
+        configs = wgrad256_configs(m, n, k)
+        sweep_configs(m, n, k, "1d1d", configs + configs[::-1])
+
+
 def kernels():
-    """(config, n, k, accumulate, grouping) of the tiles256 and raster sections, for prebuilding."""
+    """(config, n, k, accumulate, grouping) of the tiles256, raster and wgrad256 sections, for
+    prebuilding."""
     configs = {(cfg, n, k) for m, n, k in LARGE_1D2D for cfg in tiles256_configs(m, n, k) + raster_configs(m, n, k)}
+    configs |= {(cfg, n, k) for m, n, k in WGRAD_1D1D for cfg in wgrad256_configs(m, n, k)}
     return [(cfg, n, k, False, "none") for cfg, n, k in configs]
 
 
@@ -153,7 +176,7 @@ def split():
         sweep_split(m, n, k, [(16, 1), (32, 1), (64, 2), (64, 4), (128, 2), (128, 4), (136, 8), (128, 8)])
 
 
-SECTIONS = {"tiles256": tiles256, "raster": raster, "fewest_ctas": fewest_ctas, "multicast": multicast, "configs": configs, "split": split}
+SECTIONS = {"tiles256": tiles256, "raster": raster, "wgrad256": wgrad256, "fewest_ctas": fewest_ctas, "multicast": multicast, "configs": configs, "split": split}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(SECTIONS)

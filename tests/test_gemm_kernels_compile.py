@@ -51,7 +51,8 @@ def test_dense_1d2d_takes_256_row_tiles_where_they_fill_the_gpu():
     with pytest.raises(ValueError, match="block_n"):
         GemmConfig(256, 136, 3, NUM_SMS, 8, "1d2d")
     with pytest.raises(ValueError, match="256-row tiles"):
-        GemmConfig(256, 128, 3, NUM_SMS, 8, "1d1d")
+        GemmConfig(256, 128, 3, NUM_SMS, 8, "1d2d", split_k=2)
+    GemmConfig(256, 128, 4, NUM_SMS, 8, "1d1d")  # wgrad tiles of 256 rows: forced configs only
 
 
 def _first_wave_rows_read(m_blocks, n_blocks, block_m, block_n, num_ctas, cluster, shares, width):
@@ -149,13 +150,14 @@ def test_render_rejects_impossible_kernels(kind, accumulate, grouping, cluster, 
         render_source(cfg, 4096, 7168, accumulate, grouping)
 
 
-@pytest.mark.parametrize("grouping", ["m_contiguous", "m_masked"])
+@pytest.mark.parametrize("grouping", ["m_contiguous", "m_masked", "k_contiguous"])
 def test_render_rejects_256_row_tiles_for_grouped_gemms(grouping):
     """Expert segments are multiples of 128 rows: a 256-row tile could span two experts."""
     from fp8train.ops.native.sm90_fp8_gemm import render_source
 
+    kind = "1d1d" if grouping == "k_contiguous" else "1d2d"
     with pytest.raises(ValueError, match="256-row tiles"):
-        render_source(GemmConfig(256, 128, 3, 132, 8, "1d2d"), 4096, 7168, False, grouping)
+        render_source(GemmConfig(256, 128, 3, 132, 8, kind), 4096, 7168, False, grouping)
 
 
 def test_kernel_source_does_not_depend_on_the_grid():

@@ -90,6 +90,25 @@ def test_256_row_tiles_random_shapes(m, n, kb, block_n, seed):
     run_case(m, n, 128 * kb, "1d2d", seed=seed, config=GemmConfig(256, block_n, 3, 132, 8, "1d2d"))
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("m,n,k,block_n", [
+    (1000, 1152, 1024, 128),  # partial last row block, both waves; each CTA walks several tiles
+    (300, 136, 640, 96),      # the second wave entirely past M; K of 5 blocks (a partial scale box)
+    (200, 520, 384, 120),     # the second wave partly past M
+])
+def test_1d1d_256_row_tiles(m, n, k, block_n, accumulate):
+    """wgrad tiles of 256 rows: B's 1x128 scales read from the stage by each wave as it
+    promotes, the stage released after the second wave."""
+    run_case(m, n, k, "1d1d", accumulate, config=GemmConfig(256, block_n, 4, 4, 8, "1d1d"))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 1100), st.integers(1, 80).map(lambda v: 8 * v), st.integers(1, 9),
+       st.sampled_from([64, 96, 128]), st.booleans(), st.integers(0, 2**31))
+def test_1d1d_256_row_tiles_random_shapes(m, n, kb, block_n, accumulate, seed):
+    run_case(m, n, 128 * kb, "1d1d", accumulate, seed=seed, config=GemmConfig(256, block_n, 4, 132, 8, "1d1d"))
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 700), st.integers(1, 64).map(lambda v: 8 * v), st.integers(1, 6),
        st.sampled_from(["1d2d", "1d1d"]), st.booleans(), st.integers(0, 2**31),

@@ -69,8 +69,7 @@ struct Sm90Fp8Gemm {
     static_assert(SHAPE_K % BLOCK_K == 0, "K must be a multiple of 128");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128 || BLOCK_M == 256, "BLOCK_M must be 64, 128 or 256");
     // Two waves hold two promoted accumulators beside the partial: 1.5 x BLOCK_N registers.
-    static_assert(kNumWaves == 1 || (!SCALE_B_1X128 && BLOCK_N <= 128),
-                  "256-row tiles are 1D2D with BLOCK_N <= 128");
+    static_assert(kNumWaves == 1 || BLOCK_N <= 128, "256-row tiles have BLOCK_N <= 128");
     static_assert(BLOCK_N % 8 == 0 && BLOCK_N >= 8 && BLOCK_N <= 256, "BLOCK_N: multiple of 8 in [8, 256]");
     static_assert(SCALE_B_1X128 || BLOCK_N <= 128 + kGcdN128,
                   "1D2D: a BLOCK_N tile must never span three 128x128 scale blocks");
@@ -413,24 +412,39 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 // the stage back before promoting.
                 const float sa0 = sa[w][0], sa1 = sa[w][1];
                 float* acc = accum[w];
-                if constexpr (SCALE_B_1X128) {  // one wave (static_assert)
+                if constexpr (SCALE_B_1X128) {
                     const float* scale_b_smem = reinterpret_cast<const float*>(smem + S::kScaleB + stage * G::kScaleBSlot);
                     const uint32_t kb_col = kb % G::kScaleCols;  // this K block's column of the 4-block box
-                    float2 sb[G::kAccum / 4];
-#pragma unroll
-                    for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
+                    auto scale_b_pair = [&](uint32_t j) {
                         const uint32_t col = j * 8 + (lane % 4) * 2;
-                        sb[j] = make_float2(scale_b_smem[col * G::kScaleCols + kb_col],
-                                            scale_b_smem[(col + 1) * G::kScaleCols + kb_col]);
-                    }
-                    __syncwarp();
-                    if (lane == 0) release_stage(stage);
+                        return make_float2(scale_b_smem[col * G::kScaleCols + kb_col],
+                                           scale_b_smem[(col + 1) * G::kScaleCols + kb_col]);
+                    };
+                    auto promote = [&](uint32_t j, float2 sb) {
+                        acc[j * 4 + 0] = fmaf(partial[j * 4 + 0], sa0 * sb.x, acc[j * 4 + 0]);
+                        acc[j * 4 + 1] = fmaf(partial[j * 4 + 1], sa0 * sb.y, acc[j * 4 + 1]);
+                        acc[j * 4 + 2] = fmaf(partial[j * 4 + 2], sa1 * sb.x, acc[j * 4 + 2]);
+                        acc[j * 4 + 3] = fmaf(partial[j * 4 + 3], sa1 * sb.y, acc[j * 4 + 3]);
+                    };
+                    if constexpr (kWaves == 1) {
+                        // The scales into registers, the stage handed back, then the promotion.
+                        float2 sb[G::kAccum / 4];
 #pragma unroll
-                    for (uint32_t j = 0; j < G::kAccum / 4; ++j) {
-                        acc[j * 4 + 0] = fmaf(partial[j * 4 + 0], sa0 * sb[j].x, acc[j * 4 + 0]);
-                        acc[j * 4 + 1] = fmaf(partial[j * 4 + 1], sa0 * sb[j].y, acc[j * 4 + 1]);
-                        acc[j * 4 + 2] = fmaf(partial[j * 4 + 2], sa1 * sb[j].x, acc[j * 4 + 2]);
-                        acc[j * 4 + 3] = fmaf(partial[j * 4 + 3], sa1 * sb[j].y, acc[j * 4 + 3]);
+                        for (uint32_t j = 0; j < G::kAccum / 4; ++j) sb[j] = scale_b_pair(j);
+                        __syncwarp();
+                        if (lane == 0) release_stage(stage);
+#pragma unroll
+                        for (uint32_t j = 0; j < G::kAccum / 4; ++j) promote(j, sb[j]);
+                    } else {
+                        // Beside two promoted accumulators there is no room for a register copy of
+                        // the scales: each wave reads them from the stage as it promotes, and the
+                        // stage goes back after the last wave's promotion.
+#pragma unroll
+                        for (uint32_t j = 0; j < G::kAccum / 4; ++j) promote(j, scale_b_pair(j));
+                        if (w + 1 == kWaves) {
+                            __syncwarp();
+                            if (lane == 0) release_stage(stage);
+                        }
                     }
                 } else {
                     if (w + 1 == kWaves) {

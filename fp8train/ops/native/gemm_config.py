@@ -20,7 +20,7 @@ KINDS = ("1d2d", "1d1d")      # B scales 128x128 (fprop/dgrad, BF16 out) or 1x12
 @dataclass(frozen=True)
 class GemmConfig:
     # Rows of the output tile: 64 (one math warpgroup), 128 (two) or 256 (two, walking the
-    # tile in two waves of 128 rows; dense 1D2D only).
+    # tile in two waves of 128 rows; dense only).
     block_m: int
     # Columns of the output tile: a multiple of 8 up to the register budget; it need not
     # divide 128 (tiles then straddle two 128x128 scale blocks of B).
@@ -48,9 +48,8 @@ class GemmConfig:
             raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}")
         if self.block_m not in (64, 128, 256):
             raise ValueError(f"block_m: expected 64, 128 or 256, got {self.block_m}")
-        if self.block_m == 256 and (self.kind != "1d2d" or self.split_k != 1):
-            raise ValueError(f"block_m: 256-row tiles are for the 1d2d kernel without split-K, got "
-                             f"kind {self.kind!r}, split_k={self.split_k}")
+        if self.block_m == 256 and self.split_k != 1:
+            raise ValueError(f"block_m: 256-row tiles run without split-K, got split_k={self.split_k}")
         if self.block_n % 8 or not 8 <= self.block_n <= max_block_n(self.block_m) or not \
                 block_n_is_legal(self.block_n, self.kind):
             raise ValueError(f"block_n: expected a multiple of 8 in [8, {max_block_n(self.block_m)}], "
