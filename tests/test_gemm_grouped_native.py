@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from fp8train import ops
 from fp8train.ops import reference as ref
+from fp8train.ops.native.gemm_config import GemmConfig
+from fp8train.ops.native.sm90_fp8_gemm import k_grouped_native, m_grouped_masked_native
 from fp8train.quant import per_block_cast, per_token_cast
 from numerics import rel_err_of_output as rel_err
 
@@ -58,7 +60,8 @@ def test_m_grouped_contiguous_matches_reference(blocks, n, kb, spare, seed):
     assert rel_err(out, expect) < 4e-3
 
 
-def masked_case(g, m_max, n, k, counts, seed, expected_m=None):
+def masked_case(g, m_max, n, k, counts, seed, expected_m=None, config=None):
+    """Through the public op, or with ``config`` the native kernel of that forced config."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     a = per_token_cast(torch.randn(g, m_max, k, device="cuda", generator=gen))
     b = per_block_cast(torch.randn(g, n, k, device="cuda", generator=gen))
@@ -67,7 +70,10 @@ def masked_case(g, m_max, n, k, counts, seed, expected_m=None):
     ref.m_grouped_masked_ref(a[0], a[1], b[0], b[1], counts, expect)
     out = torch.full((g, m_max, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     with no_host_sync():
-        ops.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, out, expected_m=expected_m)
+        if config is None:
+            ops.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, out, expected_m=expected_m)
+        else:
+            m_grouped_masked_native(a[0], a[1], b[0], b[1], masked_m, out, expected_m or m_max, config)
     torch.cuda.synchronize()
     return a, b, masked_m, out, expect
 
@@ -99,6 +105,15 @@ def test_m_grouped_masked_reads_k_block_major_scales_at_any_m_max(m_max):
     check_masked(out, expect, counts)
 
 
+@pytest.mark.parametrize("m_max,counts", [(512, [512, 0, 300, 256, 1]), (300, [300, 257, 255, 0, 44])])
+def test_m_grouped_masked_256_row_tiles(m_max, counts):
+    """256-row tiles: full tiles by TMA store, an expert's partial last tile (one wave or
+    both) from registers; a tile that reads into the next expert's rows stores none of them."""
+    cfg = GemmConfig(256, 128, 3, 132, 8, "1d2d")
+    _, _, _, out, expect = masked_case(len(counts), m_max, 520, 640, counts, seed=m_max, config=cfg)
+    check_masked(out, expect, counts)
+
+
 def test_m_grouped_masked_replays_in_a_cuda_graph_with_new_counts():
     """Counts live on the device: a captured call serves whatever counts the replay finds."""
     g, m_max, n, k = 4, 256, 512, 512
@@ -119,7 +134,7 @@ def test_m_grouped_masked_replays_in_a_cuda_graph_with_new_counts():
         check_masked(out, expect, counts)
 
 
-def k_grouped_case(blocks, m, n, accumulate, seed, spare=0):
+def k_grouped_case(blocks, m, n, accumulate, seed, spare=0, config=None):
     offsets = offsets_of(blocks)
     t = int(offsets[-1]) + 128 * spare  # spare tokens past the last expert are left out
     g = len(blocks)
@@ -131,7 +146,10 @@ def k_grouped_case(blocks, m, n, accumulate, seed, spare=0):
     expect = out.clone()
     ref.k_grouped_contiguous_ref(a[0], a[1], b[0], b[1], offsets.tolist(), expect, accumulate)
     with no_host_sync():
-        ops.k_grouped_fp8_gemm_nt_contiguous(a, b, offsets, out, accumulate=accumulate)
+        if config is None:
+            ops.k_grouped_fp8_gemm_nt_contiguous(a, b, offsets, out, accumulate=accumulate)
+        else:
+            k_grouped_native(a[0], a[1], b[0], b[1], offsets, out, accumulate, config)
     torch.cuda.synchronize()
     return out, expect
 
@@ -146,6 +164,20 @@ def test_k_grouped_matches_reference(blocks, m, n, accumulate, spare, seed):
         blocks[0] = 1
     out, expect = k_grouped_case(blocks, m, n, accumulate, seed, spare)
     assert not out.isnan().any(), "unwritten or NaN output elements"
+    for gi, nb in enumerate(blocks):
+        if nb == 0:
+            assert torch.equal(out[gi], expect[gi]), f"empty expert {gi} was not zeros / left alone"
+        else:
+            assert rel_err(out[gi], expect[gi]) < 1e-3
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_k_grouped_256_row_tiles(accumulate):
+    """wgrad tiles of 256 rows over each expert's tokens; an empty expert and a partial last
+    row block (the second wave partly past M)."""
+    blocks = [2, 0, 3, 1]
+    out, expect = k_grouped_case(blocks, 700, 264, accumulate, seed=3,
+                                 config=GemmConfig(256, 128, 4, 132, 8, "1d1d"))
     for gi, nb in enumerate(blocks):
         if nb == 0:
             assert torch.equal(out[gi], expect[gi]), f"empty expert {gi} was not zeros / left alone"

@@ -150,14 +150,15 @@ def test_render_rejects_impossible_kernels(kind, accumulate, grouping, cluster, 
         render_source(cfg, 4096, 7168, accumulate, grouping)
 
 
-@pytest.mark.parametrize("grouping", ["m_contiguous", "m_masked", "k_contiguous"])
-def test_render_rejects_256_row_tiles_for_grouped_gemms(grouping):
+def test_render_rejects_256_row_tiles_for_contiguous_m_grouped_gemms():
     """Expert segments are multiples of 128 rows: a 256-row tile could span two experts."""
     from fp8train.ops.native.sm90_fp8_gemm import render_source
 
-    kind = "1d1d" if grouping == "k_contiguous" else "1d2d"
     with pytest.raises(ValueError, match="256-row tiles"):
-        render_source(GemmConfig(256, 128, 3, 132, 8, kind), 4096, 7168, False, grouping)
+        render_source(GemmConfig(256, 128, 3, 132, 8, "1d2d"), 4096, 7168, False, "m_contiguous")
+    # Masked experts and k-grouped outputs never share a tile: both take them.
+    render_source(GemmConfig(256, 128, 3, 132, 8, "1d2d"), 4096, 7168, False, "m_masked")
+    render_source(GemmConfig(256, 128, 4, 132, 8, "1d1d"), 4096, 7168, True, "k_contiguous")
 
 
 def test_kernel_source_does_not_depend_on_the_grid():

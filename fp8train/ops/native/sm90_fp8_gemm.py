@@ -40,10 +40,13 @@ def _check_grouping(config: GemmConfig, accumulate: bool, grouping: str, out_f32
         raise ValueError("out_f32: only the dense 1D2D kernel without split-K takes the FP32 "
                          f"output switch, got kind {config.kind!r}, grouping {grouping!r}, "
                          f"split_k={config.split_k}")
-    if grouping != "none" and (config.cluster != 1 or config.split_k != 1 or config.block_m > 128):
-        raise ValueError(f"grouping {grouping!r} runs without clusters, split-K or 256-row tiles "
-                         f"(expert segments are multiples of 128 rows), got cluster={config.cluster}, "
-                         f"split_k={config.split_k}, block_m={config.block_m}")
+    if grouping != "none" and (config.cluster != 1 or config.split_k != 1):
+        raise ValueError(f"grouping {grouping!r} runs without clusters or split-K, got "
+                         f"cluster={config.cluster}, split_k={config.split_k}")
+    if grouping == "m_contiguous" and config.block_m > 128:
+        raise ValueError(f"grouping 'm_contiguous' runs without 256-row tiles (expert segments "
+                         f"are multiples of 128 rows: a taller tile could span two experts), got "
+                         f"block_m={config.block_m}")
 
 
 def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none",
