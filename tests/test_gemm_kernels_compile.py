@@ -12,6 +12,7 @@ from fp8train.ops.jit.toolkit import find_cuda_tool, nvcc_path
 from fp8train.ops.native.gemm_config import (SMEM_LIMIT, GemmConfig, ceil_div, choose_config, raster_group_n,
                                              shared_bytes)
 from fp8train.ops.native.sm90_fp8_gemm import compile_kernel
+from fp8train.ops.jit.sass import check_sass
 
 
 
@@ -112,7 +113,6 @@ def test_sharing_b_needs_a_cluster_of_two_and_even_halves():
 @needs_toolchain
 def test_bench_kernels_compile_to_qgmma_without_spills(tmp_path, monkeypatch):
     from fp8train.ops.jit import compiler
-    from fp8train.ops.jit.sass import check_sass
 
     monkeypatch.setenv("FP8TRAIN_CACHE_DIR", str(tmp_path))
     compiler._reset_process_caches()
@@ -159,6 +159,17 @@ def test_render_rejects_256_row_tiles_for_contiguous_m_grouped_gemms():
     # Masked experts and k-grouped outputs never share a tile: both take them.
     render_source(GemmConfig(256, 128, 3, 132, 8, "1d2d"), 4096, 7168, False, "m_masked")
     render_source(GemmConfig(256, 128, 4, 132, 8, "1d1d"), 4096, 7168, True, "k_contiguous")
+
+
+@needs_toolchain
+@pytest.mark.parametrize("kind,accumulate,grouping", [("1d2d", False, "m_masked"), ("1d1d", False, "none"),
+                                                      ("1d1d", True, "k_contiguous")])
+def test_256_row_tiles_compile_for_masked_and_wgrad_kernels(tmp_path, monkeypatch, kind, accumulate, grouping):
+    monkeypatch.setenv("FP8TRAIN_CACHE_DIR", str(tmp_path))
+    cfg = GemmConfig(256, 128, 3 if kind == "1d2d" else 4, 132, 8, kind)
+    ck = compile_kernel(cfg, 520, 640, accumulate, grouping)
+    report = check_sass(ck.cubin_path)
+    assert report.qgmma_count == 8 and report.local_memory_ops == 0 and ck.spill_bytes == 0
 
 
 def test_kernel_source_does_not_depend_on_the_grid():
