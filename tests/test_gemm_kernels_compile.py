@@ -39,14 +39,18 @@ def test_heuristic_choices_are_legal():
                     assert cfg.block_n <= max(n, 16)
 
 
-def test_dense_1d2d_takes_256_row_tiles_where_they_fill_the_gpu():
-    """Large dense 1D2D GEMMs take 256-row tiles (measured 1.06-1.25x per wave); wgrad (1D1D),
-    small M and problems with fewer tall tiles than SMs keep 128 rows or fewer."""
+def test_dense_gemms_take_256_row_tiles_where_they_fill_the_gpu():
+    """Large dense 1D2D GEMMs take 256-row tiles (measured 1.06-1.25x per wave); wgrad (1D1D)
+    takes 256x128 only where it needs fewer waves than the best 128-row tile (per wave they
+    measured alike); small M and problems with fewer tall tiles than SMs keep 128 rows or
+    fewer."""
     assert choose_config(4096, 4096, 7168, NUM_SMS).block_m == 256
     assert choose_config(16384, 7168, 2048, NUM_SMS).block_m == 256
     assert choose_config(512, 4096, 4096, NUM_SMS).block_m == 128
-    assert choose_config(4096, 4096, 7168, NUM_SMS, "1d1d").block_m == 128
     assert choose_config(128, 4096, 7168, NUM_SMS).block_m == 128
+    wgrad = [choose_config(m, n, k, NUM_SMS, "1d1d") for m, n, k in
+             ((4096, 4096, 32768), (2048, 2048, 8192), (7168, 2048, 16384), (4096, 14336, 16384))]
+    assert [(c.block_m, c.block_n) for c in wgrad] == [(256, 128), (256, 128), (128, 152), (128, 176)]
     for block_n in range(8, 129, 8):
         GemmConfig(256, block_n, 3, NUM_SMS, 8, "1d2d")  # every BLOCK_N up to 128 fits
     with pytest.raises(ValueError, match="block_n"):
@@ -101,6 +105,21 @@ def test_raster_group_of_256x128_tiles_makes_a_wave_about_square_in_rows_read():
     with 25% fewer DRAM bytes than 8 x 16)."""
     assert choose_config(4096, 4096, 7168, NUM_SMS).group_n == 16
     assert raster_group_n(16, 32, 256, 128, 132, 2, "a") == 8  # cluster tiles of two columns
+
+
+@pytest.mark.parametrize("m,n,k,kind,native", [
+    (8192, 8192, 2048, "1d2d", True),    # 256x128 tiles: native measured 1.02-1.12x cuBLAS
+    (4096, 4096, 7168, "1d2d", True),
+    (4096, 2112, 7168, "1d2d", False),   # 256x88: 0.94x
+    (128, 4096, 7168, "1d2d", True),     # few rows, narrow weight, deep K
+    (128, 7168, 2048, "1d2d", False),
+    (512, 768, 1024, "1d2d", False),     # 128-row tiles
+    (4096, 4096, 32768, "1d1d", False),  # wgrad: 0.86x
+])
+def test_auto_takes_the_native_dense_gemm_where_it_measured_faster(m, n, k, kind, native):
+    from fp8train.ops.backend import native_beats_cublas
+
+    assert native_beats_cublas(m, n, k, kind) is native
 
 
 def test_sharing_b_needs_a_cluster_of_two_and_even_halves():

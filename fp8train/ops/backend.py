@@ -11,21 +11,29 @@ import warnings
 import torch
 
 from .. import _env
+from .native.gemm_config import choose_config
 
 _backend = None  # None: read FP8TRAIN_BACKEND at first use
 
 # `auto` runs a dense GEMM on cuBLAS where cuBLAS serves it (our `_scaled_mm` wrapper,
-# ops/cublas.py, matches the reference there: tests/test_gemm_cublas.py), since cuBLAS
-# blockwise beats the native dense kernels on most shapes (native 0.91x median on the H100,
-# docs/kernels.md), except where the native kernel measured faster (`native_beats_cublas`);
-# the grouped GEMMs have no cuBLAS counterpart.
+# ops/cublas.py, matches the reference there: tests/test_gemm_cublas.py), except where the
+# native kernel measured faster in the same run (`native_beats_cublas`, docs/kernels.md); the
+# grouped GEMMs have no cuBLAS counterpart.
+MEASURED_SMS = 132  # the H100 the routing was measured on
 
 
-def native_beats_cublas(m: int, n: int, k: int) -> bool:
-    """Dense shapes where the native kernel measured faster than cuBLAS (H100):
-    few rows, a narrow weight and a deep K (64/128 x 2112/4096 x 7168: 1.0-1.7x); cuBLAS
-    wins everywhere else in the bench (0.53-0.89x)."""
-    return m <= 128 and n <= 4096 and k >= 4096
+def native_beats_cublas(m: int, n: int, k: int, kind: str) -> bool:
+    """Dense shapes where the native kernel measured faster than cuBLAS (H100, 1D2D only;
+    the 1D1D wgrad kernel ran 0.86x):
+    - few rows, a narrow weight and a deep K (64/128 x 2112/4096 x 7168: 1.1-1.6x);
+    - the shapes whose tiles are 256x128 (all six measured: 1.02-1.12x, 8192 x 2048/8192 x
+      2048/8192 and 4096-8192 x 4096-8192 x 2048-8192); a 256x88 tile (N = 2112) ran 0.94x."""
+    if kind != "1d2d":
+        return False
+    if m <= 128:
+        return n <= 4096 and k >= 4096
+    config = choose_config(m, n, k, MEASURED_SMS)
+    return config.block_m == 256 and config.block_n == 128
 
 
 def set_backend(name: str) -> None:

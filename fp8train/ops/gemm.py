@@ -192,7 +192,7 @@ def _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate, backend) -> tuple:
     path = _backend.resolve("fp8_gemm_nt", a.device,
                             native_ok=lambda: _native.dense_support(n, kind, dtype, accumulate),
                             cublas_ok=_cublas.supports(a, n, dtype, accumulate),
-                            cublas_first=not _backend.native_beats_cublas(m, n, k),
+                            cublas_first=not _backend.native_beats_cublas(m, n, k, kind),
                             backend=backend)
     return path, kind, m, n, dtype
 

@@ -161,10 +161,15 @@ TALL_TILE_SPEEDUP = 1.14
 
 def relative_speed(block_m: int, block_n: int, kind: str) -> float:
     """Measured TFLOP/s of a tile per full wave relative to a 128x128 1D2D tile (1D1D: to
-    the best BLOCK_N), for tiles that fill the GPU (H100; docs/kernels.md). 1D2D: N = 128
+    the best 128-row BLOCK_N), for tiles that fill the GPU (H100; docs/kernels.md). 1D2D: N = 128
     runs ~15% faster than any tile that straddles 128x128 scale blocks or does not divide
     128 (96-160 measured, at 128 and 256 rows alike), and 64 loses to operand re-reads."""
     if kind == "1d1d":
+        if block_m == 256:
+            # 256x128 ran 0.95-1.10x per full wave of the best 128-row tile on seven wgrad
+            # shapes (each B scale read from shared memory as the waves promote); 256x96
+            # 0.88-0.92x, 256x112 in between (H100, wgrad256 sweep).
+            return 1.0 if block_n == 128 else 0.9
         return 0.85 + 0.15 * block_n / 176  # 128: 0.90, 152: 0.94, 176: 1.0 measured
     if block_n == 128:
         speed = 1.0
@@ -212,7 +217,7 @@ def _choose_config(m: int, n: int, k: int, num_sms: int, kind: str, rows_per_gro
         block_n, split_k = _small_m_choice(m, n, k, num_sms, block_m)
     else:
         best = None
-        block_ms = (128, 256) if m > 128 and tall_tiles_on and kind == "1d2d" else (block_m,)
+        block_ms = (128, 256) if m > 128 and tall_tiles_on else (block_m,)
         for bm in block_ms:
             for block_n in range(16, max_block_n(bm) + 1, 8):
                 if (block_n > n and block_n != 16) or not block_n_is_legal(block_n, kind):
