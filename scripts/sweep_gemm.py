@@ -6,6 +6,7 @@ Sections: tiles256, raster, wgrad256, fewest_ctas, multicast, configs, split. (T
 answered their questions: docs/kernels.md has the figures.) Prebuild their kernels with
 `scripts/prebuild_kernels.py --sweep`.
 """
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -34,25 +35,36 @@ def sweep(m, n, k, kind, candidates):
     sweep_configs(m, n, k, kind, [_config(m, n, kind, *c) for c in candidates])
 
 
+ROUNDS = 3  # the clocks drift over a sweep (a second pass ran up to 10% slower): rounds, median
+
+
 def sweep_configs(m, n, k, kind, configs, deepgemm_too=True):
+    """Every config (and DeepGEMM's kernel) timed once per round, ROUNDS rounds over the
+    same operands; prints the median TFLOP/s and the rounds' range."""
     sets = []
     for i in range(num_input_sets(m * k + n * k)):
         a = per_token_cast(torch.randn(m, k, device="cuda"))
         b = per_block_cast(torch.randn(n, k, device="cuda")) if kind == "1d2d" else per_token_cast(torch.randn(n, k, device="cuda"))
         out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if kind == "1d2d" else torch.float32)
         sets.append((a, b, out))
+    entries = []
     for cfg in configs:
-        calls = [lambda s=s: fp8_gemm_nt_native(s[0][0], s[0][1], s[1][0], s[1][1], s[2], kind, False, cfg)
-                 for s in sets]
-        ms, _ = time_calls(calls)
         grid = sm90_fp8_gemm._launch_for(m, n, k, kind, False, 0, 132, cfg).grid
-        print(f"{kind} {m}x{n}x{k} bm{cfg.block_m} bn{cfg.block_n} s{cfg.num_stages} g{cfg.group_n} "
-              f"c{cfg.cluster}{cfg.shares if cfg.cluster > 1 else ''} grid {grid}: "
-              f"{2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
+        label = (f"bm{cfg.block_m} bn{cfg.block_n} s{cfg.num_stages} g{cfg.group_n} "
+                 f"c{cfg.cluster}{cfg.shares if cfg.cluster > 1 else ''} grid {grid}")
+        entries.append((label, [lambda s=s, cfg=cfg: fp8_gemm_nt_native(s[0][0], s[0][1], s[1][0], s[1][1], s[2],
+                                                                         kind, False, cfg) for s in sets]))
     deep = [deepgemm.dense_1d2d(*s) for s in sets] if kind == "1d2d" and deepgemm_too else [None]
     if all(deep):
-        ms, _ = time_calls(deep)
-        print(f"{kind} {m}x{n}x{k} DeepGEMM: {2 * m * n * k / ms / 1e9:7.0f} TFLOP/s", flush=True)
+        entries.append(("DeepGEMM", deep))
+    rates = {label: [] for label, _ in entries}
+    for _ in range(ROUNDS):
+        for label, calls in entries:
+            ms, _ = time_calls(calls)
+            rates[label].append(2 * m * n * k / ms / 1e9)
+    for label, values in rates.items():
+        print(f"{kind} {m}x{n}x{k} {label}: {statistics.median(values):7.0f} TFLOP/s "
+              f"({min(values):.0f}-{max(values):.0f})", flush=True)
 
 
 def sweep_split(m, n, k, candidates):
@@ -119,11 +131,8 @@ def raster_configs(m, n, k):
 
 
 def raster():
-    """Each shape's configs timed twice, the second pass in reverse order, so a drift of
-    the clocks over the pass shows as a difference between the two."""
     for m, n, k in LARGE_1D2D:
-        configs = raster_configs(m, n, k)
-        sweep_configs(m, n, k, "1d2d", configs + configs[::-1])
+        sweep_configs(m, n, k, "1d2d", raster_configs(m, n, k))
 
 
 # wgrad (1D1D): the bench's shapes and a 1B Llama's (8192 tokens).
@@ -143,8 +152,7 @@ def wgrad256_configs(m, n, k):
 
 def wgrad256():
     for m, n, k in WGRAD_1D1D:
-        configs = wgrad256_configs(m, n, k)
-        sweep_configs(m, n, k, "1d1d", configs + configs[::-1])
+        sweep_configs(m, n, k, "1d1d", wgrad256_configs(m, n, k))
 
 
 def kernels():
