@@ -115,6 +115,7 @@ def test_raster_group_of_256x128_tiles_makes_a_wave_about_square_in_rows_read():
     (128, 7168, 2048, "1d2d", False),
     (512, 768, 1024, "1d2d", False),     # 128-row tiles
     (4096, 4096, 32768, "1d1d", False),  # wgrad: 0.86x
+    (4096, 4100, 7168, "1d2d", False),   # N % 8 != 0: no native kernel (and no ValueError)
 ])
 def test_auto_takes_the_native_dense_gemm_where_it_measured_faster(m, n, k, kind, native):
     from fp8train.ops.backend import native_beats_cublas

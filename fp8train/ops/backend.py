@@ -28,7 +28,7 @@ def native_beats_cublas(m: int, n: int, k: int, kind: str) -> bool:
     - few rows, a narrow weight and a deep K (64/128 x 2112/4096 x 7168: 1.1-1.6x);
     - the shapes whose tiles are 256x128 (all six measured: 1.02-1.12x, 8192 x 2048/8192 x
       2048/8192 and 4096-8192 x 4096-8192 x 2048-8192); a 256x88 tile (N = 2112) ran 0.94x."""
-    if kind != "1d2d":
+    if kind != "1d2d" or min(n, k) < 1 or n % 8 or k % 128:  # what the native kernel needs
         return False
     if m <= 128:
         return n <= 4096 and k >= 4096
