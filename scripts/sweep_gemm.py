@@ -57,12 +57,12 @@ def sweep_configs(m, n, k, kind, configs, deepgemm_too=True):
     deep = [deepgemm.dense_1d2d(*s) for s in sets] if kind == "1d2d" and deepgemm_too else [None]
     if all(deep):
         entries.append(("DeepGEMM", deep))
-    rates = {label: [] for label, _ in entries}
+    rates = [[] for _ in entries]
     for _ in range(ROUNDS):
-        for label, calls in entries:
+        for (_, calls), values in zip(entries, rates):
             ms, _ = time_calls(calls)
-            rates[label].append(2 * m * n * k / ms / 1e9)
-    for label, values in rates.items():
+            values.append(2 * m * n * k / ms / 1e9)
+    for (label, _), values in zip(entries, rates):
         print(f"{kind} {m}x{n}x{k} {label}: {statistics.median(values):7.0f} TFLOP/s "
               f"({min(values):.0f}-{max(values):.0f})", flush=True)
 

@@ -41,9 +41,9 @@ def test_heuristic_choices_are_legal():
 
 def test_dense_gemms_take_256_row_tiles_where_they_fill_the_gpu():
     """Large dense 1D2D GEMMs take 256-row tiles (measured 1.06-1.25x per wave); wgrad (1D1D)
-    takes 256x128 only where it needs fewer waves than the best 128-row tile (per wave they
-    measured alike); small M and problems with fewer tall tiles than SMs keep 128 rows or
-    fewer."""
+    takes 256x128, and no narrower 256-row tile, only where it needs fewer waves than the
+    best 128-row tile (per wave they measured alike); small M and problems with fewer tall
+    tiles than SMs keep 128 rows or fewer."""
     assert choose_config(4096, 4096, 7168, NUM_SMS).block_m == 256
     assert choose_config(16384, 7168, 2048, NUM_SMS).block_m == 256
     assert choose_config(512, 4096, 4096, NUM_SMS).block_m == 128
@@ -51,6 +51,10 @@ def test_dense_gemms_take_256_row_tiles_where_they_fill_the_gpu():
     wgrad = [choose_config(m, n, k, NUM_SMS, "1d1d") for m, n, k in
              ((4096, 4096, 32768), (2048, 2048, 8192), (7168, 2048, 16384), (4096, 14336, 16384))]
     assert [(c.block_m, c.block_n) for c in wgrad] == [(256, 128), (256, 128), (128, 152), (128, 176)]
+    for m in (256, 512, 3072, 8192):
+        for n in (512, 2048, 3072, 4096):
+            cfg = choose_config(m, n, 4096, NUM_SMS, "1d1d")
+            assert cfg.block_m == 128 or cfg.block_n == 128, cfg
     for block_n in range(8, 129, 8):
         GemmConfig(256, block_n, 3, NUM_SMS, 8, "1d2d")  # every BLOCK_N up to 128 fits
     with pytest.raises(ValueError, match="block_n"):
@@ -116,6 +120,7 @@ def test_raster_group_of_256x128_tiles_makes_a_wave_about_square_in_rows_read():
     (512, 768, 1024, "1d2d", False),     # 128-row tiles
     (4096, 4096, 32768, "1d1d", False),  # wgrad: 0.86x
     (4096, 4100, 7168, "1d2d", False),   # N % 8 != 0: no native kernel (and no ValueError)
+    (2048, 2048, 128, "1d2d", False),    # 256x128 tiles, but K shallower than any compared
 ])
 def test_auto_takes_the_native_dense_gemm_where_it_measured_faster(m, n, k, kind, native):
     from fp8train.ops.backend import native_beats_cublas

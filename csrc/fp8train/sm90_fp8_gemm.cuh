@@ -14,7 +14,8 @@
 // their 1x128 scales into a ring of stages; one (BLOCK_M = 64) or two math warpgroups
 // consume. Each K block's wgmma partial sum (FP32, reset per block) is promoted on CUDA
 // cores: scaled by scale_a * scale_b and added into a second FP32 accumulator, after the
-// stage has been released so the producer refills it meanwhile. A 256-row tile is walked by
+// stage has been released so the producer refills it meanwhile (a 1D1D 256-row tile reads
+// B's scales from the stage as it promotes, and releases it after). A 256-row tile is walked by
 // the two warpgroups in two waves of 128 rows: one promoted accumulator per wave, one
 // partial shared by both, so a K block of 48 KB feeds twice the MMAs of a 128-row tile's
 // 32 KB. 1D2D tiles leave through shared memory and a TMA store that overlaps the next
@@ -410,7 +411,7 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                 wgmma_wait<0>();
 
                 // After the last wave's MMAs, read the rest of this stage's scales, then hand
-                // the stage back before promoting.
+                // the stage back before promoting (1D1D with two waves: after promoting).
                 const float sa0 = sa[w][0], sa1 = sa[w][1];
                 float* acc = accum[w];
                 if constexpr (SCALE_B_1X128) {

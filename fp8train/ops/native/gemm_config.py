@@ -20,7 +20,7 @@ KINDS = ("1d2d", "1d1d")      # B scales 128x128 (fprop/dgrad, BF16 out) or 1x12
 @dataclass(frozen=True)
 class GemmConfig:
     # Rows of the output tile: 64 (one math warpgroup), 128 (two) or 256 (two, walking the
-    # tile in two waves of 128 rows; dense only).
+    # tile in two waves of 128 rows; not for the contiguous m-grouped GEMM).
     block_m: int
     # Columns of the output tile: a multiple of 8 up to the register budget; it need not
     # divide 128 (tiles then straddle two 128x128 scale blocks of B).
@@ -167,10 +167,10 @@ def relative_speed(block_m: int, block_n: int, kind: str) -> float:
     if kind == "1d1d":
         if block_m == 256:
             # 256x128 ran 0.95-1.10x per full wave of the best 128-row tile on seven wgrad
-            # shapes (each B scale read from shared memory as the waves promote); 256x96
-            # 0.88-0.92x, 256x112 in between (H100, wgrad256 sweep).
-            return 1.0 if block_n == 128 else 0.9
-        return 0.85 + 0.15 * block_n / 176  # 128: 0.90, 152: 0.94, 176: 1.0 measured
+            # shapes (each B scale read from shared memory as the waves promote); narrower
+            # 256-row tiles ran slower (96: 0.88-0.92x) and are never chosen.
+            return 1.0
+        return 0.85 + 0.15 * block_n / 176  # a linear fit: 128 measured 0.90, 152 0.94, 176 1.0
     if block_n == 128:
         speed = 1.0
     else:
@@ -193,8 +193,8 @@ def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
     M <= 128 is bound by reading B: pick the tile that spreads N over the most SMs (fewest
     waves), or with split-K the (tile, slices) that pull the fewest bytes per SM. Larger M
     is bound by the tensor cores: minimise waves x tile time, tile time being the tile's
-    area over the measured relative speed of its shape (dense 1D2D GEMMs may take 256-row
-    tiles).
+    area over the measured relative speed of its shape (dense GEMMs may take 256-row tiles:
+    1D2D at BLOCK_N <= 128, 1D1D at 128).
     """
     grouped = grouped or rows_per_group is not None
     return _choose_config(m, n, k, num_sms, kind, rows_per_group, split_k and not grouped,
@@ -222,6 +222,8 @@ def _choose_config(m: int, n: int, k: int, num_sms: int, kind: str, rows_per_gro
             for block_n in range(16, max_block_n(bm) + 1, 8):
                 if (block_n > n and block_n != 16) or not block_n_is_legal(block_n, kind):
                     continue  # never a block wider than the problem
+                if bm == 256 and kind == "1d1d" and block_n != 128:
+                    continue  # the only 256-row wgrad tile that measured at par (relative_speed)
                 tiles = ceil_div(m, bm) * ceil_div(n, block_n)
                 waves = ceil_div(tiles, num_sms)
                 last_wave = tiles - (waves - 1) * num_sms
@@ -254,9 +256,10 @@ def raster_group_n(m_blocks: int, n_blocks: int, block_m: int, block_n: int, num
     and a band of the next. Each row block (block_m rows of A) and column block (block_n
     rows of B) it touches comes from DRAM about once per wave: minimise rows x block_m +
     columns x block_n; ties take the narrower group (a single row block: 1). At
-    4096x4096x7168, 8 column blocks of 256x128 tiles read 4096 + 1024 rows a wave where 16
-    read 2304 + 2048: Nsight Compute measured 33% more DRAM bytes with the former
-    (docs/kernels.md)."""
+    4096x4096x7168, 132 tiles of 256x128 in groups of 8 column blocks read 4096 + 1536 rows a
+    wave where groups of 16 read 2304 + 2048: Nsight Compute measured 33% more DRAM bytes
+    with the former, and the rate moved by 1-3% (docs/kernels.md). For grouped GEMMs, whose
+    walk restarts per expert, this models the whole problem: a rough choice."""
     n_per_unit = cluster if shares == "a" else 1
     m_per_unit = cluster if shares == "b" else 1
     n_units, m_units = ceil_div(n_blocks, n_per_unit), ceil_div(m_blocks, m_per_unit)
