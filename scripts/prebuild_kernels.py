@@ -57,7 +57,7 @@ def recipe_kernels(spec: str) -> list:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", nargs="*", default=[], help="recipe configs: NAME or NAME:key=value,...")
-    parser.add_argument("--sweep", action="store_true", help="also the kernels of scripts/sweep_gemm.py tiles256")
+    parser.add_argument("--sweep", action="store_true", help="also the forced configs of scripts/sweep_gemm.py's sections")
     opts = parser.parse_args()
     if not os.environ.get("FP8TRAIN_CACHE_DIR"):
         print("set FP8TRAIN_CACHE_DIR to the cache folder to fill", file=sys.stderr)

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/sweep_gemm.py [section ...]   (default: every section)
 
-Sections: tiles256, raster, wgrad256, fewest_ctas, multicast, configs, split. (The attribution and scale-layout sweeps
+Sections: tiles256, raster, wgrad256, grouped256, fewest_ctas, multicast, configs, split. (The attribution and scale-layout sweeps
 answered their questions: docs/kernels.md has the figures.) Prebuild their kernels with
 `scripts/prebuild_kernels.py --sweep`.
 """
@@ -19,7 +19,8 @@ from benchmarks import deepgemm  # noqa: E402
 from benchmarks.timing import num_input_sets, time_calls  # noqa: E402
 from fp8train.ops.native.gemm_config import GemmConfig, choose_config, deepest_stages, raster_group_n  # noqa: E402
 from fp8train.ops.native import sm90_fp8_gemm  # noqa: E402
-from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native  # noqa: E402
+from fp8train.ops.native.sm90_fp8_gemm import (fp8_gemm_nt_native, k_grouped_native,  # noqa: E402
+                                               m_grouped_masked_native)
 from fp8train.quant import per_block_cast, per_token_cast  # noqa: E402
 
 
@@ -57,13 +58,19 @@ def sweep_configs(m, n, k, kind, configs, deepgemm_too=True):
     deep = [deepgemm.dense_1d2d(*s) for s in sets] if kind == "1d2d" and deepgemm_too else [None]
     if all(deep):
         entries.append(("DeepGEMM", deep))
+    report(f"{kind} {m}x{n}x{k}", entries, 2 * m * n * k)
+
+
+def report(prefix, entries, flop):
+    """Time each (label, calls) entry once per round for ROUNDS rounds; print the median
+    TFLOP/s and the range."""
     rates = [[] for _ in entries]
     for _ in range(ROUNDS):
         for (_, calls), values in zip(entries, rates):
             ms, _ = time_calls(calls)
-            values.append(2 * m * n * k / ms / 1e9)
+            values.append(flop / ms / 1e9)
     for (label, _), values in zip(entries, rates):
-        print(f"{kind} {m}x{n}x{k} {label}: {statistics.median(values):7.0f} TFLOP/s "
+        print(f"{prefix} {label}: {statistics.median(values):7.0f} TFLOP/s "
               f"({min(values):.0f}-{max(values):.0f})", flush=True)
 
 
@@ -155,12 +162,52 @@ def wgrad256():
         sweep_configs(m, n, k, "1d1d", wgrad256_configs(m, n, k))
 
 
+# (experts, rows per expert, N, K): masked fprop/dgrad, every row valid (M_max = rows).
+MASKED_256 = [(8, 512, 4096, 7168), (8, 1024, 4096, 7168), (16, 512, 2048, 7168), (4, 2048, 7168, 2048)]
+# (experts, tokens per expert, M, N): k-grouped wgrad, out [G, M, N].
+K_GROUPED_256 = [(8, 1024, 4096, 7168), (4, 2048, 7168, 2048), (16, 512, 2048, 7168)]
+TALL_1D2D = GemmConfig(256, 128, deepest_stages(256, 128, "1d2d"), 132, 8, "1d2d")
+TALL_1D1D = GemmConfig(256, 128, deepest_stages(256, 128, "1d1d"), 132, 8, "1d1d")
+
+
+def grouped256():
+    """The masked and k-grouped GEMMs on the heuristic's tiles (128 rows) against 256x128
+    tiles; DeepGEMM's masked GEMM beside."""
+    for g, rows, n, k in MASKED_256:
+        a = per_token_cast(torch.randn(g, rows, k, device="cuda"))
+        b = per_block_cast(torch.randn(g, n, k, device="cuda"))
+        masked_m = torch.full((g,), rows, dtype=torch.int32, device="cuda")
+        out = torch.empty(g, rows, n, device="cuda", dtype=torch.bfloat16)
+        entries = [(label, [lambda cfg=cfg: m_grouped_masked_native(a[0], a[1], b[0], b[1], masked_m, out, rows, cfg)])
+                   for label, cfg in (("heuristic", None), ("bm256 bn128", TALL_1D2D))]
+        deep = deepgemm.m_grouped_masked(a, b, masked_m, rows, out)
+        if deep is not None:
+            entries.append(("DeepGEMM", [deep]))
+        report(f"masked {g}x{rows} {n},{k}", entries, 2 * g * rows * n * k)
+    for g, tokens, m, n in K_GROUPED_256:
+        t = g * tokens
+        a = per_token_cast(torch.randn(m, t, device="cuda"))
+        b = per_token_cast(torch.randn(n, t, device="cuda"))
+        offsets = torch.arange(0, t + 1, tokens, dtype=torch.int32, device="cuda")
+        out = torch.empty(g, m, n, device="cuda")
+        entries = [(label, [lambda cfg=cfg: k_grouped_native(a[0], a[1], b[0], b[1], offsets, out, False, cfg)])
+                   for label, cfg in (("heuristic", None), ("bm256 bn128", TALL_1D1D))]
+        report(f"k-grouped {g}x{tokens} {m},{n}", entries, 2 * t * m * n)
+
+
 def kernels():
-    """(config, n, k, accumulate, grouping) of the tiles256, raster and wgrad256 sections, for
-    prebuilding."""
+    """(config, n, k, accumulate, grouping) of the tiles256, raster, wgrad256 and grouped256
+    sections' forced configs, for prebuilding."""
     configs = {(cfg, n, k) for m, n, k in LARGE_1D2D for cfg in tiles256_configs(m, n, k) + raster_configs(m, n, k)}
     configs |= {(cfg, n, k) for m, n, k in WGRAD_1D1D for cfg in wgrad256_configs(m, n, k)}
-    return [(cfg, n, k, False, "none") for cfg, n, k in configs]
+    kernels = [(cfg, n, k, False, "none") for cfg, n, k in configs]
+    for g, rows, n, k in MASKED_256:
+        for cfg in (choose_config(g * rows, n, k, 132, "1d2d", rows_per_group=rows), TALL_1D2D):
+            kernels.append((cfg, n, k, False, "m_masked"))
+    for g, _, m, n in K_GROUPED_256:
+        for cfg in (choose_config(g * m, n, 128, 132, "1d1d", grouped=True), TALL_1D1D):
+            kernels.append((cfg, n, 128, False, "k_contiguous"))
+    return kernels
 
 
 def multicast():
@@ -184,7 +231,7 @@ def split():
         sweep_split(m, n, k, [(16, 1), (32, 1), (64, 2), (64, 4), (128, 2), (128, 4), (136, 8), (128, 8)])
 
 
-SECTIONS = {"tiles256": tiles256, "raster": raster, "wgrad256": wgrad256, "fewest_ctas": fewest_ctas, "multicast": multicast, "configs": configs, "split": split}
+SECTIONS = {"tiles256": tiles256, "raster": raster, "wgrad256": wgrad256, "grouped256": grouped256, "fewest_ctas": fewest_ctas, "multicast": multicast, "configs": configs, "split": split}
 
 if __name__ == "__main__":
     chosen = sys.argv[1:] or list(SECTIONS)
