@@ -21,6 +21,7 @@ from fp8train.ops.native.gemm_config import GemmConfig, choose_config, deepest_s
 from fp8train.ops.native import sm90_fp8_gemm  # noqa: E402
 from fp8train.ops.native.sm90_fp8_gemm import (fp8_gemm_nt_native, k_grouped_native,  # noqa: E402
                                                m_grouped_masked_native)
+from fp8train import ops  # noqa: E402
 from fp8train.quant import per_block_cast, per_token_cast  # noqa: E402
 
 
@@ -171,8 +172,20 @@ TALL_1D1D = GemmConfig(256, 128, deepest_stages(256, 128, "1d1d"), 132, 8, "1d1d
 
 
 def grouped256():
-    """The masked and k-grouped GEMMs on the heuristic's tiles (128 rows) against 256x128
-    tiles; DeepGEMM's masked GEMM beside."""
+    """The grouped GEMMs on the heuristic's tiles (128 rows) against 256x128 tiles:
+    contiguous over 256-row segments (segment_rows=256, the heuristic's choice then),
+    masked and k-grouped (forced); DeepGEMM's contiguous and masked GEMMs beside."""
+    for g, rows, n, k in MASKED_256:  # the same problems as contiguous segments
+        a = per_token_cast(torch.randn(g * rows, k, device="cuda"))
+        b = per_block_cast(torch.randn(g, n, k, device="cuda"))
+        offsets = torch.arange(0, g * rows + 1, rows, dtype=torch.int32, device="cuda")
+        out = torch.empty(g * rows, n, device="cuda", dtype=torch.bfloat16)
+        entries = [(f"segment_rows {seg}", [lambda seg=seg: ops.m_grouped_fp8_gemm_nt_contiguous(
+            a, b, offsets, out, segment_rows=seg, backend="native")]) for seg in (128, 256)]
+        deep = deepgemm.m_grouped_contiguous(a, b, offsets, out)
+        if deep is not None:
+            entries.append(("DeepGEMM", [deep]))
+        report(f"contiguous {g}x{rows} {n},{k}", entries, 2 * g * rows * n * k)
     for g, rows, n, k in MASKED_256:
         a = per_token_cast(torch.randn(g, rows, k, device="cuda"))
         b = per_block_cast(torch.randn(g, n, k, device="cuda"))
@@ -204,6 +217,9 @@ def kernels():
     for g, rows, n, k in MASKED_256:
         for cfg in (choose_config(g * rows, n, k, 132, "1d2d", rows_per_group=rows), TALL_1D2D):
             kernels.append((cfg, n, k, False, "m_masked"))
+        for seg in (128, 256):
+            kernels.append((choose_config(g * rows, n, k, 132, "1d2d", grouped=True, segment_rows=seg), n, k,
+                            False, "m_contiguous"))
     for g, _, m, n in K_GROUPED_256:
         for cfg in (choose_config(g * m, n, 128, 132, "1d1d", grouped=True), TALL_1D1D):
             kernels.append((cfg, n, 128, False, "k_contiguous"))

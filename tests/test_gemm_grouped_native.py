@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fp8train import ops
 from fp8train.ops import reference as ref
 from fp8train.ops.native.gemm_config import GemmConfig
-from fp8train.ops.native.sm90_fp8_gemm import k_grouped_native, m_grouped_masked_native
+from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native, k_grouped_native, m_grouped_masked_native
 from fp8train.quant import per_block_cast, per_token_cast
 from numerics import rel_err_of_output as rel_err
 
@@ -55,6 +55,36 @@ def test_m_grouped_contiguous_matches_reference(blocks, n, kb, spare, seed):
     out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     with no_host_sync():
         ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, out)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any(), "unwritten or NaN output elements"
+    assert rel_err(out, expect) < 4e-3
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=6), st.integers(1, 48).map(lambda v: 8 * v),
+       st.integers(1, 4), st.integers(0, 2), st.booleans(), st.integers(0, 2**31))
+def test_m_grouped_contiguous_256_row_segments(blocks, n, kb, spare, forced, seed):
+    """Segments of 0..3 x 256 rows with segment_rows=256: through the public op (the
+    heuristic may take 256-row tiles) or a forced 256x128 config; spare rows past the last
+    expert (a multiple of 128 only) come out as zeros."""
+    if sum(blocks) == 0:
+        blocks[0] = 1
+    g, k = len(blocks), 128 * kb
+    offsets = torch.tensor([0] + torch.tensor(blocks).mul(256).cumsum(0).tolist(), dtype=torch.int32,
+                           device="cuda")
+    m = int(offsets[-1]) + 128 * spare
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))
+    b = per_block_cast(torch.randn(g, n, k, device="cuda", generator=gen))
+    expect = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    ref.m_grouped_contiguous_ref(a[0], a[1], b[0], b[1], offsets.tolist(), expect)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    with no_host_sync():
+        if forced:
+            fp8_gemm_nt_native(a[0], a[1], b[0], b[1].contiguous(), out, "1d2d", False,
+                               GemmConfig(256, 128, 3, 132, 8, "1d2d"), group_offsets=offsets, segment_rows=256)
+        else:
+            ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, out, segment_rows=256)
     torch.cuda.synchronize()
     assert not torch.isnan(out).any(), "unwritten or NaN output elements"
     assert rel_err(out, expect) < 4e-3

@@ -4,6 +4,7 @@ Needs nvcc and cuobjdump/nvdisasm (the test extra installs the latter); no GPU."
 import concurrent.futures
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,8 +12,9 @@ from benchmarks.kernel_list import NUM_SMS, bench_kernels
 from fp8train.ops.jit.toolkit import find_cuda_tool, nvcc_path
 from fp8train.ops.native.gemm_config import (SMEM_LIMIT, GemmConfig, ceil_div, choose_config, raster_group_n,
                                              shared_bytes)
-from fp8train.ops.native.sm90_fp8_gemm import compile_kernel
 from fp8train.ops.jit.sass import check_sass
+from fp8train.ops.native.sm90_fp8_gemm import compile_kernel
+from fp8train.quant import per_block_cast, per_token_cast
 
 
 
@@ -175,20 +177,31 @@ def test_render_rejects_impossible_kernels(kind, accumulate, grouping, cluster, 
         render_source(cfg, 4096, 7168, accumulate, grouping)
 
 
-def test_render_rejects_256_row_tiles_for_contiguous_m_grouped_gemms():
-    """Expert segments are multiples of 128 rows: a 256-row tile could span two experts."""
-    from fp8train.ops.native.sm90_fp8_gemm import render_source
+def test_contiguous_m_grouped_256_row_tiles_need_256_row_segments():
+    """A 256-row tile over 128-row segments could span two experts: the launch refuses it
+    (before touching a GPU) unless the caller promises 256-row segments, and only then may
+    the heuristic pick one. Masked experts and k-grouped outputs never share a tile."""
+    from fp8train.ops.native.sm90_fp8_gemm import fp8_gemm_nt_native, render_source
 
-    with pytest.raises(ValueError, match="256-row tiles"):
-        render_source(GemmConfig(256, 128, 3, 132, 8, "1d2d"), 4096, 7168, False, "m_contiguous")
-    # Masked experts and k-grouped outputs never share a tile: both take them.
-    render_source(GemmConfig(256, 128, 3, 132, 8, "1d2d"), 4096, 7168, False, "m_masked")
+    tall = GemmConfig(256, 128, 3, 132, 8, "1d2d")
+    a = per_token_cast(torch.zeros(512, 256))
+    b = per_block_cast(torch.zeros(2, 128, 256))
+    offsets = torch.tensor([0, 256, 512], dtype=torch.int32)
+    out = torch.empty(512, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="segment_rows=256"):
+        fp8_gemm_nt_native(a[0], a[1], b[0], b[1], out, "1d2d", False, tall, group_offsets=offsets)
+    assert choose_config(8192, 4096, 7168, NUM_SMS, grouped=True).block_m == 128
+    assert choose_config(8192, 4096, 7168, NUM_SMS, grouped=True, segment_rows=256).block_m == 256
+    with pytest.raises(ValueError, match="segment_rows"):
+        choose_config(8192, 4096, 7168, NUM_SMS, grouped=True, segment_rows=512)
+    for grouping in ("m_contiguous", "m_masked"):
+        render_source(tall, 4096, 7168, False, grouping)
     render_source(GemmConfig(256, 128, 4, 132, 8, "1d1d"), 4096, 7168, True, "k_contiguous")
 
 
 @needs_toolchain
-@pytest.mark.parametrize("kind,accumulate,grouping", [("1d2d", False, "m_masked"), ("1d1d", False, "none"),
-                                                      ("1d1d", True, "k_contiguous")])
+@pytest.mark.parametrize("kind,accumulate,grouping", [("1d2d", False, "m_masked"), ("1d2d", False, "m_contiguous"),
+                                                      ("1d1d", False, "none"), ("1d1d", True, "k_contiguous")])
 def test_256_row_tiles_compile_for_masked_and_wgrad_kernels(tmp_path, monkeypatch, kind, accumulate, grouping):
     monkeypatch.setenv("FP8TRAIN_CACHE_DIR", str(tmp_path))
     cfg = GemmConfig(256, 128, 3 if kind == "1d2d" else 4, 132, 8, kind)

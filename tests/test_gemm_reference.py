@@ -137,6 +137,21 @@ def test_m_grouped_contiguous_equals_loop(sizes, n, kb, spare, seed):
     assert torch.all(out[m - 128 * spare:] == 0)
 
 
+def test_m_grouped_contiguous_segment_rows_are_checked():
+    """256-row segments: offsets that are multiples of 256 give the same result as with
+    128; offsets that are not are refused (naming group_offsets), as is any other alignment."""
+    a = per_token_cast(rand(768, 256, seed=1))
+    b = per_block_cast(rand(2, 136, 256, seed=2))
+    offsets = offsets_of([256, 512])
+    assert torch.equal(m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, segment_rows=256),
+                       m_grouped_fp8_gemm_nt_contiguous(a, b, offsets))
+    with pytest.raises(ValueError, match="group_offsets: expected non-decreasing multiples of 256"):
+        m_grouped_fp8_gemm_nt_contiguous(a, b, offsets_of([128, 640]), segment_rows=256)
+    for bad in (64, 512, 256.0, True):
+        with pytest.raises(ValueError, match="segment_rows"):
+            m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, segment_rows=bad)
+
+
 @given(st.integers(1, 5), st.integers(1, 200), st.integers(1, 260), st.integers(1, 3),
        st.integers(0, 2**31), st.data())
 def test_m_grouped_masked_equals_loop(g, m_max, n, kb, seed, data):

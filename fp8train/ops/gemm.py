@@ -69,8 +69,9 @@ def _check_out(out, shape, device, accumulate: bool,
     return out
 
 
-def _check_offsets(name: str, offsets, groups: int, total: int, device) -> list[int]:
-    """int32 [G+1] offsets: 0 first, at most `total` last, non-decreasing, multiples of 128.
+def _check_offsets(name: str, offsets, groups: int, total: int, device, align: int = GROUP) -> list[int]:
+    """int32 [G+1] offsets: 0 first, at most `total` last, non-decreasing, multiples of
+    `align` (128, or 256 where the caller promised 256-row segments).
     Rows (tokens) past the last offset belong to no group: a static-size buffer's spare
     rows, left out of the math.
 
@@ -83,9 +84,9 @@ def _check_offsets(name: str, offsets, groups: int, total: int, device) -> list[
         raise ValueError(f"{name}: expected device {device}, got {offsets.device}")
     values = offsets.tolist()
     ok = values[0] == 0 and values[-1] <= total and all(
-        b >= a for a, b in zip(values, values[1:])) and all(v % GROUP == 0 for v in values)
+        b >= a for a, b in zip(values, values[1:])) and all(v % align == 0 for v in values)
     if not ok:
-        raise ValueError(f"{name}: expected non-decreasing multiples of {GROUP} from 0 to at "
+        raise ValueError(f"{name}: expected non-decreasing multiples of {align} from 0 to at "
                          f"most {total}, got {values}")
     return values
 
@@ -104,6 +105,14 @@ def _flag(value) -> bool:
     """A bool for a plan key (anything else: planned afresh, which raises)."""
     if not isinstance(value, bool):
         raise TypeError("not a bool")
+    return value
+
+
+def _int(value) -> int:
+    """An int for a plan key (anything else, 256.0 and True included: planned afresh, which
+    raises)."""
+    if type(value) is not int:
+        raise TypeError("not an int")
     return value
 
 
@@ -199,6 +208,7 @@ def _plan_fp8_gemm_nt(a, b, out, out_dtype, accumulate, backend) -> tuple:
 
 def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torch.Tensor,
                                      out: Optional[torch.Tensor] = None, *,
+                                     segment_rows: int = GROUP,
                                      backend: Optional[str] = None) -> torch.Tensor:
     """MoE fprop/dgrad on the contiguous layout: rows of segment g times ``b[g]``.
 
@@ -210,13 +220,15 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
        buffer) and come out as zeros without costing math.
        The reference path checks the values (a host sync); the native kernel reads them on
        the device and trusts them, so a native call never syncs.
+    segment_rows: 128, or 256 when every offset is a multiple of 256
+       (``build_moe_layout(..., align=256)``): the native kernel may then take 256-row tiles.
     Returns bf16 ``[M, N]`` (written into ``out`` when given).
     """
     path, m, n, g = _cached_plan(
         _m_grouped_plans,
         lambda: (_tensors_key(*_pair(a), *_pair(b), group_offsets, out),
-                 out is None or out.is_contiguous(), backend, _backend.get_backend()),
-        lambda: _plan_m_grouped(a, b, group_offsets, out, backend))
+                 out is None or out.is_contiguous(), _int(segment_rows), backend, _backend.get_backend()),
+        lambda: _plan_m_grouped(a, b, group_offsets, out, segment_rows, backend))
     a, sa = a
     b, sb = b
     if out is None:
@@ -224,9 +236,9 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
     if path == "native":
         if m and n:
             fp8_gemm_nt_native(a, sa, b, sb.contiguous(), out, "1d2d", False,
-                               group_offsets=group_offsets.contiguous())
+                               group_offsets=group_offsets.contiguous(), segment_rows=segment_rows)
         return out
-    offsets = _check_offsets("group_offsets", group_offsets, g, m, a.device)
+    offsets = _check_offsets("group_offsets", group_offsets, g, m, a.device, segment_rows)
     _ref.m_grouped_contiguous_ref(a, sa, b, sb, offsets, out)
     return out
 
@@ -234,8 +246,10 @@ def m_grouped_fp8_gemm_nt_contiguous(a: FP8Pair, b: FP8Pair, group_offsets: torc
 _m_grouped_plans: dict = {}  # argument signature -> (path, m, n, groups)
 
 
-def _plan_m_grouped(a, b, group_offsets, out, backend) -> tuple:
+def _plan_m_grouped(a, b, group_offsets, out, segment_rows, backend) -> tuple:
     """Full argument checks of m_grouped_fp8_gemm_nt_contiguous, then the path."""
+    if type(segment_rows) is not int or segment_rows not in (GROUP, 2 * GROUP):
+        raise ValueError(f"segment_rows: expected {GROUP} or {2 * GROUP}, got {segment_rows!r}")
     a, sa, b, sb = _operands(a, b, 2, 3)
     m, k = a.shape
     g, n = b.shape[:2]

@@ -180,10 +180,12 @@ def relative_speed(block_m: int, block_n: int, kind: str) -> float:
 
 def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
                   rows_per_group: int | None = None, grouped: bool = False, *,
-                  split_k: bool = True, multicast: bool = False) -> GemmConfig:
+                  split_k: bool = True, multicast: bool = False, segment_rows: int = 128) -> GemmConfig:
     """The config the native GEMM runs for this problem (cached per shape and options).
 
-    grouped: a grouped (MoE) GEMM, which runs without clusters, split-K or 256-row tiles.
+    grouped: a grouped (MoE) GEMM, which runs without clusters, split-K or 256-row tiles,
+    unless segment_rows = 256: the m-grouped contiguous GEMM whose expert segments are
+    multiples of 256 rows may take them.
     split_k: let M <= 128 split K (dense only); multicast: let the heuristic pick clusters
     of two sharing A (dense only; off by default).
     rows_per_group: for grouped GEMMs whose tiles never span two experts (masked), the rows
@@ -197,8 +199,10 @@ def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
     1D2D at BLOCK_N <= 128, 1D1D at 128).
     """
     grouped = grouped or rows_per_group is not None
+    if segment_rows not in (128, 256):
+        raise ValueError(f"segment_rows: expected 128 or 256, got {segment_rows!r}")
     return _choose_config(m, n, k, num_sms, kind, rows_per_group, split_k and not grouped,
-                          multicast and not grouped, not grouped)
+                          multicast and not grouped, not grouped or segment_rows == 256)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -43,10 +43,6 @@ def _check_grouping(config: GemmConfig, accumulate: bool, grouping: str, out_f32
     if grouping != "none" and (config.cluster != 1 or config.split_k != 1):
         raise ValueError(f"grouping {grouping!r} runs without clusters or split-K, got "
                          f"cluster={config.cluster}, split_k={config.split_k}")
-    if grouping == "m_contiguous" and config.block_m > 128:
-        raise ValueError(f"grouping 'm_contiguous' runs without 256-row tiles (expert segments "
-                         f"are multiples of 128 rows: a taller tile could span two experts), got "
-                         f"block_m={config.block_m}")
 
 
 def render_source(config: GemmConfig, n: int, k: int, accumulate: bool, grouping: str = "none",
@@ -131,13 +127,15 @@ _launches: dict = {}
 
 
 def _launch_for(m: int, n: int, k: int, kind: str, accumulate: bool, device: int, num_sms: int,
-                config: GemmConfig | None = None, grouping: str = "none", out_f32: bool = False) -> _Launch:
-    key = (m, n, k, kind, accumulate, device, num_sms, config, grouping, out_f32)
+                config: GemmConfig | None = None, grouping: str = "none", out_f32: bool = False,
+                segment_rows: int = 128) -> _Launch:
+    key = (m, n, k, kind, accumulate, device, num_sms, config, grouping, out_f32, segment_rows)
     launch = _launches.get(key)
     if launch is None:
         from ..jit.runtime import load_kernel
 
-        config = config or choose_config(m, n, k, num_sms, kind, grouped=grouping != "none")
+        config = config or choose_config(m, n, k, num_sms, kind, grouped=grouping != "none",
+                                         segment_rows=segment_rows)
         if out_f32 and config.split_k > 1:  # split-K reduces into the BF16 epilogue only
             config = replace(config, split_k=1, num_ctas=min(config.num_ctas, num_sms))
         compiled = compile_kernel(config, n, k, accumulate, grouping, out_f32)
@@ -223,18 +221,24 @@ def _split_counters(device: int, outputs: int) -> torch.Tensor:
 
 def fp8_gemm_nt_native(a, sa, b, sb, out: torch.Tensor, kind: str, accumulate: bool,
                        config: GemmConfig | None = None,
-                       group_offsets: torch.Tensor | None = None) -> None:
+                       group_offsets: torch.Tensor | None = None, segment_rows: int = 128) -> None:
     """Launch D = A B^T on the current stream. Arguments were checked by the caller:
     a [M, K] / b [N, K] e4m3 K-major, sa [M, K/128], sb 128x128 row-major contiguous (1d2d)
     or 1x128 [N, K/128] (1d1d); out [M, N] contiguous bf16 (1d2d) or fp32 (1d1d).
     `config` overrides the heuristic (benchmarks and sweeps). With `group_offsets` (int32
-    [G+1] on the device, multiples of 128) the GEMM is m-grouped contiguous: b [G, N, K],
-    sb [G, ceil(N/128), K/128] contiguous; offsets are read by the kernel, never the host."""
+    [G+1] on the device, multiples of `segment_rows`, 128 or 256) the GEMM is m-grouped
+    contiguous: b [G, N, K], sb [G, ceil(N/128), K/128] contiguous; offsets are read by the
+    kernel, never the host, so their alignment is the caller's promise: a tile taller than
+    a segment's alignment could span two experts."""
     m, k = a.shape
     grouping = "none" if group_offsets is None else "m_contiguous"
+    if grouping == "m_contiguous" and config is not None and config.block_m > segment_rows:
+        raise ValueError(f"config: block_m = {config.block_m} rows over expert segments aligned to "
+                         f"{segment_rows} rows could span two experts; pass segment_rows=256 for "
+                         f"256-aligned offsets")
     out_f32 = kind == "1d2d" and out.dtype == torch.float32
     launch = _launch_for(m, b.shape[-2], k, kind, accumulate, a.device.index, get_num_sms(), config,
-                         grouping, out_f32)
+                         grouping, out_f32, segment_rows if grouping == "m_contiguous" else 128)
     _launch(launch, launch.grid, a, sa, b, sb, out, m, grouping, group_offsets)
 
 
