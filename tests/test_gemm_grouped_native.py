@@ -36,41 +36,14 @@ def offsets_of(blocks):
                         device="cuda")
 
 
-@settings(max_examples=20, deadline=None)
-@given(st.lists(st.integers(0, 4), min_size=1, max_size=8), st.integers(1, 48).map(lambda v: 8 * v),
-       st.integers(1, 4), st.integers(0, 2), st.integers(0, 2**31))
-def test_m_grouped_contiguous_matches_reference(blocks, n, kb, spare, seed):
-    """Experts with 0..4 row blocks of 128 (empty experts included), and 0..2 spare row
-    blocks past the last expert (zeros out), against the reference."""
+def check_contiguous(blocks, block_rows, n, kb, spare, seed, run):
+    """Experts of `blocks[g]` x `block_rows` rows (at least one row somewhere) and `spare`
+    128-row blocks past the last expert (zeros out); `run(a, b, offsets, out)` against the
+    reference, without a host sync."""
     if sum(blocks) == 0:
         blocks[0] = 1
     g, k = len(blocks), 128 * kb
-    offsets = offsets_of(blocks)
-    m = int(offsets[-1]) + 128 * spare
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))
-    b = per_block_cast(torch.randn(g, n, k, device="cuda", generator=gen))
-    expect = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    ref.m_grouped_contiguous_ref(a[0], a[1], b[0], b[1], offsets.tolist(), expect)
-    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    with no_host_sync():
-        ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, out)
-    torch.cuda.synchronize()
-    assert not torch.isnan(out).any(), "unwritten or NaN output elements"
-    assert rel_err(out, expect) < 4e-3
-
-
-@settings(max_examples=10, deadline=None)
-@given(st.lists(st.integers(0, 3), min_size=1, max_size=6), st.integers(1, 48).map(lambda v: 8 * v),
-       st.integers(1, 4), st.integers(0, 2), st.booleans(), st.integers(0, 2**31))
-def test_m_grouped_contiguous_256_row_segments(blocks, n, kb, spare, forced, seed):
-    """Segments of 0..3 x 256 rows with segment_rows=256: through the public op (the
-    heuristic may take 256-row tiles) or a forced 256x128 config; spare rows past the last
-    expert (a multiple of 128 only) come out as zeros."""
-    if sum(blocks) == 0:
-        blocks[0] = 1
-    g, k = len(blocks), 128 * kb
-    offsets = torch.tensor([0] + torch.tensor(blocks).mul(256).cumsum(0).tolist(), dtype=torch.int32,
+    offsets = torch.tensor([0] + torch.tensor(blocks).mul(block_rows).cumsum(0).tolist(), dtype=torch.int32,
                            device="cuda")
     m = int(offsets[-1]) + 128 * spare
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -80,14 +53,37 @@ def test_m_grouped_contiguous_256_row_segments(blocks, n, kb, spare, forced, see
     ref.m_grouped_contiguous_ref(a[0], a[1], b[0], b[1], offsets.tolist(), expect)
     out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     with no_host_sync():
+        run(a, b, offsets, out)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any(), "unwritten or NaN output elements"
+    assert rel_err(out, expect) < 4e-3
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=8), st.integers(1, 48).map(lambda v: 8 * v),
+       st.integers(1, 4), st.integers(0, 2), st.integers(0, 2**31))
+def test_m_grouped_contiguous_matches_reference(blocks, n, kb, spare, seed):
+    """Experts with 0..4 row blocks of 128 (empty experts included), and 0..2 spare row
+    blocks past the last expert."""
+    check_contiguous(blocks, 128, n, kb, spare, seed,
+                     lambda a, b, offsets, out: ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, out))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=6), st.integers(1, 48).map(lambda v: 8 * v),
+       st.integers(1, 4), st.integers(0, 2), st.booleans(), st.integers(0, 2**31))
+def test_m_grouped_contiguous_256_row_segments(blocks, n, kb, spare, forced, seed):
+    """Segments of 0..3 x 256 rows with segment_rows=256: through the public op (the
+    heuristic may take 256-row tiles) or a forced 256x128 config; spare rows past the last
+    expert are a multiple of 128 only."""
+    def run(a, b, offsets, out):
         if forced:
             fp8_gemm_nt_native(a[0], a[1], b[0], b[1].contiguous(), out, "1d2d", False,
                                GemmConfig(256, 128, 3, 132, 8, "1d2d"), group_offsets=offsets, segment_rows=256)
         else:
             ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, out, segment_rows=256)
-    torch.cuda.synchronize()
-    assert not torch.isnan(out).any(), "unwritten or NaN output elements"
-    assert rel_err(out, expect) < 4e-3
+
+    check_contiguous(blocks, 256, n, kb, spare, seed, run)
 
 
 def masked_case(g, m_max, n, k, counts, seed, expected_m=None, config=None):
