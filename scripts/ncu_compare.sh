@@ -18,4 +18,13 @@ ncu --clock-control none -k regex:fp8train_gemm -c 1 $SECTIONS --csv --page deta
 ncu --clock-control none -k regex:fp8_gemm_kernel -c 1 $SECTIONS --csv --page details \
     python scripts/ncu_gemm.py run deepgemm "$M" "$N" "$K" > "$OUT/ncu_deepgemm.csv" 2> "$OUT/ncu_deepgemm.err" || status=1
 python scripts/ncu_gemm.py table "$OUT/ncu_ours.csv" "$OUT/ncu_deepgemm.csv" | tee "$OUT/ncu_table.md" || status=1
+# Stall reasons (cycles per issued instruction in each), which the sections' CSV leaves out:
+# a second pass per kernel, so a metric this ncu lacks costs only this table.
+STALLS="regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$"
+ncu --clock-control none -k regex:fp8train_gemm -c 1 --metrics "$STALLS" --csv --page details \
+    python scripts/ncu_gemm.py run ours "$M" "$N" "$K" > "$OUT/ncu_stalls_ours.csv" 2>> "$OUT/ncu_ours.err" &&
+ncu --clock-control none -k regex:fp8_gemm_kernel -c 1 --metrics "$STALLS" --csv --page details \
+    python scripts/ncu_gemm.py run deepgemm "$M" "$N" "$K" > "$OUT/ncu_stalls_deepgemm.csv" 2>> "$OUT/ncu_deepgemm.err" &&
+python scripts/ncu_gemm.py table "$OUT/ncu_stalls_ours.csv" "$OUT/ncu_stalls_deepgemm.csv" | tee "$OUT/ncu_stalls.md" ||
+    status=1
 exit $status
