@@ -26,7 +26,7 @@ import yaml
 
 from fp8train import FP8Recipe
 
-PRECISIONS = ("fp8", "bf16")
+PRECISIONS = ("fp8", "bf16", "torchao")  # torchao: its float8 tensorwise training, the anchor
 
 # Fields that may differ between a run and its resume: they steer the process, not the
 # numbers (changing max_steps, lr or the data would silently change the curve being resumed).
@@ -139,8 +139,10 @@ class TrainConfig:
 
     # The model's shape; the YAML ``model:`` section and ``model.<key>=`` overrides.
     model: ModelConfig = field(default_factory=ModelConfig)
-    # fp8: convert eligible linears with fp8train.convert_to_fp8; bf16: leave them in BF16.
-    # Both run under Accelerator(mixed_precision="bf16") with FP32 master weights.
+    # fp8: convert eligible linears with fp8train.convert_to_fp8; bf16: leave them in BF16;
+    # torchao: torchao's float8 tensorwise training on every linear but the head (dense
+    # models; needs torchao installed). All run under Accelerator(mixed_precision="bf16")
+    # with FP32 master weights.
     precision: str = "fp8"
     # Text file or folder to train on; empty = the Python standard library's own sources.
     data: str = ""
@@ -238,6 +240,15 @@ class TrainConfig:
             bad = {k: v for k, v in self.model.linear_dims().items() if v % 128}
             _require(not bad, f"precision=fp8 needs every linear dim to be a multiple of 128 "
                               f"(the FP8 block size); these are not: {bad}")
+        if self.precision == "torchao":
+            # The anchor fp8train races: torchao's tensorwise float8 on the same dense model.
+            # Its MoE training needs transformers' experts modules, which bench hf measures.
+            _require(not self.model.hf and self.model.n_experts == 0,
+                     "precision=torchao converts dense recipe models only (n_experts=0, not an HF "
+                     "model); torchao's MoE row is in `python -m benchmarks hf`")
+            bad = {k: v for k, v in self.model.linear_dims().items() if v % 16}
+            _require(not bad, f"precision=torchao needs every linear dim to be a multiple of 16 "
+                              f"(torchao's float8 GEMMs); these are not: {bad}")
         _require(self.precision == "fp8" or self.fp8_recipe() == FP8Recipe(),
                  "fp8_pow2_scale / fp8_fprop / fp8_dgrad / fp8_wgrad need precision=fp8")
         _require(not self.fp8_all_gather or self.precision == "fp8",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from recipes.checkpoint import (CheckpointError, TrainState, latest_checkpoint, 
 from recipes.config import PRECISIONS, ConfigError, config_diff, config_from_dict, load_config  # noqa: E402
 from recipes.data import Batches, load_corpus  # noqa: E402
 from recipes.metrics import MetricsLog, Throughput, peak_memory_gb  # noqa: E402
-from recipes.model import build_model  # noqa: E402
+from recipes.model import build_model, convert_with_torchao  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,9 +83,12 @@ def main(argv=None) -> Path:
         cfg = load_config(args.config, args.overrides, precision=args.precision, data=args.data)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
+    if cfg.precision == "torchao" and importlib.util.find_spec("torchao") is None:
+        sys.exit("config error: precision=torchao needs torchao: pip install torchao (the release "
+                 "that matches your torch)")
     run_dir = Path(cfg.out_dir) / cfg.run_name
 
-    # -- launch: FP32 master weights, BF16 autocast for both precisions ------------------------
+    # -- launch: FP32 master weights, BF16 autocast for every precision ------------------------
     accelerator = Accelerator(
         mixed_precision="bf16",
         # Without a CUDA GPU, say so: only then does accelerate join several processes over
@@ -148,6 +152,8 @@ def main(argv=None) -> Path:
     n_params = model.num_params()
     if cfg.precision == "fp8":
         accelerator.print(fp8train.convert_to_fp8(model, recipe=cfg.fp8_recipe()))
+    elif cfg.precision == "torchao":
+        accelerator.print(convert_with_torchao(model))
     if cfg.fp8_all_gather:
         # Wrap before accelerator.prepare (fully_shard) and before the optimizer takes the params.
         if not accelerator.is_fsdp2:

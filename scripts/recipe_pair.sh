@@ -6,7 +6,9 @@
 # Each run has STEP_TIMEOUT seconds (default 600). Logs, summaries, metrics and the compare
 # report land in $LOGS (default /tmp/fp8train-logs); the runs under $RUNS (default runs).
 # The two run one after the other (the speed bars need the GPU to themselves); for the loss
-# bars alone, scripts/recipe_variants.sh trains them at the same time.
+# bars alone, scripts/recipe_variants.sh trains them at the same time. PRECISIONS="fp8 bf16
+# torchao" adds torchao's float8 tensorwise run (dense configs; torchao installed), compared
+# with BF16 and with ours (no bars).
 set -uo pipefail
 if [ -n "${SIDE_BY_SIDE:-}" ]; then
     echo "recipe_pair.sh: SIDE_BY_SIDE is gone; runs side by side: scripts/recipe_variants.sh" >&2
@@ -22,12 +24,17 @@ LOGS=${LOGS:-/tmp/fp8train-logs}
 RUNS=${RUNS:-runs}
 mkdir -p "$LOGS"
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
+# torchao from a carried wheel (the device has none), where its run is asked for.
+if [[ " ${PRECISIONS:-} " == *" torchao "* ]] && ls .whl/torchao-*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/torchao-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 status=0
 train() {
     timeout "${STEP_TIMEOUT:-600}" python recipes/pretrain.py --config "recipes/configs/$cfg.yaml" \
         --precision "$1" progress_bar=false out_dir="$RUNS" "${@:2}" > "$LOGS/recipe_${cfg}_$1.log" 2>&1
 }
-for precision in fp8 bf16; do
+for precision in ${PRECISIONS:-fp8 bf16}; do
     echo "=== recipe $cfg $precision $*"
     train "$precision" "$@"
     status=$((status | $?))
@@ -38,4 +45,12 @@ for precision in fp8 bf16; do
 done
 python recipes/compare.py "$RUNS/$cfg-fp8" "$RUNS/$cfg-bf16" ${bars[@]+"${bars[@]}"} --out "$LOGS/compare_$cfg" 2>&1 \
     | tee "$LOGS/compare_$cfg.log"
-exit $((status | PIPESTATUS[0]))
+status=$((status | PIPESTATUS[0]))
+if [[ " ${PRECISIONS:-} " == *" torchao "* ]]; then
+    for pair in "torchao bf16" "fp8 torchao"; do
+        set -- $pair
+        python recipes/compare.py "$RUNS/$cfg-$1" "$RUNS/$cfg-$2" --out "$LOGS/compare_${cfg}_$1_vs_$2" 2>&1 \
+            | tee "$LOGS/compare_${cfg}_$1_vs_$2.log"
+    done
+fi
+exit $status

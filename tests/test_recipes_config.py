@@ -51,6 +51,19 @@ def test_overrides_are_typed():
         load_config(CONFIGS / "tiny.yaml", ["precision=fp16"])
 
 
+def test_torchao_precision_takes_dense_models_with_dims_multiple_of_16():
+    """torchao's float8 tensorwise, the anchor: dense recipe models only (its MoE row is in
+    bench hf), every linear dim a multiple of 16."""
+    cfg = load_config(CONFIGS / "tiny.yaml", precision="torchao")
+    assert cfg.run_name == "tiny-torchao"
+    with pytest.raises(ConfigError, match="precision=torchao converts dense recipe models only"):
+        load_config(CONFIGS / "tiny-moe.yaml", precision="torchao")
+    with pytest.raises(ConfigError, match=r"multiple of 16.*'ffn_dim': 200"):
+        load_config(CONFIGS / "tiny.yaml", ["model.ffn_dim=200"], precision="torchao")
+    with pytest.raises(ConfigError, match="need precision=fp8"):
+        load_config(CONFIGS / "tiny.yaml", ["fp8_wgrad=false"], precision="torchao")
+
+
 def test_fp8_needs_linear_dims_that_are_multiples_of_128():
     with pytest.raises(ConfigError, match=r"multiple of 128.*'dim': 192"):
         load_config(CONFIGS / "tiny.yaml", ["model.dim=192", "model.n_heads=3"], precision="fp8")

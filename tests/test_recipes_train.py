@@ -3,6 +3,7 @@
 Runs happen in this process (``pretrain.main(argv)``) to skip a Python start-up per run; the
 accelerate state singleton is reset after each so runs do not see each other's settings.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import torch
 
 from numerics import rel_err
 from recipes import compare, pretrain
+from recipes.config import load_config
 from recipes.metrics import read_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
@@ -151,6 +153,30 @@ def test_tiny_moe_trains_checkpoints_and_resumes_exactly(tmp_path, precision):
 def test_cli_rejects_unknown_keys():
     with pytest.raises(SystemExit, match=r"config error: override 'lrr=1': unknown key 'lrr'; did you mean 'lr'"):
         pretrain.main(["--config", str(CONFIGS / "tiny.yaml"), "lrr=1"])
+
+
+def test_torchao_precision_without_torchao_says_how_to_get_it(tmp_path, monkeypatch):
+    """A config error before the run folder is touched, naming the install."""
+    monkeypatch.setattr(pretrain.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchao" else importlib.util.find_spec(name, *a))
+    with pytest.raises(SystemExit, match="precision=torchao needs torchao: pip install torchao"):
+        pretrain.main(["--config", str(CONFIGS / "tiny.yaml"), "--precision=torchao", f"out_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_torchao_conversion_covers_every_linear_but_the_head():
+    pytest.importorskip("torchao.float8")
+    from torchao.float8.float8_linear import Float8Linear
+
+    from recipes.model import build_model, convert_with_torchao
+
+    cfg = load_config(CONFIGS / "tiny.yaml", precision="torchao")
+    model = build_model(cfg.model, max_seq_len=cfg.seq_len)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert "converted" in convert_with_torchao(model)
+    for name, module in model.named_modules():
+        if name in linears:
+            assert isinstance(module, Float8Linear) == (not name.endswith("lm_head")), name
 
 
 def launch_two_cpu_processes(tmp_path: Path, *extra: str) -> Path:
