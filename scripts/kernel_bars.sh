@@ -22,10 +22,10 @@ case "${1:-1}" in
     cat "$OUT/ctas.log"
     ;;
 2)
-    timeout 330 python -m benchmarks gemm --json "$OUT/gemm.json" > "$OUT/bench_gemm.log" 2>&1 || status=1
+    timeout 360 python -m benchmarks gemm --json "$OUT/gemm.json" > "$OUT/bench_gemm.log" 2>&1 || status=1
     grep -E "^1d" "$OUT/bench_gemm.log" | cut -c1-220
     grep -v "^1d.*GemmConfig" "$OUT/bench_gemm.log" | tail -8
-    timeout 240 python -m benchmarks grouped --json "$OUT/grouped.json" > "$OUT/bench_grouped.log" 2>&1 || status=1
+    timeout 220 python -m benchmarks grouped --json "$OUT/grouped.json" > "$OUT/bench_grouped.log" 2>&1 || status=1
     tail -40 "$OUT/bench_grouped.log"
     ;;
 esac
