@@ -176,15 +176,20 @@ def build_model(cfg: ModelConfig, max_seq_len: int) -> nn.Module:
     return HFCausalLM(cfg, max_seq_len) if cfg.hf else Transformer(cfg, max_seq_len)
 
 
+TORCHAO_MISSING = "precision=torchao needs torchao: pip install torchao (the release that matches your torch)"
+
+
 def convert_with_torchao(model: nn.Module) -> str:
     """torchao's float8 training (tensorwise scales) on every linear layer but the head, in
     place; returns what was converted. The comparison's anchor, not part of fp8train."""
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError as exc:
-        raise RuntimeError("precision=torchao needs torchao: pip install torchao (the release "
-                           "that matches your torch)") from exc
-    names = [fqn for fqn, module in model.named_modules()
-             if isinstance(module, nn.Linear) and not fqn.endswith("lm_head")]
-    convert_to_float8_training(model, module_filter_fn=lambda module, fqn: not fqn.endswith("lm_head"))
-    return f"torchao float8 (tensorwise): {len(names)} linear layers converted, the head kept"
+        raise RuntimeError(TORCHAO_MISSING) from exc
+
+    def not_the_head(module, fqn: str) -> bool:
+        return not fqn.endswith("lm_head")
+
+    converted = sum(isinstance(m, nn.Linear) and not_the_head(m, fqn) for fqn, m in model.named_modules())
+    convert_to_float8_training(model, module_filter_fn=not_the_head)
+    return f"torchao float8 (tensorwise): {converted} linear layers converted, the head kept"

@@ -51,7 +51,7 @@ from recipes.checkpoint import (CheckpointError, TrainState, latest_checkpoint, 
 from recipes.config import PRECISIONS, ConfigError, config_diff, config_from_dict, load_config  # noqa: E402
 from recipes.data import Batches, load_corpus  # noqa: E402
 from recipes.metrics import MetricsLog, Throughput, peak_memory_gb  # noqa: E402
-from recipes.model import build_model, convert_with_torchao  # noqa: E402
+from recipes.model import TORCHAO_MISSING, build_model, convert_with_torchao  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,8 +84,7 @@ def main(argv=None) -> Path:
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     if cfg.precision == "torchao" and importlib.util.find_spec("torchao") is None:
-        sys.exit("config error: precision=torchao needs torchao: pip install torchao (the release "
-                 "that matches your torch)")
+        sys.exit(f"config error: {TORCHAO_MISSING}")
     run_dir = Path(cfg.out_dir) / cfg.run_name
 
     # -- launch: FP32 master weights, BF16 autocast for every precision ------------------------

@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python scripts/sweep_gemm.py [section ...]   (default: every section)
 
-Sections: tiles256, raster, wgrad256, grouped256, fewest_ctas, multicast, configs, split. (The attribution and scale-layout sweeps
-answered their questions: docs/kernels.md has the figures.) Prebuild their kernels with
+Sections: tiles256, raster, wgrad256, grouped256, fewest_ctas, multicast, configs, split.
+(The attribution and scale-layout sweeps answered their questions: docs/kernels.md has the
+figures.) Prebuild their kernels with
 `scripts/prebuild_kernels.py --sweep`.
 """
 import statistics
@@ -16,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: benchmarks/
 
 from benchmarks import deepgemm  # noqa: E402
+from benchmarks.gemm import WGRAD_1D1D  # noqa: E402
 from benchmarks.timing import num_input_sets, time_calls  # noqa: E402
 from fp8train.ops.native.gemm_config import GemmConfig, choose_config, deepest_stages, raster_group_n  # noqa: E402
 from fp8train.ops.native import sm90_fp8_gemm  # noqa: E402
@@ -141,11 +143,6 @@ def raster_configs(m, n, k):
 def raster():
     for m, n, k in LARGE_1D2D:
         sweep_configs(m, n, k, "1d2d", raster_configs(m, n, k))
-
-
-# wgrad (1D1D): the bench's shapes and a 1B Llama's (8192 tokens).
-WGRAD_1D1D = [(7168, 2048, 16384), (2048, 7168, 16384), (4096, 4096, 32768), (4096, 14336, 16384),
-              (2048, 8192, 8192), (8192, 2048, 8192), (2048, 2048, 8192)]
 
 
 def wgrad256_configs(m, n, k):

@@ -31,8 +31,8 @@ def no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def offsets_of(blocks):
-    return torch.tensor([0] + torch.tensor(blocks).mul(128).cumsum(0).tolist(), dtype=torch.int32,
+def offsets_of(blocks, block_rows=128):
+    return torch.tensor([0] + torch.tensor(blocks).mul(block_rows).cumsum(0).tolist(), dtype=torch.int32,
                         device="cuda")
 
 
@@ -43,8 +43,7 @@ def check_contiguous(blocks, block_rows, n, kb, spare, seed, run):
     if sum(blocks) == 0:
         blocks[0] = 1
     g, k = len(blocks), 128 * kb
-    offsets = torch.tensor([0] + torch.tensor(blocks).mul(block_rows).cumsum(0).tolist(), dtype=torch.int32,
-                           device="cuda")
+    offsets = offsets_of(blocks, block_rows)
     m = int(offsets[-1]) + 128 * spare
     gen = torch.Generator(device="cuda").manual_seed(seed)
     a = per_token_cast(torch.randn(m, k, device="cuda", generator=gen))

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.kernel_list import NUM_SMS, bench_kernels
+from fp8train.ops.jit.sass import check_sass
 from fp8train.ops.jit.toolkit import find_cuda_tool, nvcc_path
 from fp8train.ops.native.gemm_config import (SMEM_LIMIT, GemmConfig, ceil_div, choose_config, raster_group_n,
                                              shared_bytes)
-from fp8train.ops.jit.sass import check_sass
 from fp8train.ops.native.sm90_fp8_gemm import compile_kernel
 from fp8train.quant import per_block_cast, per_token_cast
 
@@ -63,7 +63,7 @@ def test_dense_gemms_take_256_row_tiles_where_they_fill_the_gpu():
         GemmConfig(256, 136, 3, NUM_SMS, 8, "1d2d")
     with pytest.raises(ValueError, match="256-row tiles"):
         GemmConfig(256, 128, 3, NUM_SMS, 8, "1d2d", split_k=2)
-    GemmConfig(256, 128, 4, NUM_SMS, 8, "1d1d")  # wgrad tiles of 256 rows: forced configs only
+    GemmConfig(256, 128, 4, NUM_SMS, 8, "1d1d")  # wgrad tiles of 256 rows
 
 
 def _first_wave_rows_read(m_blocks, n_blocks, block_m, block_n, num_ctas, cluster, shares, width):

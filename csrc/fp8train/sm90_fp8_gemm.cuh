@@ -200,7 +200,8 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                   "sharing B: dense, a cluster of two, BLOCK_N / 2 a multiple of 8 (swizzle alignment)");
     // m-grouped: B is [G, N, K] (TMA'd as G*N rows) with 128x128 scales [G, N/128, K/128];
     // each M tile multiplies its expert's B. Columns past N of a tile read the next
-    // expert's rows; they are never stored. Masked: A is [G, M_max, K] (TMA'd as G*M_max
+    // expert's rows; they are never stored. Contiguous segments are multiples of 128 rows, or
+    // of 256 where the host was promised so (only then may a tile have 256 rows). Masked: A is [G, M_max, K] (TMA'd as G*M_max
     // rows, shape_m = M_max), D likewise; only the first masked_m[g] rows of D[g] are written.
     // k-grouped (wgrad): A [shape_m, T], B [N, T], both 1x128 along T; D [G, shape_m, N] FP32;
     // expert g reduces over its tokens only, so K is runtime and SHAPE_K is not used.
@@ -217,8 +218,6 @@ __device__ __forceinline__ void sm90_fp8_gemm(uint32_t shape_m, const float* __r
                   "split-K is for the dense 1D2D GEMM with BF16 output and tiles of one wave");
     static_assert(SCALE_B_1X128 || !G::kOutF32 || GROUPING == Grouping::kNone,
                   "m-grouped GEMMs write BF16");
-    // A 256-row tile of the contiguous m-grouped GEMM needs expert segments aligned to 256
-    // rows: the offsets live on the device, so the host checks the caller's alignment.
 
     // Align by pointer arithmetic on the __shared__ array (not through an integer cast), so
     // the compiler keeps the shared address space and emits LDS/STS, not generic LD/ST.

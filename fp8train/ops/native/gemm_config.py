@@ -120,10 +120,10 @@ def ceil_div(a: int, b: int) -> int:
 # Split-K for M <= 128 (always, for dense GEMMs): the GPU tests pass (bit-identical across
 # launches) and on the H100 it is faster or equal on every small-M bench shape (e.g.
 # 128x7168x16384 0.77 -> 0.95x cuBLAS, 128x4096x7168 1.00 -> 1.13x; docs/kernels.md).
-# TMA multicast of A over a cluster of two is correct, at parity with no cluster at 128x128
-# tiles and 1.5% slower (median; -8% to +5%) at 256x128 on the H100 (docs/kernels.md): the
-# heuristic picks it only when asked (`multicast=True`). Multicast of B (`shares="b"`) is
-# built and tested on the CPU side, not yet measured: only forced configs take it.
+# TMA multicast over a cluster of two is correct, sharing A or B, and at parity with no
+# cluster at 128x128 tiles; at 256x128 it ran -12% to +2% (A) and -11% to +2% (B) on the H100
+# (docs/kernels.md): the heuristic picks A's only when asked (`multicast=True`), B's only
+# forced configs take, while the multicast loss is being found.
 MIN_K_BLOCKS_PER_SPLIT = 4  # fewer and the pipeline never fills; the fixup dominates
 MAX_SPLIT_BLOCK_N = 136  # wider split-K tiles spill in the reduction (BM 64, BN 192: 8 bytes)
 
