@@ -1,6 +1,7 @@
 """``python -m benchmarks grouped``: the grouped (MoE) FP8 GEMMs.
 
-m-grouped contiguous: native (checked against the reference first) vs a loop of cuBLAS
+m-grouped contiguous: native (checked against the reference first; on 256-row segments
+where every expert's rows are a multiple of 256) vs a loop of cuBLAS
 blockwise ``_scaled_mm`` per expert (same operands), ``torch._scaled_grouped_mm`` (rowwise
 FP8), ``torch._grouped_mm`` (bf16) and DeepGEMM (same operands, where importable), on even
 splits and a Zipf-like uneven one. m-grouped masked: native at expected rows 64/128/256 per
@@ -52,16 +53,20 @@ def run_case(label: str, rows: list[int], n: int, k: int) -> dict:
     flops = 2 * m * n * k
     sets = [_operands(rows, n, k, seed) for seed in range(num_input_sets(m * k + len(rows) * n * k, 8))]
     x, w, offsets, a, b = sets[0]
+    # 256-row segments where every expert's rows allow (as the MoE layers lay out experts
+    # averaging >= TALL_SEGMENT_MIN_ROWS rows): the native kernel may then take 256-row tiles.
+    seg = 256 if all(r % 256 == 0 for r in rows) else 128
     expect = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     ref.m_grouped_contiguous_ref(a[0], a[1], b[0], b[1], offsets.tolist(), expect)
     ops.set_backend("native")
-    got = ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets)
+    got = ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, segment_rows=seg)
     torch.cuda.synchronize()
     err = ((got.double() - expect.double()).norm() / expect.double().norm()).item()
-    row = {"case": label, "m": m, "n": n, "k": k, "rel_err": err, "ok": err < 4e-3}
+    row = {"case": label, "m": m, "n": n, "k": k, "segment_rows": seg, "rel_err": err, "ok": err < 4e-3}
     bounds = [(int(offsets[g]), int(offsets[g + 1])) for g in range(len(rows))]
     candidates = {
-        "native": [lambda s=s: ops.m_grouped_fp8_gemm_nt_contiguous(s[3], s[4], s[2]) for s in sets],
+        "native": [lambda s=s: ops.m_grouped_fp8_gemm_nt_contiguous(s[3], s[4], s[2], segment_rows=seg)
+                   for s in sets],
     }
     # One cuBLAS call per expert, replayed from a CUDA graph: the GPU's time, not the host's
     # (64 launches could not be queued fast enough to keep the GPU busy).
@@ -119,8 +124,8 @@ def run_masked_case(g: int, expected: int, n: int, k: int) -> dict:
     candidates = {
         "native masked": [lambda s=s: ops.m_grouped_fp8_gemm_nt_masked(
             s[2], s[3], masked_m, expected_m=expected) for s in sets],
-        "native contiguous": [lambda c=c: ops.m_grouped_fp8_gemm_nt_contiguous(c[0], c[1], offsets)
-                              for c in contiguous],
+        "native contiguous": [lambda c=c: ops.m_grouped_fp8_gemm_nt_contiguous(
+            c[0], c[1], offsets, segment_rows=256 if padded % 256 == 0 else 128) for c in contiguous],
         "grouped_mm bf16": [lambda v=v, s=s: torch._grouped_mm(v, s[1].transpose(-2, -1))
                             for v, s in zip(valid, sets)],
     }
@@ -144,7 +149,7 @@ def run(json_path: str | None) -> int:
         row = run_case(label, rows, n, k)
         rows_out.append(row)
         native = row.get("native", float("nan"))
-        print(f"{label:>22} {'ok ' if row['ok'] else 'BAD'} err {row['rel_err']:.1e} | native {native:6.0f}"
+        print(f"{label:>22} {'ok ' if row['ok'] else 'BAD'} err {row['rel_err']:.1e} | native {native:6.0f} (seg {row['segment_rows']})"
               + "".join(f" | {name} {row[name]:6.0f} ({native / row[name]:.2f}x)"
                         for name in ("cublas loop", "scaled_grouped_mm rowwise", "grouped_mm bf16", "DeepGEMM")
                         if name in row), flush=True)

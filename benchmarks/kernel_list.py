@@ -19,14 +19,19 @@ def grouped_kernels(num_sms: int = NUM_SMS) -> list:
     accumulation; the choices mirror the launchers in ops/native/sm90_fp8_gemm.py."""
     seen = {}
     for g, rows, n, k in M_GROUPED:
-        seen[(choose_config(g * rows, n, k, num_sms, "1d2d", grouped=True), n, k, False, "m_contiguous")] = None
+        seg = 256 if rows % 256 == 0 else 128  # bench grouped's segments
+        seen[(choose_config(g * rows, n, k, num_sms, "1d2d", grouped=True, segment_rows=seg), n, k, False,
+              "m_contiguous")] = None
         for expected in (64, 128, 256):
-            block_m = 64 if expected <= 64 else 128
-            cfg = choose_config(g * -(-expected // block_m) * block_m, n, k, num_sms, "1d2d",
-                                rows_per_group=expected)
+            cfg = choose_config(g * expected, n, k, num_sms, "1d2d", rows_per_group=expected)
             seen[(cfg, n, k, False, "m_masked")] = None
+            padded = -(-expected // 128) * 128  # the contiguous kernel on the same rows
+            cfg = choose_config(g * padded, n, k, num_sms, "1d2d", grouped=True,
+                                segment_rows=256 if padded % 256 == 0 else 128)
+            seen[(cfg, n, k, False, "m_contiguous")] = None
         for accumulate in (False, True):  # wgrad: a = dY^T [N, T], b = X^T [K, T]
-            seen[(choose_config(g * n, k, 128, num_sms, "1d1d"), k, 0, accumulate, "k_contiguous")] = None
+            seen[(choose_config(g * n, k, 128, num_sms, "1d1d", grouped=True), k, 0, accumulate,
+                  "k_contiguous")] = None
     return list(seen)
 
 

@@ -246,3 +246,31 @@ def test_fp8train_never_imports_transformers_for_plain_models():
             "fp8train.convert_to_fp8(torch.nn.Sequential(torch.nn.Linear(128, 128)))\n"
             "assert 'transformers' not in sys.modules, 'transformers was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hf_experts_on_256_row_segments_give_the_bits_of_128_row_ones(monkeypatch):
+    """transformers experts through fp8train lay out experts that average enough rows in
+    256-row segments (the grouped GEMMs' 256-row tiles): the same bits as 128-row ones."""
+    from fp8train.nn import hf as hf_experts
+    from fp8train.nn.moe_layout import TALL_SEGMENT_MIN_ROWS, segment_rows_for
+
+    model = tiny_model("qwen3_moe", seed=2)
+    fp8train.convert_to_fp8(model)
+    experts = model.model.layers[0].mlp.experts
+    num_experts, top_k = experts.gate_up_proj.shape[0], 2
+    tokens = TALL_SEGMENT_MIN_ROWS * num_experts // top_k
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(tokens, model.config.hidden_size, generator=gen)
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=gen)
+    results = []
+    for rule, align in ((segment_rows_for, 256), (lambda assignments, experts: 128, 128)):
+        monkeypatch.setattr(hf_experts, "segment_rows_for", rule)
+        assert rule(ids.numel(), num_experts) == align
+        h = hidden.clone().requires_grad_()
+        out = experts(h, ids, weights)
+        out.square().sum().backward()
+        results.append([out, h.grad] + [p.grad.clone() for p in experts.parameters()])
+        experts.zero_grad()
+    for got, want in zip(*results):
+        assert torch.equal(got, want)

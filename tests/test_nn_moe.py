@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fp8train.nn import FP8GroupedLinear, FP8MoE, FP8Recipe, GroupedLinear, MoE
-from fp8train.nn.moe_layout import build_moe_layout, padded_rows_bound, permute, unpermute
+from fp8train.nn import moe as moe_module
+from fp8train.nn.moe_layout import (TALL_SEGMENT_MIN_ROWS, build_moe_layout, padded_rows_bound, permute,
+                                     segment_rows_for, unpermute)
 from fp8train.ops import k_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_contiguous
 from fp8train.quant import per_block_cast, per_token_cast, per_token_cast_transposed
 from numerics import rand, rel_err
@@ -302,6 +304,56 @@ def test_moe_argument_checks():
     layout = build_moe_layout(torch.zeros(2, 1, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="topk_weights"):
         unpermute(torch.ones(layout.num_rows, 4), layout, torch.ones(3, 1))
+
+
+def test_experts_with_enough_rows_get_256_row_segments():
+    """256-row segments (the grouped GEMMs' 256-row tiles) from an average of
+    TALL_SEGMENT_MIN_ROWS rows an expert; the layout's offsets keep the promise."""
+    assert segment_rows_for(TALL_SEGMENT_MIN_ROWS * 8, 8) == 256
+    assert segment_rows_for(TALL_SEGMENT_MIN_ROWS * 8 - 1, 8) == 128
+    assert segment_rows_for(0, 1) == 128
+    ids = torch.randint(0, 3, (700, 2), generator=torch.Generator().manual_seed(0))
+    layout = build_moe_layout(ids, 3, align=256)
+    assert layout.align == 256 and layout.num_rows % 256 == 0
+    assert all(int(o) % 256 == 0 for o in layout.group_offsets)
+    with pytest.raises(ValueError, match="align: expected a positive multiple of 128, got 64"):
+        build_moe_layout(ids, 3, align=64)
+    grouped = FP8GroupedLinear(2, 128, 128)
+    with pytest.raises(ValueError, match="segment_rows: expected 128 or 256, got 512"):
+        grouped(torch.ones(512, 128), torch.tensor([0, 0, 512], dtype=torch.int32), segment_rows=512)
+    with pytest.raises(ValueError, match="x: expected rows padded to a multiple of segment_rows = 256"):
+        grouped(torch.ones(384, 128), torch.tensor([0, 128, 384], dtype=torch.int32), segment_rows=256)
+
+
+def test_fp8_moe_on_256_row_segments_gives_the_bits_of_128_row_ones(monkeypatch):
+    """Where its experts average enough rows the FP8 MoE lays them out in 256-row segments
+    and its m-grouped GEMMs are told so; padding rows are zeros, so the output and every
+    gradient are bit for bit those of the 128-row layout."""
+    from fp8train.ops import gemm as gemm_module
+
+    seen = []
+    original = gemm_module.m_grouped_fp8_gemm_nt_contiguous
+
+    def spy(*args, segment_rows=128, **kwargs):
+        seen.append(segment_rows)
+        return original(*args, segment_rows=segment_rows, **kwargs)
+
+    monkeypatch.setattr(gemm_module, "m_grouped_fp8_gemm_nt_contiguous", spy)
+    torch.manual_seed(0)
+    moe = FP8MoE(128, 128, 2, 1)
+    x = rand(2 * TALL_SEGMENT_MIN_ROWS, 128, seed=1)
+    results = []
+    for rule in (segment_rows_for, lambda assignments, experts: 128):
+        monkeypatch.setattr(moe_module, "segment_rows_for", rule)
+        seen.clear()
+        xi = x.clone().requires_grad_()
+        y = moe(xi)
+        y.square().sum().backward()
+        results.append([y, xi.grad] + [p.grad.clone() for p in moe.parameters()])
+        moe.zero_grad()
+        assert seen == ([256, 256, 256, 256] if rule is segment_rows_for else [128] * 4), seen
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
 
 
 def test_layout_rejects_expert_ids_out_of_range():

@@ -10,7 +10,7 @@ from .grouped_linear import FP8GroupedLinear, FP8GroupedLinearFunction, GroupedL
 from .linear import FP8Linear
 from .linear_function import FP8LinearFunction, fp8_linear
 from .moe import FP8MoE, MoE, Router, SwiGLUMLP
-from .moe_layout import MoELayout, build_moe_layout, permute, unpermute
+from .moe_layout import MoELayout, build_moe_layout, permute, segment_rows_for, unpermute
 from .recipe import RECIPES, FP8Recipe
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "SwiGLUMLP",
     "MoELayout",
     "build_moe_layout",
+    "segment_rows_for",
     "permute",
     "unpermute",
     "convert_to_fp8",

@@ -337,15 +337,20 @@ def _(a, a_scale, b, b_scale, out, backend):
 
 @_op("grouped_gemm_nt_contiguous")
 def grouped_gemm_nt_contiguous(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
-                               group_offsets: Tensor, k_grouped: bool, backend: str) -> Tensor:
-    """MoE GEMMs on the contiguous layout: fprop/dgrad (m-grouped, bf16 [M, N]) or, with
-    ``k_grouped``, wgrad (float32 [G, N, K] from 1x128-along-T operands a [N, T], b [K, T])."""
-    gemm = _gemm.k_grouped_fp8_gemm_nt_contiguous if k_grouped else _gemm.m_grouped_fp8_gemm_nt_contiguous
-    return gemm((a, a_scale), (b, b_scale), group_offsets, backend=_backend(backend))
+                               group_offsets: Tensor, k_grouped: bool, segment_rows: int,
+                               backend: str) -> Tensor:
+    """MoE GEMMs on the contiguous layout: fprop/dgrad (m-grouped, bf16 [M, N], offsets
+    multiples of ``segment_rows``) or, with ``k_grouped``, wgrad (float32 [G, N, K] from
+    1x128-along-T operands a [N, T], b [K, T]; any multiple of 128 is a legal segment)."""
+    if k_grouped:
+        return _gemm.k_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets,
+                                                      backend=_backend(backend))
+    return _gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b, b_scale), group_offsets,
+                                                  segment_rows=segment_rows, backend=_backend(backend))
 
 
 @grouped_gemm_nt_contiguous.register_fake
-def _(a, a_scale, b, b_scale, group_offsets, k_grouped, backend):
+def _(a, a_scale, b, b_scale, group_offsets, k_grouped, segment_rows, backend):
     if k_grouped:
         return a.new_empty(group_offsets.shape[0] - 1, a.shape[0], b.shape[0], dtype=torch.float32)
     return a.new_empty(a.shape[0], b.shape[1], dtype=torch.bfloat16)

@@ -7,8 +7,9 @@
     dgrad  dx[seg g] = m_grouped(dy_q[1x128 along N], (W[g]^T)_q[128x128])   exact transpose
     wgrad  dW[g]     = k_grouped((dy^T)_q, (x^T)_q)   both 1x128 along tokens, FP32 out
 
-Segments are padded to multiples of 128 rows, so the token count of each expert is a legal
-wgrad contraction length without any further padding. No bias (MoE experts have none).
+Segments are padded to multiples of 128 rows (or 256: ``segment_rows``, which lets the
+m-grouped GEMMs take 256-row tiles), so the token count of each expert is a legal wgrad
+contraction length without any further padding. No bias (MoE experts have none).
 
 Given ``src_tokens`` (``MoELayout.src_tokens``), x is the tokens ``[T, K]`` and the layer
 reads the padded rows ``x[src_tokens]`` itself: the FP8 casts gather them
@@ -51,7 +52,7 @@ def segment_wgrad(dy: torch.Tensor, x: torch.Tensor, group_offsets: torch.Tensor
 
 
 def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype: torch.dtype,
-             need_dx: bool, need_dw: bool):
+             need_dx: bool, need_dw: bool, segment_rows: int = GROUP):
     """The grouped forward GEMM and what backward needs for the gradients asked for:
     (y, (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight)). x: the rows ``[M, K]``, or
     with ``src_tokens`` ``[M]`` the tokens ``[T, K]`` they copy (then x_hp is the tokens)."""
@@ -70,8 +71,8 @@ def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype:
 
         if recipe.fprop_fp8:
             # The grouped kernel writes BF16 (DeepGEMM's contract).
-            y = ops.grouped_gemm_nt_contiguous(x_fp8, x_scale, w_fp8, w_scale,
-                                               group_offsets, False, backend).to(out_dtype)
+            y = ops.grouped_gemm_nt_contiguous(x_fp8, x_scale, w_fp8, w_scale, group_offsets,
+                                               False, segment_rows, backend).to(out_dtype)
         else:
             y = segment_matmul(x_rows.to(out_dtype), weight.to(out_dtype), group_offsets)
 
@@ -87,21 +88,21 @@ def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype:
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """Autograd of the grouped ``y[seg g] = x[seg g] @ weight[g].T`` on FP8 GEMMs.
 
-    ``apply(x, weight, group_offsets, recipe, out_dtype[, src_tokens])``: x the rows
-    ``[M, K]``, or with ``src_tokens`` int64 ``[M]`` the tokens ``[T, K]`` that the rows
-    copy; see ``FP8GroupedLinear``.
+    ``apply(x, weight, group_offsets, recipe, out_dtype[, src_tokens[, segment_rows]])``:
+    x the rows ``[M, K]``, or with ``src_tokens`` int64 ``[M]`` the tokens ``[T, K]`` that
+    the rows copy; see ``FP8GroupedLinear``.
     """
 
     @staticmethod
     def forward(ctx, x, weight, group_offsets, recipe: FP8Recipe, out_dtype: torch.dtype,
-                src_tokens=None):
+                src_tokens=None, segment_rows: int = GROUP):
         need_dx = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1] or (recipe.accumulate_into_main_grad
                                               and weight.requires_grad)
         y, saved = _forward(x, weight, group_offsets, src_tokens, recipe, out_dtype,
-                            need_dx, need_dw)
+                            need_dx, need_dw, segment_rows)
         ctx.save_for_backward(*saved, group_offsets, src_tokens)
-        ctx.recipe, ctx.need_dw = recipe, need_dw
+        ctx.recipe, ctx.need_dw, ctx.segment_rows = recipe, need_dw, segment_rows
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         ctx.num_tokens = x.shape[0]
         return y
@@ -125,7 +126,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             if need_dx:
                 if recipe.dgrad_fp8:
                     dx = ops.grouped_gemm_nt_contiguous(dy_fp8, dy_scale, w_t_fp8, w_t_scale,
-                                                        group_offsets, False, backend)
+                                                        group_offsets, False, ctx.segment_rows, backend)
                 else:
                     dx = segment_matmul(grad_out_hp, weight.to(grad_out_hp.dtype).transpose(1, 2),
                                         group_offsets)
@@ -139,10 +140,20 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                                                       group_offsets, weight.main_grad, backend)
                 elif recipe.wgrad_fp8:
                     dw = ops.grouped_gemm_nt_contiguous(dyt_fp8, dyt_scale, xt_fp8, xt_scale,
-                                                        group_offsets, True, backend).to(ctx.w_dtype)
+                                                        group_offsets, True, GROUP, backend).to(ctx.w_dtype)
                 else:
                     dw = segment_wgrad(grad_out_hp, x_hp, group_offsets).to(ctx.w_dtype)
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None
+
+
+def check_segment_rows(segment_rows, rows: int, rows_name: str) -> int:
+    """segment_rows is 128 or 256 and divides the row count."""
+    if isinstance(segment_rows, bool) or segment_rows not in (GROUP, 2 * GROUP):
+        raise ValueError(f"segment_rows: expected {GROUP} or {2 * GROUP}, got {segment_rows!r}")
+    if rows % segment_rows:
+        raise ValueError(f"{rows_name}: expected rows padded to a multiple of segment_rows = "
+                         f"{segment_rows}, got {rows}")
+    return segment_rows
 
 
 def _check_int(name: str, value) -> int:
@@ -158,6 +169,8 @@ class GroupedLinear(nn.Module):
     applied to rows sorted by expert: ``forward(x [M, K], group_offsets int32 [G+1])``, or
     ``forward(x [T, K], group_offsets, src_tokens int64 [M])`` to the rows ``x[src_tokens]``
     (``MoELayout.src_tokens``: a value T is a zero row), M rows out either way.
+    ``segment_rows`` (128 or 256, ``MoELayout.align``) is what every offset is a multiple
+    of; the FP8 layer's GEMMs may take 256-row tiles on 256-row segments.
 
     The high-precision reference of ``FP8GroupedLinear`` (same parameter, same init as
     ``nn.Linear`` per expert).
@@ -196,8 +209,9 @@ class GroupedLinear(nn.Module):
         return src_tokens.shape[0]
 
     def forward(self, x: torch.Tensor, group_offsets: torch.Tensor,
-                src_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self._check_inputs(x, group_offsets, src_tokens)
+                src_tokens: Optional[torch.Tensor] = None, segment_rows: int = GROUP) -> torch.Tensor:
+        rows = self._check_inputs(x, group_offsets, src_tokens)
+        check_segment_rows(segment_rows, rows, "x" if src_tokens is None else "src_tokens")
         if src_tokens is not None:
             x = gather_rows(x, src_tokens)
         return segment_matmul(x, self.weight.to(compute_dtype(x)), group_offsets)
@@ -210,10 +224,11 @@ class GroupedLinear(nn.Module):
 class FP8GroupedLinear(GroupedLinear):
     """``GroupedLinear`` with FP8 fprop, dgrad (m-grouped GEMMs) and wgrad (k-grouped).
 
-    ``forward(x, group_offsets, src_tokens=None)``: x ``[M, K]`` (M a multiple of 128), rows
-    sorted by expert, or x the tokens ``[T, K]`` and ``src_tokens`` int64 ``[M]`` the token
-    of each row (the permutation then happens inside the FP8 casts); group_offsets int32
-    ``[G+1]``, multiples of 128 from 0 to M. in_features and out_features must be multiples
+    ``forward(x, group_offsets, src_tokens=None, segment_rows=128)``: x ``[M, K]`` (M a
+    multiple of segment_rows), rows sorted by expert, or x the tokens ``[T, K]`` and
+    ``src_tokens`` int64 ``[M]`` the token of each row (the permutation then happens inside
+    the FP8 casts); group_offsets int32 ``[G+1]``, multiples of segment_rows (128 or 256)
+    from 0 to M: the native kernel trusts that promise. in_features and out_features must be multiples
     of 128. Output ``[M, N]`` in x's dtype (or autocast's), computed through the kernels'
     BF16 output.
     """
@@ -241,19 +256,17 @@ class FP8GroupedLinear(GroupedLinear):
         return new
 
     def forward(self, x: torch.Tensor, group_offsets: torch.Tensor,
-                src_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                src_tokens: Optional[torch.Tensor] = None, segment_rows: int = GROUP) -> torch.Tensor:
         rows = self._check_inputs(x, group_offsets, src_tokens)
-        if rows % GROUP:
-            name = "x" if src_tokens is None else "src_tokens"
-            raise ValueError(f"{name}: expected rows padded to a multiple of {GROUP}, got {rows}")
+        check_segment_rows(segment_rows, rows, "x" if src_tokens is None else "src_tokens")
         if self.recipe.accumulate_into_main_grad:
             check_main_grad(self.weight)
         out_dtype = compute_dtype(x)
         if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
             return _forward(x, self.weight, group_offsets, src_tokens, self.recipe, out_dtype,
-                            False, False)[0]
+                            False, False, segment_rows)[0]
         return FP8GroupedLinearFunction.apply(x, self.weight, group_offsets, self.recipe,
-                                              out_dtype, src_tokens)
+                                              out_dtype, src_tokens, segment_rows)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"

@@ -26,7 +26,7 @@ from torch import nn
 from .._checks import check_tensor
 from .grouped_linear import FP8GroupedLinearFunction, _forward as _grouped_forward
 from .linear_function import GROUP, check_main_grad, compute_dtype
-from .moe_layout import build_moe_layout, unpermute
+from .moe_layout import build_moe_layout, segment_rows_for, unpermute
 from .recipe import FP8Recipe
 
 EXPERTS_IMPLEMENTATION = "fp8train"
@@ -88,10 +88,10 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, layout, recipe: FP8Re
     out_dtype = compute_dtype(x)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         out = FP8GroupedLinearFunction.apply(x, weight, layout.group_offsets, recipe, out_dtype,
-                                             src_tokens)
+                                             src_tokens, layout.align)
     else:
         out = _grouped_forward(x, weight, layout.group_offsets, src_tokens, recipe, out_dtype,
-                               False, False)[0]
+                               False, False, layout.align)[0]
     if bias is not None:
         # Expert of each padded row; padding rows get a bias too, but unpermute never reads
         # them and their gradient rows are zero, so they change nothing.
@@ -121,7 +121,8 @@ def fp8train_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
     if recipe is None:  # an experts module conversion left alone (dims, filter_fn)
         return _fallback(self)(self, hidden_states, top_k_index, top_k_weights)
     up = _up_weight(self)
-    layout = build_moe_layout(top_k_index, up.shape[0])
+    num_experts = up.shape[0]
+    layout = build_moe_layout(top_k_index, num_experts, segment_rows_for(top_k_index.numel(), num_experts))
     up_bias = down_bias = None
     if self.has_bias:
         up_bias = self.gate_up_proj_bias if self.has_gate else self.up_proj_bias

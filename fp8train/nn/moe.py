@@ -26,7 +26,7 @@ from torch import nn
 from .._autocast import autocast_off
 from .grouped_linear import FP8GroupedLinear, GroupedLinear, _check_int
 from .linear_function import GROUP
-from .moe_layout import build_moe_layout, unpermute
+from .moe_layout import build_moe_layout, segment_rows_for, unpermute
 from .recipe import FP8Recipe
 
 
@@ -121,11 +121,14 @@ class MoE(nn.Module):
             raise ValueError(f"x: expected shape [..., {self.hidden_size}], got {tuple(x.shape)}")
         x_tokens = x.reshape(-1, self.hidden_size)                          # [T, H]
         topk_weights, topk_ids = self.router(x_tokens)                      # [T, k] each
-        layout = build_moe_layout(topk_ids, self.num_experts)
+        layout = build_moe_layout(topk_ids, self.num_experts,
+                                  segment_rows_for(topk_ids.numel(), self.num_experts))
         self.last_tokens_per_expert = layout.tokens_per_expert.detach()
-        h = self.experts_gate_up(x_tokens, layout.group_offsets, layout.src_tokens)  # [rows, 2I]
+        h = self.experts_gate_up(x_tokens, layout.group_offsets, layout.src_tokens,
+                                 layout.align)                                      # [rows, 2I]
         gate, up = h.chunk(2, dim=-1)
-        y_perm = self.experts_down(F.silu(gate) * up, layout.group_offsets)        # [rows, H]
+        y_perm = self.experts_down(F.silu(gate) * up, layout.group_offsets,
+                                   segment_rows=layout.align)                       # [rows, H]
         out = unpermute(y_perm, layout, topk_weights)                               # [T, H]
         if self.shared_expert is not None:
             out = out + self.shared_expert(x_tokens)

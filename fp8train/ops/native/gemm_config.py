@@ -178,36 +178,57 @@ def relative_speed(block_m: int, block_n: int, kind: str) -> float:
     return speed * (TALL_TILE_SPEEDUP if block_m == 256 else 1.0)
 
 
+# The k-grouped (MoE wgrad) GEMM: 256x128 tiles ran 1.05-1.09x the rate of the heuristic's
+# 128x176 on three problems of 512-2048 tokens an expert (H100, docs/kernels.md), where the
+# dense wgrad measured them at par per wave: each tile's K loop is a few blocks long, and a
+# taller tile amortises its prologue and epilogue over twice the MMAs.
+K_GROUPED_TALL_TILE_SPEEDUP = 1.07
+
+
 def choose_config(m: int, n: int, k: int, num_sms: int, kind: str = "1d2d",
                   rows_per_group: int | None = None, grouped: bool = False, *,
                   split_k: bool = True, multicast: bool = False, segment_rows: int = 128) -> GemmConfig:
     """The config the native GEMM runs for this problem (cached per shape and options).
 
-    grouped: a grouped (MoE) GEMM, which runs without clusters, split-K or 256-row tiles,
-    unless segment_rows = 256: the m-grouped contiguous GEMM whose expert segments are
-    multiples of 256 rows may take them.
+    grouped: a grouped (MoE) GEMM, which runs without clusters or split-K. The m-grouped
+    contiguous GEMM (1d2d) takes 256-row tiles only when its expert segments are multiples
+    of 256 rows (segment_rows = 256); the k-grouped one (1d1d: `m` is the experts' stacked
+    output rows) and the masked one (rows_per_group) may always take them.
     split_k: let M <= 128 split K (dense only); multicast: let the heuristic pick clusters
     of two sharing A (dense only; off by default).
     rows_per_group: for grouped GEMMs whose tiles never span two experts (masked), the rows
-    each expert has: BLOCK_M then fits an expert (64 when it has <= 64 rows), and `m`
-    counts the expert's padded rows times the experts.
+    each expert has; `m` is the experts times rows_per_group. BLOCK_M then fits an expert
+    (64 when it has <= 64 rows), and every expert's rows are tiled on their own.
 
     M <= 128 is bound by reading B: pick the tile that spreads N over the most SMs (fewest
     waves), or with split-K the (tile, slices) that pull the fewest bytes per SM. Larger M
     is bound by the tensor cores: minimise waves x tile time, tile time being the tile's
-    area over the measured relative speed of its shape (dense GEMMs may take 256-row tiles:
-    1D2D at BLOCK_N <= 128, 1D1D at 128).
+    area over the measured relative speed of its shape (256-row tiles: 1D2D at BLOCK_N <=
+    128, 1D1D at 128).
     """
-    grouped = grouped or rows_per_group is not None
     if segment_rows not in (128, 256):
         raise ValueError(f"segment_rows: expected 128 or 256, got {segment_rows!r}")
+    if rows_per_group is not None and (rows_per_group < 1 or m % rows_per_group):
+        raise ValueError(f"rows_per_group: expected a positive divisor of m = experts x rows, "
+                         f"got {rows_per_group} with m={m}")
+    k_grouped = grouped and kind == "1d1d"
+    grouped = grouped or rows_per_group is not None
+    tall_tiles_on = not grouped or rows_per_group is not None or k_grouped or segment_rows == 256
     return _choose_config(m, n, k, num_sms, kind, rows_per_group, split_k and not grouped,
-                          multicast and not grouped, not grouped or segment_rows == 256)
+                          multicast and not grouped, tall_tiles_on, k_grouped)
+
+
+def _row_blocks(m: int, block_m: int, rows_per_group: int | None) -> int:
+    """Row blocks of the output: a masked GEMM tiles each expert's rows on their own."""
+    if rows_per_group is None:
+        return ceil_div(m, block_m)
+    return m // rows_per_group * ceil_div(rows_per_group, block_m)
 
 
 @functools.lru_cache(maxsize=4096)
 def _choose_config(m: int, n: int, k: int, num_sms: int, kind: str, rows_per_group: int | None,
-                   split_k_on: bool, multicast_on: bool, tall_tiles_on: bool) -> GemmConfig:
+                   split_k_on: bool, multicast_on: bool, tall_tiles_on: bool,
+                   k_grouped: bool) -> GemmConfig:
     """choose_config with the switches as arguments, so the cache never serves a config
     chosen under other settings."""
     if kind not in KINDS:
@@ -221,30 +242,35 @@ def _choose_config(m: int, n: int, k: int, num_sms: int, kind: str, rows_per_gro
         block_n, split_k = _small_m_choice(m, n, k, num_sms, block_m)
     else:
         best = None
-        block_ms = (128, 256) if m > 128 and tall_tiles_on else (block_m,)
+        block_ms = (block_m, 256) if block_m == 128 and m > 128 and tall_tiles_on else (block_m,)
         for bm in block_ms:
+            m_blocks = _row_blocks(m, bm, rows_per_group)
             for block_n in range(16, max_block_n(bm) + 1, 8):
                 if (block_n > n and block_n != 16) or not block_n_is_legal(block_n, kind):
                     continue  # never a block wider than the problem
                 if bm == 256 and kind == "1d1d" and block_n != 128:
                     continue  # the only 256-row wgrad tile that measured at par (relative_speed)
-                tiles = ceil_div(m, bm) * ceil_div(n, block_n)
+                tiles = m_blocks * ceil_div(n, block_n)
                 waves = ceil_div(tiles, num_sms)
                 last_wave = tiles - (waves - 1) * num_sms
+                speed = relative_speed(bm, block_n, kind)
+                if k_grouped and bm == 256:
+                    speed *= K_GROUPED_TALL_TILE_SPEEDUP
                 if m <= 128:
                     key = (waves, -last_wave, -block_n)
                 else:
-                    key = (waves * bm * block_n / relative_speed(bm, block_n, kind), -block_n)
+                    key = (waves * bm * block_n / speed, -block_n)
                 if best is None or key < best[0]:
                     best = (key, bm, block_n)
         block_m, block_n = best[1], best[2]
-    tiles = ceil_div(m, block_m) * ceil_div(n, block_n) * split_k
+    tiles = _row_blocks(m, block_m, rows_per_group) * ceil_div(n, block_n) * split_k
     stages = deepest_stages(block_m, block_n, kind)
     # Multicast pays where operand traffic from L2 limits: many row blocks sharing A.
     cluster = 2 if multicast_on and m >= 512 and block_m >= 128 and tiles >= num_sms and split_k == 1 else 1
     num_ctas = min(num_sms, tiles if cluster == 1 else 2 * ceil_div(tiles, 2))
     num_ctas -= num_ctas % cluster
-    group_n = raster_group_n(ceil_div(m, block_m), ceil_div(n, block_n), block_m, block_n, num_ctas, cluster)
+    group_n = raster_group_n(_row_blocks(m, block_m, rows_per_group), ceil_div(n, block_n), block_m, block_n,
+                             num_ctas, cluster)
     return GemmConfig(block_m=block_m, block_n=block_n, num_stages=stages, num_ctas=num_ctas,
                       group_n=group_n, kind=kind, cluster=cluster, split_k=split_k)
 

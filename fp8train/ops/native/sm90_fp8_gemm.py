@@ -253,9 +253,7 @@ def m_grouped_masked_native(a, sa, b, sb, masked_m: torch.Tensor, out: torch.Ten
     num_sms = get_num_sms()
     expected_m = max(1, expected_m)
     if config is None:
-        block_m = 64 if expected_m <= 64 else 128
-        config = choose_config(g * -(-expected_m // block_m) * block_m, b.shape[1], k, num_sms, "1d2d",
-                               rows_per_group=expected_m)
+        config = choose_config(g * expected_m, b.shape[1], k, num_sms, "1d2d", rows_per_group=expected_m)
     launch = _launch_for(g * expected_m, b.shape[1], k, "1d2d", False, a.device.index, num_sms,
                          config, "m_masked")
     _launch(launch, num_sms, a.view(g * m_max, k), _masked_scales(sa), b, sb, out, m_max, "m_masked",
