@@ -18,6 +18,7 @@ REPRESENTATIVE = [
     ("dual_async", torch.float32, False), ("dual_async", torch.bfloat16, True),
     ("per_token", torch.float16, True), ("per_token", torch.bfloat16, False),
     ("block", torch.bfloat16, False), ("block", torch.float32, False), ("block", torch.float16, True),
+    ("swiglu_dual", torch.bfloat16, False), ("swiglu_dual", torch.float32, True),
 ]
 
 
@@ -39,12 +40,14 @@ def test_cast_kernels_compile_without_spills(tmp_path, monkeypatch):
         report = summarize_sass(sass)
         assert ck.spill_bytes == 0 and report.local_memory_ops == 0, f"{ck.name}: spills"
         # The staged dual cast loads with cp.async (LDGSTS) straight into shared memory.
-        load = r"\bLDGSTS\.E\.BYPASS\.128" if kind == "dual_async" else r"\bLDG\.E\.128"
+        load = r"\bLDGSTS\.E\.BYPASS\.128" if kind in ("dual_async", "swiglu_dual") else r"\bLDG\.E\.128"
         assert re.search(load, sass), f"{ck.name}: no 16-byte loads"
         assert re.search(r"\bSTG\.E\.128", sass), f"{ck.name}: no 16-byte e4m3 stores"
         assert ck.registers <= 128, f"{ck.name}: {ck.registers} registers"
         if kind == "dual_async" and dtype != torch.float32:  # 6 blocks of 256 threads per SM
             assert ck.registers <= 40, f"{ck.name}: {ck.registers} registers (6 blocks need <= 40)"
+        if kind == "swiglu_dual" and dtype != torch.float32:  # 3 blocks of 256 threads per SM
+            assert ck.registers <= 80, f"{ck.name}: {ck.registers} registers (3 blocks need <= 80)"
 
 
 def test_render_source_names_each_kernel():

@@ -19,6 +19,7 @@ from fp8train.quant.reference import (
     per_token_cast_ref,
     per_token_cast_transposed_ref,
     permute_cast_ref,
+    swiglu_cast_ref,
 )
 from strategies import tensors
 
@@ -69,6 +70,33 @@ def test_dual_cast_one_layout_and_unpadded_transpose(data, t, k, pow2):
     assert_same(native.dual_cast(x, pow2, colwise=False), (q, s, None, None))
     _, _, qt, st_ = native.dual_cast(x, pow2, rowwise=False, pad_columnwise=False)
     assert_same((qt, st_), per_token_cast_transposed_ref(x, pow2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data(), st.integers(1, 600), st.integers(1, 24).map(lambda v: 16 * v), st.booleans(),
+       st.sampled_from([(True, True), (True, False), (False, True)]))
+def test_swiglu_cast_bit_exact(data, t, i, pow2, layouts):
+    """The fused SwiGLU kernel against torch's F.silu(gate) * up on the same GPU, then the
+    reference dual cast: the same bytes and scales, for every magnitude (exp overflowing to
+    Inf for gates below -88 included)."""
+    rowwise, colwise = layouts
+    h = data.draw(tensors((t, 2 * i))).cuda()
+    want = swiglu_cast_ref(h, pow2)
+    want = (*(want[:2] if rowwise else (None, None)), *(want[2:] if colwise else (None, None)))
+    assert native.swiglu_supports(h)
+    assert_same(native.swiglu_dual_cast(h, pow2, rowwise, colwise), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_swiglu_cast_extreme_gates_match_torch(dtype):
+    """Gates where silu's exp overflows, underflows or meets NaN/Inf: torch's values."""
+    gates = torch.tensor([-1e4, -100.0, -88.8, -20.0, -0.0, 0.0, 1e-30, 20.0, 100.0, 1e4,
+                          float("inf"), float("-inf"), float("nan")])
+    h = torch.ones(128, 2 * 128, dtype=dtype)
+    h[: gates.numel(), 0] = gates.to(dtype)
+    h[1, 128] = -3.0  # an up value of the second row
+    h = h.cuda()
+    assert_same(native.swiglu_dual_cast(h, False), swiglu_cast_ref(h, False))
 
 
 @settings(max_examples=60, deadline=None)

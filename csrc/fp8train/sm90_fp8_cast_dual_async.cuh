@@ -71,6 +71,56 @@ __device__ __forceinline__ uint32_t load_shared_element(const uint8_t* tile, uin
 
 }  // namespace cast
 
+// The row and column passes over a staged 128 x 128 tile (rows t0.., columns k0..): an octet
+// owns a row's 128-group or a column's 128 tokens (16 elements per lane, read from shared
+// memory) and writes q and its scale, or 16 contiguous bytes of qt's row and the column's
+// scale. Called after the tile is complete (a __syncthreads behind the staging).
+template <typename T, bool POW2>
+__device__ __forceinline__ void cast_staged_tile(const uint8_t* __restrict__ tile, uint32_t t0, uint32_t k0,
+                                                 uint32_t rows, uint32_t cols, uint8_t* __restrict__ q,
+                                                 float* __restrict__ scale, uint32_t scale_ld,
+                                                 uint8_t* __restrict__ qt, uint32_t qt_cols,
+                                                 float* __restrict__ scale_t, uint32_t scale_t_ld,
+                                                 bool rowwise, bool colwise) {
+    using namespace cast;
+    using Tile = StagedTile<T>;
+    constexpr uint32_t WARPS = DUAL_ASYNC_THREADS / 32;
+    constexpr uint32_t ROWS_PER_STEP = 32 / LANES_PER_GROUP;           // 4 rows per warp step
+    constexpr uint32_t STEPS = GROUP / (WARPS * ROWS_PER_STEP);        // 4 steps per tile
+    constexpr uint32_t UNITS_PER_CHUNK = CHUNK / Tile::PER_UNIT;       // 2 or 4
+    static_assert(STEPS * WARPS * ROWS_PER_STEP == GROUP, "the warps must cover the tile");
+    const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint32_t octet = lane / LANES_PER_GROUP, sub = lane % LANES_PER_GROUP;
+    if (rowwise) {
+#pragma unroll
+        for (uint32_t s = 0; s < STEPS; ++s) {
+            const uint32_t r = (s * WARPS + warp) * ROWS_PER_STEP + octet, t = t0 + r;
+            const uint32_t k = k0 + CHUNK * sub;
+            Chunk<T> chunk;
+#pragma unroll
+            for (uint32_t i = 0; i < UNITS_PER_CHUNK; ++i) {
+                const uint4 v4 = *reinterpret_cast<const uint4*>(tile + Tile::unit_offset(r, sub * UNITS_PER_CHUNK + i));
+                chunk.w[4 * i] = v4.x, chunk.w[4 * i + 1] = v4.y, chunk.w[4 * i + 2] = v4.z, chunk.w[4 * i + 3] = v4.w;
+            }
+            float v[CHUNK];
+#pragma unroll
+            for (uint32_t j = 0; j < CHUNK; ++j) v[j] = element(chunk, j);
+            write_row_group<POW2>(v, t, k, sub, rows, cols, blockIdx.x, q, scale, scale_ld);
+        }
+    }
+    if (!colwise) return;
+
+#pragma unroll
+    for (uint32_t s = 0; s < STEPS; ++s) {
+        const uint32_t c = (s * WARPS + warp) * ROWS_PER_STEP + octet;
+        float v[CHUNK];
+#pragma unroll
+        for (uint32_t j = 0; j < CHUNK; ++j)
+            v[j] = raw_to_float<T>(load_shared_element<T>(tile, Tile::element_offset(CHUNK * sub + j, c)));
+        write_column_group<POW2>(v, k0 + c, t0, sub, cols, blockIdx.y, qt, qt_cols, scale_t, scale_t_ld);
+    }
+}
+
 template <typename T, bool POW2>
 __device__ __forceinline__ void dual_cast_tile_async(const T* __restrict__ x, const int64_t* __restrict__ src_rows,
                                                      uint32_t src_count, uint32_t rows, uint32_t cols,
@@ -81,17 +131,10 @@ __device__ __forceinline__ void dual_cast_tile_async(const T* __restrict__ x, co
                                                      bool rowwise, bool colwise) {
     using namespace cast;
     using Tile = StagedTile<T>;
-    constexpr uint32_t WARPS = DUAL_ASYNC_THREADS / 32;
-    constexpr uint32_t ROWS_PER_STEP = 32 / LANES_PER_GROUP;           // 4 rows per warp step
-    constexpr uint32_t STEPS = GROUP / (WARPS * ROWS_PER_STEP);        // 4 steps per tile
     constexpr uint32_t UNITS_PER_THREAD = GROUP * Tile::UNITS / DUAL_ASYNC_THREADS;
-    constexpr uint32_t UNITS_PER_CHUNK = CHUNK / Tile::PER_UNIT;       // 2 or 4
-    static_assert(STEPS * WARPS * ROWS_PER_STEP == GROUP, "the warps must cover the tile");
     static_assert(DUAL_ASYNC_THREADS % Tile::UNITS == 0, "a thread's units share one column");
     extern __shared__ __align__(128) uint8_t tile[];                    // Tile::BYTES, swizzled
     const uint32_t t0 = blockIdx.y * GROUP, k0 = blockIdx.x * GROUP;
-    const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const uint32_t octet = lane / LANES_PER_GROUP, sub = lane % LANES_PER_GROUP;
 
     // Load: thread i stages unit i % UNITS of rows i / UNITS + j * (THREADS / UNITS).
     const uint32_t u = threadIdx.x % Tile::UNITS;
@@ -123,35 +166,8 @@ __device__ __forceinline__ void dual_cast_tile_async(const T* __restrict__ x, co
     }
     cp_async_wait_all();
     __syncthreads();
-
-    if (rowwise) {
-#pragma unroll
-        for (uint32_t s = 0; s < STEPS; ++s) {
-            const uint32_t r = (s * WARPS + warp) * ROWS_PER_STEP + octet, t = t0 + r;
-            const uint32_t k = k0 + CHUNK * sub;
-            Chunk<T> chunk;
-#pragma unroll
-            for (uint32_t i = 0; i < UNITS_PER_CHUNK; ++i) {
-                const uint4 v4 = *reinterpret_cast<const uint4*>(tile + Tile::unit_offset(r, sub * UNITS_PER_CHUNK + i));
-                chunk.w[4 * i] = v4.x, chunk.w[4 * i + 1] = v4.y, chunk.w[4 * i + 2] = v4.z, chunk.w[4 * i + 3] = v4.w;
-            }
-            float v[CHUNK];
-#pragma unroll
-            for (uint32_t j = 0; j < CHUNK; ++j) v[j] = element(chunk, j);
-            write_row_group<POW2>(v, t, k, sub, rows, cols, blockIdx.x, q, scale, scale_ld);
-        }
-    }
-    if (!colwise) return;
-
-#pragma unroll
-    for (uint32_t s = 0; s < STEPS; ++s) {
-        const uint32_t c = (s * WARPS + warp) * ROWS_PER_STEP + octet;
-        float v[CHUNK];
-#pragma unroll
-        for (uint32_t j = 0; j < CHUNK; ++j)
-            v[j] = raw_to_float<T>(load_shared_element<T>(tile, Tile::element_offset(CHUNK * sub + j, c)));
-        write_column_group<POW2>(v, k0 + c, t0, sub, cols, blockIdx.y, qt, qt_cols, scale_t, scale_t_ld);
-    }
+    cast_staged_tile<T, POW2>(tile, t0, k0, rows, cols, q, scale, scale_ld, qt, qt_cols, scale_t, scale_t_ld,
+                              rowwise, colwise);
 }
 
 }  // namespace fp8train

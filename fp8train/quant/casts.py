@@ -27,6 +27,8 @@ from .reference import (
     per_block_cast_ref,
     per_token_cast_ref,
     per_token_cast_transposed_ref,
+    swiglu_cast_ref,
+    swiglu_ref,
 )
 
 FP8Pair = Tuple[torch.Tensor, torch.Tensor]
@@ -138,6 +140,30 @@ def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False, backend=No
         return _native.dual_cast(x, pow2_scale)
     x_fp8, scale, xt_fp8, xt_scale = dual_cast_ref(x, pow2_scale)
     return x_fp8, as_kblock_major(scale), xt_fp8, as_kblock_major(xt_scale)
+
+
+def swiglu_cast(h: torch.Tensor, *, rowwise: bool = True, colwise: bool = True,
+                pow2_scale: bool = False, backend=None):
+    """The 1x128 casts of a SwiGLU output without writing it: a = silu(gate) * up for
+    h = [gate | up] ``[T, 2I]`` (``gate, up = h.chunk(2, -1)``, computed in h's dtype as a
+    model computes it), cast as ``per_token_cast_dual(a)`` casts it: (a_fp8 ``[T, I]``,
+    scale ``[T, ceil(I/128)]``, at_fp8 ``[I, Tp]``, at_scale ``[I, Tp/128]``), Tp = T
+    zero-padded to a multiple of 128, the layouts not asked for None. On the GPU one kernel
+    reads h once (where I % 16 == 0; otherwise a is made and cast).
+    """
+    check_tensor("h", h, dtypes=FLOAT_DTYPES, ndims=(2,))
+    for name, value in (("rowwise", rowwise), ("colwise", colwise), ("pow2_scale", pow2_scale)):
+        check_bool(name, value)
+    if h.shape[0] == 0 or h.shape[1] == 0 or h.shape[1] % 2:
+        raise ValueError(f"h: expected [T, 2I] with T >= 1 and I >= 1 (gate and up side by side), "
+                         f"got shape {tuple(h.shape)}")
+    if _use_native(h, backend):
+        if _native.swiglu_supports(h):
+            return _native.swiglu_dual_cast(h, pow2_scale, rowwise, colwise)
+        return _native.dual_cast(swiglu_ref(h), pow2_scale, rowwise, colwise)
+    a_fp8, scale, at_fp8, at_scale = swiglu_cast_ref(h, pow2_scale)
+    return (a_fp8 if rowwise else None, as_kblock_major(scale) if rowwise else None,
+            at_fp8 if colwise else None, as_kblock_major(at_scale) if colwise else None)
 
 
 def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block=(1, GROUP)) -> torch.Tensor:
