@@ -74,17 +74,18 @@ def test_dual_cast_one_layout_and_unpadded_transpose(data, t, k, pow2):
 
 @settings(max_examples=40, deadline=None)
 @given(st.data(), st.integers(1, 600), st.integers(1, 24).map(lambda v: 16 * v), st.booleans(),
-       st.sampled_from([(True, True), (True, False), (False, True)]))
-def test_swiglu_cast_bit_exact(data, t, i, pow2, layouts):
+       st.sampled_from([(True, True), (True, False), (False, True)]), st.booleans())
+def test_swiglu_cast_bit_exact(data, t, i, pow2, layouts, halves):
     """The fused SwiGLU kernel against torch's F.silu(gate) * up on the same GPU, then the
-    reference dual cast: the same bytes and scales, for every magnitude (exp overflowing to
-    Inf for gates below -88 included)."""
+    reference dual cast: the same bytes and scales, for every magnitude, on two tensors and
+    on the halves of one (rows 2I apart)."""
     rowwise, colwise = layouts
     h = data.draw(tensors((t, 2 * i))).cuda()
-    want = swiglu_cast_ref(h, pow2)
+    gate, up = h.chunk(2, dim=-1) if halves else (h[:, :i].contiguous(), h[:, i:].contiguous())
+    want = swiglu_cast_ref(gate, up, pow2)
     want = (*(want[:2] if rowwise else (None, None)), *(want[2:] if colwise else (None, None)))
-    assert native.swiglu_supports(h)
-    assert_same(native.swiglu_dual_cast(h, pow2, rowwise, colwise), want)
+    assert native.swiglu_supports(gate, up)
+    assert_same(native.swiglu_dual_cast(gate, up, pow2, rowwise, colwise), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -92,11 +93,11 @@ def test_swiglu_cast_extreme_gates_match_torch(dtype):
     """Gates where silu's exp overflows, underflows or meets NaN/Inf: torch's values."""
     gates = torch.tensor([-1e4, -100.0, -88.8, -20.0, -0.0, 0.0, 1e-30, 20.0, 100.0, 1e4,
                           float("inf"), float("-inf"), float("nan")])
-    h = torch.ones(128, 2 * 128, dtype=dtype)
-    h[: gates.numel(), 0] = gates.to(dtype)
-    h[1, 128] = -3.0  # an up value of the second row
-    h = h.cuda()
-    assert_same(native.swiglu_dual_cast(h, False), swiglu_cast_ref(h, False))
+    gate, up = torch.ones(128, 128, dtype=dtype), torch.ones(128, 128, dtype=dtype)
+    gate[: gates.numel(), 0] = gates.to(dtype)
+    up[1, 0] = -3.0
+    gate, up = gate.cuda(), up.cuda()
+    assert_same(native.swiglu_dual_cast(gate, up, False), swiglu_cast_ref(gate, up, False))
 
 
 @settings(max_examples=60, deadline=None)

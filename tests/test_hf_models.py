@@ -248,6 +248,39 @@ def test_fp8train_never_imports_transformers_for_plain_models():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def _experts_step(experts, tokens: int, top_k: int, seed: int) -> list:
+    """Output, input gradient and parameter gradients of one experts forward/backward on
+    random tokens and routing (the parameter gradients cleared after)."""
+    num_experts = experts.down_proj.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, experts.down_proj.shape[1 if not experts.is_transposed else 2],
+                         generator=gen).requires_grad_()
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)])
+    out = experts(hidden, ids, torch.rand(tokens, top_k, generator=gen))
+    out.square().sum().backward()
+    result = [out, hidden.grad] + [p.grad.clone() for p in experts.parameters()]
+    experts.zero_grad()
+    return result
+
+
+@pytest.mark.parametrize("arch,fused", [("qwen3_moe", True), ("gpt_oss", False)])
+def test_hf_experts_fuse_the_default_swiglu_gate(arch, fused, monkeypatch):
+    """Experts gating as transformers' default (silu(gate) * up) run it inside the down
+    projection's casts, with the bits of the gate run on its own; a model's own gate
+    (GPT-OSS's clamped one) runs as written."""
+    from fp8train.nn import hf as hf_experts
+
+    model = tiny_model(arch, seed=5)
+    fp8train.convert_to_fp8(model)
+    experts = model.model.layers[0].mlp.experts
+    assert hf_experts._default_swiglu_gate(experts) is fused
+    if fused:
+        got = _experts_step(experts, 96, 2, seed=6)
+        monkeypatch.setattr(hf_experts, "_default_swiglu_gate", lambda module: False)
+        for a, b in zip(got, _experts_step(experts, 96, 2, seed=6)):
+            assert torch.equal(a, b)
+
+
 def test_hf_experts_on_256_row_segments_give_the_bits_of_128_row_ones(monkeypatch):
     """transformers experts through fp8train lay out experts that average enough rows in
     256-row segments (the grouped GEMMs' 256-row tiles): the same bits as 128-row ones."""
@@ -259,18 +292,8 @@ def test_hf_experts_on_256_row_segments_give_the_bits_of_128_row_ones(monkeypatc
     experts = model.model.layers[0].mlp.experts
     num_experts, top_k = experts.gate_up_proj.shape[0], 2
     tokens = TALL_SEGMENT_MIN_ROWS * num_experts // top_k
-    gen = torch.Generator().manual_seed(3)
-    hidden = torch.randn(tokens, model.config.hidden_size, generator=gen)
-    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)])
-    weights = torch.rand(tokens, top_k, generator=gen)
-    results = []
-    for rule, align in ((segment_rows_for, 256), (lambda assignments, experts: 128, 128)):
-        monkeypatch.setattr(hf_experts, "segment_rows_for", rule)
-        assert rule(ids.numel(), num_experts) == align
-        h = hidden.clone().requires_grad_()
-        out = experts(h, ids, weights)
-        out.square().sum().backward()
-        results.append([out, h.grad] + [p.grad.clone() for p in experts.parameters()])
-        experts.zero_grad()
-    for got, want in zip(*results):
-        assert torch.equal(got, want)
+    assert segment_rows_for(tokens * top_k, num_experts) == 256
+    got = _experts_step(experts, tokens, top_k, seed=3)
+    monkeypatch.setattr(hf_experts, "segment_rows_for", lambda assignments, experts: 128)
+    for a, b in zip(got, _experts_step(experts, tokens, top_k, seed=3)):
+        assert torch.equal(a, b)

@@ -181,6 +181,49 @@ def test_grouped_linear_with_src_tokens_equals_permute_then_layer(recipe, monkey
         assert calls == ([("cast", False)] if recipe.fprop_fp8 else [("gather",)])
 
 
+@pytest.mark.parametrize("recipe", FUSED_RECIPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_linear_with_swiglu_equals_silu_gate_times_up_then_layer(recipe, dtype, monkeypatch):
+    """FP8GroupedLinear(h, offsets, swiglu=True) fuses SwiGLU into its input casts: the same
+    bits as F.silu(gate) * up and the layer (output and every gradient), and the product is
+    made in high precision only where a high-precision GEMM reads it."""
+    from fp8train.quant import casts
+
+    products = []
+    original = casts.swiglu_cast
+    monkeypatch.setattr(casts, "swiglu_cast", lambda *a, **kw: products.append("fused") or original(*a, **kw))
+    torch.manual_seed(0)
+    e, rows, k = 3, 384, 128
+    offsets = torch.tensor([0, 128, 128, 384], dtype=torch.int32)
+    fused = FP8GroupedLinear(e, k, 256, dtype=dtype, recipe=recipe)
+    unfused = copy.deepcopy(fused)
+    h = rand(rows, 2 * k, seed=1, dtype=dtype)
+    grad_out = rand(rows, 256, seed=2, dtype=dtype)
+    h_fused = h.clone().requires_grad_()
+    y = fused(h_fused, offsets, swiglu=True)
+    y.backward(grad_out)
+    h_unfused = h.clone().requires_grad_()
+    gate, up = h_unfused.chunk(2, dim=-1)
+    y_ref = unfused(torch.nn.functional.silu(gate) * up, offsets)
+    y_ref.backward(grad_out)
+    assert torch.equal(y, y_ref) and torch.equal(h_fused.grad, h_unfused.grad)
+    assert torch.equal(fused.weight.grad, unfused.weight.grad)
+    assert products == (["fused"] if recipe.fprop_fp8 and recipe.wgrad_fp8 else [])
+    assert torch.equal(GroupedLinear.forward(fused, h, offsets, swiglu=True).to(dtype),
+                       GroupedLinear.forward(unfused, torch.nn.functional.silu(h[:, :k]) * h[:, k:], offsets))
+
+
+def test_swiglu_input_checks():
+    grouped = FP8GroupedLinear(2, 128, 128)
+    offsets = torch.tensor([0, 0, 128], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"x: expected shape \[M, 256\] \(\[gate \| up\]\), got \(128, 128\)"):
+        grouped(torch.ones(128, 128), offsets, swiglu=True)
+    with pytest.raises(ValueError, match="src_tokens: a SwiGLU input"):
+        grouped(torch.ones(128, 256), offsets, torch.zeros(128, dtype=torch.int64), swiglu=True)
+    with pytest.raises(TypeError, match="swiglu"):
+        grouped(torch.ones(128, 256), offsets, swiglu=1)
+
+
 def test_fp8_moe_step_casts_tokens_with_the_permutation_fused(monkeypatch):
     """One training step: the gate_up input is cast once, row-wise and column-wise, straight
     from the tokens; no permuted BF16 copy is made."""

@@ -241,29 +241,30 @@ def test_dual_cast_is_rowwise_plus_padded_columnwise(data, t, k, pow2):
     assert torch.equal(xt_scale, col_scale)
 
 
-@given(st.data(), dims, st.integers(1, 200), st.booleans())
-def test_swiglu_cast_is_the_dual_cast_of_silu_gate_times_up(data, t, i, pow2):
-    """swiglu_cast(h) casts what a model computes, F.silu(gate) * up in h's dtype, as
-    per_token_cast_dual casts it; the layouts not asked for come back as None."""
+@given(st.data(), dims, st.integers(1, 200), st.booleans(), st.booleans())
+def test_swiglu_cast_is_the_dual_cast_of_silu_gate_times_up(data, t, i, pow2, halves):
+    """swiglu_cast(gate, up) casts what a model computes, F.silu(gate) * up in their dtype,
+    as per_token_cast_dual casts it, for two tensors or the halves of one; the layouts not
+    asked for come back as None."""
     h = data.draw(tensors((t, 2 * i)))
-    gate, up = h.chunk(2, dim=-1)
+    gate, up = h.chunk(2, dim=-1) if halves else (h[:, :i].contiguous(), h[:, i:].contiguous())
     want = per_token_cast_dual(torch.nn.functional.silu(gate) * up, pow2_scale=pow2)
-    got = swiglu_cast(h, pow2_scale=pow2)
+    got = swiglu_cast(gate, up, pow2_scale=pow2)
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.dtype == w.dtype
         assert torch.equal(g.view(torch.uint8), w.view(torch.uint8)) if g.dtype != torch.float32 else \
             torch.equal(g.nan_to_num(-1.0), w.nan_to_num(-1.0))
-    assert swiglu_cast(h, colwise=False, pow2_scale=pow2)[2:] == (None, None)
-    assert swiglu_cast(h, rowwise=False, pow2_scale=pow2)[:2] == (None, None)
+    assert swiglu_cast(gate, up, colwise=False, pow2_scale=pow2)[2:] == (None, None)
+    assert swiglu_cast(gate, up, rowwise=False, pow2_scale=pow2)[:2] == (None, None)
 
 
 def test_swiglu_cast_checks_its_arguments():
-    with pytest.raises(ValueError, match=r"h: expected \[T, 2I\].*got shape \(4, 3\)"):
-        swiglu_cast(torch.ones(4, 3))
+    with pytest.raises(ValueError, match=r"up: expected gate's shape \[T, I\].*got gate \(4, 3\) and up \(4, 2\)"):
+        swiglu_cast(torch.ones(4, 3), torch.ones(4, 2))
     with pytest.raises(TypeError, match="colwise"):
-        swiglu_cast(torch.ones(4, 4), colwise="no")
-    with pytest.raises(TypeError, match="h"):
-        swiglu_cast(torch.ones(4, 4, dtype=torch.int32))
+        swiglu_cast(torch.ones(4, 4), torch.ones(4, 4), colwise="no")
+    with pytest.raises(TypeError, match="up"):
+        swiglu_cast(torch.ones(4, 4), torch.ones(4, 4, dtype=torch.bfloat16))
 
 
 def test_native_casts_only_on_an_sm90_gpu(monkeypatch):

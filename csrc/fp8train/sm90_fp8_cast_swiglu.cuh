@@ -1,6 +1,7 @@
-// SwiGLU fused into the dual cast: h [T, 2I] (gate in columns [0, I), up in [I, 2I), as
-// h.chunk(2, -1) splits it) -> the row-wise 1x128 cast of a = silu(gate) * up along I and the
-// column-wise cast of a.T along T (zero-padded to qt_cols), a itself never written. Bit-
+// SwiGLU fused into the dual cast: gate and up [T, I] (rows ld elements apart in both: two
+// tensors, or the halves of one [T, 2I] as h.chunk(2, -1) splits it) -> the row-wise 1x128
+// cast of a = silu(gate) * up along I and the column-wise cast of a.T along T (zero-padded
+// to qt_cols), a itself never written. Bit-
 // identical to casting torch's F.silu(gate) * up on the GPU: silu computed in float as
 // g / (1 + exp(-g)) (ATen's CUDA kernel, no fast math) and rounded to T, then the product in
 // float rounded to T; the casts are the dual cast's (sm90_fp8_cast_dual_async.cuh).
@@ -8,8 +9,8 @@
 // One 128 x 128 tile of a per block: gate's and up's tiles are staged by cp.async (2 x 32 KB
 // for bf16/fp16, 3 blocks per SM), each thread then turns the units it staged into a's in
 // place in gate's tile (its own copies are complete after its wait: no barrier), and after
-// one barrier the dual cast's row and column passes read a's tile. Needs I % 16 == 0 and a
-// 16-byte aligned h (the host falls back to the unfused ops otherwise).
+// one barrier the dual cast's row and column passes read a's tile. Needs I % 16 == 0 and
+// 16-byte aligned rows (the host falls back to the unfused ops otherwise).
 #pragma once
 
 #include "fp8train/sm90_fp8_cast_dual_async.cuh"
@@ -54,7 +55,8 @@ __device__ __forceinline__ uint4 swiglu_unit(uint4 gate, uint4 up) {
 }  // namespace cast
 
 template <typename T, bool POW2>
-__device__ __forceinline__ void swiglu_dual_cast_tile(const T* __restrict__ h, uint32_t rows, uint32_t cols,
+__device__ __forceinline__ void swiglu_dual_cast_tile(const T* __restrict__ gate, const T* __restrict__ up,
+                                                      uint64_t ld, uint32_t rows, uint32_t cols,
                                                       uint8_t* __restrict__ q, float* __restrict__ scale,
                                                       uint32_t scale_ld, uint8_t* __restrict__ qt, uint32_t qt_cols,
                                                       float* __restrict__ scale_t, uint32_t scale_t_ld,
@@ -67,8 +69,8 @@ __device__ __forceinline__ void swiglu_dual_cast_tile(const T* __restrict__ h, u
     uint8_t* up_tile = tile + Tile::BYTES;
     const uint32_t t0 = blockIdx.y * GROUP, k0 = blockIdx.x * GROUP;
 
-    // Stage: thread i copies unit i % UNITS of rows i / UNITS + j * (THREADS / UNITS) of both
-    // halves; rows past T and columns past I are zero (silu(0) * 0 = 0 changes no amax).
+    // Stage: thread i copies unit i % UNITS of rows i / UNITS + j * (THREADS / UNITS) of gate
+    // and up; rows past T and columns past I are zero (silu(0) * 0 = 0 changes no amax).
     const uint32_t u = threadIdx.x % Tile::UNITS;
     const uint32_t k_unit = k0 + u * Tile::PER_UNIT;
     const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
@@ -76,9 +78,9 @@ __device__ __forceinline__ void swiglu_dual_cast_tile(const T* __restrict__ h, u
     for (uint32_t j = 0; j < UNITS_PER_THREAD; ++j) {
         const uint32_t r = threadIdx.x / Tile::UNITS + j * (DUAL_ASYNC_THREADS / Tile::UNITS), t = t0 + r;
         const bool inside = t < rows && k_unit < cols;
-        const T* gate = h + static_cast<uint64_t>(t) * (2 * cols) + k_unit;
-        cp_async_16(base + Tile::unit_offset(r, u), inside ? gate : h, inside ? 16 : 0);
-        cp_async_16(base + Tile::BYTES + Tile::unit_offset(r, u), inside ? gate + cols : h, inside ? 16 : 0);
+        const uint64_t at = inside ? t * ld + k_unit : 0;
+        cp_async_16(base + Tile::unit_offset(r, u), gate + at, inside ? 16 : 0);
+        cp_async_16(base + Tile::BYTES + Tile::unit_offset(r, u), up + at, inside ? 16 : 0);
     }
     cp_async_wait_all();
 #pragma unroll

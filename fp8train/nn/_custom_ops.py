@@ -159,6 +159,56 @@ def _(x, pow2_scale, backend):
     return (*_fake_rowwise(x), *_fake_colwise(x))
 
 
+@_op("cast_swiglu")
+def cast_swiglu(gate: Tensor, up: Tensor, pow2_scale: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """Row-wise 1x128 cast of silu(gate) * up [T, I] (gate and up [T, I]), never written in
+    high precision; the scale packed."""
+    if gate.shape[0] == 0:
+        return _fake_rowwise(gate)
+    q, scale = _casts.swiglu_cast(gate, up, colwise=False, pow2_scale=pow2_scale, backend=_backend(backend))[:2]
+    return q, scale_layout.pack(scale)
+
+
+@cast_swiglu.register_fake
+def _(gate, up, pow2_scale, backend):
+    return _fake_rowwise(gate)
+
+
+@_op("cast_swiglu_both")
+def cast_swiglu_both(gate: Tensor, up: Tensor, pow2_scale: bool,
+                     backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both 1x128 layouts of silu(gate) * up (row-wise, and column-wise along T, padded)
+    from one read of gate and up; both scales packed."""
+    if gate.shape[0] == 0:
+        return (*_fake_rowwise(gate), *_fake_colwise(gate))
+    q, scale, qt, scale_t = _casts.swiglu_cast(gate, up, pow2_scale=pow2_scale, backend=_backend(backend))
+    return q, scale_layout.pack(scale), qt, scale_layout.pack(scale_t)
+
+
+@cast_swiglu_both.register_fake
+def _(gate, up, pow2_scale, backend):
+    return (*_fake_rowwise(gate), *_fake_colwise(gate))
+
+
+def cast_swiglu_layouts(gate: Tensor, up: Tensor, pow2_scale: bool, rowwise: bool, colwise: bool,
+                        backend: str = ""):
+    """``cast_1x128_layouts(silu(gate) * up, ...)`` without the SwiGLU output: (fp8, scale,
+    t_fp8, t_scale), None where not asked for. The column-wise layout alone comes from the
+    high-precision product (a layer whose fprop is not FP8 makes it anyway)."""
+    if rowwise and colwise:
+        if _runs_direct((gate, up)) and gate.shape[0] > 0:
+            return _casts.swiglu_cast(gate, up, pow2_scale=pow2_scale, backend=_backend(backend))
+        q, packed, qt, packed_t = cast_swiglu_both(gate, up, pow2_scale, backend)
+        return q, scale_layout.unpack(packed, gate.shape[0]), qt, scale_layout.unpack(packed_t, gate.shape[1])
+    if rowwise:
+        if _runs_direct((gate, up)) and gate.shape[0] > 0:
+            return (*_casts.swiglu_cast(gate, up, colwise=False, pow2_scale=pow2_scale,
+                                        backend=_backend(backend))[:2], None, None)
+        q, packed = cast_swiglu(gate, up, pow2_scale, backend)
+        return q, scale_layout.unpack(packed, gate.shape[0]), None, None
+    return cast_1x128_layouts(F.silu(gate) * up, pow2_scale, False, colwise, backend)
+
+
 def _cast_layouts(x: Tensor, pow2_scale: bool, rowwise: bool, colwise: bool, backend: str):
     """The casts themselves (row-wise scales unpacked)."""
     if rowwise and colwise and x.shape[0] > 0:

@@ -24,10 +24,11 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._autocast import autocast_off
-from .._checks import FLOAT_DTYPES, check_tensor
+from .._checks import FLOAT_DTYPES, check_bool, check_tensor
 from . import _custom_ops as ops
 from .linear_function import (GROUP, backward_operands, check_main_grad, compute_dtype,
                               forward_weight_casts, saved_for_backward)
@@ -44,6 +45,13 @@ def segment_matmul(a: torch.Tensor, b: torch.Tensor, group_offsets: torch.Tensor
     return torch.cat(parts)
 
 
+def swiglu_grad(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """dL/dh for the input silu(gate) * up of h = [gate | up], given its gradient: the ops
+    (and so the bits) autograd runs for ``F.silu(gate) * up`` on the chunks of h."""
+    gate, up = h.chunk(2, dim=-1)
+    return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)], dim=-1)
+
+
 def segment_wgrad(dy: torch.Tensor, x: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
     """float32 ``dW[g] = dy[seg g].T @ x[seg g]`` (zeros for an empty segment)."""
     bounds = group_offsets.tolist()
@@ -52,14 +60,27 @@ def segment_wgrad(dy: torch.Tensor, x: torch.Tensor, group_offsets: torch.Tensor
 
 
 def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype: torch.dtype,
-             need_dx: bool, need_dw: bool, segment_rows: int = GROUP):
+             need_dx: bool, need_dw: bool, segment_rows: int = GROUP, swiglu: bool = False):
     """The grouped forward GEMM and what backward needs for the gradients asked for:
     (y, (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight)). x: the rows ``[M, K]``, or
-    with ``src_tokens`` ``[M]`` the tokens ``[T, K]`` they copy (then x_hp is the tokens)."""
+    with ``src_tokens`` ``[M]`` the tokens ``[T, K]`` they copy (then x_hp is the tokens),
+    or with ``swiglu`` the rows [gate | up] ``[M, 2K]`` of the input silu(gate) * up (then
+    x_hp is that input)."""
     pow2, backend = recipe.pow2_scale, recipe.backend_arg
+    x_hp = x
     with autocast_off(x.device.type):
         rowwise, colwise = recipe.fprop_fp8, need_dw and recipe.wgrad_fp8
-        if src_tokens is not None and rowwise:  # the permutation fused into the casts
+        if swiglu:
+            gate, up = x.chunk(2, dim=-1)
+            if rowwise and not (need_dw and not recipe.wgrad_fp8):  # SwiGLU fused into the casts
+                x_rows = x_hp = None
+                x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_swiglu_layouts(gate, up, pow2, True, colwise,
+                                                                           backend)
+            else:  # a high-precision GEMM reads the input
+                x_rows = x_hp = F.silu(gate) * up
+                x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_layouts(
+                    x_rows, pow2, rowwise, colwise, backend)
+        elif src_tokens is not None and rowwise:  # the permutation fused into the casts
             x_rows = None
             x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_permuted_layouts(
                 x, src_tokens, pow2, colwise, backend)
@@ -76,7 +97,7 @@ def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype:
         else:
             y = segment_matmul(x_rows.to(out_dtype), weight.to(out_dtype), group_offsets)
 
-        saved = saved_for_backward(x, xt_fp8, xt_scale, weight, w_t_fp8, w_t_scale, recipe,
+        saved = saved_for_backward(x_hp, xt_fp8, xt_scale, weight, w_t_fp8, w_t_scale, recipe,
                                    need_dx, need_dw)
     # A new tensor of the Function's own, as the dense layer returns: with the GEMM op's
     # output returned as is (the BF16 case, where .to() is a no-op), Dynamo's trace of
@@ -88,20 +109,22 @@ def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype:
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """Autograd of the grouped ``y[seg g] = x[seg g] @ weight[g].T`` on FP8 GEMMs.
 
-    ``apply(x, weight, group_offsets, recipe, out_dtype[, src_tokens[, segment_rows]])``:
-    x the rows ``[M, K]``, or with ``src_tokens`` int64 ``[M]`` the tokens ``[T, K]`` that
-    the rows copy; see ``FP8GroupedLinear``.
+    ``apply(x, weight, group_offsets, recipe, out_dtype[, src_tokens[, segment_rows[,
+    swiglu]]])``: x the rows ``[M, K]``, or with ``src_tokens`` int64 ``[M]`` the tokens
+    ``[T, K]`` that the rows copy, or with ``swiglu`` the rows [gate | up] ``[M, 2K]`` whose
+    silu(gate) * up the layer reads; see ``FP8GroupedLinear``.
     """
 
     @staticmethod
     def forward(ctx, x, weight, group_offsets, recipe: FP8Recipe, out_dtype: torch.dtype,
-                src_tokens=None, segment_rows: int = GROUP):
+                src_tokens=None, segment_rows: int = GROUP, swiglu: bool = False):
         need_dx = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1] or (recipe.accumulate_into_main_grad
                                               and weight.requires_grad)
         y, saved = _forward(x, weight, group_offsets, src_tokens, recipe, out_dtype,
-                            need_dx, need_dw, segment_rows)
-        ctx.save_for_backward(*saved, group_offsets, src_tokens)
+                            need_dx, need_dw, segment_rows, swiglu)
+        # SwiGLU's backward reads its input (gate and up), which the layer does not copy.
+        ctx.save_for_backward(*saved, group_offsets, src_tokens, x if swiglu and need_dx else None)
         ctx.recipe, ctx.need_dw, ctx.segment_rows = recipe, need_dw, segment_rows
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
         ctx.num_tokens = x.shape[0]
@@ -110,7 +133,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight, group_offsets,
-         src_tokens) = ctx.saved_tensors
+         src_tokens, swiglu_input) = ctx.saved_tensors
         if x_hp is not None and src_tokens is not None:
             x_hp = gather_rows(x_hp, src_tokens)  # the rows of a high-precision wgrad
         recipe: FP8Recipe = ctx.recipe
@@ -133,6 +156,8 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                 dx = dx.to(ctx.x_dtype)
                 if src_tokens is not None:  # rows -> tokens: each token's k copies summed
                     dx = scatter_add_rows(dx, src_tokens, ctx.num_tokens)
+                if swiglu_input is not None:
+                    dx = swiglu_grad(swiglu_input, dx)
 
             if need_dw:
                 if recipe.accumulate_into_main_grad:
@@ -143,7 +168,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
                                                         group_offsets, True, GROUP, backend).to(ctx.w_dtype)
                 else:
                     dw = segment_wgrad(grad_out_hp, x_hp, group_offsets).to(ctx.w_dtype)
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def check_segment_rows(segment_rows, rows: int, rows_name: str) -> int:
@@ -170,7 +195,9 @@ class GroupedLinear(nn.Module):
     ``forward(x [T, K], group_offsets, src_tokens int64 [M])`` to the rows ``x[src_tokens]``
     (``MoELayout.src_tokens``: a value T is a zero row), M rows out either way.
     ``segment_rows`` (128 or 256, ``MoELayout.align``) is what every offset is a multiple
-    of; the FP8 layer's GEMMs may take 256-row tiles on 256-row segments.
+    of; the FP8 layer's GEMMs may take 256-row tiles on 256-row segments. With ``swiglu``,
+    x is the rows [gate | up] ``[M, 2K]`` and the layer is applied to silu(gate) * up
+    (the FP8 layer casts that product without writing it: ``quant.swiglu_cast``).
 
     The high-precision reference of ``FP8GroupedLinear`` (same parameter, same init as
     ``nn.Linear`` per expert).
@@ -192,12 +219,16 @@ class GroupedLinear(nn.Module):
             nn.init.uniform_(self.weight, -bound, bound)
 
     def _check_inputs(self, x: torch.Tensor, group_offsets: torch.Tensor,
-                      src_tokens: Optional[torch.Tensor]) -> int:
+                      src_tokens: Optional[torch.Tensor], swiglu: bool = False) -> int:
         """The checks of ``forward``'s arguments; returns M, the number of rows."""
         check_tensor("x", x, dtypes=FLOAT_DTYPES, ndims=(2,))
-        if x.shape[1] != self.in_features:
+        check_bool("swiglu", swiglu)
+        if swiglu and src_tokens is not None:
+            raise ValueError("src_tokens: a SwiGLU input (swiglu=True) is already the rows; pass None")
+        width = 2 * self.in_features if swiglu else self.in_features
+        if x.shape[1] != width:
             raise ValueError(f"x: expected shape [{'T' if src_tokens is not None else 'M'}, "
-                             f"{self.in_features}], got {tuple(x.shape)}")
+                             f"{width}]{' ([gate | up])' if swiglu else ''}, got {tuple(x.shape)}")
         check_tensor("group_offsets", group_offsets, dtypes=(torch.int32,), ndims=(1,))
         if group_offsets.shape[0] != self.num_experts + 1:
             raise ValueError(f"group_offsets: expected shape ({self.num_experts + 1},), got "
@@ -209,11 +240,15 @@ class GroupedLinear(nn.Module):
         return src_tokens.shape[0]
 
     def forward(self, x: torch.Tensor, group_offsets: torch.Tensor,
-                src_tokens: Optional[torch.Tensor] = None, segment_rows: int = GROUP) -> torch.Tensor:
-        rows = self._check_inputs(x, group_offsets, src_tokens)
+                src_tokens: Optional[torch.Tensor] = None, segment_rows: int = GROUP,
+                swiglu: bool = False) -> torch.Tensor:
+        rows = self._check_inputs(x, group_offsets, src_tokens, swiglu)
         check_segment_rows(segment_rows, rows, "x" if src_tokens is None else "src_tokens")
         if src_tokens is not None:
             x = gather_rows(x, src_tokens)
+        if swiglu:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
         return segment_matmul(x, self.weight.to(compute_dtype(x)), group_offsets)
 
     def extra_repr(self) -> str:
@@ -256,17 +291,18 @@ class FP8GroupedLinear(GroupedLinear):
         return new
 
     def forward(self, x: torch.Tensor, group_offsets: torch.Tensor,
-                src_tokens: Optional[torch.Tensor] = None, segment_rows: int = GROUP) -> torch.Tensor:
-        rows = self._check_inputs(x, group_offsets, src_tokens)
+                src_tokens: Optional[torch.Tensor] = None, segment_rows: int = GROUP,
+                swiglu: bool = False) -> torch.Tensor:
+        rows = self._check_inputs(x, group_offsets, src_tokens, swiglu)
         check_segment_rows(segment_rows, rows, "x" if src_tokens is None else "src_tokens")
         if self.recipe.accumulate_into_main_grad:
             check_main_grad(self.weight)
         out_dtype = compute_dtype(x)
         if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
             return _forward(x, self.weight, group_offsets, src_tokens, self.recipe, out_dtype,
-                            False, False, segment_rows)[0]
+                            False, False, segment_rows, swiglu)[0]
         return FP8GroupedLinearFunction.apply(x, self.weight, group_offsets, self.recipe,
-                                              out_dtype, src_tokens, segment_rows)
+                                              out_dtype, src_tokens, segment_rows, swiglu)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"

@@ -10,7 +10,8 @@
   class; their forward is switched to the experts implementation ``"fp8train"`` registered
   with ``ExpertsInterface``. It permutes tokens into fp8train's padded contiguous layout
   (``moe_layout``; for the first projection inside its FP8 casts) and runs both projections
-  through ``FP8GroupedLinearFunction``: fprop and dgrad m-grouped, wgrad k-grouped. So
+  through ``FP8GroupedLinearFunction``: fprop and dgrad m-grouped, wgrad k-grouped; the
+  default SwiGLU gate runs inside the second projection's casts. So
   ``state_dict``, ``save_pretrained`` and ``from_pretrained`` see exactly the model they
   saw before.
 
@@ -18,6 +19,7 @@ transformers is imported here only, and only when an HF model is converted.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -70,12 +72,34 @@ def experts_fp8_ineligible(module: nn.Module) -> Optional[str]:
     return f"expert dims {', '.join(bad)} not multiples of {GROUP}" if bad else None
 
 
+@functools.lru_cache(maxsize=None)
+def _default_gate_parts() -> tuple:
+    """(transformers' default ``_apply_gate``, the plain SiLU activation classes), looked
+    up once (the experts forward runs every step)."""
+    from transformers import activations
+    from transformers.integrations import moe as hf_moe
+
+    silu_types = tuple(t for t in (nn.SiLU, getattr(activations, "SiLUActivation", None)) if t is not None)
+    return getattr(hf_moe, "_default_apply_gate", None), silu_types
+
+
+def _default_swiglu_gate(module: nn.Module) -> bool:
+    """Whether the experts gate as transformers' default does, silu(gate) * up on
+    ``h.chunk(2, -1)`` with a plain SiLU: what the FP8 down projection computes inside its
+    input casts (a model's own gate or activation runs as written)."""
+    default_gate, silu_types = _default_gate_parts()
+    return (module.has_gate and default_gate is not None
+            and getattr(type(module), "_apply_gate", None) is default_gate
+            and type(getattr(module, "act_fn", None)) in silu_types)
+
+
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, layout, recipe: FP8Recipe,
                     transposed: bool, bias: Optional[torch.Tensor],
-                    src_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    src_tokens: Optional[torch.Tensor] = None, swiglu: bool = False) -> torch.Tensor:
     """``out[seg g] = x[seg g] @ W[g]^T (+ bias[g])`` on the FP8 grouped GEMMs; with
     ``src_tokens`` x is the tokens and the rows are ``x[src_tokens]``, gathered inside the
-    FP8 casts (``FP8GroupedLinear``)."""
+    FP8 casts; with ``swiglu`` x is [gate | up] and the input silu(gate) * up, made inside
+    the casts (``FP8GroupedLinear``)."""
     if recipe.accumulate_into_main_grad:
         if transposed:
             raise ValueError("recipe: accumulate_into_main_grad needs experts stored [E, N, K] "
@@ -88,10 +112,10 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, layout, recipe: FP8Re
     out_dtype = compute_dtype(x)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         out = FP8GroupedLinearFunction.apply(x, weight, layout.group_offsets, recipe, out_dtype,
-                                             src_tokens, layout.align)
+                                             src_tokens, layout.align, swiglu)
     else:
         out = _grouped_forward(x, weight, layout.group_offsets, src_tokens, recipe, out_dtype,
-                               False, False, layout.align)[0]
+                               False, False, layout.align, swiglu)[0]
     if bias is not None:
         # Expert of each padded row; padding rows get a bias too, but unpermute never reads
         # them and their gradient rows are zero, so they change nothing.
@@ -134,8 +158,11 @@ def fp8train_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
     # The permutation into the padded layout happens inside the FP8 casts.
     h = _grouped_linear(hidden_states, up, layout, recipe, self.is_transposed, up_bias,
                         layout.src_tokens)                                     # [rows, 2I]
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)               # [rows, I]
-    y = _grouped_linear(h, self.down_proj, layout, recipe, self.is_transposed, down_bias)
+    swiglu = _default_swiglu_gate(self)  # then fused into the down projection's casts
+    if not swiglu:
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)           # [rows, I]
+    y = _grouped_linear(h, self.down_proj, layout, recipe, self.is_transposed, down_bias,
+                        swiglu=swiglu)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
     return unpermute(y, layout, top_k_weights).to(hidden_states.dtype)        # [T, H]

@@ -126,9 +126,9 @@ class MoE(nn.Module):
         self.last_tokens_per_expert = layout.tokens_per_expert.detach()
         h = self.experts_gate_up(x_tokens, layout.group_offsets, layout.src_tokens,
                                  layout.align)                                      # [rows, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        y_perm = self.experts_down(F.silu(gate) * up, layout.group_offsets,
-                                   segment_rows=layout.align)                       # [rows, H]
+        # SwiGLU inside the down projection: the FP8 layer casts silu(gate) * up directly.
+        y_perm = self.experts_down(h, layout.group_offsets, segment_rows=layout.align,
+                                   swiglu=True)                                     # [rows, H]
         out = unpermute(y_perm, layout, topk_weights)                               # [T, H]
         if self.shared_expert is not None:
             out = out + self.shared_expert(x_tokens)

@@ -10,7 +10,7 @@ is deliberate: a diverging run must show up as non-finite loss, not as quietly s
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -27,7 +27,6 @@ from .reference import (
     per_block_cast_ref,
     per_token_cast_ref,
     per_token_cast_transposed_ref,
-    swiglu_cast_ref,
     swiglu_ref,
 )
 
@@ -112,14 +111,15 @@ def per_token_cast_transposed(x: torch.Tensor, *, pow2_scale: bool = False, back
     return xt_fp8, as_kblock_major(xt_scale)
 
 
-def _use_native(x: torch.Tensor, backend) -> bool:
+def _use_native(x: torch.Tensor, backend, supported: Optional[bool] = None) -> bool:
     """The native casts run on what they take (an sm_90 GPU with the toolchain;
     bf16/fp16/fp32, contiguous) unless ``backend`` (None: the process-wide choice) is
     ``reference``; anything else, fp64 included, goes to the reference, which gives the
     same bytes. The ``native`` backend on a GPU the kernels cannot serve raises, as the
-    GEMMs' does. ``cublas`` is about GEMMs: its casts run as under ``auto``."""
+    GEMMs' does. ``cublas`` is about GEMMs: its casts run as under ``auto``. ``supported``
+    replaces the kernels' own test of x (``native.supports``) for casts with other inputs."""
     chosen = _backend.chosen(backend)
-    if chosen == "reference" or not _native.supports(x):
+    if chosen == "reference" or not (_native.supports(x) if supported is None else supported):
         return False
     path = _backend.resolve("FP8 quantization (casts)", x.device, native_ok=_ops_native.toolchain_status,
                             cublas_ok=False, backend="auto" if chosen == "cublas" else chosen)
@@ -142,28 +142,32 @@ def per_token_cast_dual(x: torch.Tensor, *, pow2_scale: bool = False, backend=No
     return x_fp8, as_kblock_major(scale), xt_fp8, as_kblock_major(xt_scale)
 
 
-def swiglu_cast(h: torch.Tensor, *, rowwise: bool = True, colwise: bool = True,
+def swiglu_cast(gate: torch.Tensor, up: torch.Tensor, *, rowwise: bool = True, colwise: bool = True,
                 pow2_scale: bool = False, backend=None):
-    """The 1x128 casts of a SwiGLU output without writing it: a = silu(gate) * up for
-    h = [gate | up] ``[T, 2I]`` (``gate, up = h.chunk(2, -1)``, computed in h's dtype as a
-    model computes it), cast as ``per_token_cast_dual(a)`` casts it: (a_fp8 ``[T, I]``,
-    scale ``[T, ceil(I/128)]``, at_fp8 ``[I, Tp]``, at_scale ``[I, Tp/128]``), Tp = T
-    zero-padded to a multiple of 128, the layouts not asked for None. On the GPU one kernel
-    reads h once (where I % 16 == 0; otherwise a is made and cast).
+    """The 1x128 casts of a SwiGLU output without writing it: a = silu(gate) * up (computed in
+    the inputs' dtype, as a model computes it), cast as ``per_token_cast_dual(a)`` casts it.
+
+    gate, up: ``[T, I]`` float tensors of one dtype and device (separate tensors, or the two
+    halves of one ``[T, 2I]``, ``h.chunk(2, -1)``).
+    Returns (a_fp8 ``[T, I]``, scale ``[T, ceil(I/128)]``, at_fp8 ``[I, Tp]``, at_scale
+    ``[I, Tp/128]``), Tp = T zero-padded to a multiple of 128, scales K-block-major; the
+    layouts not asked for are None. On the GPU one kernel reads gate and up once, where
+    I % 16 == 0 and their rows are 16-byte aligned; otherwise a is made and cast.
     """
-    check_tensor("h", h, dtypes=FLOAT_DTYPES, ndims=(2,))
+    check_tensor("gate", gate, dtypes=FLOAT_DTYPES, ndims=(2,))
+    check_tensor("up", up, dtypes=(gate.dtype,), ndims=(2,))
+    check_same_device(gate=gate, up=up)
     for name, value in (("rowwise", rowwise), ("colwise", colwise), ("pow2_scale", pow2_scale)):
         check_bool(name, value)
-    if h.shape[0] == 0 or h.shape[1] == 0 or h.shape[1] % 2:
-        raise ValueError(f"h: expected [T, 2I] with T >= 1 and I >= 1 (gate and up side by side), "
-                         f"got shape {tuple(h.shape)}")
-    if _use_native(h, backend):
-        if _native.swiglu_supports(h):
-            return _native.swiglu_dual_cast(h, pow2_scale, rowwise, colwise)
-        return _native.dual_cast(swiglu_ref(h), pow2_scale, rowwise, colwise)
-    a_fp8, scale, at_fp8, at_scale = swiglu_cast_ref(h, pow2_scale)
-    return (a_fp8 if rowwise else None, as_kblock_major(scale) if rowwise else None,
-            at_fp8 if colwise else None, as_kblock_major(at_scale) if colwise else None)
+    if up.shape != gate.shape or gate.shape[0] == 0 or gate.shape[1] == 0:
+        raise ValueError(f"up: expected gate's shape [T, I] with T, I >= 1, got gate "
+                         f"{tuple(gate.shape)} and up {tuple(up.shape)}")
+    if _use_native(gate, backend, supported=_native.swiglu_supports(gate, up)):
+        return _native.swiglu_dual_cast(gate, up, pow2_scale, rowwise, colwise)
+    a_fp8, scale, at_fp8, at_scale = per_token_cast_dual(swiglu_ref(gate, up), pow2_scale=pow2_scale,
+                                                         backend=backend)
+    return (a_fp8 if rowwise else None, scale if rowwise else None,
+            at_fp8 if colwise else None, at_scale if colwise else None)
 
 
 def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block=(1, GROUP)) -> torch.Tensor:

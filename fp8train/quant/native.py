@@ -2,8 +2,8 @@
 
     dual_cast        x [T, K] -> row-wise and/or column-wise (transposed) 1x128 copies;
                      with ``src_rows`` the MoE permutation is fused in (gather rows)
-    swiglu_dual_cast h [T, 2I] -> the same two casts of silu(h[:, :I]) * h[:, I:] (SwiGLU
-                     fused in; its BF16 result never written)
+    swiglu_dual_cast gate, up [T, I] -> the same two casts of silu(gate) * up (SwiGLU fused
+                     in; its result never written)
     per_token_cast   x [R, K] -> row-wise 1x128 copy (optionally gathered)
     block_cast       w [G?, N, K] -> 128x128 copy and optionally the transposed copy
 
@@ -42,10 +42,11 @@ _KINDS = {
                    "cols, vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, scale_t_ld, rowwise != 0, "
                    "colwise != 0);"),
     "swiglu_dual": ("sm90_fp8_cast_swiglu.cuh",
-                    "const {T}* h, uint32_t rows, uint32_t cols, uint8_t* q, float* scale, uint32_t scale_ld, "
+                    "const {T}* gate, const {T}* up, uint64_t ld, uint32_t rows, uint32_t cols, uint8_t* q, "
+                    "float* scale, uint32_t scale_ld, "
                     "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t scale_t_ld, uint32_t rowwise, "
                     "uint32_t colwise",
-                    "fp8train::swiglu_dual_cast_tile<{T}, {POW2}>(h, rows, cols, q, scale, scale_ld, qt, "
+                    "fp8train::swiglu_dual_cast_tile<{T}, {POW2}>(gate, up, ld, rows, cols, q, scale, scale_ld, qt, "
                     "qt_cols, scale_t, scale_t_ld, rowwise != 0, colwise != 0);"),
     "per_token": ("sm90_fp8_cast_per_token.cuh",
                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
@@ -168,32 +169,43 @@ def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: 
     return q, s, qt, st
 
 
-def swiglu_supports(h: torch.Tensor) -> bool:
-    """h [T, 2I] the fused SwiGLU cast takes: what ``supports`` asks, I % 16 == 0 and a
-    16-byte aligned base (every row's units then are), T/128 blocks within grid y."""
-    return (supports(h) and h.dim() == 2 and h.shape[1] % 32 == 0 and h.data_ptr() % 16 == 0
-            and -(-h.shape[0] // GROUP) <= _GRID_YZ)
+def swiglu_supports(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """gate and up [T, I] the fused SwiGLU cast takes: CUDA bf16/fp16/fp32 of one dtype and
+    device, unit column stride and one row stride, I % 16 == 0, every row 16-byte aligned,
+    T/128 blocks within grid y."""
+    if not (gate.is_cuda and gate.dtype in _C_TYPES and gate.dtype == up.dtype and gate.device == up.device
+            and gate.dim() == 2 and gate.shape == up.shape and gate.numel() > 0):
+        return False
+    rows, cols = gate.shape
+    ld = gate.stride(0)
+    return (gate.stride(1) == 1 and up.stride(1) == 1 and up.stride(0) == ld and cols % 16 == 0
+            and (ld * gate.element_size()) % 16 == 0 and gate.data_ptr() % 16 == 0
+            and up.data_ptr() % 16 == 0 and max(rows, cols, ld) <= _U32_MAX
+            and -(-rows // GROUP) <= _GRID_YZ)
 
 
-def swiglu_dual_cast(h: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: bool = True):
-    """h [T, 2I] -> the casts of a = silu(h[:, :I]) * h[:, I:] that ``dual_cast(a)`` gives:
+def swiglu_dual_cast(gate: torch.Tensor, up: torch.Tensor, pow2_scale: bool, rowwise: bool = True,
+                     colwise: bool = True):
+    """gate, up [T, I] -> the casts of a = silu(gate) * up that ``dual_cast(a)`` gives:
     (q [T, I], scale, qt [I, Tp], scale_t), Tp = T rounded up to 128; layouts not asked for
-    are None. The caller checked ``swiglu_supports(h)``."""
-    rows, cols = h.shape[0], h.shape[1] // 2
+    are None. The caller checked ``swiglu_supports(gate, up)``."""
+    rows, cols = gate.shape
     qt_cols = -(-rows // GROUP) * GROUP
     col_blocks = -(-cols // GROUP)
-    dev = h.device
+    dev = gate.device
     q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev) if rowwise else None
     s = empty_scales((rows,), col_blocks, dev) if rowwise else None
     qt = torch.empty(cols, qt_cols, dtype=FP8_DTYPE, device=dev) if colwise else None
     st = empty_scales((cols,), qt_cols // GROUP, dev) if colwise else None
-    if rows == 0 or not (rowwise or colwise):
+    if not (rowwise or colwise):
         return q, s, qt, st
-    _kernel("swiglu_dual", h.dtype, bool(pow2_scale), dev.index).launch(
-        (col_blocks, -(-rows // GROUP)), _THREADS, 2 * GROUP * GROUP * h.dtype.itemsize,
-        (h.data_ptr(), rows, cols, _ptr(q), _ptr(s), s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols,
-         _ptr(st), st.stride(-1) if colwise else 0, int(rowwise), int(colwise)),
-        (_vp, _u32, _u32, _vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32, _u32), _raw_stream(dev.index))
+    _kernel("swiglu_dual", gate.dtype, bool(pow2_scale), dev.index).launch(
+        (col_blocks, -(-rows // GROUP)), _THREADS, 2 * GROUP * GROUP * gate.element_size(),
+        (gate.data_ptr(), up.data_ptr(), gate.stride(0), rows, cols, _ptr(q), _ptr(s),
+         s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols, _ptr(st), st.stride(-1) if colwise else 0,
+         int(rowwise), int(colwise)),
+        (_vp, _vp, ctypes.c_uint64, _u32, _u32, _vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32, _u32),
+        _raw_stream(dev.index))
     return q, s, qt, st
 
 

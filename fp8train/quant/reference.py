@@ -58,16 +58,16 @@ def dual_cast_ref(x: torch.Tensor, pow2_scale: bool = False):
     return (*per_token_cast_ref(x, pow2_scale), xt_fp8, xt_scale)
 
 
-def swiglu_ref(h: torch.Tensor) -> torch.Tensor:
-    """SwiGLU of h = [gate | up] ``[T, 2I]``: ``silu(gate) * up`` in h's dtype, as a model
-    computes it (each op rounds to the dtype)."""
-    gate, up = h.chunk(2, dim=-1)
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU ``silu(gate) * up`` in the inputs' dtype, as a model computes it (each op
+    rounds to the dtype)."""
     return F.silu(gate) * up
 
 
-def swiglu_cast_ref(h: torch.Tensor, pow2_scale: bool = False):
-    """The dual cast (``dual_cast_ref``) of ``swiglu_ref(h)``: what the fused kernel writes."""
-    return dual_cast_ref(swiglu_ref(h), pow2_scale)
+def swiglu_cast_ref(gate: torch.Tensor, up: torch.Tensor, pow2_scale: bool = False):
+    """The dual cast (``dual_cast_ref``) of ``swiglu_ref(gate, up)``: what the fused kernel
+    writes."""
+    return dual_cast_ref(swiglu_ref(gate, up), pow2_scale)
 
 
 def per_block_cast_dual_ref(w: torch.Tensor, pow2_scale: bool = False):
