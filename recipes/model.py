@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fp8train.nn import MoE
+from fp8train.nn import MoE, swiglu_linear
 
 from .config import ModelConfig
 
@@ -65,7 +65,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); once w2 is an FP8Linear it makes the product inside its
+    input casts (``fp8train.nn.swiglu_linear``: the same bits)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -74,7 +75,7 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return swiglu_linear(self.w2, self.w1(x), self.w3(x))
 
 
 def moe_block(cfg: ModelConfig) -> MoE:

@@ -297,3 +297,28 @@ def test_hf_experts_on_256_row_segments_give_the_bits_of_128_row_ones(monkeypatc
     monkeypatch.setattr(hf_experts, "segment_rows_for", lambda assignments, experts: 128)
     for a, b in zip(got, _experts_step(experts, tokens, top_k, seed=3)):
         assert torch.equal(a, b)
+
+
+def test_swiglu_mlps_fuse_the_product_into_the_down_projection():
+    """Llama's MLP (its forward is the standard SwiGLU, act SiLU) gets the fused forward
+    after conversion: the same loss and gradients as its own forward on the same FP8 layers;
+    a deep copy keeps the fused forward bound to the copy."""
+    model = tiny_model("llama", seed=7)
+    fp8train.convert_to_fp8(model)
+    mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
+    assert mlps and all("forward" in vars(m) for m in mlps)
+    unfused = copy.deepcopy(model)
+    for m in unfused.modules():
+        if type(m).__name__ == "LlamaMLP":
+            assert m.forward.__self__ is m
+            del m.forward
+    ids = batch(2)
+    losses = []
+    for net in (model, unfused):
+        loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    grads = dict(unfused.named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(param.grad, grads[name].grad), name

@@ -7,8 +7,8 @@ from .fp8_weight import FP8BlockWeight
 from .fsdp import FP8AllGatherWeight, enable_fp8_all_gather
 from .hf_checkpoint import save_pretrained_fp8
 from .grouped_linear import FP8GroupedLinear, FP8GroupedLinearFunction, GroupedLinear
-from .linear import FP8Linear
-from .linear_function import FP8LinearFunction, fp8_linear
+from .linear import FP8Linear, swiglu_linear
+from .linear_function import FP8LinearFunction, FP8SwiGLULinearFunction, fp8_linear, fp8_swiglu_linear
 from .moe import FP8MoE, MoE, Router, SwiGLUMLP
 from .moe_layout import MoELayout, build_moe_layout, permute, segment_rows_for, unpermute
 from .recipe import RECIPES, FP8Recipe
@@ -17,6 +17,9 @@ __all__ = [
     "FP8Linear",
     "FP8LinearFunction",
     "fp8_linear",
+    "FP8SwiGLULinearFunction",
+    "fp8_swiglu_linear",
+    "swiglu_linear",
     "FP8Recipe",
     "RECIPES",
     "GroupedLinear",

@@ -77,7 +77,8 @@ def convert_to_fp8(model: nn.Module, recipe: Optional[FP8Recipe] = None,
 
     Hugging Face transformers models (see ``fp8train.nn.hf``, docs/hf.md) also keep their
     routers in high precision and run their fused experts modules through the grouped FP8
-    GEMMs (experts implementation ``"fp8train"``); their state_dict stays as it was.
+    GEMMs (experts implementation ``"fp8train"``); their SwiGLU MLPs make the product inside
+    the FP8 down projection's casts; their state_dict stays as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -132,6 +133,7 @@ def convert_to_fp8(model: nn.Module, recipe: Optional[FP8Recipe] = None,
     if hf is not None:
         hf.convert_experts(model, recipe, filter_fn, report)
         hf.skip_routers(model, report)
+        hf.fuse_swiglu_mlps(model)
     return report
 
 

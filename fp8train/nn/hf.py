@@ -14,12 +14,17 @@
   default SwiGLU gate runs inside the second projection's casts. So
   ``state_dict``, ``save_pretrained`` and ``from_pretrained`` see exactly the model they
   saw before.
+- SwiGLU MLPs (``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a plain SiLU, checked
+  on the class's own source) whose down projection is an ``FP8Linear`` compute the product
+  inside its input casts (``fuse_swiglu_mlps``).
 
 transformers is imported here only, and only when an HF model is converted.
 """
 from __future__ import annotations
 
 import functools
+import inspect
+import types
 from typing import Callable, Optional
 
 import torch
@@ -27,6 +32,7 @@ from torch import nn
 
 from .._checks import check_tensor
 from .grouped_linear import FP8GroupedLinearFunction, _forward as _grouped_forward
+from .linear import FP8Linear, swiglu_linear
 from .linear_function import GROUP, check_main_grad, compute_dtype
 from .moe_layout import build_moe_layout, segment_rows_for, unpermute
 from .recipe import FP8Recipe
@@ -205,6 +211,44 @@ def convert_experts(model: nn.Module, recipe: FP8Recipe, filter_fn, report) -> N
         module.config._experts_implementation_internal = EXPERTS_IMPLEMENTATION
     if hasattr(model, "set_experts_implementation") and hasattr(model, "config"):
         model.config._experts_implementation_internal = EXPERTS_IMPLEMENTATION
+
+
+# The bodies of transformers' SwiGLU MLP forwards (Llama, Mistral, Qwen2/3 and the dense
+# MLPs of their MoE variants), whitespace removed: the modules fuse_swiglu_mlps may fuse.
+_SWIGLU_MLP_BODIES = ("down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))returndown_proj",
+                      "returnself.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))")
+
+
+@functools.lru_cache(maxsize=None)
+def _is_swiglu_mlp_class(cls: type) -> bool:
+    """Whether ``cls.forward`` is, to the character, ``down_proj(act_fn(gate_proj(x)) *
+    up_proj(x))``: only then does the fused forward compute what the class computes."""
+    try:
+        lines = inspect.getsource(cls.forward).splitlines()
+    except (OSError, TypeError):
+        return False
+    return (len(lines) > 1 and lines[0].strip().startswith("def forward(self, x")
+            and "".join("".join(lines[1:]).split()) in _SWIGLU_MLP_BODIES)
+
+
+def _swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A transformers SwiGLU MLP's forward with the product made inside the FP8 down
+    projection's input casts (``swiglu_linear``): the same bits as the class's own."""
+    return swiglu_linear(self.down_proj, self.gate_proj(x), self.up_proj(x))
+
+
+def fuse_swiglu_mlps(model: nn.Module) -> None:
+    """Give every transformers SwiGLU MLP whose down projection is an ``FP8Linear`` and
+    whose activation is a plain SiLU the fused forward (an instance attribute: the class,
+    its parameters and its state_dict are unchanged)."""
+    silu_types = _default_gate_parts()[1]
+    for module in model.modules():
+        if ("forward" not in vars(module) and isinstance(getattr(module, "down_proj", None), FP8Linear)
+                and type(getattr(module, "act_fn", None)) in silu_types
+                and isinstance(getattr(module, "gate_proj", None), nn.Module)
+                and isinstance(getattr(module, "up_proj", None), nn.Module)
+                and _is_swiglu_mlp_class(type(module))):
+            module.forward = types.MethodType(_swiglu_mlp_forward, module)
 
 
 def skip_routers(model: nn.Module, report) -> None:

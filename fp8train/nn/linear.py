@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .linear_function import GROUP, fp8_linear
+from .linear_function import GROUP, fp8_linear, fp8_swiglu_linear
 from .recipe import FP8Recipe
 
 
@@ -67,8 +68,22 @@ class FP8Linear(nn.Linear):
         module.train(linear.training)
         return module
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, swiglu_up: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``nn.Linear``'s forward; with ``swiglu_up`` the layer reads silu(input) * swiglu_up
+        (the down projection of a SwiGLU MLP, input the gate), cast to FP8 as it is made
+        (``fp8_swiglu_linear``)."""
+        if swiglu_up is not None:
+            return fp8_swiglu_linear(input, swiglu_up, self.weight, self.bias, self.recipe)
         return fp8_linear(input, self.weight, self.bias, self.recipe)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe}"
+
+
+def swiglu_linear(down_proj: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``down_proj(F.silu(gate) * up)``, a SwiGLU MLP's down projection: an ``FP8Linear``
+    makes the product inside its input casts (the same bits, output and gradients, without
+    the high-precision product); any other module reads the product."""
+    if isinstance(down_proj, FP8Linear):
+        return down_proj(gate, swiglu_up=up)
+    return down_proj(F.silu(gate) * up)

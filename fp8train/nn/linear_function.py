@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .._autocast import autocast_off
 from .._checks import FLOAT_DTYPES, check_tensor
@@ -125,16 +126,26 @@ def saved_for_backward(x_hp, xt_fp8, xt_scale, weight, w_t_fp8, w_t_scale, recip
 
 
 def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
-             need_dx: bool, need_dw: bool):
+             need_dx: bool, need_dw: bool, up: Optional[torch.Tensor] = None):
     """The forward GEMM, and what backward needs for the gradients asked for (None for
-    the rest): (y, (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight))."""
+    the rest): (y, (xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight)). With ``up`` the
+    layer's input is silu(x) * up (SwiGLU, x the gate)."""
     n, k = weight.shape
-    x_hp = x.reshape(-1, k)  # [T, K]
     pow2, backend = recipe.pow2_scale, recipe.backend_arg
+    colwise = need_dw and recipe.wgrad_fp8
     with autocast_off(x.device.type):
-        # Sibling layers reading the same x (q/k/v, gate/up) share one cast of it.
-        x_fp8, x_scale, xt_fp8, xt_scale = cast_input_layouts(
-            x, x_hp, pow2, recipe.fprop_fp8, need_dw and recipe.wgrad_fp8, backend)
+        if up is not None and recipe.fprop_fp8 and not (need_dw and not recipe.wgrad_fp8):
+            # SwiGLU inside the casts: its high-precision product is never written.
+            x_hp = None
+            x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_swiglu_layouts(
+                x.reshape(-1, k), up.reshape(-1, k), pow2, True, colwise, backend)
+        else:
+            if up is not None:  # a high-precision GEMM reads the product
+                x = F.silu(x) * up
+            x_hp = x.reshape(-1, k)  # [T, K]
+            # Sibling layers reading the same x (q/k/v, gate/up) share one cast of it.
+            x_fp8, x_scale, xt_fp8, xt_scale = cast_input_layouts(
+                x, x_hp, pow2, recipe.fprop_fp8, colwise, backend)
         if recipe.fprop_fp8:
             # Bias is added in FP32 before the single rounding to out_dtype.
             y_dtype = gemm_out_dtype(out_dtype) if bias is None else torch.float32
@@ -177,44 +188,86 @@ class FP8LinearFunction(torch.autograd.Function):
                                               and weight.requires_grad)
         y, saved = _forward(x, weight, bias, recipe, out_dtype, need_dx, need_dw)
         ctx.save_for_backward(*saved)
-        ctx.recipe = recipe
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.w_dtype, ctx.has_bias = weight.dtype, bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.num_tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        ctx.need_dw = need_dw
+        _save_context(ctx, x, weight, bias, recipe, need_dw)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight = ctx.saved_tensors
-        recipe: FP8Recipe = ctx.recipe
-        backend = recipe.backend_arg
-        # Autograd may hand an expanded (stride-0) gradient; the GEMMs need K-major rows.
-        grad_out_hp = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()  # [T, N]
-        need_dx = ctx.needs_input_grad[0]
-        need_dw = ctx.need_dw
-        need_db = ctx.has_bias and ctx.needs_input_grad[2]
-        db = None
-        with autocast_off(grad_out.device.type):
-            dgrad_q = need_dx and recipe.dgrad_fp8
-            wgrad_q = need_dw and recipe.wgrad_fp8 and ctx.num_tokens > 0
-            if (dgrad_q and wgrad_q and w_t_fp8 is None and _plain_weight(weight)
-                    and not recipe.accumulate_into_main_grad):
-                # The default recipe: the whole backward in one op.
-                dx, dw = ops.linear_grads(grad_out_hp, weight, xt_fp8, xt_scale, recipe.pow2_scale,
-                                          gemm_out_dtype(ctx.x_dtype), backend)
-                dx, dw = dx.to(ctx.x_dtype).reshape(ctx.x_shape), dw.to(ctx.w_dtype)
-            else:
-                dx, dw = _grads_op_by_op(ctx, grad_out_hp, xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale,
-                                         weight, dgrad_q, wgrad_q)
-            if need_db:
-                db = grad_out_hp.float().sum(0).to(ctx.bias_dtype)
+        dx, dw, db = _backward(ctx, grad_out, ctx.saved_tensors, ctx.needs_input_grad[0],
+                               ctx.has_bias and ctx.needs_input_grad[2])
         return dx, dw, db, None, None
 
 
+class FP8SwiGLULinearFunction(torch.autograd.Function):
+    """Autograd of ``y = (silu(gate) * up) @ weight.T + bias`` on FP8 GEMMs, SwiGLU made
+    inside the input casts (``quant.swiglu_cast``) where fprop and wgrad are FP8.
+
+    ``apply(gate, up, weight, bias, recipe, out_dtype)``: gate and up ``[..., K]`` of one
+    shape and dtype; see ``FP8LinearFunction``. Prefer ``fp8_swiglu_linear``.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype):
+        need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_dw = ctx.needs_input_grad[2] or (recipe.accumulate_into_main_grad
+                                              and weight.requires_grad)
+        y, saved = _forward(gate, weight, bias, recipe, out_dtype, need_dx, need_dw, up=up)
+        # SwiGLU's backward reads gate and up (the layer keeps no high-precision product).
+        ctx.save_for_backward(*saved, *((gate, up) if need_dx else (None, None)))
+        _save_context(ctx, gate, weight, bias, recipe, need_dw)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        *saved, gate, up = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        dx, dw, db = _backward(ctx, grad_out, tuple(saved), need_dx,
+                               ctx.has_bias and ctx.needs_input_grad[3])
+        dgate = dup = None
+        if dx is not None:  # autograd's own ops for F.silu(gate) * up: the same bits
+            dgate = torch.ops.aten.silu_backward(dx * up, gate)
+            dup = dx * F.silu(gate)
+        return dgate, dup, dw, db, None, None
+
+
+def _save_context(ctx, x, weight, bias, recipe: FP8Recipe, need_dw: bool) -> None:
+    """What backward reads besides the saved tensors (x: the layer's input, or the gate)."""
+    ctx.recipe = recipe
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.w_dtype, ctx.has_bias = weight.dtype, bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.num_tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    ctx.need_dw = need_dw
+
+
+def _backward(ctx, grad_out, saved: tuple, need_dx: bool, need_db: bool):
+    """(dx, dw, db) of the linear layer, None where not needed."""
+    xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight = saved
+    recipe: FP8Recipe = ctx.recipe
+    backend = recipe.backend_arg
+    # Autograd may hand an expanded (stride-0) gradient; the GEMMs need K-major rows.
+    grad_out_hp = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()  # [T, N]
+    need_dw = ctx.need_dw
+    db = None
+    with autocast_off(grad_out.device.type):
+        dgrad_q = need_dx and recipe.dgrad_fp8
+        wgrad_q = need_dw and recipe.wgrad_fp8 and ctx.num_tokens > 0
+        if (dgrad_q and wgrad_q and w_t_fp8 is None and _plain_weight(weight)
+                and not recipe.accumulate_into_main_grad):
+            # The default recipe: the whole backward in one op.
+            dx, dw = ops.linear_grads(grad_out_hp, weight, xt_fp8, xt_scale, recipe.pow2_scale,
+                                      gemm_out_dtype(ctx.x_dtype), backend)
+            dx, dw = dx.to(ctx.x_dtype).reshape(ctx.x_shape), dw.to(ctx.w_dtype)
+        else:
+            dx, dw = _grads_op_by_op(ctx, grad_out_hp, xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale,
+                                     weight, need_dx, dgrad_q, wgrad_q)
+        if need_db:
+            db = grad_out_hp.float().sum(0).to(ctx.bias_dtype)
+    return dx, dw, db
+
+
 def _grads_op_by_op(ctx, grad_out_hp, xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale, weight,
-                    dgrad_q: bool, wgrad_q: bool):
+                    need_dx: bool, dgrad_q: bool, wgrad_q: bool):
     """(dx, dw) for every recipe, one cast or GEMM op at a time; None where not needed
     (dw also with ``accumulate_into_main_grad``, which adds into ``weight.main_grad``)."""
     recipe: FP8Recipe = ctx.recipe
@@ -222,7 +275,7 @@ def _grads_op_by_op(ctx, grad_out_hp, xt_fp8, xt_scale, x_hp, w_t_fp8, w_t_scale
     dx = dw = None
     dy_fp8, dy_scale, dyt_fp8, dyt_scale, w_t_fp8, w_t_scale = backward_operands(
         grad_out_hp, weight, w_t_fp8, w_t_scale, recipe, dgrad_q, wgrad_q)
-    if ctx.needs_input_grad[0]:
+    if need_dx:
         if recipe.dgrad_fp8:
             dx = ops.gemm_nt(dy_fp8, dy_scale, w_t_fp8, w_t_scale, gemm_out_dtype(ctx.x_dtype), backend)
         else:
@@ -253,6 +306,24 @@ def check_main_grad(weight: torch.Tensor) -> None:
                          f"{getattr(main_grad, 'dtype', main_grad)!r}")
 
 
+def _check_linear_args(x, weight, bias, recipe: FP8Recipe, x_name: str) -> None:
+    """The checks fp8_linear and fp8_swiglu_linear share (x: the input, or the gate)."""
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndims=(2,))
+    n, k = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{x_name}: expected shape [..., {k}] to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(x.shape)}")
+    if recipe.any_fp8 and (n % GROUP or k % GROUP or n == 0 or k == 0):
+        raise ValueError(f"weight: FP8 GEMMs need out_features and in_features to be positive "
+                         f"multiples of {GROUP}, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndims=(1,))
+        if bias.shape[0] != n:
+            raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
+    if recipe.accumulate_into_main_grad:
+        check_main_grad(weight)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                recipe: Optional[FP8Recipe] = None) -> torch.Tensor:
     """``F.linear`` on FP8 GEMMs: x ``[..., K]`` (any float dtype, any leading shape),
@@ -264,20 +335,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if not isinstance(recipe, FP8Recipe):
         raise TypeError(f"recipe: expected an FP8Recipe or None, got {type(recipe).__name__}")
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndims=(2,))
-    n, k = weight.shape
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"x: expected shape [..., {k}] to match weight {tuple(weight.shape)}, "
-                         f"got {tuple(x.shape)}")
-    if recipe.any_fp8 and (n % GROUP or k % GROUP or n == 0 or k == 0):
-        raise ValueError(f"weight: FP8 GEMMs need out_features and in_features to be positive "
-                         f"multiples of {GROUP}, got shape {tuple(weight.shape)}")
-    if bias is not None:
-        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndims=(1,))
-        if bias.shape[0] != n:
-            raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
-    if recipe.accumulate_into_main_grad:
-        check_main_grad(weight)
+    _check_linear_args(x, weight, bias, recipe, "x")
     out_dtype = compute_dtype(x)
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad or (
             bias is not None and bias.requires_grad)):
@@ -285,3 +343,28 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         # say True under no_grad).
         return _forward(x, weight, bias, recipe, out_dtype, False, False)[0]
     return FP8LinearFunction.apply(x, weight, bias, recipe, out_dtype)
+
+
+def fp8_swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None,
+                      recipe: Optional[FP8Recipe] = None) -> torch.Tensor:
+    """``F.linear(F.silu(gate) * up, weight, bias)`` on FP8 GEMMs, the SwiGLU product cast
+    to FP8 as it is made (never written in high precision where fprop and wgrad are FP8):
+    the down projection of a SwiGLU MLP. gate and up ``[..., K]`` of one shape, dtype and
+    device; weight ``[N, K]``; the same bits, output and gradients, as ``fp8_linear`` on
+    ``F.silu(gate) * up``.
+    """
+    recipe = FP8Recipe() if recipe is None else recipe
+    if not isinstance(recipe, FP8Recipe):
+        raise TypeError(f"recipe: expected an FP8Recipe or None, got {type(recipe).__name__}")
+    check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
+    check_tensor("up", up, dtypes=(gate.dtype,))
+    if up.shape != gate.shape or up.device != gate.device:
+        raise ValueError(f"up: expected gate's shape {tuple(gate.shape)} on {gate.device}, got "
+                         f"{tuple(up.shape)} on {up.device}")
+    _check_linear_args(gate, weight, bias, recipe, "gate")
+    out_dtype = compute_dtype(gate)
+    if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad or weight.requires_grad
+                                           or (bias is not None and bias.requires_grad)):
+        return _forward(gate, weight, bias, recipe, out_dtype, False, False, up=up)[0]
+    return FP8SwiGLULinearFunction.apply(gate, up, weight, bias, recipe, out_dtype)

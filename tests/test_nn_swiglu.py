@@ -1,0 +1,99 @@
+"""SwiGLU fused into a down projection's FP8 input casts (fp8_swiglu_linear, FP8Linear's
+swiglu_up, swiglu_linear): the same bits as fp8_linear on F.silu(gate) * up, output and
+every gradient, for every recipe; the product made in high precision only where a
+high-precision GEMM reads it; compiled in one graph."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp8train.nn import FP8Linear, FP8Recipe, SwiGLUMLP, fp8_linear, fp8_swiglu_linear, swiglu_linear
+from fp8train.quant import casts
+from numerics import rand
+
+warnings.filterwarnings("ignore", message="fp8train: .* runs on the reference")
+
+RECIPES = [FP8Recipe(), FP8Recipe(pow2_scale=True, save_fp8_weight=True), FP8Recipe.from_name("wgrad_hp"),
+           FP8Recipe.from_name("fprop_only"), FP8Recipe(fprop_fp8=False), FP8Recipe(dgrad_fp8=False)]
+
+
+def count_fused(monkeypatch) -> list:
+    calls = []
+    original = casts.swiglu_cast
+    monkeypatch.setattr(casts, "swiglu_cast", lambda *a, **kw: calls.append(kw.get("colwise", True))
+                        or original(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=str)
+@pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, False), (torch.float32, True)])
+def test_swiglu_linear_equals_linear_on_silu_gate_times_up(recipe, dtype, bias, monkeypatch):
+    calls = count_fused(monkeypatch)
+    torch.manual_seed(0)
+    weight = rand(256, 128, seed=1, dtype=dtype).requires_grad_()
+    b = rand(256, seed=2, dtype=dtype).requires_grad_() if bias else None
+    gate, up = rand(2, 100, 128, seed=3, dtype=dtype), rand(2, 100, 128, seed=4, dtype=dtype) * 3
+    grad_out = rand(2, 100, 256, seed=5, dtype=dtype)
+    results = []
+    for fused in (True, False):
+        g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        w = weight.detach().clone().requires_grad_()
+        bb = None if b is None else b.detach().clone().requires_grad_()
+        y = fp8_swiglu_linear(g, u, w, bb, recipe) if fused else fp8_linear(F.silu(g) * u, w, bb, recipe)
+        y.backward(grad_out)
+        results.append([y, g.grad, u.grad, w.grad] + ([bb.grad] if bias else []))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    fused_path = recipe.fprop_fp8 and recipe.wgrad_fp8
+    assert calls == ([True] if fused_path else [])
+    calls.clear()
+    with torch.no_grad():  # inference: the row-wise cast alone
+        assert torch.equal(fp8_swiglu_linear(gate, up, weight, b, recipe), results[0][0])
+    assert calls == ([False] if recipe.fprop_fp8 else [])
+
+
+def test_fp8_linear_swiglu_up_goes_through_the_module_call(monkeypatch):
+    """FP8Linear(gate, swiglu_up=up) runs through nn.Module.__call__ (FSDP2's hooks see it),
+    and swiglu_linear picks it for an FP8Linear, the product for anything else."""
+    layer = FP8Linear(128, 256, bias=False)
+    seen = []
+    layer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(sorted(kwargs)), with_kwargs=True)
+    gate, up = rand(64, 128, seed=1), rand(64, 128, seed=2)
+    assert torch.equal(swiglu_linear(layer, gate, up), fp8_linear(F.silu(gate) * up, layer.weight))
+    assert seen == [["swiglu_up"]]
+    plain = nn.Linear(128, 256, bias=False)
+    assert torch.equal(swiglu_linear(plain, gate, up), plain(F.silu(gate) * up))
+
+
+def test_converted_swiglu_mlp_matches_its_unfused_self_and_compiles(monkeypatch):
+    calls = count_fused(monkeypatch)
+    torch.manual_seed(0)
+    mlp = SwiGLUMLP(128, 256)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(mlp, name, FP8Linear.from_linear(getattr(mlp, name)))
+    unfused = copy.deepcopy(mlp)
+    unfused.forward = lambda x: unfused.down_proj(F.silu(unfused.gate_proj(x)) * unfused.up_proj(x))
+    x = rand(3, 40, 128, seed=5)
+    grads = []
+    for module in (mlp, unfused):
+        xi = x.clone().requires_grad_()
+        module(xi).square().sum().backward()
+        grads.append([xi.grad] + [p.grad for p in module.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    assert calls == [True]
+    compiled = torch.compile(lambda inp: mlp(inp).square().sum(), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), mlp(x).square().sum())
+
+
+def test_swiglu_argument_checks():
+    w = torch.ones(256, 128)
+    with pytest.raises(ValueError, match=r"up: expected gate's shape \(4, 128\)"):
+        fp8_swiglu_linear(torch.ones(4, 128), torch.ones(5, 128), w)
+    with pytest.raises(TypeError, match="up"):
+        fp8_swiglu_linear(torch.ones(4, 128), torch.ones(4, 128, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match=r"gate: expected shape \[\.\.\., 128\]"):
+        fp8_swiglu_linear(torch.ones(4, 64), torch.ones(4, 64), w)
