@@ -1,10 +1,10 @@
 // SwiGLU fused into the dual cast: gate and up [T, I] (rows ld elements apart in both: two
 // tensors, or the halves of one [T, 2I] as h.chunk(2, -1) splits it) -> the row-wise 1x128
 // cast of a = silu(gate) * up along I and the column-wise cast of a.T along T (zero-padded
-// to qt_cols), a itself never written. Bit-
-// identical to casting torch's F.silu(gate) * up on the GPU: silu computed in float as
-// g / (1 + exp(-g)) (ATen's CUDA kernel, no fast math) and rounded to T, then the product in
-// float rounded to T; the casts are the dual cast's (sm90_fp8_cast_dual_async.cuh).
+// to qt_cols), a itself never written. Bit-identical to casting torch's F.silu(gate) * up
+// on the GPU: silu computed in float as g / (1 + exp(-g)) (ATen's CUDA kernel, no fast
+// math) and rounded to T, then the product in float rounded to T; the casts are the dual
+// cast's (sm90_fp8_cast_dual_async.cuh).
 //
 // One 128 x 128 tile of a per block: gate's and up's tiles are staged by cp.async (2 x 32 KB
 // for bf16/fp16, 3 blocks per SM), each thread then turns the units it staged into a's in

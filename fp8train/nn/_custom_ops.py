@@ -165,7 +165,8 @@ def cast_swiglu(gate: Tensor, up: Tensor, pow2_scale: bool, backend: str) -> Tup
     high precision; the scale packed."""
     if gate.shape[0] == 0:
         return _fake_rowwise(gate)
-    q, scale = _casts.swiglu_cast(gate, up, colwise=False, pow2_scale=pow2_scale, backend=_backend(backend))[:2]
+    q, scale = _casts.swiglu_cast(gate, up, colwise=False, pow2_scale=pow2_scale,
+                                  backend=_backend(backend))[:2]
     return q, scale_layout.pack(scale)
 
 

@@ -259,13 +259,14 @@ class GroupedLinear(nn.Module):
 class FP8GroupedLinear(GroupedLinear):
     """``GroupedLinear`` with FP8 fprop, dgrad (m-grouped GEMMs) and wgrad (k-grouped).
 
-    ``forward(x, group_offsets, src_tokens=None, segment_rows=128)``: x ``[M, K]`` (M a
-    multiple of segment_rows), rows sorted by expert, or x the tokens ``[T, K]`` and
-    ``src_tokens`` int64 ``[M]`` the token of each row (the permutation then happens inside
-    the FP8 casts); group_offsets int32 ``[G+1]``, multiples of segment_rows (128 or 256)
-    from 0 to M: the native kernel trusts that promise. in_features and out_features must be multiples
-    of 128. Output ``[M, N]`` in x's dtype (or autocast's), computed through the kernels'
-    BF16 output.
+    ``forward(x, group_offsets, src_tokens=None, segment_rows=128, swiglu=False)``: x
+    ``[M, K]`` (M a multiple of segment_rows), rows sorted by expert, or x the tokens
+    ``[T, K]`` and ``src_tokens`` int64 ``[M]`` the token of each row (the permutation then
+    happens inside the FP8 casts), or with ``swiglu`` x the rows [gate | up] ``[M, 2K]``
+    (silu(gate) * up made inside the casts); group_offsets int32 ``[G+1]``, multiples of
+    segment_rows (128 or 256) from 0 to M: the native kernel trusts that promise.
+    in_features and out_features must be multiples of 128. Output ``[M, N]`` in x's dtype
+    (or autocast's), computed through the kernels' BF16 output.
     """
 
     def __init__(self, num_experts: int, in_features: int, out_features: int,

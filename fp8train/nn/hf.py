@@ -215,8 +215,8 @@ def convert_experts(model: nn.Module, recipe: FP8Recipe, filter_fn, report) -> N
 
 # The bodies of transformers' SwiGLU MLP forwards (Llama, Mistral, Qwen2/3 and the dense
 # MLPs of their MoE variants), whitespace removed: the modules fuse_swiglu_mlps may fuse.
-_SWIGLU_MLP_BODIES = ("down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))returndown_proj",
-                      "returnself.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))")
+_SWIGLU_PRODUCT = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
+_SWIGLU_MLP_BODIES = (f"down_proj={_SWIGLU_PRODUCT}returndown_proj", f"return{_SWIGLU_PRODUCT}")
 
 
 @functools.lru_cache(maxsize=None)
