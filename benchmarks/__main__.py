@@ -1,4 +1,4 @@
-"""Benchmarks on a Hopper GPU: ``python -m benchmarks gemm|grouped|linear|moe|quant|hf``, run
+"""Benchmarks on a Hopper GPU: ``python -m benchmarks gemm|grouped|linear|moe|mlp|quant|hf``, run
 from the root of a source checkout (they are not part of the installed package).
 
 Each suite first checks correctness against the reference, then prints its table; ratios
@@ -12,7 +12,7 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("suite", choices=["gemm", "grouped", "linear", "moe", "quant", "hf"],
+    parser.add_argument("suite", choices=["gemm", "grouped", "linear", "moe", "mlp", "quant", "hf"],
                         help="which benchmark to run")
     parser.add_argument("--shapes", default=None,
                         help="only these shapes, e.g. '4096,7168,2048;128,2112,7168'")
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         from .quant import run as run_quant
 
         return run_quant(args.json)
-    if args.suite in ("linear", "moe"):
+    if args.suite in ("linear", "moe", "mlp"):
         from .layers import run_suite
 
         return run_suite(args.suite, args.json)

@@ -1,5 +1,8 @@
-"""``python -m benchmarks linear|moe``: forward+backward of the FP8 modules against the
-same modules in BF16, timed on the GPU the way DESIGN.md times the anchors.
+"""``python -m benchmarks linear|moe|mlp``: forward+backward of the FP8 modules against the
+same modules in BF16, timed on the GPU the way DESIGN.md times the anchors. ``mlp`` is a
+SwiGLU MLP (gate, up, down) whose FP8 down projection makes silu(gate) * up inside its input
+casts, timed beside the same FP8 layers with the product made first (what that fusion
+saves).
 
 Each row also checks the FP8 layer's output and gradients against the BF16 layer (relative
 error within FP8 bounds) before timing, and reports peak memory of one step.
@@ -14,7 +17,9 @@ import torch
 import torch.nn as nn
 
 from fp8train import ops
-from fp8train.nn import FP8Linear, FP8MoE, MoE
+import torch.nn.functional as F
+
+from fp8train.nn import FP8Linear, FP8MoE, MoE, SwiGLUMLP
 from .tensorwise_linear import tensorwise_twin, torchao_twin
 from .timing import time_calls
 
@@ -23,9 +28,11 @@ LINEAR_BARS = {(16384, 4096, 14336): 1.6, (16384, 7168, 2048): 1.3}
 # (tokens, hidden, expert dim, experts, top-k): the MoE target is >= 1.4x.
 MOE_SHAPES = [(16384, 4096, 2048, 8, 2)]
 MOE_BAR = 1.4
+# (tokens, hidden, intermediate): a 1B and an 8B Llama's MLP at 16,384 tokens. No bar.
+MLP_SHAPES = [(16384, 2048, 8192), (16384, 4096, 14336)]
 # Relative-error limits (out, dx, dW) vs BF16: one FP8 GEMM per linear path, up to four
 # chained in an MoE (tests/test_nn_* derive the same bounds).
-LIMITS = {"linear": (0.05, 0.08, 0.08), "moe": (0.1, 0.15, 0.15)}
+LIMITS = {"linear": (0.05, 0.08, 0.08), "moe": (0.1, 0.15, 0.15), "mlp": (0.1, 0.15, 0.15)}
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -115,12 +122,34 @@ def build_moe(t, hidden, expert_dim, experts, top_k, device):
     return base, FP8MoE.from_moe(copy.deepcopy(base))
 
 
+class UnfusedSwiGLUMLP(nn.Module):
+    """``SwiGLUMLP``'s layers with the product made before the down projection reads it."""
+
+    def __init__(self, mlp: SwiGLUMLP):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def build_mlp(t, hidden, intermediate, device):
+    base = SwiGLUMLP(hidden, intermediate, device=device, dtype=torch.bfloat16)
+    fp8 = copy.deepcopy(base)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(fp8, name, FP8Linear.from_linear(getattr(fp8, name)))
+    return base, fp8
+
+
+BUILDERS = {"linear": (build_linear, LINEAR_SHAPES), "moe": (build_moe, MOE_SHAPES), "mlp": (build_mlp, MLP_SHAPES)}
+
+
 def run_suite(suite: str, json_path: str | None, backends=("auto", "native")) -> int:
     device = torch.device("cuda")
     rows, failures = [], 0
-    shapes = LINEAR_SHAPES if suite == "linear" else MOE_SHAPES
+    build, shapes = BUILDERS[suite]
     for shape in shapes:
-        base, fp8 = (build_linear if suite == "linear" else build_moe)(*shape, device)
+        base, fp8 = build(*shape, device)
         t, k = shape[0], shape[1]
         n_out = shape[2] if suite == "linear" else shape[1]
         gen = torch.Generator(device=device).manual_seed(0)
@@ -156,6 +185,13 @@ def run_suite(suite: str, json_path: str | None, backends=("auto", "native")) ->
                   + f" | peak GiB {bf16_gib:.2f} / {gib:.2f}", flush=True)
         if suite == "linear":
             rows += reference_rows(base, x, grad, shape, bf16_ms, bf16_gib)
+        if suite == "mlp":  # the same FP8 layers without the SwiGLU-fused cast
+            ms, gib = measure(UnfusedSwiGLUMLP(fp8), x, grad)
+            rows.append({"suite": suite, "shape": shape, "backend": "auto, SwiGLU unfused",
+                         "bf16_ms": bf16_ms, "fp8_ms": ms, "speedup": bf16_ms / ms,
+                         "bf16_peak_gib": bf16_gib, "fp8_peak_gib": gib})
+            print(f"{suite} {shape} SwiGLU unfused  {ms:7.3f} ms speedup {bf16_ms / ms:.2f} "
+                  f"| peak GiB {gib:.2f}", flush=True)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
