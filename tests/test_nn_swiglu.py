@@ -97,3 +97,27 @@ def test_swiglu_argument_checks():
         fp8_swiglu_linear(torch.ones(4, 128), torch.ones(4, 128, dtype=torch.bfloat16), w)
     with pytest.raises(ValueError, match=r"gate: expected shape \[\.\.\., 128\]"):
         fp8_swiglu_linear(torch.ones(4, 64), torch.ones(4, 64), w)
+
+
+def test_fused_mlp_keeps_no_swiglu_product_for_backward():
+    """What a step keeps for backward (parameters aside): the BF16 MLP keeps x, gate, silu(gate),
+    up and the product; the FP8 MLP keeps gate and up and FP8 copies of x and the product,
+    about 0.62x here; making the product first would also keep silu(gate) for the product's
+    backward."""
+    from test_nn_linear import saved_bytes
+
+    t, hidden, inter = 1024, 256, 1024
+    bf16 = SwiGLUMLP(hidden, inter, dtype=torch.bfloat16)
+    fp8 = copy.deepcopy(bf16)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(fp8, name, FP8Linear.from_linear(getattr(fp8, name)))
+    x = rand(t, hidden, seed=0, dtype=torch.bfloat16).requires_grad_()
+
+    def unfused():
+        return fp8.down_proj(F.silu(fp8.gate_proj(x)) * fp8.up_proj(x))
+
+    bf16_bytes, _ = saved_bytes(lambda: bf16(x), exclude=list(bf16.parameters()))
+    fused_bytes, _ = saved_bytes(lambda: fp8(x), exclude=list(fp8.parameters()))
+    unfused_bytes, _ = saved_bytes(unfused, exclude=list(fp8.parameters()))
+    assert fused_bytes <= 0.65 * bf16_bytes, (fused_bytes, bf16_bytes)
+    assert unfused_bytes - fused_bytes >= t * inter * 2, (unfused_bytes, fused_bytes)
