@@ -322,3 +322,8 @@ def test_swiglu_mlps_fuse_the_product_into_the_down_projection():
     grads = dict(unfused.named_parameters())
     for name, param in model.named_parameters():
         assert torch.equal(param.grad, grads[name].grad), name
+    # The instance forward traces in one graph (torch.compile of a layer, as bench hf runs).
+    mlp, h = mlps[0], torch.randn(2, 16, model.config.hidden_size)
+    compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(h), mlp(h))
+    torch._dynamo.reset()
