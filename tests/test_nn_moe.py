@@ -399,6 +399,37 @@ def test_fp8_moe_on_256_row_segments_gives_the_bits_of_128_row_ones(monkeypatch)
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_unpermute_gives_autograds_bits_and_keeps_the_rows_not_their_fp32_copy(dtype):
+    """unpermute's Function against the same sum written as plain autograd ops: the output
+    and both gradients bit for bit; what backward keeps is y (the padded rows in y's dtype),
+    not the FP32 gathered rows autograd's multiply would keep."""
+    from test_nn_linear import saved_bytes
+
+    torch.manual_seed(0)
+    t, k, h = 2048, 4, 128  # padding: at most 127 rows for each of 8 experts against 8192
+    layout = build_moe_layout(torch.stack([torch.randperm(8)[:k] for _ in range(t)]), 8)
+    y = rand(layout.num_rows, h, seed=1, dtype=dtype)
+    weights = torch.rand(t, k)
+    grad_out = rand(t, h, seed=2, dtype=dtype)
+
+    def plain(y, weights):
+        rows = y[layout.dest_rows].view(t, k, h)
+        return (rows.float() * weights.float().unsqueeze(-1)).sum(1).to(y.dtype)
+
+    results, kept = [], []
+    for fn in (lambda a, b: unpermute(a, layout, b), plain):
+        yi, wi = y.clone().requires_grad_(), weights.clone().requires_grad_()
+        kept.append(saved_bytes(lambda: fn(yi, wi))[0])
+        out = fn(yi, wi)
+        out.backward(grad_out)
+        results.append((out, yi.grad, wi.grad))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    if dtype == torch.bfloat16:
+        assert kept[0] <= 0.65 * kept[1], kept
+
+
 def test_layout_rejects_expert_ids_out_of_range():
     from fp8train.nn.moe_layout import build_moe_layout
 

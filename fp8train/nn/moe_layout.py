@@ -152,6 +152,37 @@ def unpermute(y: torch.Tensor, layout: MoELayout, topk_weights: torch.Tensor) ->
     if tuple(topk_weights.shape) != (layout.num_tokens, layout.top_k):
         raise ValueError(f"topk_weights: expected shape {(layout.num_tokens, layout.top_k)}, "
                          f"got {tuple(topk_weights.shape)}")
-    rows = y[layout.dest_rows].view(layout.num_tokens, layout.top_k, y.shape[1])
-    out = (rows.float() * topk_weights.float().unsqueeze(-1)).sum(1)
-    return out.to(y.dtype)
+    return _WeightedCombine.apply(y, layout.dest_rows, topk_weights)
+
+
+def _combine_terms(y: torch.Tensor, dest_rows: torch.Tensor, topk_weights: torch.Tensor):
+    """The FP32 rows ``[T, k, H]`` of every assignment and the FP32 weights ``[T, k, 1]``."""
+    num_tokens, top_k = topk_weights.shape
+    rows = y[dest_rows].view(num_tokens, top_k, y.shape[1]).float()
+    return rows, topk_weights.float().unsqueeze(-1)
+
+
+class _WeightedCombine(torch.autograd.Function):
+    """``unpermute``'s sum with the gradients autograd would give it, op for op (so the same
+    bits), but keeping y itself for backward rather than the FP32 copy of its gathered rows
+    that autograd's multiply would keep (k FP32 rows a token against the padded BF16
+    rows): backward gathers and widens them again."""
+
+    @staticmethod
+    def forward(ctx, y, dest_rows, topk_weights):
+        rows, weights = _combine_terms(y, dest_rows, topk_weights)
+        ctx.save_for_backward(y, dest_rows, topk_weights)
+        return (rows * weights).sum(1).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, dest_rows, topk_weights = ctx.saved_tensors
+        rows, weights = _combine_terms(y, dest_rows, topk_weights)
+        grad = grad_out.float().unsqueeze(1).expand_as(rows)
+        grad_y = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = (grad * weights).to(y.dtype).view(-1, y.shape[1])
+            grad_y = y.new_zeros(y.shape).index_put_((dest_rows,), grad_rows, accumulate=True)
+        if ctx.needs_input_grad[2]:
+            grad_weights = (grad * rows).sum(-1).to(topk_weights.dtype)
+        return grad_y, None, grad_weights
