@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
 # Nsight Compute on our 1D2D GEMM and DeepGEMM's, same shape, one kernel each; the side-by-
 # side table of their metrics (device only; carry .kcache and .deepgemm). Logs under $OUT.
-#   bash scripts/ncu_compare.sh [M N K]      (default 4096 4096 7168)
+#   bash scripts/ncu_compare.sh [M N K]                (default 4096 4096 7168)
+#   bash scripts/ncu_compare.sh grouped G ROWS N K     (m-grouped contiguous, e.g. 8 4096 7168 2048)
 set -uo pipefail
 OUT=${OUT:-/tmp/fp8train-out}
 mkdir -p "$OUT"
 export PYTHONPATH=.:.deepgemm PYTHONUNBUFFERED=1 FP8TRAIN_CACHE_DIR=${FP8TRAIN_CACHE_DIR:-$PWD/.kcache}
-M=${1:-4096} N=${2:-4096} K=${3:-7168}
+if [ "${1:-}" = grouped ]; then
+    RUN=(run-grouped) SHAPE=("$2" "$3" "$4" "$5")
+else
+    RUN=(run) SHAPE=("${1:-4096}" "${2:-4096}" "${3:-7168}")
+fi
 SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
   --section WarpStateStats --section InstructionStats --section LaunchStats --section Occupancy"
 # Warm DeepGEMM's JIT outside the profiler (its nvcc run is slow under ncu).
-python scripts/ncu_gemm.py run deepgemm "$M" "$N" "$K" > /dev/null 2>&1
+python scripts/ncu_gemm.py "${RUN[@]}" deepgemm "${SHAPE[@]}" > /dev/null 2>&1
 status=0
 # --clock-control none: leave the clocks as the benches run them.
 ncu --clock-control none -k regex:fp8train_gemm -c 1 $SECTIONS --csv --page details \
-    python scripts/ncu_gemm.py run ours "$M" "$N" "$K" > "$OUT/ncu_ours.csv" 2> "$OUT/ncu_ours.err" || status=1
+    python scripts/ncu_gemm.py "${RUN[@]}" ours "${SHAPE[@]}" > "$OUT/ncu_ours.csv" 2> "$OUT/ncu_ours.err" || status=1
 ncu --clock-control none -k regex:fp8_gemm_kernel -c 1 $SECTIONS --csv --page details \
-    python scripts/ncu_gemm.py run deepgemm "$M" "$N" "$K" > "$OUT/ncu_deepgemm.csv" 2> "$OUT/ncu_deepgemm.err" || status=1
+    python scripts/ncu_gemm.py "${RUN[@]}" deepgemm "${SHAPE[@]}" > "$OUT/ncu_deepgemm.csv" 2> "$OUT/ncu_deepgemm.err" || status=1
 python scripts/ncu_gemm.py table "$OUT/ncu_ours.csv" "$OUT/ncu_deepgemm.csv" | tee "$OUT/ncu_table.md" || status=1
 # Stall reasons (cycles per issued instruction in each), which the sections' CSV leaves out:
 # a second pass per kernel, so a metric this ncu lacks costs only this table.
 STALLS="regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$"
 ncu --clock-control none -k regex:fp8train_gemm -c 1 --metrics "$STALLS" --csv --page details \
-    python scripts/ncu_gemm.py run ours "$M" "$N" "$K" > "$OUT/ncu_stalls_ours.csv" 2>> "$OUT/ncu_ours.err" &&
+    python scripts/ncu_gemm.py "${RUN[@]}" ours "${SHAPE[@]}" > "$OUT/ncu_stalls_ours.csv" 2>> "$OUT/ncu_ours.err" &&
 ncu --clock-control none -k regex:fp8_gemm_kernel -c 1 --metrics "$STALLS" --csv --page details \
-    python scripts/ncu_gemm.py run deepgemm "$M" "$N" "$K" > "$OUT/ncu_stalls_deepgemm.csv" 2>> "$OUT/ncu_deepgemm.err" &&
+    python scripts/ncu_gemm.py "${RUN[@]}" deepgemm "${SHAPE[@]}" > "$OUT/ncu_stalls_deepgemm.csv" 2>> "$OUT/ncu_deepgemm.err" &&
 python scripts/ncu_gemm.py table "$OUT/ncu_stalls_ours.csv" "$OUT/ncu_stalls_deepgemm.csv" | tee "$OUT/ncu_stalls.md" ||
     status=1
 exit $status

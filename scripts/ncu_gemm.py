@@ -2,9 +2,12 @@
 the side-by-side table of two profiles:
 
     PYTHONPATH=.:.deepgemm python scripts/ncu_gemm.py run ours|deepgemm M N K [BM BN]
+    PYTHONPATH=.:.deepgemm python scripts/ncu_gemm.py run-grouped ours|deepgemm G ROWS N K
     python scripts/ncu_gemm.py table ours.csv deepgemm.csv     # markdown, metric by metric
 
-`bash scripts/ncu_compare.sh M N K` runs both under ncu and prints the table.
+`run-grouped` is the m-grouped contiguous GEMM, G experts of ROWS rows each (256-row segments
+where ROWS allows, as the MoE layers lay them out). `bash scripts/ncu_compare.sh M N K`, or
+`bash scripts/ncu_compare.sh grouped G ROWS N K`, runs both under ncu and prints the table.
 """
 import csv
 import sys
@@ -40,6 +43,28 @@ def run(which: str, m: int, n: int, k: int, tile: list) -> None:
     torch.cuda.synchronize()
 
 
+def run_grouped(which: str, groups: int, rows: int, n: int, k: int) -> None:
+    import torch
+
+    from benchmarks import deepgemm
+    from fp8train import ops
+    from fp8train.quant import per_block_cast, per_token_cast
+
+    a = per_token_cast(torch.randn(groups * rows, k, device="cuda"))
+    b = per_block_cast(torch.randn(groups, n, k, device="cuda"))
+    offsets = torch.arange(0, groups * rows + 1, rows, dtype=torch.int32, device="cuda")
+    out = torch.empty(groups * rows, n, device="cuda", dtype=torch.bfloat16)
+    if which == "deepgemm":
+        call = deepgemm.m_grouped_contiguous(a, b, offsets, out)
+        if call is None:
+            sys.exit("deep_gemm is not importable: put .deepgemm on PYTHONPATH")
+        call()
+    else:
+        ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, out, segment_rows=256 if rows % 256 == 0 else 128,
+                                             backend="native")
+    torch.cuda.synchronize()
+
+
 def _metrics(path: str) -> dict:
     """(section, metric) -> 'value unit' of the one kernel an ncu --csv --page details file holds."""
     rows = {}
@@ -61,6 +86,8 @@ def table(ours_path: str, theirs_path: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) in (6, 8) and sys.argv[1] == "run" and sys.argv[2] in ("ours", "deepgemm"):
         run(sys.argv[2], *(int(v) for v in sys.argv[3:6]), [int(v) for v in sys.argv[6:8]])
+    elif len(sys.argv) == 7 and sys.argv[1] == "run-grouped" and sys.argv[2] in ("ours", "deepgemm"):
+        run_grouped(sys.argv[2], *(int(v) for v in sys.argv[3:7]))
     elif len(sys.argv) == 4 and sys.argv[1] == "table":
         table(sys.argv[2], sys.argv[3])
     else:
