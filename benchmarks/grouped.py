@@ -19,6 +19,7 @@ from fp8train import ops
 from fp8train.ops import reference as ref
 from fp8train.quant import per_block_cast, per_token_cast
 from . import deepgemm
+from .kernel_list import segment_rows_of
 from .timing import graphed_or_none, num_input_sets, time_candidates
 
 SHAPES = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168),
@@ -55,7 +56,7 @@ def run_case(label: str, rows: list[int], n: int, k: int) -> dict:
     x, w, offsets, a, b = sets[0]
     # 256-row segments where every expert's rows allow (as the MoE layers lay out experts
     # averaging >= TALL_SEGMENT_MIN_ROWS rows): the native kernel may then take 256-row tiles.
-    seg = 256 if all(r % 256 == 0 for r in rows) else 128
+    seg = segment_rows_of(*rows)
     expect = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     ref.m_grouped_contiguous_ref(a[0], a[1], b[0], b[1], offsets.tolist(), expect)
     ops.set_backend("native")
@@ -125,7 +126,7 @@ def run_masked_case(g: int, expected: int, n: int, k: int) -> dict:
         "native masked": [lambda s=s: ops.m_grouped_fp8_gemm_nt_masked(
             s[2], s[3], masked_m, expected_m=expected) for s in sets],
         "native contiguous": [lambda c=c: ops.m_grouped_fp8_gemm_nt_contiguous(
-            c[0], c[1], offsets, segment_rows=256 if padded % 256 == 0 else 128) for c in contiguous],
+            c[0], c[1], offsets, segment_rows=segment_rows_of(padded)) for c in contiguous],
         "grouped_mm bf16": [lambda v=v, s=s: torch._grouped_mm(v, s[1].transpose(-2, -1))
                             for v, s in zip(valid, sets)],
     }

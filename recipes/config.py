@@ -242,10 +242,12 @@ class TrainConfig:
                               f"(the FP8 block size); these are not: {bad}")
         if self.precision == "torchao":
             # The anchor fp8train races: torchao's tensorwise float8 on the same dense model.
-            # Its MoE training needs transformers' experts modules, which bench hf measures.
+            # Its FP8 MoE training needs expert token counts padded to 16, which neither these
+            # models nor transformers' experts provide (bench hf keeps its experts in BF16).
             _require(not self.model.hf and self.model.n_experts == 0,
                      "precision=torchao converts dense recipe models only (n_experts=0, not an HF "
-                     "model); torchao's MoE row is in `python -m benchmarks hf`")
+                     "model); `python -m benchmarks hf` has a torchao row for the HF MoE model "
+                     "(experts in BF16)")
             bad = {k: v for k, v in self.model.linear_dims().items() if v % 16}
             _require(not bad, f"precision=torchao needs every linear dim to be a multiple of 16 "
                               f"(torchao's float8 GEMMs); these are not: {bad}")

@@ -47,6 +47,7 @@ def run_grouped(which: str, groups: int, rows: int, n: int, k: int) -> None:
     import torch
 
     from benchmarks import deepgemm
+    from benchmarks.kernel_list import segment_rows_of
     from fp8train import ops
     from fp8train.quant import per_block_cast, per_token_cast
 
@@ -60,7 +61,7 @@ def run_grouped(which: str, groups: int, rows: int, n: int, k: int) -> None:
             sys.exit("deep_gemm is not importable: put .deepgemm on PYTHONPATH")
         call()
     else:
-        ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, out, segment_rows=256 if rows % 256 == 0 else 128,
+        ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, out, segment_rows=segment_rows_of(rows),
                                              backend="native")
     torch.cuda.synchronize()
 

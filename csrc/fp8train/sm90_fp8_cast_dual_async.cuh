@@ -71,17 +71,27 @@ __device__ __forceinline__ uint32_t load_shared_element(const uint8_t* tile, uin
 
 }  // namespace cast
 
+// Where a dual cast writes: the row-wise cast (q [rows, cols], scale K-block-major with block
+// stride scale_ld) and the column-wise one (qt [cols, qt_cols], scale_t with block stride
+// scale_t_ld), each only when asked for.
+struct DualCastOut {
+    uint8_t* q;
+    float* scale;
+    uint32_t scale_ld;
+    uint8_t* qt;
+    uint32_t qt_cols;
+    float* scale_t;
+    uint32_t scale_t_ld;
+    bool rowwise, colwise;
+};
+
 // The row and column passes over a staged 128 x 128 tile (rows t0.., columns k0..): an octet
 // owns a row's 128-group or a column's 128 tokens (16 elements per lane, read from shared
 // memory) and writes q and its scale, or 16 contiguous bytes of qt's row and the column's
 // scale. Called after the tile is complete (a __syncthreads behind the staging).
 template <typename T, bool POW2>
 __device__ __forceinline__ void cast_staged_tile(const uint8_t* __restrict__ tile, uint32_t t0, uint32_t k0,
-                                                 uint32_t rows, uint32_t cols, uint8_t* __restrict__ q,
-                                                 float* __restrict__ scale, uint32_t scale_ld,
-                                                 uint8_t* __restrict__ qt, uint32_t qt_cols,
-                                                 float* __restrict__ scale_t, uint32_t scale_t_ld,
-                                                 bool rowwise, bool colwise) {
+                                                 uint32_t rows, uint32_t cols, const DualCastOut& out) {
     using namespace cast;
     using Tile = StagedTile<T>;
     constexpr uint32_t WARPS = DUAL_ASYNC_THREADS / 32;
@@ -91,7 +101,7 @@ __device__ __forceinline__ void cast_staged_tile(const uint8_t* __restrict__ til
     static_assert(STEPS * WARPS * ROWS_PER_STEP == GROUP, "the warps must cover the tile");
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t octet = lane / LANES_PER_GROUP, sub = lane % LANES_PER_GROUP;
-    if (rowwise) {
+    if (out.rowwise) {
 #pragma unroll
         for (uint32_t s = 0; s < STEPS; ++s) {
             const uint32_t r = (s * WARPS + warp) * ROWS_PER_STEP + octet, t = t0 + r;
@@ -105,10 +115,10 @@ __device__ __forceinline__ void cast_staged_tile(const uint8_t* __restrict__ til
             float v[CHUNK];
 #pragma unroll
             for (uint32_t j = 0; j < CHUNK; ++j) v[j] = element(chunk, j);
-            write_row_group<POW2>(v, t, k, sub, rows, cols, blockIdx.x, q, scale, scale_ld);
+            write_row_group<POW2>(v, t, k, sub, rows, cols, blockIdx.x, out.q, out.scale, out.scale_ld);
         }
     }
-    if (!colwise) return;
+    if (!out.colwise) return;
 
 #pragma unroll
     for (uint32_t s = 0; s < STEPS; ++s) {
@@ -117,18 +127,15 @@ __device__ __forceinline__ void cast_staged_tile(const uint8_t* __restrict__ til
 #pragma unroll
         for (uint32_t j = 0; j < CHUNK; ++j)
             v[j] = raw_to_float<T>(load_shared_element<T>(tile, Tile::element_offset(CHUNK * sub + j, c)));
-        write_column_group<POW2>(v, k0 + c, t0, sub, cols, blockIdx.y, qt, qt_cols, scale_t, scale_t_ld);
+        write_column_group<POW2>(v, k0 + c, t0, sub, cols, blockIdx.y, out.qt, out.qt_cols, out.scale_t,
+                                 out.scale_t_ld);
     }
 }
 
 template <typename T, bool POW2>
 __device__ __forceinline__ void dual_cast_tile_async(const T* __restrict__ x, const int64_t* __restrict__ src_rows,
                                                      uint32_t src_count, uint32_t rows, uint32_t cols,
-                                                     bool vec_in, uint8_t* __restrict__ q,
-                                                     float* __restrict__ scale, uint32_t scale_ld,
-                                                     uint8_t* __restrict__ qt, uint32_t qt_cols,
-                                                     float* __restrict__ scale_t, uint32_t scale_t_ld,
-                                                     bool rowwise, bool colwise) {
+                                                     bool vec_in, const DualCastOut& out) {
     using namespace cast;
     using Tile = StagedTile<T>;
     constexpr uint32_t UNITS_PER_THREAD = GROUP * Tile::UNITS / DUAL_ASYNC_THREADS;
@@ -166,8 +173,7 @@ __device__ __forceinline__ void dual_cast_tile_async(const T* __restrict__ x, co
     }
     cp_async_wait_all();
     __syncthreads();
-    cast_staged_tile<T, POW2>(tile, t0, k0, rows, cols, q, scale, scale_ld, qt, qt_cols, scale_t, scale_t_ld,
-                              rowwise, colwise);
+    cast_staged_tile<T, POW2>(tile, t0, k0, rows, cols, out);
 }
 
 }  // namespace fp8train

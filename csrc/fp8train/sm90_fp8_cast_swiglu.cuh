@@ -57,10 +57,7 @@ __device__ __forceinline__ uint4 swiglu_unit(uint4 gate, uint4 up) {
 template <typename T, bool POW2>
 __device__ __forceinline__ void swiglu_dual_cast_tile(const T* __restrict__ gate, const T* __restrict__ up,
                                                       uint64_t ld, uint32_t rows, uint32_t cols,
-                                                      uint8_t* __restrict__ q, float* __restrict__ scale,
-                                                      uint32_t scale_ld, uint8_t* __restrict__ qt, uint32_t qt_cols,
-                                                      float* __restrict__ scale_t, uint32_t scale_t_ld,
-                                                      bool rowwise, bool colwise) {
+                                                      const DualCastOut& out) {
     using namespace cast;
     using Tile = StagedTile<T>;
     constexpr uint32_t UNITS_PER_THREAD = GROUP * Tile::UNITS / DUAL_ASYNC_THREADS;
@@ -90,8 +87,7 @@ __device__ __forceinline__ void swiglu_dual_cast_tile(const T* __restrict__ gate
         *a = swiglu_unit<T>(*a, *reinterpret_cast<const uint4*>(up_tile + Tile::unit_offset(r, u)));
     }
     __syncthreads();
-    cast_staged_tile<T, POW2>(tile, t0, k0, rows, cols, q, scale, scale_ld, qt, qt_cols, scale_t, scale_t_ld,
-                              rowwise, colwise);
+    cast_staged_tile<T, POW2>(tile, t0, k0, rows, cols, out);
 }
 
 }  // namespace fp8train

@@ -191,23 +191,16 @@ def _(gate, up, pow2_scale, backend):
     return (*_fake_rowwise(gate), *_fake_colwise(gate))
 
 
-def cast_swiglu_layouts(gate: Tensor, up: Tensor, pow2_scale: bool, rowwise: bool, colwise: bool,
-                        backend: str = ""):
-    """``cast_1x128_layouts(silu(gate) * up, ...)`` without the SwiGLU output: (fp8, scale,
-    t_fp8, t_scale), None where not asked for. The column-wise layout alone comes from the
-    high-precision product (a layer whose fprop is not FP8 makes it anyway)."""
-    if rowwise and colwise:
-        if _runs_direct((gate, up)) and gate.shape[0] > 0:
-            return _casts.swiglu_cast(gate, up, pow2_scale=pow2_scale, backend=_backend(backend))
+def cast_swiglu_layouts(gate: Tensor, up: Tensor, pow2_scale: bool, colwise: bool, backend: str = ""):
+    """``cast_1x128_layouts(silu(gate) * up, pow2_scale, True, colwise)`` without the SwiGLU
+    product: (fp8, scale, t_fp8, t_scale), the last two None unless ``colwise``."""
+    if _runs_direct((gate, up)) and gate.shape[0] > 0:
+        return _casts.swiglu_cast(gate, up, colwise=colwise, pow2_scale=pow2_scale, backend=_backend(backend))
+    if colwise:
         q, packed, qt, packed_t = cast_swiglu_both(gate, up, pow2_scale, backend)
         return q, scale_layout.unpack(packed, gate.shape[0]), qt, scale_layout.unpack(packed_t, gate.shape[1])
-    if rowwise:
-        if _runs_direct((gate, up)) and gate.shape[0] > 0:
-            return (*_casts.swiglu_cast(gate, up, colwise=False, pow2_scale=pow2_scale,
-                                        backend=_backend(backend))[:2], None, None)
-        q, packed = cast_swiglu(gate, up, pow2_scale, backend)
-        return q, scale_layout.unpack(packed, gate.shape[0]), None, None
-    return cast_1x128_layouts(F.silu(gate) * up, pow2_scale, False, colwise, backend)
+    q, packed = cast_swiglu(gate, up, pow2_scale, backend)
+    return q, scale_layout.unpack(packed, gate.shape[0]), None, None
 
 
 def _cast_layouts(x: Tensor, pow2_scale: bool, rowwise: bool, colwise: bool, backend: str):

@@ -31,7 +31,7 @@ from .._autocast import autocast_off
 from .._checks import FLOAT_DTYPES, check_bool, check_tensor
 from . import _custom_ops as ops
 from .linear_function import (GROUP, backward_operands, check_main_grad, compute_dtype,
-                              forward_weight_casts, saved_for_backward)
+                              forward_weight_casts, fuses_swiglu, saved_for_backward)
 from .moe_layout import gather_rows, scatter_add_rows
 from .recipe import FP8Recipe
 
@@ -72,10 +72,9 @@ def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype:
         rowwise, colwise = recipe.fprop_fp8, need_dw and recipe.wgrad_fp8
         if swiglu:
             gate, up = x.chunk(2, dim=-1)
-            if rowwise and not (need_dw and not recipe.wgrad_fp8):  # SwiGLU fused into the casts
+            if fuses_swiglu(recipe, need_dw):  # SwiGLU made inside the casts
                 x_rows = x_hp = None
-                x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_swiglu_layouts(gate, up, pow2, True, colwise,
-                                                                           backend)
+                x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_swiglu_layouts(gate, up, pow2, colwise, backend)
             else:  # a high-precision GEMM reads the input
                 x_rows = x_hp = F.silu(gate) * up
                 x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_layouts(

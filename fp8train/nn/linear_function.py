@@ -125,6 +125,13 @@ def saved_for_backward(x_hp, xt_fp8, xt_scale, weight, w_t_fp8, w_t_scale, recip
     return xt_fp8, xt_scale, x_hp_saved, w_t_fp8, w_t_scale, weight if keep_weight else None
 
 
+def fuses_swiglu(recipe: FP8Recipe, need_dw: bool) -> bool:
+    """Whether a layer reading silu(gate) * up makes the product inside its FP8 casts: when
+    no high-precision GEMM reads it (fprop FP8, and wgrad FP8 where a weight gradient is
+    needed)."""
+    return recipe.fprop_fp8 and (recipe.wgrad_fp8 or not need_dw)
+
+
 def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
              need_dx: bool, need_dw: bool, up: Optional[torch.Tensor] = None):
     """The forward GEMM, and what backward needs for the gradients asked for (None for
@@ -134,11 +141,11 @@ def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
     pow2, backend = recipe.pow2_scale, recipe.backend_arg
     colwise = need_dw and recipe.wgrad_fp8
     with autocast_off(x.device.type):
-        if up is not None and recipe.fprop_fp8 and not (need_dw and not recipe.wgrad_fp8):
+        if up is not None and fuses_swiglu(recipe, need_dw):
             # SwiGLU inside the casts: its high-precision product is never written.
             x_hp = None
             x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_swiglu_layouts(
-                x.reshape(-1, k), up.reshape(-1, k), pow2, True, colwise, backend)
+                x.reshape(-1, k), up.reshape(-1, k), pow2, colwise, backend)
         else:
             if up is not None:  # a high-precision GEMM reads the product
                 x = F.silu(x) * up

@@ -31,23 +31,22 @@ _U32_MAX = 2**32 - 1
 _GRID_YZ = 65535  # the most blocks along grid y and z (T/128 tiles, experts)
 _u32, _vp = ctypes.c_uint32, ctypes.c_void_p
 
+# The dual casts' outputs: the kernel parameters, and as their device functions take them
+# (DualCastOut).
+_DUAL_OUT_PARAMS = ("uint8_t* q, float* scale, uint32_t scale_ld, uint8_t* qt, uint32_t qt_cols, float* scale_t, "
+                    "uint32_t scale_t_ld, uint32_t rowwise, uint32_t colwise")
+_DUAL_OUT = "{{q, scale, scale_ld, qt, qt_cols, scale_t, scale_t_ld, rowwise != 0, colwise != 0}}"
 # kernel kind -> (header, C parameter list, device function call)
 _KINDS = {
     "dual_async": ("sm90_fp8_cast_dual_async.cuh",
                    "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
-                   "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld, "
-                   "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t scale_t_ld, uint32_t rowwise, "
-                   "uint32_t colwise",
+                   "uint32_t cols, uint32_t vec_in, " + _DUAL_OUT_PARAMS,
                    "fp8train::dual_cast_tile_async<{T}, {POW2}>(x, src_rows, src_count, rows, "
-                   "cols, vec_in != 0, q, scale, scale_ld, qt, qt_cols, scale_t, scale_t_ld, rowwise != 0, "
-                   "colwise != 0);"),
+                   "cols, vec_in != 0, " + _DUAL_OUT + ");"),
     "swiglu_dual": ("sm90_fp8_cast_swiglu.cuh",
-                    "const {T}* gate, const {T}* up, uint64_t ld, uint32_t rows, uint32_t cols, uint8_t* q, "
-                    "float* scale, uint32_t scale_ld, "
-                    "uint8_t* qt, uint32_t qt_cols, float* scale_t, uint32_t scale_t_ld, uint32_t rowwise, "
-                    "uint32_t colwise",
-                    "fp8train::swiglu_dual_cast_tile<{T}, {POW2}>(gate, up, ld, rows, cols, q, scale, scale_ld, qt, "
-                    "qt_cols, scale_t, scale_t_ld, rowwise != 0, colwise != 0);"),
+                    "const {T}* gate, const {T}* up, uint64_t ld, uint32_t rows, uint32_t cols, "
+                    + _DUAL_OUT_PARAMS,
+                    "fp8train::swiglu_dual_cast_tile<{T}, {POW2}>(gate, up, ld, rows, cols, " + _DUAL_OUT + ");"),
     "per_token": ("sm90_fp8_cast_per_token.cuh",
                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
                   "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld",

@@ -20,7 +20,7 @@ KINDS = ("1d2d", "1d1d")      # B scales 128x128 (fprop/dgrad, BF16 out) or 1x12
 @dataclass(frozen=True)
 class GemmConfig:
     # Rows of the output tile: 64 (one math warpgroup), 128 (two) or 256 (two, walking the
-    # tile in two waves of 128 rows; not for the contiguous m-grouped GEMM).
+    # tile in two waves of 128 rows; the contiguous m-grouped GEMM only over 256-row segments).
     block_m: int
     # Columns of the output tile: a multiple of 8 up to the register budget; it need not
     # divide 128 (tiles then straddle two 128x128 scale blocks of B).
@@ -263,14 +263,14 @@ def _choose_config(m: int, n: int, k: int, num_sms: int, kind: str, rows_per_gro
                 if best is None or key < best[0]:
                     best = (key, bm, block_n)
         block_m, block_n = best[1], best[2]
-    tiles = _row_blocks(m, block_m, rows_per_group) * ceil_div(n, block_n) * split_k
+    m_blocks = _row_blocks(m, block_m, rows_per_group)
+    tiles = m_blocks * ceil_div(n, block_n) * split_k
     stages = deepest_stages(block_m, block_n, kind)
     # Multicast pays where operand traffic from L2 limits: many row blocks sharing A.
     cluster = 2 if multicast_on and m >= 512 and block_m >= 128 and tiles >= num_sms and split_k == 1 else 1
     num_ctas = min(num_sms, tiles if cluster == 1 else 2 * ceil_div(tiles, 2))
     num_ctas -= num_ctas % cluster
-    group_n = raster_group_n(_row_blocks(m, block_m, rows_per_group), ceil_div(n, block_n), block_m, block_n,
-                             num_ctas, cluster)
+    group_n = raster_group_n(m_blocks, ceil_div(n, block_n), block_m, block_n, num_ctas, cluster)
     return GemmConfig(block_m=block_m, block_n=block_n, num_stages=stages, num_ctas=num_ctas,
                       group_n=group_n, kind=kind, cluster=cluster, split_k=split_k)
 
