@@ -274,9 +274,10 @@ def test_hf_experts_fuse_the_default_swiglu_gate(arch, fused, monkeypatch):
     fp8train.convert_to_fp8(model)
     experts = model.model.layers[0].mlp.experts
     assert hf_experts._default_swiglu_gate(experts) is fused
+    assert getattr(experts, hf_experts._FUSED_SWIGLU_ATTR) is fused
     if fused:
         got = _experts_step(experts, 96, 2, seed=6)
-        monkeypatch.setattr(hf_experts, "_default_swiglu_gate", lambda module: False)
+        monkeypatch.setattr(experts, hf_experts._FUSED_SWIGLU_ATTR, False)
         for a, b in zip(got, _experts_step(experts, 96, 2, seed=6)):
             assert torch.equal(a, b)
 

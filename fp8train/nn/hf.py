@@ -42,6 +42,8 @@ ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 # Attributes set on a converted experts module (plain attributes: not in the state_dict).
 _RECIPE_ATTR = "_fp8train_recipe"
 _PREVIOUS_ATTR = "_fp8train_previous_implementation"
+# Decided at conversion, not in forward: a compiled forward must not import or inspect.
+_FUSED_SWIGLU_ATTR = "_fp8train_fused_swiglu"
 
 
 def linear_skip_reason(name: str) -> Optional[str]:
@@ -164,7 +166,7 @@ def fp8train_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
     # The permutation into the padded layout happens inside the FP8 casts.
     h = _grouped_linear(hidden_states, up, layout, recipe, self.is_transposed, up_bias,
                         layout.src_tokens)                                     # [rows, 2I]
-    swiglu = _default_swiglu_gate(self)  # then fused into the down projection's casts
+    swiglu = getattr(self, _FUSED_SWIGLU_ATTR, False)  # fused into the down projection's casts
     if not swiglu:
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)           # [rows, I]
     y = _grouped_linear(h, self.down_proj, layout, recipe, self.is_transposed, down_bias,
@@ -202,6 +204,7 @@ def convert_experts(model: nn.Module, recipe: FP8Recipe, filter_fn, report) -> N
             report.skipped.append((name, why))
             continue
         setattr(module, _RECIPE_ATTR, recipe)
+        setattr(module, _FUSED_SWIGLU_ATTR, _default_swiglu_gate(module))
         converted.append(module)
         report.converted.append((name, f"{type(module).__name__} (experts_implementation="
                                        f"{EXPERTS_IMPLEMENTATION!r})"))
