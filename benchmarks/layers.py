@@ -1,8 +1,9 @@
 """``python -m benchmarks linear|moe|mlp``: forward+backward of the FP8 modules against the
 same modules in BF16, timed on the GPU the way DESIGN.md times the anchors. ``mlp`` is a
-SwiGLU MLP (gate, up, down) whose FP8 down projection makes silu(gate) * up inside its input
-casts, timed beside the same FP8 layers with the product made first (what that fusion
-saves).
+SwiGLU MLP (gate, up, down) run as one FP8 Function (``swiglu_mlp``: silu(gate) * up made
+inside the down projection's casts, SwiGLU's gradients inside the gate and up projections'),
+timed beside the same FP8 layers as three Functions, with the product fused and without
+(what each fusion saves).
 
 Each row also checks the FP8 layer's output and gradients against the BF16 layer (relative
 error within FP8 bounds) before timing, and reports peak memory of one step.
@@ -19,7 +20,7 @@ import torch.nn as nn
 from fp8train import ops
 import torch.nn.functional as F
 
-from fp8train.nn import FP8Linear, FP8MoE, MoE, SwiGLUMLP
+from fp8train.nn import FP8Linear, FP8MoE, MoE, SwiGLUMLP, swiglu_linear
 from .tensorwise_linear import tensorwise_twin, torchao_twin
 from .timing import time_calls
 
@@ -122,14 +123,19 @@ def build_moe(t, hidden, expert_dim, experts, top_k, device):
     return base, FP8MoE.from_moe(copy.deepcopy(base))
 
 
-class UnfusedSwiGLUMLP(nn.Module):
-    """``SwiGLUMLP``'s layers with the product made before the down projection reads it."""
+class LayerByLayerSwiGLUMLP(nn.Module):
+    """``SwiGLUMLP``'s FP8 layers as three Functions: the product made inside the down
+    projection's casts (``fuse_product``) or before it reads it; SwiGLU's gradients made and
+    cast by the layers either way."""
 
-    def __init__(self, mlp: SwiGLUMLP):
+    def __init__(self, mlp: SwiGLUMLP, fuse_product: bool):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.fuse_product = fuse_product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse_product:
+            return swiglu_linear(self.down_proj, self.gate_proj(x), self.up_proj(x))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -185,13 +191,14 @@ def run_suite(suite: str, json_path: str | None, backends=("auto", "native")) ->
                   + f" | peak GiB {bf16_gib:.2f} / {gib:.2f}", flush=True)
         if suite == "linear":
             rows += reference_rows(base, x, grad, shape, bf16_ms, bf16_gib)
-        if suite == "mlp":  # the same FP8 layers without the SwiGLU-fused cast
-            ms, gib = measure(UnfusedSwiGLUMLP(fp8), x, grad)
-            rows.append({"suite": suite, "shape": shape, "backend": "auto, SwiGLU unfused",
-                         "bf16_ms": bf16_ms, "fp8_ms": ms, "speedup": bf16_ms / ms,
-                         "bf16_peak_gib": bf16_gib, "fp8_peak_gib": gib})
-            print(f"{suite} {shape} SwiGLU unfused  {ms:7.3f} ms speedup {bf16_ms / ms:.2f} "
-                  f"| peak GiB {gib:.2f}", flush=True)
+        if suite == "mlp":  # the same FP8 layers as three Functions, with and without the fused product
+            for fuse_product, label in ((True, "3 Functions, product fused"), (False, "3 Functions, unfused")):
+                ms, gib = measure(LayerByLayerSwiGLUMLP(fp8, fuse_product), x, grad)
+                rows.append({"suite": suite, "shape": shape, "backend": f"auto, {label}",
+                             "bf16_ms": bf16_ms, "fp8_ms": ms, "speedup": bf16_ms / ms,
+                             "bf16_peak_gib": bf16_gib, "fp8_peak_gib": gib})
+                print(f"{suite} {shape} {label:27s} {ms:7.3f} ms speedup {bf16_ms / ms:.2f} "
+                      f"| peak GiB {gib:.2f}", flush=True)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)

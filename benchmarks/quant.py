@@ -1,7 +1,8 @@
 """``python -m benchmarks quant``: effective bandwidth of the FP8 casts.
 
 Effective GB/s = (bytes read + bytes written) / time (the SwiGLU cast reads x as [gate |
-up] and writes the two casts of silu(gate) * up). Next to each native cast: a
+up] and writes the two casts of silu(gate) * up; SwiGLU's backward also reads the gradient
+and writes the two casts of each of d(gate) and d(up)). Next to each native cast: a
 device-to-device copy of the same input (the ceiling) and ``torch.compile`` of the reference
 cast, all measured in this run. Every native cast is checked bit-exact against the eager
 reference first (the run exits 1 if one is not). The target: each native cast >= 85% of the
@@ -20,6 +21,7 @@ from fp8train.quant.reference import (
     per_block_cast_dual_ref,
     per_token_cast_ref,
     permute_cast_ref,
+    swiglu_backward_cast_ref,
     swiglu_cast_ref,
 )
 from .timing import num_input_sets, time_calls
@@ -73,6 +75,11 @@ def _cases(t: int, k: int, src: torch.Tensor, ref):
     permuted_bytes = 2 * k * tokens * MOE_TOP_K + 8 * m + _rowwise_bytes(m, k)
     per_token, dual = ref[per_token_cast_ref], ref[dual_cast_ref]
     block, permuted, swiglu = ref[per_block_cast_dual_ref], ref[permute_cast_ref], ref[swiglu_cast_ref]
+    swiglu_backward = ref[swiglu_backward_cast_ref]
+    # SwiGLU's backward: x read as [gate | up] and the gradient [T, I] beside it; d(gate)'s and
+    # d(up)'s two casts written.
+    grad = torch.randn(t, k // 2, device="cuda", dtype=torch.bfloat16)
+    swiglu_backward_bytes = 3 * t * k + 2 * (_rowwise_bytes(t, k // 2) + _colwise_bytes(t, k // 2))
     # SwiGLU: x read as [gate | up], I = K/2; the product's two casts written.
     swiglu_bytes = 2 * t * k + _rowwise_bytes(t, k // 2) + _colwise_bytes(t, k // 2)
     return {
@@ -89,6 +96,10 @@ def _cases(t: int, k: int, src: torch.Tensor, ref):
                           lambda x: permuted(x[:tokens], src, False, True)),
         "swiglu dual": (swiglu_bytes, lambda x: native.swiglu_dual_cast(*x.chunk(2, dim=-1), False),
                         lambda x: swiglu(*x.chunk(2, dim=-1), False)),
+        "swiglu bwd dual": (swiglu_backward_bytes,
+                            lambda x: tuple(t for pair in native.swiglu_backward_dual_cast(
+                                grad, *x.chunk(2, dim=-1), False) for t in pair),
+                            lambda x: swiglu_backward(grad, *x.chunk(2, dim=-1), False)),
     }
 
 
@@ -102,7 +113,8 @@ def _time(calls) -> float | None:
 
 def run(json_path: str | None) -> int:
     rows, failures = [], 0
-    references = (per_token_cast_ref, dual_cast_ref, per_block_cast_dual_ref, permute_cast_ref, swiglu_cast_ref)
+    references = (per_token_cast_ref, dual_cast_ref, per_block_cast_dual_ref, permute_cast_ref, swiglu_cast_ref,
+                  swiglu_backward_cast_ref)
     eager = {f: f for f in references}
     # One compiled function per reference, shared by the shapes (dynamo recompiles per shape
     # as it needs), so the run compiles a handful of graphs, not one per case and shape.

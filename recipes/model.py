@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fp8train.nn import MoE, swiglu_linear
+from fp8train.nn import MoE, swiglu_mlp
 
 from .config import ModelConfig
 
@@ -65,8 +65,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x); once w2 is an FP8Linear it makes the product inside its
-    input casts (``fp8train.nn.swiglu_linear``: the same bits)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); once the layers are FP8Linear, one FP8 Function that
+    makes the product inside the down projection's casts and SwiGLU's gradients inside the
+    gate and up projections' (``fp8train.nn.swiglu_mlp``: the same bits)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -75,7 +76,7 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu_linear(self.w2, self.w1(x), self.w3(x))
+        return swiglu_mlp(self.w1, self.w3, self.w2, x)
 
 
 def moe_block(cfg: ModelConfig) -> MoE:

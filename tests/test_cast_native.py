@@ -19,6 +19,7 @@ from fp8train.quant.reference import (
     per_token_cast_ref,
     per_token_cast_transposed_ref,
     permute_cast_ref,
+    swiglu_backward_cast_ref,
     swiglu_cast_ref,
 )
 from strategies import tensors
@@ -98,6 +99,39 @@ def test_swiglu_cast_extreme_gates_match_torch(dtype):
     up[1, 0] = -3.0
     gate, up = gate.cuda(), up.cuda()
     assert_same(native.swiglu_dual_cast(gate, up, False), swiglu_cast_ref(gate, up, False))
+
+
+def _flat(pairs):
+    return tuple(t for pair in pairs for t in pair)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data(), st.integers(1, 600), st.integers(1, 24).map(lambda v: 16 * v), st.booleans(), st.booleans())
+def test_swiglu_backward_cast_bit_exact(data, t, i, pow2, halves):
+    """The fused SwiGLU-backward kernel against autograd's gradients of F.silu(gate) * up,
+    torch's CUDA ops on the same GPU, then the reference dual casts: the same bytes and
+    scales for d(gate) and d(up), for every magnitude, on two tensors and on halves of one."""
+    h = data.draw(tensors((t, 2 * i))).cuda()
+    grad = data.draw(tensors((t, i))).cuda().to(h.dtype)
+    gate, up = h.chunk(2, dim=-1) if halves else (h[:, :i].contiguous(), h[:, i:].contiguous())
+    assert native.swiglu_supports(gate, up) and native.swiglu_supports(grad, grad)
+    assert_same(_flat(native.swiglu_backward_dual_cast(grad, gate, up, pow2)),
+                swiglu_backward_cast_ref(grad, gate, up, pow2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_swiglu_backward_cast_extreme_gates_match_torch(dtype):
+    """Gates where silu's exp overflows, underflows or meets NaN/Inf, and gradients of every
+    sign: autograd's values, cast."""
+    gates = torch.tensor([-1e4, -100.0, -88.8, -20.0, -0.0, 0.0, 1e-30, 20.0, 100.0, 1e4,
+                          float("inf"), float("-inf"), float("nan")])
+    gate, up = torch.ones(128, 128, dtype=dtype), torch.ones(128, 128, dtype=dtype)
+    grad = torch.full((128, 128), -0.5, dtype=dtype)
+    gate[: gates.numel(), 0] = gates.to(dtype)
+    up[1, 0], grad[2, 0] = -3.0, 7.0
+    gate, up, grad = gate.cuda(), up.cuda(), grad.cuda()
+    assert_same(_flat(native.swiglu_backward_dual_cast(grad, gate, up, False)),
+                swiglu_backward_cast_ref(grad, gate, up, False))
 
 
 @settings(max_examples=60, deadline=None)

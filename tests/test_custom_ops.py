@@ -48,6 +48,8 @@ def _cases() -> dict:
         "k_grouped_gemm_nt_accumulate_": (*rows_dy[2:], *rows[2:], offsets, torch.zeros(3, 384, 256), ""),
         "fprop_cast_weight": (x_fp8, x_scale, w, False, torch.bfloat16, ""),
         "linear_grads": (dy, w, xt_fp8, xt_scale, False, torch.bfloat16, ""),
+        # A SwiGLU MLP's gate and up projections: w [384, 256] as both, the gradient [T, 384].
+        "swiglu_input_grads": (dy, dy * 0.5, dy * 2, w, w * 0.5, xt_fp8, xt_scale, False, torch.bfloat16, ""),
     }
 
 

@@ -90,6 +90,33 @@ def test_swiglu_linear_on_the_gpu_gives_the_bits_of_the_unfused_layer(dtype):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_swiglu_mlp_on_the_gpu_gives_the_bits_of_three_layers(dtype):
+    """The one-Function SwiGLU MLP on the native kernels (both SwiGLU-fused casts) against
+    three FP8 layers reading F.silu(gate) * up made by torch's CUDA ops: output and every
+    gradient bit-identical."""
+    from fp8train.nn import FP8SwiGLUMLPFunction, swiglu_mlp
+
+    torch.manual_seed(0)
+    layers = [FP8Linear(512, 384, bias=False, device="cuda", dtype=dtype),
+              FP8Linear(512, 384, bias=False, device="cuda", dtype=dtype),
+              FP8Linear(384, 512, bias=False, device="cuda", dtype=dtype)]
+    x = torch.randn(3, 100, 512, device="cuda", dtype=dtype)
+    grad_out = torch.randn(3, 100, 512, device="cuda", dtype=dtype)
+    results = []
+    for fused in (True, False):
+        for layer in layers:
+            layer.weight.grad = None
+        xi = x.clone().requires_grad_()
+        gate, up, down = layers
+        y = swiglu_mlp(gate, up, down, xi) if fused else down(torch.nn.functional.silu(gate(xi)) * up(xi))
+        assert (y.grad_fn.__class__.__name__ == FP8SwiGLUMLPFunction.__name__ + "Backward") is fused
+        y.backward(grad_out)
+        results.append([y, xi.grad] + [layer.weight.grad for layer in layers])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_fp8_linear_compiles_fullgraph_on_the_gpu():
     torch.manual_seed(0)
     layer = FP8Linear(512, 512, device="cuda", dtype=torch.bfloat16)

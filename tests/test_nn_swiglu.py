@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8train.nn import FP8Linear, FP8Recipe, SwiGLUMLP, fp8_linear, fp8_swiglu_linear, swiglu_linear
+from fp8train.nn import (FP8Linear, FP8Recipe, FP8SwiGLUMLPFunction, SwiGLUMLP, fp8_linear, fp8_swiglu_linear,
+                         fp8_swiglu_mlp, swiglu_linear, swiglu_mlp)
 from fp8train.quant import casts
 from numerics import rand
 
@@ -121,3 +122,88 @@ def test_fused_mlp_keeps_no_swiglu_product_for_backward():
     unfused_bytes, _ = saved_bytes(unfused, exclude=list(fp8.parameters()))
     assert fused_bytes <= 0.65 * bf16_bytes, (fused_bytes, bf16_bytes)
     assert unfused_bytes - fused_bytes >= t * inter * 2, (unfused_bytes, fused_bytes)
+
+
+def _three_fp8_layers(dtype=torch.float32, bias=False, recipe=None):
+    torch.manual_seed(0)
+    return [FP8Linear(128, 256, bias=bias, dtype=dtype, recipe=recipe),
+            FP8Linear(128, 256, bias=bias, dtype=dtype, recipe=recipe),
+            FP8Linear(256, 128, bias=bias, dtype=dtype, recipe=recipe)]
+
+
+def _mlp_step(layers, x, grad_out, fused: bool, autocast: bool = False):
+    for layer in layers:
+        layer.zero_grad()
+    xi = x.clone().requires_grad_()
+    gate, up, down = layers
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = swiglu_mlp(gate, up, down, xi) if fused else down(F.silu(gate(xi)) * up(xi))
+    y.backward(grad_out.to(y.dtype))
+    return y, [y, xi.grad] + [p.grad for layer in layers for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.bfloat16, False), (torch.float32, False), (torch.float32, True)])
+def test_swiglu_mlp_is_one_function_with_the_bits_of_three_layers(dtype, autocast, monkeypatch):
+    """Three bias-free FP8 layers of the default recipe run as one Function: SwiGLU's
+    gradients made inside their casts (one swiglu_backward_cast), and output and every
+    gradient the bits of the three layers reading F.silu(gate) * up."""
+    calls = []
+    original = casts.swiglu_backward_cast
+    monkeypatch.setattr(casts, "swiglu_backward_cast", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    layers = _three_fp8_layers(dtype)
+    x, grad_out = rand(2, 70, 128, seed=1, dtype=dtype), rand(2, 70, 128, seed=2)
+    y, fused = _mlp_step(layers, x, grad_out, True, autocast)
+    assert type(y.grad_fn).__name__ == FP8SwiGLUMLPFunction.__name__ + "Backward"
+    assert calls == [1]
+    _, unfused = _mlp_step(layers, x, grad_out, False, autocast)
+    for got, want in zip(fused, unfused):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case", ["bias", "save_fp8_weight", "frozen weight", "hook", "no input grad", "no_grad"])
+def test_swiglu_mlp_runs_the_layers_where_one_function_does_not_fit(case):
+    """Biases, another recipe, a frozen weight, a hook on a layer, an input without a
+    gradient or inference: the three layers run as they are (the same results)."""
+    layers = _three_fp8_layers(bias=case == "bias",
+                               recipe=FP8Recipe(save_fp8_weight=True) if case == "save_fp8_weight" else None)
+    if case == "frozen weight":
+        layers[1].weight.requires_grad_(False)
+    seen = []
+    if case == "hook":
+        layers[0].register_forward_hook(lambda *args: seen.append(1))
+    x = rand(70, 128, seed=1).requires_grad_(case != "no input grad")
+    with torch.set_grad_enabled(case != "no_grad"):
+        y = swiglu_mlp(*layers, x)
+        want = layers[2](F.silu(layers[0](x)) * layers[1](x))
+    assert y.grad_fn is None or type(y.grad_fn).__name__ != FP8SwiGLUMLPFunction.__name__ + "Backward"
+    assert torch.equal(y, want)
+    assert seen == ([1, 1] if case == "hook" else [])
+
+
+def test_swiglu_mlp_compiles_in_one_graph_with_eager_gradients():
+    layers = _three_fp8_layers()
+    x, grad_out = rand(2, 70, 128, seed=1), rand(2, 70, 128, seed=2)
+    compiled = torch.compile(lambda inp: swiglu_mlp(*layers, inp), fullgraph=True, backend="aot_eager")
+    xi = x.clone().requires_grad_()
+    y = compiled(xi)
+    y.backward(grad_out)
+    got = [y, xi.grad] + [layer.weight.grad.clone() for layer in layers]
+    _, want = _mlp_step(layers, x, grad_out, True)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+
+
+def test_fp8_swiglu_mlp_checks_its_arguments():
+    w_gate, w_up, w_down = torch.ones(256, 128), torch.ones(256, 128), torch.ones(128, 256)
+    with pytest.raises(ValueError, match="recipe: the one-Function MLP"):
+        fp8_swiglu_mlp(torch.ones(4, 128), w_gate, w_up, w_down, FP8Recipe.from_name("wgrad_hp"))
+    with pytest.raises(ValueError, match=r"w_up, w_down: expected \[256, 128\]"):
+        fp8_swiglu_mlp(torch.ones(4, 128), w_gate, torch.ones(128, 128), w_down)
+    with pytest.raises(ValueError, match=r"x: expected a non-empty \[\.\.\., 128\]"):
+        fp8_swiglu_mlp(torch.ones(4, 64), w_gate, w_up, w_down)
+    with pytest.raises(ValueError, match="w_gate: expected dims that are positive multiples of 128"):
+        fp8_swiglu_mlp(torch.ones(4, 100), torch.ones(256, 100), w_up, w_down)
+    x = rand(4, 128, seed=0).requires_grad_()
+    assert torch.equal(fp8_swiglu_mlp(x, w_gate, w_up, w_down),
+                       fp8_linear(F.silu(fp8_linear(x, w_gate)) * fp8_linear(x, w_up), w_down))

@@ -12,6 +12,7 @@ from fp8train.quant import (
     per_token_cast,
     per_token_cast_dual,
     per_token_cast_transposed,
+    swiglu_backward_cast,
     swiglu_cast,
 )
 from strategies import tensors
@@ -256,6 +257,32 @@ def test_swiglu_cast_is_the_dual_cast_of_silu_gate_times_up(data, t, i, pow2, ha
             torch.equal(g.nan_to_num(-1.0), w.nan_to_num(-1.0))
     assert swiglu_cast(gate, up, colwise=False, pow2_scale=pow2)[2:] == (None, None)
     assert swiglu_cast(gate, up, rowwise=False, pow2_scale=pow2)[:2] == (None, None)
+
+
+@given(st.data(), dims, st.integers(1, 200), st.booleans(), st.booleans())
+def test_swiglu_backward_cast_casts_autograds_gradients(data, t, i, pow2, halves):
+    """swiglu_backward_cast(grad, gate, up) casts what autograd computes for F.silu(gate) * up
+    in their dtype, d(gate) and d(up), as per_token_cast_dual casts them."""
+    h = data.draw(tensors((t, 2 * i)))
+    grad = data.draw(tensors((t, i))).to(h.dtype)
+    gate, up = h.chunk(2, dim=-1) if halves else (h[:, :i].contiguous(), h[:, i:].contiguous())
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    (torch.nn.functional.silu(g) * u).backward(grad)
+    for got, want in zip(swiglu_backward_cast(grad, gate, up, pow2_scale=pow2),
+                         (per_token_cast_dual(g.grad, pow2_scale=pow2), per_token_cast_dual(u.grad, pow2_scale=pow2))):
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype != torch.float32 else \
+                torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0))
+
+
+def test_swiglu_backward_cast_checks_its_arguments():
+    with pytest.raises(ValueError, match=r"grad, gate, up: expected one shape \[T, I\].*grad \(4, 3\)"):
+        swiglu_backward_cast(torch.ones(4, 3), torch.ones(4, 2), torch.ones(4, 2))
+    with pytest.raises(TypeError, match="up"):
+        swiglu_backward_cast(torch.ones(4, 4), torch.ones(4, 4), torch.ones(4, 4, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="pow2_scale"):
+        swiglu_backward_cast(torch.ones(4, 4), torch.ones(4, 4), torch.ones(4, 4), pow2_scale=1)
 
 
 def test_swiglu_cast_checks_its_arguments():

@@ -12,6 +12,7 @@ from .linear_function import FP8LinearFunction, FP8SwiGLULinearFunction, fp8_lin
 from .moe import FP8MoE, MoE, Router, SwiGLUMLP
 from .moe_layout import MoELayout, build_moe_layout, permute, segment_rows_for, unpermute
 from .recipe import RECIPES, FP8Recipe
+from .swiglu_mlp import FP8SwiGLUMLPFunction, fp8_swiglu_mlp, swiglu_mlp
 
 __all__ = [
     "FP8Linear",
@@ -20,6 +21,9 @@ __all__ = [
     "FP8SwiGLULinearFunction",
     "fp8_swiglu_linear",
     "swiglu_linear",
+    "FP8SwiGLUMLPFunction",
+    "fp8_swiglu_mlp",
+    "swiglu_mlp",
     "FP8Recipe",
     "RECIPES",
     "GroupedLinear",

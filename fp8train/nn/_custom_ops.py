@@ -451,6 +451,32 @@ def _(grad_out, weight, xt_fp8, xt_scale, pow2_scale, dx_dtype, backend):
             grad_out.new_empty(weight.shape, dtype=torch.float32))
 
 
+@_op("swiglu_input_grads")
+def swiglu_input_grads(grad: Tensor, gate: Tensor, up: Tensor, w_gate: Tensor, w_up: Tensor,
+                       xt_fp8: Tensor, xt_scale: Tensor, pow2_scale: bool, dx_dtype: torch.dtype,
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of a SwiGLU MLP's gate and up projections (``gate = x @ w_gate.T``,
+    ``up = x @ w_up.T``) from the gradient of silu(gate) * up [T, I] (T >= 1): SwiGLU's
+    backward and the casts of d(gate) and d(up) from one read (``swiglu_backward_cast``),
+    then dgrad and wgrad of both: (dx through gate, dx through up, both [T, K] in
+    ``dx_dtype``; dw_gate, dw_up [I, K] float32)."""
+    dgate, dup = _casts.swiglu_backward_cast(grad, gate, up, pow2_scale=pow2_scale, backend=_backend(backend))
+    grads = []
+    for (d_fp8, d_scale, dt_fp8, dt_scale), weight in ((dgate, w_gate), (dup, w_up)):
+        w_t_fp8, w_t_scale = cast_128x128_transposed.body(weight, pow2_scale, backend)
+        grads.append((gemm_nt.body(d_fp8, d_scale, w_t_fp8, w_t_scale, dx_dtype, backend),
+                      gemm_nt.body(dt_fp8, dt_scale, xt_fp8, xt_scale, torch.float32, backend)))
+    (dx_gate, dw_gate), (dx_up, dw_up) = grads
+    return dx_gate, dx_up, dw_gate, dw_up
+
+
+@swiglu_input_grads.register_fake
+def _(grad, gate, up, w_gate, w_up, xt_fp8, xt_scale, pow2_scale, dx_dtype, backend):
+    dx = grad.new_empty(grad.shape[0], w_gate.shape[1], dtype=dx_dtype)
+    return (dx, torch.empty_like(dx), w_gate.new_empty(w_gate.shape, dtype=torch.float32),
+            w_up.new_empty(w_up.shape, dtype=torch.float32))
+
+
 def transpose_128x128(w_fp8: Tensor, w_scale: Tensor) -> Tuple[Tensor, Tensor]:
     """The exact FP8 copy of W^T from W's 128x128 cast: each block's scale covers the same
     elements after transposing, so transposing data and scale grid loses nothing. Used only

@@ -16,7 +16,8 @@
   saw before.
 - SwiGLU MLPs (``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a plain SiLU, checked
   on the class's own source) whose down projection is an ``FP8Linear`` compute the product
-  inside its input casts (``fuse_swiglu_mlps``).
+  inside its input casts, and with all three layers FP8 run as one Function whose backward
+  makes SwiGLU's gradients inside their casts (``fuse_swiglu_mlps``, ``swiglu_mlp``).
 
 transformers is imported here only, and only when an HF model is converted.
 """
@@ -32,7 +33,8 @@ from torch import nn
 
 from .._checks import check_tensor
 from .grouped_linear import FP8GroupedLinearFunction, _forward as _grouped_forward
-from .linear import FP8Linear, swiglu_linear
+from .linear import FP8Linear
+from .swiglu_mlp import swiglu_mlp
 from .linear_function import GROUP, check_main_grad, compute_dtype
 from .moe_layout import build_moe_layout, segment_rows_for, unpermute
 from .recipe import FP8Recipe
@@ -235,9 +237,9 @@ def _is_swiglu_mlp_class(cls: type) -> bool:
 
 
 def _swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A transformers SwiGLU MLP's forward with the product made inside the FP8 down
-    projection's input casts (``swiglu_linear``): the same bits as the class's own."""
-    return swiglu_linear(self.down_proj, self.gate_proj(x), self.up_proj(x))
+    """A transformers SwiGLU MLP's forward as one FP8 Function where it can (``swiglu_mlp``:
+    SwiGLU and its gradients made inside the FP8 casts): the same bits as the class's own."""
+    return swiglu_mlp(self.gate_proj, self.up_proj, self.down_proj, x)
 
 
 def fuse_swiglu_mlps(model: nn.Module) -> None:

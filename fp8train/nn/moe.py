@@ -25,7 +25,7 @@ from torch import nn
 
 from .._autocast import autocast_off
 from .grouped_linear import FP8GroupedLinear, GroupedLinear, _check_int
-from .linear import swiglu_linear
+from .swiglu_mlp import swiglu_mlp
 from .linear_function import GROUP
 from .moe_layout import build_moe_layout, segment_rows_for, unpermute
 from .recipe import FP8Recipe
@@ -70,7 +70,7 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu_linear(self.down_proj, self.gate_proj(x), self.up_proj(x))
+        return swiglu_mlp(self.gate_proj, self.up_proj, self.down_proj, x)
 
 
 class MoE(nn.Module):

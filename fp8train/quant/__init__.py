@@ -7,6 +7,7 @@ from .casts import (
     per_token_cast,
     per_token_cast_dual,
     per_token_cast_transposed,
+    swiglu_backward_cast,
     swiglu_cast,
 )
 from .moe_casts import per_token_cast_permuted, per_token_cast_transposed_grouped
@@ -22,6 +23,7 @@ __all__ = [
     "per_token_cast_transposed",
     "per_token_cast_dual",
     "swiglu_cast",
+    "swiglu_backward_cast",
     "dequantize",
     "E4M3_MAX",
     "FP8_DTYPE",

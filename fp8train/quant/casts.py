@@ -27,6 +27,7 @@ from .reference import (
     per_block_cast_ref,
     per_token_cast_ref,
     per_token_cast_transposed_ref,
+    swiglu_backward_ref,
     swiglu_ref,
 )
 
@@ -168,6 +169,35 @@ def swiglu_cast(gate: torch.Tensor, up: torch.Tensor, *, rowwise: bool = True, c
                                                          backend=backend)
     return (a_fp8 if rowwise else None, scale if rowwise else None,
             at_fp8 if colwise else None, at_scale if colwise else None)
+
+
+def swiglu_backward_cast(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *,
+                         pow2_scale: bool = False, backend=None):
+    """SwiGLU's backward and the casts of its two gradients without writing them: for
+    a = silu(gate) * up and its gradient ``grad``, d(gate) and d(up) (computed in the inputs'
+    dtype, as autograd computes them), each cast as ``per_token_cast_dual`` casts it.
+
+    grad, gate, up: ``[T, I]`` float tensors of one dtype and device (gate and up may be the
+    two halves of one ``[T, 2I]``).
+    Returns ((dgate_fp8, scale, dgate_t_fp8, scale_t), (dup_fp8, scale, dup_t_fp8, scale_t)),
+    each as ``per_token_cast_dual`` returns it (T zero-padded to a multiple of 128 in the
+    column-wise copies). On the GPU one kernel reads grad, gate and up once, where I % 16 == 0
+    and their rows are 16-byte aligned; otherwise the gradients are made and cast.
+    """
+    check_tensor("grad", grad, dtypes=FLOAT_DTYPES, ndims=(2,))
+    check_tensor("gate", gate, dtypes=(grad.dtype,), ndims=(2,))
+    check_tensor("up", up, dtypes=(grad.dtype,), ndims=(2,))
+    check_same_device(grad=grad, gate=gate, up=up)
+    check_bool("pow2_scale", pow2_scale)
+    if not (grad.shape == gate.shape == up.shape) or grad.shape[0] == 0 or grad.shape[1] == 0:
+        raise ValueError(f"grad, gate, up: expected one shape [T, I] with T, I >= 1, got grad "
+                         f"{tuple(grad.shape)}, gate {tuple(gate.shape)} and up {tuple(up.shape)}")
+    if _use_native(gate, backend, supported=_native.swiglu_supports(gate, up)
+                   and _native.swiglu_supports(grad, grad)):
+        return _native.swiglu_backward_dual_cast(grad, gate, up, pow2_scale)
+    dgate, dup = swiglu_backward_ref(grad, gate, up)
+    return (per_token_cast_dual(dgate, pow2_scale=pow2_scale, backend=backend),
+            per_token_cast_dual(dup, pow2_scale=pow2_scale, backend=backend))
 
 
 def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block=(1, GROUP)) -> torch.Tensor:

@@ -4,6 +4,8 @@
                      with ``src_rows`` the MoE permutation is fused in (gather rows)
     swiglu_dual_cast gate, up [T, I] -> the same two casts of silu(gate) * up (SwiGLU fused
                      in; its result never written)
+    swiglu_backward_dual_cast  da, gate, up [T, I] -> the two casts of d(gate) and of d(up)
+                     (SwiGLU's backward fused in; the gradients never written)
     per_token_cast   x [R, K] -> row-wise 1x128 copy (optionally gathered)
     block_cast       w [G?, N, K] -> 128x128 copy and optionally the transposed copy
 
@@ -32,21 +34,42 @@ _GRID_YZ = 65535  # the most blocks along grid y and z (T/128 tiles, experts)
 _u32, _vp = ctypes.c_uint32, ctypes.c_void_p
 
 # The dual casts' outputs: the kernel parameters, and as their device functions take them
-# (DualCastOut).
-_DUAL_OUT_PARAMS = ("uint8_t* q, float* scale, uint32_t scale_ld, uint8_t* qt, uint32_t qt_cols, float* scale_t, "
-                    "uint32_t scale_t_ld, uint32_t rowwise, uint32_t colwise")
-_DUAL_OUT = "{{q, scale, scale_ld, qt, qt_cols, scale_t, scale_t_ld, rowwise != 0, colwise != 0}}"
+# (DualCastOut); a kernel writing two dual casts takes two prefixed sets.
+_DUAL_OUT_FIELDS = (("uint8_t*", "q"), ("float*", "scale"), ("uint32_t", "scale_ld"), ("uint8_t*", "qt"),
+                    ("uint32_t", "qt_cols"), ("float*", "scale_t"), ("uint32_t", "scale_t_ld"),
+                    ("uint32_t", "rowwise"), ("uint32_t", "colwise"))
+
+
+_DUAL_OUT_TYPES = (_vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32, _u32)  # ctypes of the fields, in order
+
+
+def _dual_out_params(prefix: str = "") -> str:
+    return ", ".join(f"{ctype} {prefix}{name}" for ctype, name in _DUAL_OUT_FIELDS)
+
+
+def _dual_out(prefix: str = "") -> str:
+    fields = [f"{prefix}{name}" + (" != 0" if name in ("rowwise", "colwise") else "")
+              for _, name in _DUAL_OUT_FIELDS]
+    return "{{" + ", ".join(fields) + "}}"
+
+
 # kernel kind -> (header, C parameter list, device function call)
 _KINDS = {
     "dual_async": ("sm90_fp8_cast_dual_async.cuh",
                    "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
-                   "uint32_t cols, uint32_t vec_in, " + _DUAL_OUT_PARAMS,
+                   "uint32_t cols, uint32_t vec_in, " + _dual_out_params(),
                    "fp8train::dual_cast_tile_async<{T}, {POW2}>(x, src_rows, src_count, rows, "
-                   "cols, vec_in != 0, " + _DUAL_OUT + ");"),
+                   "cols, vec_in != 0, " + _dual_out() + ");"),
     "swiglu_dual": ("sm90_fp8_cast_swiglu.cuh",
                     "const {T}* gate, const {T}* up, uint64_t ld, uint32_t rows, uint32_t cols, "
-                    + _DUAL_OUT_PARAMS,
-                    "fp8train::swiglu_dual_cast_tile<{T}, {POW2}>(gate, up, ld, rows, cols, " + _DUAL_OUT + ");"),
+                    + _dual_out_params(),
+                    "fp8train::swiglu_dual_cast_tile<{T}, {POW2}>(gate, up, ld, rows, cols, " + _dual_out() + ");"),
+    "swiglu_backward_dual": (
+        "sm90_fp8_cast_swiglu_backward.cuh",
+        "const {T}* gate, const {T}* up, uint64_t ld, const {T}* grad, uint64_t grad_ld, uint32_t rows, "
+        "uint32_t cols, " + _dual_out_params("g_") + ", " + _dual_out_params("u_"),
+        "fp8train::swiglu_backward_dual_cast_tile<{T}, {POW2}>(gate, up, ld, grad, grad_ld, rows, cols, "
+        + _dual_out("g_") + ", " + _dual_out("u_") + ");"),
     "per_token": ("sm90_fp8_cast_per_token.cuh",
                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
                   "uint32_t cols, uint32_t vec_in, uint8_t* q, float* scale, uint32_t scale_ld",
@@ -73,6 +96,8 @@ def _min_blocks(kind: str, dtype: torch.dtype) -> int:
         return 3 if dtype == torch.float32 else 6
     if kind == "swiglu_dual":  # two staged tiles (gate's and up's) per block
         return 1 if dtype == torch.float32 else 3
+    if kind == "swiglu_backward_dual":  # three staged tiles (gate's, up's and da's) per block
+        return 1 if dtype == torch.float32 else 2
     return _MIN_BLOCKS[kind]
 
 
@@ -206,6 +231,35 @@ def swiglu_dual_cast(gate: torch.Tensor, up: torch.Tensor, pow2_scale: bool, row
         (_vp, _vp, ctypes.c_uint64, _u32, _u32, _vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32, _u32),
         _raw_stream(dev.index))
     return q, s, qt, st
+
+
+def _dual_outputs(rows: int, cols: int, dev: torch.device):
+    """Empty (q [T, I], scale, qt [I, Tp], scale_t) of a dual cast, Tp = T rounded up to 128,
+    and the kernel arguments that point at them."""
+    qt_cols = -(-rows // GROUP) * GROUP
+    q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev)
+    s = empty_scales((rows,), -(-cols // GROUP), dev)
+    qt = torch.empty(cols, qt_cols, dtype=FP8_DTYPE, device=dev)
+    st = empty_scales((cols,), qt_cols // GROUP, dev)
+    args = (q.data_ptr(), s.data_ptr(), s.stride(-1), qt.data_ptr(), qt_cols, st.data_ptr(), st.stride(-1), 1, 1)
+    return (q, s, qt, st), args
+
+
+def swiglu_backward_dual_cast(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, pow2_scale: bool):
+    """da, gate, up [T, I] -> the dual casts of d(gate) and of d(up) for a = silu(gate) * up,
+    as ``dual_cast`` casts autograd's gradients: ((q, scale, qt, scale_t) of d(gate), the same
+    of d(up)). The caller checked ``swiglu_supports(gate, up)`` and ``swiglu_supports(grad, grad)``."""
+    rows, cols = gate.shape
+    dev = gate.device
+    dgate, dgate_args = _dual_outputs(rows, cols, dev)
+    dup, dup_args = _dual_outputs(rows, cols, dev)
+    _kernel("swiglu_backward_dual", gate.dtype, bool(pow2_scale), dev.index).launch(
+        (-(-cols // GROUP), -(-rows // GROUP)), _THREADS, 3 * GROUP * GROUP * gate.element_size(),
+        (gate.data_ptr(), up.data_ptr(), gate.stride(0), grad.data_ptr(), grad.stride(0), rows, cols,
+         *dgate_args, *dup_args),
+        (_vp, _vp, ctypes.c_uint64, _vp, ctypes.c_uint64, _u32, _u32) + _DUAL_OUT_TYPES * 2,
+        _raw_stream(dev.index))
+    return dgate, dup
 
 
 def per_token_cast(x: torch.Tensor, pow2_scale: bool, *, src_rows: Optional[torch.Tensor] = None,

@@ -64,10 +64,25 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_backward_ref(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    """(d(gate), d(up)) of ``swiglu_ref(gate, up)`` for the gradient ``grad``, as autograd
+    computes them in the inputs' dtype: ``silu_backward(grad * up, gate)`` and
+    ``grad * silu(gate)``, each op rounding to the dtype."""
+    return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+
+
 def swiglu_cast_ref(gate: torch.Tensor, up: torch.Tensor, pow2_scale: bool = False):
     """The dual cast (``dual_cast_ref``) of ``swiglu_ref(gate, up)``: what the fused kernel
     writes."""
     return dual_cast_ref(swiglu_ref(gate, up), pow2_scale)
+
+
+def swiglu_backward_cast_ref(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                             pow2_scale: bool = False):
+    """The dual casts (``dual_cast_ref``) of ``swiglu_backward_ref(grad, gate, up)``: what the
+    fused backward kernel writes, d(gate)'s four outputs then d(up)'s."""
+    dgate, dup = swiglu_backward_ref(grad, gate, up)
+    return (*dual_cast_ref(dgate, pow2_scale), *dual_cast_ref(dup, pow2_scale))
 
 
 def per_block_cast_dual_ref(w: torch.Tensor, pow2_scale: bool = False):

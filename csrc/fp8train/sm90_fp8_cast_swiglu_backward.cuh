@@ -1,0 +1,105 @@
+// SwiGLU's backward fused into the dual casts of its two gradients: from da (the gradient of
+// a = silu(gate) * up), gate and up [T, I] -> the row-wise 1x128 casts along I and the
+// column-wise casts along T (zero-padded to qt_cols) of d(gate) and d(up), which are never
+// written in high precision: the dgrad and wgrad operands of the gate and up projections.
+// Bit-identical to casting autograd's gradients of F.silu(gate) * up on the GPU:
+//   d(up)   = da * silu(gate), silu rounded to T first (as the forward's F.silu);
+//   d(gate) = silu_backward(da * up, gate): the product rounded to T, then ATen's CUDA
+//             formula in float, t * s * (1 + g * (1 - s)) with s = 1 / (1 + exp(-g)), whose
+//             inner multiply-add nvcc contracts into one fma; each result rounded to T.
+//
+// One 128 x 128 tile per block: gate's, up's and da's tiles are staged by cp.async (3 x 32 KB
+// for bf16/fp16, 2 blocks per SM); each thread turns the units it staged into d(gate) (in
+// gate's tile) and d(up) (in up's tile), and after one barrier the dual cast's row and
+// column passes run over both tiles. Needs I % 16 == 0 and 16-byte aligned rows (the host
+// runs the unfused ops otherwise).
+#pragma once
+
+#include "fp8train/sm90_fp8_cast_swiglu.cuh"
+
+namespace fp8train {
+namespace cast {
+
+// d(gate) and d(up) of one element, rounded to T as autograd's ops round.
+template <typename T>
+__device__ __forceinline__ void swiglu_grad_raw(uint32_t g_bits, uint32_t u_bits, uint32_t d_bits,
+                                                uint32_t& dgate, uint32_t& dup) {
+    const float g = raw_to_float<T>(g_bits), u = raw_to_float<T>(u_bits), d = raw_to_float<T>(d_bits);
+    const float e = expf(-g);
+    const float silu = raw_to_float<T>(float_to_raw<T>(g / (1.0f + e)));
+    dup = float_to_raw<T>(d * silu);
+    const float t = raw_to_float<T>(float_to_raw<T>(d * u));
+    const float s = 1.0f / (1.0f + e);
+    dgate = float_to_raw<T>(t * s * __fmaf_rn(g, 1.0f - s, 1.0f));
+}
+
+// 16-byte units of gate, up and da -> the units of d(gate) (into gate) and d(up) (into up).
+template <typename T>
+__device__ __forceinline__ void swiglu_grad_unit(uint4& gate, uint4& up, uint4 grad) {
+    uint32_t g[4] = {gate.x, gate.y, gate.z, gate.w}, u[4] = {up.x, up.y, up.z, up.w};
+    const uint32_t d[4] = {grad.x, grad.y, grad.z, grad.w};
+#pragma unroll
+    for (uint32_t i = 0; i < 4; ++i) {
+        uint32_t dg, du;
+        if constexpr (sizeof(T) == 4) {
+            swiglu_grad_raw<T>(g[i], u[i], d[i], dg, du);
+        } else {  // two 16-bit elements per word
+            uint32_t dg_hi, du_hi;
+            swiglu_grad_raw<T>(g[i] & 0xFFFFu, u[i] & 0xFFFFu, d[i] & 0xFFFFu, dg, du);
+            swiglu_grad_raw<T>(g[i] >> 16, u[i] >> 16, d[i] >> 16, dg_hi, du_hi);
+            dg |= dg_hi << 16;
+            du |= du_hi << 16;
+        }
+        g[i] = dg;
+        u[i] = du;
+    }
+    gate = make_uint4(g[0], g[1], g[2], g[3]);
+    up = make_uint4(u[0], u[1], u[2], u[3]);
+}
+
+}  // namespace cast
+
+template <typename T, bool POW2>
+__device__ __forceinline__ void swiglu_backward_dual_cast_tile(const T* __restrict__ gate, const T* __restrict__ up,
+                                                               uint64_t ld, const T* __restrict__ grad,
+                                                               uint64_t grad_ld, uint32_t rows, uint32_t cols,
+                                                               const DualCastOut& out_gate,
+                                                               const DualCastOut& out_up) {
+    using namespace cast;
+    using Tile = StagedTile<T>;
+    constexpr uint32_t UNITS_PER_THREAD = GROUP * Tile::UNITS / DUAL_ASYNC_THREADS;
+    static_assert(DUAL_ASYNC_THREADS % Tile::UNITS == 0, "a thread's units share one column");
+    extern __shared__ __align__(128) uint8_t tile[];  // gate's, up's and da's tiles: 3 x Tile::BYTES
+    uint8_t* up_tile = tile + Tile::BYTES;
+    const uint8_t* grad_tile = tile + 2 * Tile::BYTES;
+    const uint32_t t0 = blockIdx.y * GROUP, k0 = blockIdx.x * GROUP;
+
+    // Stage: thread i copies unit i % UNITS of rows i / UNITS + j * (THREADS / UNITS) of all
+    // three; rows past T and columns past I are zero (their gradients are zero: no amax moves).
+    const uint32_t u = threadIdx.x % Tile::UNITS;
+    const uint32_t k_unit = k0 + u * Tile::PER_UNIT;
+    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+#pragma unroll
+    for (uint32_t j = 0; j < UNITS_PER_THREAD; ++j) {
+        const uint32_t r = threadIdx.x / Tile::UNITS + j * (DUAL_ASYNC_THREADS / Tile::UNITS), t = t0 + r;
+        const bool inside = t < rows && k_unit < cols;
+        const uint64_t at = inside ? t * ld + k_unit : 0, grad_at = inside ? t * grad_ld + k_unit : 0;
+        const uint32_t bytes = inside ? 16 : 0;
+        cp_async_16(base + Tile::unit_offset(r, u), gate + at, bytes);
+        cp_async_16(base + Tile::BYTES + Tile::unit_offset(r, u), up + at, bytes);
+        cp_async_16(base + 2 * Tile::BYTES + Tile::unit_offset(r, u), grad + grad_at, bytes);
+    }
+    cp_async_wait_all();  // this thread's own copies: the units it turns into gradients
+#pragma unroll
+    for (uint32_t j = 0; j < UNITS_PER_THREAD; ++j) {
+        const uint32_t r = threadIdx.x / Tile::UNITS + j * (DUAL_ASYNC_THREADS / Tile::UNITS);
+        const uint32_t offset = Tile::unit_offset(r, u);
+        swiglu_grad_unit<T>(*reinterpret_cast<uint4*>(tile + offset), *reinterpret_cast<uint4*>(up_tile + offset),
+                            *reinterpret_cast<const uint4*>(grad_tile + offset));
+    }
+    __syncthreads();
+    cast_staged_tile<T, POW2>(tile, t0, k0, rows, cols, out_gate);
+    cast_staged_tile<T, POW2>(up_tile, t0, k0, rows, cols, out_up);
+}
+
+}  // namespace fp8train
