@@ -207,3 +207,29 @@ def test_fp8_swiglu_mlp_checks_its_arguments():
     x = rand(4, 128, seed=0).requires_grad_()
     assert torch.equal(fp8_swiglu_mlp(x, w_gate, w_up, w_down),
                        fp8_linear(F.silu(fp8_linear(x, w_gate)) * fp8_linear(x, w_up), w_down))
+
+
+def test_compiled_swiglu_mlp_step_makes_seven_custom_op_calls():
+    """Under torch.compile each custom op call is a dispatcher round trip (host time): the
+    one-Function MLP's step is x's cast, three forward GEMMs with their weight casts and the
+    SwiGLU cast between them, then two backward ops (the down projection's gradients, and
+    SwiGLU's with the gate and up projections' gradients)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append([n.target.name().split("::")[1].split(".")[0] for n in gm.graph.nodes
+                       if n.op == "call_function" and hasattr(n.target, "name")
+                       and n.target.name().startswith("fp8train::")])
+        return make_boxed_func(gm.forward)
+
+    layers = _three_fp8_layers()
+    torch._dynamo.reset()
+    step = torch.compile(lambda inp: swiglu_mlp(*layers, inp).square().sum(), fullgraph=True,
+                         backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    step(rand(2, 70, 128, seed=1).requires_grad_()).backward()
+    assert graphs == [["cast_1x128_both", "fprop_cast_weight", "fprop_cast_weight", "cast_swiglu_both",
+                       "fprop_cast_weight"], ["linear_grads", "swiglu_input_grads"]], graphs
+    torch._dynamo.reset()
