@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GEMM kernel measurements in two device calls (each fits the 10-minute limit); logs under $OUT.
-#   bash scripts/kernel_bars.sh 1   # GPU tests of the dense and grouped GEMMs, the grouped GEMMs
-#                                   # on 256-row tiles (DeepGEMM's masked beside), fewest CTAs
+#   bash scripts/kernel_bars.sh 1   # GPU tests of the dense and grouped GEMMs, then the small-M
+#                                   # sweep (tiles and splits around the heuristic's, DeepGEMM beside)
 #   bash scripts/kernel_bars.sh 2   # bench gemm (every shape) and bench grouped, DeepGEMM beside
 # Carry .kcache (FP8TRAIN_CACHE_DIR=.kcache python scripts/prebuild_kernels.py --sweep) and
 # .deepgemm (DeepGEMM's tree, docs/kernels.md); without the latter DeepGEMM is not measured.
@@ -16,10 +16,20 @@ case "${1:-1}" in
     timeout 240 python -m pytest -q -x tests/test_gemm_native.py tests/test_gemm_grouped_native.py \
         > "$OUT/test_gemm.log" 2>&1 || status=1
     tail -3 "$OUT/test_gemm.log"
-    timeout 200 python scripts/sweep_gemm.py grouped256 > "$OUT/sweep.log" 2>&1 || status=1
-    cat "$OUT/sweep.log"
-    timeout 90 python scripts/sweep_gemm.py fewest_ctas > "$OUT/ctas.log" 2>&1 || status=1
-    cat "$OUT/ctas.log"
+    timeout 300 python scripts/sweep_gemm.py split > "$OUT/split.log" 2>&1 || status=1
+    # Per shape: the heuristic's config (first line), the best three, DeepGEMM.
+    python - "$OUT/split.log" <<'PY'
+import re, sys
+rows = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"(1d2d \S+) (.*): +(\d+) TFLOP/s", line)
+    if m:
+        rows.setdefault(m.group(1), []).append((int(m.group(3)), m.group(2)))
+for shape, entries in rows.items():
+    ours = [e for e in entries if e[1] != "DeepGEMM"]
+    deep = [e for e in entries if e[1] == "DeepGEMM"]
+    print(shape, "heuristic", ours[0], "best", sorted(ours, reverse=True)[:3], "DeepGEMM", deep)
+PY
     ;;
 2)
     timeout 360 python -m benchmarks gemm --json "$OUT/gemm.json" > "$OUT/bench_gemm.log" 2>&1 || status=1

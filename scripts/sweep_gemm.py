@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/sweep_gemm.py [section ...]   (default: every section)
 
-Sections: tiles256, raster, wgrad256, grouped256, fewest_ctas, multicast, configs, split.
+Sections: tiles256, raster, wgrad256, grouped256, fewest_ctas, multicast, configs, split (small M).
 (The attribution and scale-layout sweeps answered their questions: docs/kernels.md has the
 figures.) Prebuild their kernels with
 `scripts/prebuild_kernels.py --sweep`.
@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 from benchmarks import deepgemm  # noqa: E402
 from benchmarks.gemm import WGRAD_1D1D  # noqa: E402
 from benchmarks.timing import num_input_sets, time_calls  # noqa: E402
-from fp8train.ops.native.gemm_config import GemmConfig, choose_config, deepest_stages, raster_group_n  # noqa: E402
+from fp8train.ops.native.gemm_config import (MIN_K_BLOCKS_PER_SPLIT, GemmConfig, choose_config,  # noqa: E402
+                                             deepest_stages, raster_group_n)
 from fp8train.ops.native import sm90_fp8_gemm  # noqa: E402
 from fp8train.ops.native.sm90_fp8_gemm import (fp8_gemm_nt_native, k_grouped_native,  # noqa: E402
                                                m_grouped_masked_native)
@@ -55,7 +56,8 @@ def sweep_configs(m, n, k, kind, configs, deepgemm_too=True):
     for cfg in configs:
         grid = sm90_fp8_gemm._launch_for(m, n, k, kind, False, 0, 132, cfg).grid
         label = (f"bm{cfg.block_m} bn{cfg.block_n} s{cfg.num_stages} g{cfg.group_n} "
-                 f"c{cfg.cluster}{cfg.shares if cfg.cluster > 1 else ''} grid {grid}")
+                 f"c{cfg.cluster}{cfg.shares if cfg.cluster > 1 else ''}"
+                 f"{f' split{cfg.split_k}' if cfg.split_k > 1 else ''} grid {grid}")
         entries.append((label, [lambda s=s, cfg=cfg: fp8_gemm_nt_native(s[0][0], s[0][1], s[1][0], s[1][1], s[2],
                                                                          kind, False, cfg) for s in sets]))
     deep = [deepgemm.dense_1d2d(*s) for s in sets] if kind == "1d2d" and deepgemm_too else [None]
@@ -77,25 +79,27 @@ def report(prefix, entries, flop):
               f"({min(values):.0f}-{max(values):.0f})", flush=True)
 
 
-def sweep_split(m, n, k, candidates):
-    """1D2D at small M with (block_n, split_k) forced; TFLOP/s and the share of the HBM
-    roofline (A, B, their scales and the output, once each, at 3.35 TB/s)."""
-    sets = []
-    for seed in range(num_input_sets(m * k + n * k)):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        a = per_token_cast(torch.randn(m, k, device="cuda", generator=g))
-        b = per_block_cast(torch.randn(n, k, device="cuda", generator=g))
-        sets.append((a, b, torch.empty(m, n, device="cuda", dtype=torch.bfloat16)))
-    bytes_moved = m * k + n * k + 4 * (m * k // 128 + (n // 128 + 1) * (k // 128)) + 2 * m * n
-    for bn, split in candidates:
-        bm = 64 if m <= 64 else 128
-        tiles = -(-m // bm) * -(-n // bn) * split
-        cfg = GemmConfig(bm, bn, deepest_stages(bm, bn, "1d2d"), min(132, tiles), 1, "1d2d", 1, split)
-        calls = [lambda s=s: fp8_gemm_nt_native(s[0][0], s[0][1], s[1][0], s[1][1], s[2], "1d2d", False, cfg)
-                 for s in sets]
-        ms, _ = time_calls(calls)
-        print(f"1d2d {m}x{n}x{k} bn{bn} split{split}: {2 * m * n * k / ms / 1e9:6.0f} TFLOP/s, "
-              f"{bytes_moved / (ms * 1e-3) / 3.35e12:4.0%} of the HBM roofline", flush=True)
+# Small-M 1D2D shapes of the bench, where the HBM bounds the time and DeepGEMM leads most.
+SMALL_1D2D = [(64, 2112, 7168), (64, 4096, 7168), (128, 2112, 7168), (128, 4096, 7168),
+              (64, 7168, 2048), (128, 7168, 2048), (128, 7168, 16384)]
+
+
+def split_configs(m, n, k):
+    """The heuristic's small-M config, then (BLOCK_M, BLOCK_N, split) around it: 64- and
+    128-row tiles at M = 128, BLOCK_N 64-136, every split that keeps >= 4 K blocks a slice."""
+    chosen = choose_config(m, n, k, 132)
+    configs = [chosen]
+    kb = k // 128
+    for bm in ((64,) if m <= 64 else (64, 128)):
+        for bn in (64, 96, 112, 128, 136):
+            for split in (1, 2, 3, 4, 6, 7, 8):
+                if split > 1 and kb // split < MIN_K_BLOCKS_PER_SPLIT:
+                    continue
+                tiles = -(-m // bm) * -(-n // bn) * split
+                cfg = GemmConfig(bm, bn, deepest_stages(bm, bn, "1d2d"), min(132, tiles), 1, "1d2d", 1, split)
+                if tiles <= 2 * 132 and cfg != chosen:
+                    configs.append(cfg)
+    return configs
 
 
 # Dense 1D2D shapes where the tensor cores bound the time (M >= 4000): the bench's.
@@ -206,10 +210,11 @@ def grouped256():
 
 
 def kernels():
-    """(config, n, k, accumulate, grouping) of the tiles256, raster, wgrad256 and grouped256
-    sections' forced configs, for prebuilding."""
+    """(config, n, k, accumulate, grouping) of the tiles256, raster, wgrad256, split and
+    grouped256 sections' forced configs, for prebuilding."""
     configs = {(cfg, n, k) for m, n, k in LARGE_1D2D for cfg in tiles256_configs(m, n, k) + raster_configs(m, n, k)}
     configs |= {(cfg, n, k) for m, n, k in WGRAD_1D1D for cfg in wgrad256_configs(m, n, k)}
+    configs |= {(cfg, n, k) for m, n, k in SMALL_1D2D for cfg in split_configs(m, n, k)}
     kernels = [(cfg, n, k, False, "none") for cfg, n, k in configs]
     for g, rows, n, k in MASKED_256:
         for cfg in (choose_config(g * rows, n, k, 132, "1d2d", rows_per_group=rows), TALL_1D2D):
@@ -239,9 +244,10 @@ def configs():
 
 
 def split():
-    """Split-K at small M: (block_n, split_k) pairs around the heuristic's choice."""
-    for m, n, k in ((64, 2112, 7168), (128, 4096, 7168), (128, 7168, 2048)):
-        sweep_split(m, n, k, [(16, 1), (32, 1), (64, 2), (64, 4), (128, 2), (128, 4), (136, 8), (128, 8)])
+    """Small M: the heuristic's config (first) against tiles and splits around it, DeepGEMM
+    beside (at most two waves each; the median of three rounds)."""
+    for m, n, k in SMALL_1D2D:
+        sweep_configs(m, n, k, "1d2d", split_configs(m, n, k))
 
 
 SECTIONS = {"tiles256": tiles256, "raster": raster, "wgrad256": wgrad256, "grouped256": grouped256, "fewest_ctas": fewest_ctas, "multicast": multicast, "configs": configs, "split": split}

@@ -90,8 +90,9 @@ def test_swiglu_linear_on_the_gpu_gives_the_bits_of_the_unfused_layer(dtype):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_swiglu_mlp_on_the_gpu_gives_the_bits_of_three_layers(dtype):
+@pytest.mark.parametrize("dtype,autocast", [(torch.bfloat16, False), (torch.float16, False), (torch.float32, False),
+                                            (torch.float32, True)])
+def test_swiglu_mlp_on_the_gpu_gives_the_bits_of_three_layers(dtype, autocast):
     """The one-Function SwiGLU MLP on the native kernels (both SwiGLU-fused casts) against
     three FP8 layers reading F.silu(gate) * up made by torch's CUDA ops: output and every
     gradient bit-identical."""
@@ -109,9 +110,10 @@ def test_swiglu_mlp_on_the_gpu_gives_the_bits_of_three_layers(dtype):
             layer.weight.grad = None
         xi = x.clone().requires_grad_()
         gate, up, down = layers
-        y = swiglu_mlp(gate, up, down, xi) if fused else down(torch.nn.functional.silu(gate(xi)) * up(xi))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = swiglu_mlp(gate, up, down, xi) if fused else down(torch.nn.functional.silu(gate(xi)) * up(xi))
         assert (y.grad_fn.__class__.__name__ == FP8SwiGLUMLPFunction.__name__ + "Backward") is fused
-        y.backward(grad_out)
+        y.backward(grad_out.to(y.dtype))
         results.append([y, xi.grad] + [layer.weight.grad for layer in layers])
     for got, want in zip(*results):
         assert torch.equal(got, want)

@@ -142,7 +142,8 @@ def _mlp_step(layers, x, grad_out, fused: bool, autocast: bool = False):
     return y, [y, xi.grad] + [p.grad for layer in layers for p in layer.parameters()]
 
 
-@pytest.mark.parametrize("dtype,autocast", [(torch.bfloat16, False), (torch.float32, False), (torch.float32, True)])
+@pytest.mark.parametrize("dtype,autocast", [(torch.bfloat16, False), (torch.float16, False), (torch.float32, False),
+                                            (torch.float32, True)])
 def test_swiglu_mlp_is_one_function_with_the_bits_of_three_layers(dtype, autocast, monkeypatch):
     """Three bias-free FP8 layers of the default recipe run as one Function: SwiGLU's
     gradients made inside their casts (one swiglu_backward_cast), and output and every
@@ -160,7 +161,8 @@ def test_swiglu_mlp_is_one_function_with_the_bits_of_three_layers(dtype, autocas
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("case", ["bias", "save_fp8_weight", "frozen weight", "hook", "no input grad", "no_grad"])
+@pytest.mark.parametrize("case", ["bias", "save_fp8_weight", "frozen weight", "hook", "global hook",
+                                  "no input grad", "no_grad"])
 def test_swiglu_mlp_runs_the_layers_where_one_function_does_not_fit(case):
     """Biases, another recipe, a frozen weight, a hook on a layer, an input without a
     gradient or inference: the three layers run as they are (the same results)."""
@@ -170,14 +172,20 @@ def test_swiglu_mlp_runs_the_layers_where_one_function_does_not_fit(case):
         layers[1].weight.requires_grad_(False)
     seen = []
     if case == "hook":
-        layers[0].register_forward_hook(lambda *args: seen.append(1))
+        handle = layers[0].register_forward_hook(lambda *args: seen.append(1))
+    if case == "global hook":
+        handle = nn.modules.module.register_module_forward_hook(lambda *args: seen.append(1))
     x = rand(70, 128, seed=1).requires_grad_(case != "no input grad")
-    with torch.set_grad_enabled(case != "no_grad"):
-        y = swiglu_mlp(*layers, x)
-        want = layers[2](F.silu(layers[0](x)) * layers[1](x))
+    try:
+        with torch.set_grad_enabled(case != "no_grad"):
+            y = swiglu_mlp(*layers, x)
+            want = layers[2](F.silu(layers[0](x)) * layers[1](x))
+    finally:
+        if "hook" in case:
+            handle.remove()
     assert y.grad_fn is None or type(y.grad_fn).__name__ != FP8SwiGLUMLPFunction.__name__ + "Backward"
     assert torch.equal(y, want)
-    assert seen == ([1, 1] if case == "hook" else [])
+    assert seen == {"hook": [1, 1], "global hook": [1] * 6}.get(case, [])
 
 
 def test_swiglu_mlp_compiles_in_one_graph_with_eager_gradients():

@@ -8,8 +8,11 @@ gradients are never written), as the forward makes silu(gate) * up inside the do
 projection's casts. Output and every gradient are bit-identical to the three layers'.
 
 Taken by ``swiglu_mlp`` for the default recipe (all three GEMMs in FP8, weights cast per
-call, no ``main_grad``), bias-free layers and a training step that needs every gradient;
-anything else runs the three layers as they are.
+call, no ``main_grad``), bias-free layers without hooks (per module or global) and a
+training step that needs every gradient; anything else runs the three layers as they are.
+x's gradient is the two projections' sum, handed on as one tensor: where x has another
+consumer, autograd adds it to that sum, not to each term in turn (the same value, possibly
+another last bit).
 """
 from __future__ import annotations
 
@@ -113,9 +116,18 @@ def _runs_as_written(module: nn.Module) -> bool:
     """An ``FP8Linear`` without a bias, a subclass forward or hooks: what the one Function
     replaces exactly."""
     return (isinstance(module, FP8Linear) and type(module).forward is FP8Linear.forward
-            and module.bias is None and _plain_weight(module.weight)
+            and module.bias is None and _plain_weight(module.weight) and module.weight.requires_grad
             and not (module._forward_hooks or module._forward_pre_hooks
                      or module._backward_hooks or module._backward_pre_hooks))
+
+
+def _global_module_hooks() -> bool:
+    """Whether hooks registered for every module (``register_module_forward_hook`` and its
+    kin) are set: they would see the three layers' calls, which one Function skips."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
 
 
 def swiglu_mlp(gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
@@ -125,10 +137,13 @@ def swiglu_mlp(gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
     (``FP8SwiGLUMLPFunction``: the same bits); otherwise the layers themselves
     (``swiglu_linear`` still fuses the product into an ``FP8Linear`` down projection)."""
     layers = (gate_proj, up_proj, down_proj)
-    if (torch.is_grad_enabled() and x.requires_grad and x.numel() > 0
-            and all(_runs_as_written(m) and m.weight.requires_grad for m in layers)
+    if (torch.is_grad_enabled() and x.requires_grad and x.numel() > 0 and x.dtype in FLOAT_DTYPES
+            and all(_runs_as_written(m) for m in layers)
             and gate_proj.recipe == up_proj.recipe == down_proj.recipe
-            and _whole_mlp_recipe(down_proj.recipe)):
+            and _whole_mlp_recipe(down_proj.recipe) and not _global_module_hooks()
+            # Shapes that do not chain run the layers, which say what is wrong.
+            and x.shape[-1] == gate_proj.in_features and up_proj.weight.shape == gate_proj.weight.shape
+            and down_proj.in_features == gate_proj.out_features):
         return FP8SwiGLUMLPFunction.apply(x, gate_proj.weight, up_proj.weight, down_proj.weight,
                                           down_proj.recipe, compute_dtype(x))
     return swiglu_linear(down_proj, gate_proj(x), up_proj(x))
