@@ -3,8 +3,9 @@
 #   bash scripts/host_path_bars.sh 1   # every GPU test file (REQUIRE_GPU), one process per file
 #   bash scripts/host_path_bars.sh 2   # bench hf (both models, eager and compiled), host time per
 #                                      # layer step with its Python profile, auto vs cuBLAS direct
-#   bash scripts/host_path_bars.sh 3   # the cast GPU tests, bench quant (every cast, the
-#                                      # SwiGLU-fused one included, against the copy), bench mlp
+#   bash scripts/host_path_bars.sh 3   # the cast GPU tests and the one-Function SwiGLU MLP's,
+#                                      # bench quant (every cast, the SwiGLU-fused ones included,
+#                                      # against the copy), bench mlp
 # Carry .kcache (FP8TRAIN_CACHE_DIR=.kcache python scripts/prebuild_kernels.py), and .whl with
 # a torchao wheel for its bench hf row (docs/hf.md).
 set -uo pipefail
@@ -33,7 +34,8 @@ case "${1:-1}" in
     grep -E "auto" "$OUT/bench_gemm.log" | tail -8
     ;;
 3)
-    timeout 150 python -m pytest -q -x tests/test_cast_native.py > "$OUT/test_cast.log" 2>&1 || status=1
+    timeout 180 python -m pytest -q -x tests/test_cast_native.py tests/test_nn_gpu.py \
+        > "$OUT/test_cast.log" 2>&1 || status=1
     tail -3 "$OUT/test_cast.log"
     timeout 300 python -m benchmarks quant --json "$OUT/quant.json" > "$OUT/bench_quant.log" 2>&1 || status=1
     grep -v -i warn "$OUT/bench_quant.log" | tail -45
