@@ -3,11 +3,15 @@ the side-by-side table of two profiles:
 
     PYTHONPATH=.:.deepgemm python scripts/ncu_gemm.py run ours|deepgemm M N K [BM BN]
     PYTHONPATH=.:.deepgemm python scripts/ncu_gemm.py run-grouped ours|deepgemm G ROWS N K
-    python scripts/ncu_gemm.py table ours.csv deepgemm.csv     # markdown, metric by metric
+    PYTHONPATH=. python scripts/ncu_gemm.py run-masked masked|contiguous G ROWS N K
+    python scripts/ncu_gemm.py table a.csv b.csv [NAME_A NAME_B]   # markdown, metric by metric
 
 `run-grouped` is the m-grouped contiguous GEMM, G experts of ROWS rows each (256-row segments
 where ROWS allows, as the MoE layers lay them out). `bash scripts/ncu_compare.sh M N K`, or
 `bash scripts/ncu_compare.sh grouped G ROWS N K`, runs both under ncu and prints the table.
+`run-masked` is our m-grouped masked GEMM (G experts of ROWS valid rows in M_max = 2 x ROWS)
+or our contiguous GEMM on the same rows, as `bench grouped` compares them
+(`bash scripts/ncu_compare.sh masked G ROWS N K`).
 """
 import csv
 import sys
@@ -66,6 +70,26 @@ def run_grouped(which: str, groups: int, rows: int, n: int, k: int) -> None:
     torch.cuda.synchronize()
 
 
+def run_masked(which: str, groups: int, rows: int, n: int, k: int) -> None:
+    import torch
+
+    from benchmarks.kernel_list import segment_rows_of
+    from fp8train import ops
+    from fp8train.quant import per_block_cast, per_token_cast
+
+    b = per_block_cast(torch.randn(groups, n, k, device="cuda"))
+    if which == "masked":
+        a = per_token_cast(torch.randn(groups, 2 * rows, k, device="cuda"))
+        masked_m = torch.full((groups,), rows, dtype=torch.int32, device="cuda")
+        ops.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m=rows, backend="native")
+    else:
+        padded = -(-rows // 128) * 128
+        a = per_token_cast(torch.randn(groups * padded, k, device="cuda"))
+        offsets = torch.arange(0, groups * padded + 1, padded, dtype=torch.int32, device="cuda")
+        ops.m_grouped_fp8_gemm_nt_contiguous(a, b, offsets, segment_rows=segment_rows_of(padded), backend="native")
+    torch.cuda.synchronize()
+
+
 def _metrics(path: str) -> dict:
     """(section, metric) -> 'value unit' of the one kernel an ncu --csv --page details file holds."""
     rows = {}
@@ -77,9 +101,9 @@ def _metrics(path: str) -> dict:
     return rows
 
 
-def table(ours_path: str, theirs_path: str) -> None:
+def table(ours_path: str, theirs_path: str, names=("ours", "DeepGEMM")) -> None:
     ours, theirs = _metrics(ours_path), _metrics(theirs_path)
-    print("| section | metric | ours | DeepGEMM |\n| --- | --- | --- | --- |")
+    print(f"| section | metric | {names[0]} | {names[1]} |\n| --- | --- | --- | --- |")
     for key in ours:
         print(f"| {key[0]} | {key[1]} | {ours[key]} | {theirs.get(key, '-')} |")
 
@@ -89,7 +113,9 @@ if __name__ == "__main__":
         run(sys.argv[2], *(int(v) for v in sys.argv[3:6]), [int(v) for v in sys.argv[6:8]])
     elif len(sys.argv) == 7 and sys.argv[1] == "run-grouped" and sys.argv[2] in ("ours", "deepgemm"):
         run_grouped(sys.argv[2], *(int(v) for v in sys.argv[3:7]))
-    elif len(sys.argv) == 4 and sys.argv[1] == "table":
-        table(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 7 and sys.argv[1] == "run-masked" and sys.argv[2] in ("masked", "contiguous"):
+        run_masked(sys.argv[2], *(int(v) for v in sys.argv[3:7]))
+    elif len(sys.argv) in (4, 6) and sys.argv[1] == "table":
+        table(sys.argv[2], sys.argv[3], *([tuple(sys.argv[4:6])] if len(sys.argv) == 6 else []))
     else:
         sys.exit(__doc__)
