@@ -97,8 +97,8 @@ def _cases(t: int, k: int, src: torch.Tensor, ref):
         "swiglu dual": (swiglu_bytes, lambda x: native.swiglu_dual_cast(*x.chunk(2, dim=-1), False),
                         lambda x: swiglu(*x.chunk(2, dim=-1), False)),
         "swiglu bwd dual": (swiglu_backward_bytes,
-                            lambda x: tuple(t for pair in native.swiglu_backward_dual_cast(
-                                grad, *x.chunk(2, dim=-1), False) for t in pair),
+                            lambda x: tuple(out for pair in native.swiglu_backward_dual_cast(
+                                grad, *x.chunk(2, dim=-1), False) for out in pair),
                             lambda x: swiglu_backward(grad, *x.chunk(2, dim=-1), False)),
     }
 
