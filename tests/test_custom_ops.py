@@ -37,6 +37,7 @@ def _cases() -> dict:
         "cast_1x128_both": (x, False, ""),
         "cast_swiglu": (x, up, False, ""),
         "cast_swiglu_both": (x, up, True, ""),
+        "cast_swiglu_grad_both": (torch.cat([x, up], 1), dy[:, :256], False, ""),
         "cast_128x128": (w, False, ""),
         "cast_128x128_dual": (w, True, ""),
         "cast_128x128_transposed": (w, False, ""),

@@ -266,8 +266,9 @@ def _experts_step(experts, tokens: int, top_k: int, seed: int) -> list:
 @pytest.mark.parametrize("arch,fused", [("qwen3_moe", True), ("gpt_oss", False)])
 def test_hf_experts_fuse_the_default_swiglu_gate(arch, fused, monkeypatch):
     """Experts gating as transformers' default (silu(gate) * up) run it inside the down
-    projection's casts, with the bits of the gate run on its own; a model's own gate
-    (GPT-OSS's clamped one) runs as written."""
+    projection's casts, and both projections as one Function (SwiGLU's gradient inside the
+    gate_up projection's casts), with the bits of the gate run on its own between two
+    layers; a model's own gate (GPT-OSS's clamped one) runs as written."""
     from fp8train.nn import hf as hf_experts
 
     model = tiny_model(arch, seed=5)
@@ -276,7 +277,13 @@ def test_hf_experts_fuse_the_default_swiglu_gate(arch, fused, monkeypatch):
     assert hf_experts._default_swiglu_gate(experts) is fused
     assert getattr(experts, hf_experts._FUSED_SWIGLU_ATTR) is fused
     if fused:
+        from fp8train.nn.grouped_swiglu import FP8GroupedSwiGLUFunction
+
+        seen = []
+        original = FP8GroupedSwiGLUFunction.apply
+        monkeypatch.setattr(FP8GroupedSwiGLUFunction, "apply", lambda *a: seen.append(1) or original(*a))
         got = _experts_step(experts, 96, 2, seed=6)
+        assert seen == [1]  # both projections as one Function, SwiGLU's gradient fused too
         monkeypatch.setattr(experts, hf_experts._FUSED_SWIGLU_ATTR, False)
         for a, b in zip(got, _experts_step(experts, 96, 2, seed=6)):
             assert torch.equal(a, b)

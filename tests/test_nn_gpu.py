@@ -119,6 +119,29 @@ def test_swiglu_mlp_on_the_gpu_gives_the_bits_of_three_layers(dtype, autocast):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_moe_experts_as_one_function_on_the_gpu_give_the_bits_of_two_layers(dtype, monkeypatch):
+    """The experts' two projections as one Function on the native kernels (SwiGLU's gradient
+    made inside the gate_up projection's casts) against the two layers, SwiGLU's backward
+    run by torch's CUDA ops: output and every gradient bit-identical."""
+    from fp8train.nn import moe as moe_module
+
+    torch.manual_seed(0)
+    moe = FP8MoE(512, 256, 8, 2, device="cuda", dtype=dtype)
+    x = torch.randn(600, 512, device="cuda", dtype=dtype)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(moe_module, "fuses_expert_block", lambda *args: False)
+        xi = x.clone().requires_grad_()
+        y = moe(xi)
+        y.float().square().sum().backward()
+        results.append([y, xi.grad] + [p.grad.clone() for p in moe.parameters()])
+        moe.zero_grad()
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_fp8_linear_compiles_fullgraph_on_the_gpu():
     torch.manual_seed(0)
     layer = FP8Linear(512, 512, device="cuda", dtype=torch.bfloat16)

@@ -480,3 +480,50 @@ def test_router_and_expert_gradients_match_an_independent_dense_loop(fp8):
         assert p.grad.norm() > 0, name
         assert rel_err(got[name], p.grad) < bound, name
     assert rel_err(got_x, x.grad) < bound
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.bfloat16, False), (torch.float32, False), (torch.float32, True)])
+def test_fp8_moe_experts_as_one_function_give_the_bits_of_two_layers(dtype, autocast, monkeypatch):
+    """The experts' two projections as one Function (SwiGLU's gradient made inside the
+    gate_up projection's casts): output and every gradient the bits of the two layers."""
+    from fp8train.nn.grouped_swiglu import FP8GroupedSwiGLUFunction
+
+    torch.manual_seed(0)
+    moe = FP8MoE(256, 128, 4, 2, shared_expert_dim=128, dtype=dtype)
+    x = rand(2, 45, 256, seed=3, dtype=dtype)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(moe_module, "fuses_expert_block", lambda *args: False)
+        seen = []
+        original = FP8GroupedSwiGLUFunction.apply
+        monkeypatch.setattr(FP8GroupedSwiGLUFunction, "apply", lambda *a: seen.append(1) or original(*a))
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = moe(xi)
+        y.float().square().sum().backward()
+        assert seen == ([1] if fused else [])
+        results.append([y, xi.grad] + [p.grad.clone() for p in moe.parameters()])
+        moe.zero_grad()
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+def test_fp8_moe_experts_run_as_two_layers_where_one_function_does_not_fit():
+    """Inference, a frozen expert weight, another recipe or a hook on an expert layer: the two
+    layers run (their results)."""
+    from fp8train.nn.grouped_swiglu import fuses_expert_block
+
+    moe = FP8MoE(256, 128, 4, 2)
+    x = rand(45, 256, seed=3).requires_grad_()
+    w_gu, w_down = moe.experts_gate_up.weight, moe.experts_down.weight
+    assert fuses_expert_block(x, w_gu, w_down, FP8Recipe())
+    assert not fuses_expert_block(x.detach(), w_gu, w_down, FP8Recipe())
+    assert not fuses_expert_block(x, w_gu, w_down, FP8Recipe(save_fp8_weight=True))
+    assert not fuses_expert_block(x, w_gu, w_down, FP8Recipe.from_name("wgrad_hp"))
+    with torch.no_grad():
+        assert not fuses_expert_block(x, w_gu, w_down, FP8Recipe())
+    seen = []
+    moe.experts_down.register_forward_hook(lambda *args: seen.append(1))
+    moe(x).sum().backward()
+    assert seen == [1]

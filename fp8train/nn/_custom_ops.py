@@ -191,6 +191,37 @@ def _(gate, up, pow2_scale, backend):
     return (*_fake_rowwise(gate), *_fake_colwise(gate))
 
 
+@_op("cast_swiglu_grad_both")
+def cast_swiglu_grad_both(h: Tensor, grad: Tensor, pow2_scale: bool,
+                          backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both 1x128 layouts of d[gate | up] [M, 2I], the gradient of silu(gate) * up (h = [gate
+    | up] [M, 2I], grad [M, I], I a multiple of 128) that autograd's ops compute, without
+    writing it: the SwiGLU-backward cast of each half (``swiglu_backward_cast``), side by
+    side. No 1x128 group straddles the halves, so these are the bits of casting d[gate | up]
+    itself. Both scales packed."""
+    rows, inner = grad.shape
+    if rows == 0:
+        return (*_fake_rowwise(h), *_fake_colwise(h))
+    gate, up = h.chunk(2, dim=-1)
+    dgate, dup = _casts.swiglu_backward_cast(grad, gate, up, pow2_scale=pow2_scale, backend=_backend(backend))
+    return (torch.cat([dgate[0], dup[0]], 1),
+            torch.cat([scale_layout.pack(dgate[1]), scale_layout.pack(dup[1])], 0),
+            torch.cat([dgate[2], dup[2]], 0),
+            torch.cat([scale_layout.pack(dgate[3]), scale_layout.pack(dup[3])], 1))
+
+
+@cast_swiglu_grad_both.register_fake
+def _(h, grad, pow2_scale, backend):
+    return (*_fake_rowwise(h), *_fake_colwise(h))
+
+
+def cast_swiglu_grad_layouts(h: Tensor, grad: Tensor, pow2_scale: bool, backend: str = ""):
+    """``cast_1x128_layouts(swiglu_grad(h, grad), pow2_scale, True, True)`` without making the
+    gradient (``cast_swiglu_grad_both``): (fp8, scale, t_fp8, t_scale)."""
+    q, packed, qt, packed_t = cast_swiglu_grad_both(h, grad, pow2_scale, backend)
+    return q, scale_layout.unpack(packed, h.shape[0]), qt, scale_layout.unpack(packed_t, h.shape[1])
+
+
 def cast_swiglu_layouts(gate: Tensor, up: Tensor, pow2_scale: bool, colwise: bool, backend: str = ""):
     """``cast_1x128_layouts(silu(gate) * up, pow2_scale, True, colwise)`` without the SwiGLU
     product: (fp8, scale, t_fp8, t_scale), the last two None unless ``colwise``."""

@@ -33,6 +33,7 @@ from torch import nn
 
 from .._checks import check_tensor
 from .grouped_linear import FP8GroupedLinearFunction, _forward as _grouped_forward
+from .grouped_swiglu import FP8GroupedSwiGLUFunction, fuses_expert_block
 from .linear import FP8Linear
 from .swiglu_mlp import swiglu_mlp
 from .linear_function import GROUP, check_main_grad, compute_dtype
@@ -165,14 +166,21 @@ def fp8train_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
     if hidden_states.shape[0] != layout.num_tokens:
         raise ValueError(f"hidden_states: expected {layout.num_tokens} rows (tokens), got "
                          f"{hidden_states.shape[0]}")
-    # The permutation into the padded layout happens inside the FP8 casts.
-    h = _grouped_linear(hidden_states, up, layout, recipe, self.is_transposed, up_bias,
-                        layout.src_tokens)                                     # [rows, 2I]
     swiglu = getattr(self, _FUSED_SWIGLU_ATTR, False)  # fused into the down projection's casts
-    if not swiglu:
-        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)           # [rows, I]
-    y = _grouped_linear(h, self.down_proj, layout, recipe, self.is_transposed, down_bias,
-                        swiglu=swiglu)
+    if (swiglu and not self.has_bias and not self.is_transposed
+            and fuses_expert_block(hidden_states, up, self.down_proj, recipe)):
+        # Both projections as one Function: SwiGLU's gradient made inside the casts too.
+        y = FP8GroupedSwiGLUFunction.apply(hidden_states, up, self.down_proj, layout.group_offsets,
+                                           layout.src_tokens, recipe, compute_dtype(hidden_states),
+                                           layout.align)                       # [rows, H]
+    else:
+        # The permutation into the padded layout happens inside the FP8 casts.
+        h = _grouped_linear(hidden_states, up, layout, recipe, self.is_transposed, up_bias,
+                            layout.src_tokens)                                 # [rows, 2I]
+        if not swiglu:
+            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)       # [rows, I]
+        y = _grouped_linear(h, self.down_proj, layout, recipe, self.is_transposed, down_bias,
+                            swiglu=swiglu)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
     return unpermute(y, layout, top_k_weights).to(hidden_states.dtype)        # [T, H]

@@ -25,8 +25,9 @@ from torch import nn
 
 from .._autocast import autocast_off
 from .grouped_linear import FP8GroupedLinear, GroupedLinear, _check_int
-from .swiglu_mlp import swiglu_mlp
-from .linear_function import GROUP
+from .grouped_swiglu import FP8GroupedSwiGLUFunction, fuses_expert_block
+from .swiglu_mlp import global_module_hooks, swiglu_mlp
+from .linear_function import GROUP, compute_dtype
 from .moe_layout import build_moe_layout, segment_rows_for, unpermute
 from .recipe import FP8Recipe
 
@@ -125,15 +126,18 @@ class MoE(nn.Module):
         layout = build_moe_layout(topk_ids, self.num_experts,
                                   segment_rows_for(topk_ids.numel(), self.num_experts))
         self.last_tokens_per_expert = layout.tokens_per_expert.detach()
-        h = self.experts_gate_up(x_tokens, layout.group_offsets, layout.src_tokens,
-                                 layout.align)                                      # [rows, 2I]
-        # SwiGLU inside the down projection: the FP8 layer casts silu(gate) * up directly.
-        y_perm = self.experts_down(h, layout.group_offsets, segment_rows=layout.align,
-                                   swiglu=True)                                     # [rows, H]
+        y_perm = self._expert_rows(x_tokens, layout)                                # [rows, H]
         out = unpermute(y_perm, layout, topk_weights)                               # [T, H]
         if self.shared_expert is not None:
             out = out + self.shared_expert(x_tokens)
         return out.reshape(x.shape[:-1] + (self.hidden_size,))
+
+    def _expert_rows(self, x_tokens: torch.Tensor, layout) -> torch.Tensor:
+        """Every assignment's expert output, in the padded layout ``[rows, H]``."""
+        h = self.experts_gate_up(x_tokens, layout.group_offsets, layout.src_tokens,
+                                 layout.align)                                      # [rows, 2I]
+        # SwiGLU inside the down projection: the FP8 layer casts silu(gate) * up directly.
+        return self.experts_down(h, layout.group_offsets, segment_rows=layout.align, swiglu=True)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, expert_dim={self.expert_dim}, "
@@ -175,6 +179,21 @@ class FP8MoE(MoE):
 
     def _experts(self, num_experts, in_features, out_features, **kw) -> FP8GroupedLinear:
         return FP8GroupedLinear(num_experts, in_features, out_features, recipe=self._recipe, **kw)
+
+    def _expert_rows(self, x_tokens: torch.Tensor, layout) -> torch.Tensor:
+        """One Function for both expert projections where it fits (``FP8GroupedSwiGLUFunction``:
+        SwiGLU's gradient made inside the gate_up projection's casts; the same bits), else
+        the two layers."""
+        gate_up, down = self.experts_gate_up, self.experts_down
+        if (all(isinstance(m, FP8GroupedLinear) and type(m).forward is FP8GroupedLinear.forward
+                and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+                for m in (gate_up, down))
+                and gate_up.recipe == down.recipe and not global_module_hooks()
+                and fuses_expert_block(x_tokens, gate_up.weight, down.weight, gate_up.recipe)):
+            return FP8GroupedSwiGLUFunction.apply(x_tokens, gate_up.weight, down.weight, layout.group_offsets,
+                                                  layout.src_tokens, gate_up.recipe, compute_dtype(x_tokens),
+                                                  layout.align)
+        return super()._expert_rows(x_tokens, layout)
 
     @classmethod
     def from_moe(cls, moe: MoE, recipe: Optional[FP8Recipe] = None) -> "FP8MoE":

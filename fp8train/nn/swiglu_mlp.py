@@ -121,7 +121,7 @@ def _runs_as_written(module: nn.Module) -> bool:
                      or module._backward_hooks or module._backward_pre_hooks))
 
 
-def _global_module_hooks() -> bool:
+def global_module_hooks() -> bool:
     """Whether hooks registered for every module (``register_module_forward_hook`` and its
     kin) are set: they would see the three layers' calls, which one Function skips."""
     from torch.nn.modules import module as nn_module
@@ -140,7 +140,7 @@ def swiglu_mlp(gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
     if (torch.is_grad_enabled() and x.requires_grad and x.numel() > 0 and x.dtype in FLOAT_DTYPES
             and all(_runs_as_written(m) for m in layers)
             and gate_proj.recipe == up_proj.recipe == down_proj.recipe
-            and _whole_mlp_recipe(down_proj.recipe) and not _global_module_hooks()
+            and _whole_mlp_recipe(down_proj.recipe) and not global_module_hooks()
             # Shapes that do not chain run the layers, which say what is wrong.
             and x.shape[-1] == gate_proj.in_features and up_proj.weight.shape == gate_proj.weight.shape
             and down_proj.in_features == gate_proj.out_features):
