@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The host-path bars in two device calls (each fits the 10-minute limit); logs under $OUT.
 #   bash scripts/host_path_bars.sh 1   # every GPU test file (REQUIRE_GPU), one process per file
-#   bash scripts/host_path_bars.sh 2   # bench hf (both models, eager and compiled), host time per
+#   bash scripts/host_path_bars.sh 2   # the HF GPU tests, bench hf (both models, eager and compiled), host time per
 #                                      # layer step with its Python profile, auto vs cuBLAS direct
 #   bash scripts/host_path_bars.sh 3   # the cast GPU tests and the one-Function SwiGLU MLP's,
 #                                      # bench quant (every cast, the SwiGLU-fused ones included,
@@ -24,6 +24,8 @@ case "${1:-1}" in
     STEP_TIMEOUT=150 bash scripts/on_device.sh none || status=1
     ;;
 2)
+    timeout 100 python -m pytest -q -x tests/test_hf_models.py > "$OUT/test_hf.log" 2>&1 || status=1
+    tail -1 "$OUT/test_hf.log"
     timeout 320 python -m benchmarks hf --models llama-1b,qwen3-moe-1b > "$OUT/bench_hf.log" 2>&1 || status=1
     grep -E "^llama|^qwen|worst layer|tok/s \(|against|more than|torchao" "$OUT/bench_hf.log"
     timeout 120 python scripts/profile_step.py layers --cprofile --out "$OUT/prof" 2>&1 | grep -v -i warn \
