@@ -3,7 +3,8 @@ same modules in BF16, timed on the GPU the way DESIGN.md times the anchors. ``ml
 SwiGLU MLP (gate, up, down) run as one FP8 Function (``swiglu_mlp``: silu(gate) * up made
 inside the down projection's casts, SwiGLU's gradients inside the gate and up projections'),
 timed beside the same FP8 layers as three Functions, with the product fused and without
-(what each fusion saves).
+(what each fusion saves); ``moe`` likewise times the FP8 experts as two grouped-layer
+Functions beside the one expert-block Function.
 
 Each row also checks the FP8 layer's output and gradients against the BF16 layer (relative
 error within FP8 bounds) before timing, and reports peak memory of one step.
@@ -139,6 +140,23 @@ class LayerByLayerSwiGLUMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class LayerByLayerFP8MoE(nn.Module):
+    """An ``FP8MoE``'s experts as two grouped-layer Functions (SwiGLU's gradient made and
+    cast by the layers): what the one expert-block Function replaces."""
+
+    def __init__(self, moe: FP8MoE):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        original = self.moe._expert_rows
+        self.moe._expert_rows = lambda x_tokens, layout: MoE._expert_rows(self.moe, x_tokens, layout)
+        try:
+            return self.moe(x)
+        finally:
+            self.moe._expert_rows = original
+
+
 def build_mlp(t, hidden, intermediate, device):
     base = SwiGLUMLP(hidden, intermediate, device=device, dtype=torch.bfloat16)
     fp8 = copy.deepcopy(base)
@@ -191,6 +209,13 @@ def run_suite(suite: str, json_path: str | None, backends=("auto", "native")) ->
                   + f" | peak GiB {bf16_gib:.2f} / {gib:.2f}", flush=True)
         if suite == "linear":
             rows += reference_rows(base, x, grad, shape, bf16_ms, bf16_gib)
+        if suite == "moe":  # the same FP8 experts as two grouped-layer Functions
+            ms, gib = measure(LayerByLayerFP8MoE(fp8), x, grad, host_syncs)
+            rows.append({"suite": suite, "shape": shape, "backend": "auto, 2 expert Functions",
+                         "bf16_ms": bf16_ms, "fp8_ms": ms, "speedup": bf16_ms / ms,
+                         "bf16_peak_gib": bf16_gib, "fp8_peak_gib": gib})
+            print(f"{suite} {shape} 2 expert Functions {ms:7.3f} ms speedup {bf16_ms / ms:.2f} "
+                  f"| peak GiB {gib:.2f}", flush=True)
         if suite == "mlp":  # the same FP8 layers as three Functions, with and without the fused product
             for fuse_product, label in ((True, "3 Functions, product fused"), (False, "3 Functions, unfused")):
                 ms, gib = measure(LayerByLayerSwiGLUMLP(fp8, fuse_product), x, grad)

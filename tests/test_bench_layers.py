@@ -4,7 +4,7 @@ import warnings
 
 import torch
 
-from benchmarks.layers import LIMITS, LayerByLayerSwiGLUMLP, build_linear, build_mlp, build_moe, compare, step_fn
+from benchmarks.layers import LIMITS, LayerByLayerFP8MoE, LayerByLayerSwiGLUMLP, build_linear, build_mlp, build_moe, compare, step_fn
 
 warnings.filterwarnings("ignore", message="fp8train: .* runs on the reference")
 
@@ -18,12 +18,24 @@ def test_linear_comparison_is_within_fp8_bounds():
     step_fn(fp8, x.clone().requires_grad_(True), grad)()  # the timed closure runs
 
 
-def test_moe_comparison_is_within_fp8_bounds():
+def test_moe_comparison_is_within_fp8_bounds(monkeypatch):
+    from fp8train.nn.grouped_swiglu import FP8GroupedSwiGLUFunction
+
     base, fp8 = build_moe(256, 256, 128, 4, 2, "cpu")
     x = torch.randn(256, 256, dtype=torch.bfloat16)
     grad = torch.randn(256, 256, dtype=torch.bfloat16)
     errors = compare(base, fp8, x, grad)
     assert all(errors[key] < limit for key, limit in zip(("out", "dx", "dw"), LIMITS["moe"]))
+    # The experts as two layer Functions (the bench's comparison row): the same bits, and
+    # not the one expert-block Function.
+    seen = []
+    original = FP8GroupedSwiGLUFunction.apply
+    monkeypatch.setattr(FP8GroupedSwiGLUFunction, "apply", lambda *a: seen.append(1) or original(*a))
+    two_layers = LayerByLayerFP8MoE(fp8)
+    assert compare(fp8, two_layers, x, grad) == {"out": 0.0, "dx": 0.0, "dw": 0.0}
+    seen.clear()
+    two_layers(x.clone().requires_grad_()).float().sum().backward()
+    assert seen == []
 
 
 def test_mlp_comparison_is_within_fp8_bounds_and_the_unfused_twin_gives_the_same_bits():
