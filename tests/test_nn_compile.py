@@ -53,13 +53,11 @@ def test_inductor_fullgraph_fp8_linear_forward_backward():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _fp8train_ops_per_graph(module, x):
-    """The fp8train custom ops in the forward and backward graphs AOTAutograd hands the
-    compiler for one step of ``module``."""
+def fp8train_ops_recorder(graphs: list):
+    """A torch.compile backend that appends to ``graphs``, for each graph AOTAutograd hands
+    the compiler (forward, then backward), the fp8train custom ops it calls, and runs it."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
-
-    graphs = []
 
     def keep(gm, example_inputs):
         graphs.append([n.target.name().split("::")[1].split(".")[0] for n in gm.graph.nodes
@@ -67,8 +65,15 @@ def _fp8train_ops_per_graph(module, x):
                        and n.target.name().startswith("fp8train::")])
         return make_boxed_func(gm.forward)
 
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+
+def _fp8train_ops_per_graph(module, x):
+    """The fp8train custom ops in the forward and backward graphs AOTAutograd hands the
+    compiler for one step of ``module``."""
+    graphs = []
     torch._dynamo.reset()
-    run_step(module, x, aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    run_step(module, x, fp8train_ops_recorder(graphs))
     return graphs
 
 

@@ -222,21 +222,13 @@ def test_compiled_swiglu_mlp_step_makes_seven_custom_op_calls():
     one-Function MLP's step is x's cast, three forward GEMMs with their weight casts and the
     SwiGLU cast between them, then two backward ops (the down projection's gradients, and
     SwiGLU's with the gate and up projections' gradients)."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
+    from test_nn_compile import fp8train_ops_recorder
 
     graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append([n.target.name().split("::")[1].split(".")[0] for n in gm.graph.nodes
-                       if n.op == "call_function" and hasattr(n.target, "name")
-                       and n.target.name().startswith("fp8train::")])
-        return make_boxed_func(gm.forward)
-
     layers = _three_fp8_layers()
     torch._dynamo.reset()
     step = torch.compile(lambda inp: swiglu_mlp(*layers, inp).square().sum(), fullgraph=True,
-                         backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+                         backend=fp8train_ops_recorder(graphs))
     step(rand(2, 70, 128, seed=1).requires_grad_()).backward()
     assert graphs == [["cast_1x128_both", "fprop_cast_weight", "fprop_cast_weight", "cast_swiglu_both",
                        "fprop_cast_weight"], ["linear_grads", "swiglu_input_grads"]], graphs

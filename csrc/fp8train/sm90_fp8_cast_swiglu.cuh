@@ -52,6 +52,42 @@ __device__ __forceinline__ uint4 swiglu_unit(uint4 gate, uint4 up) {
     return make_uint4(a[0], a[1], a[2], a[3]);
 }
 
+// The units a thread stages of a 128 x 128 tile, and later owns: unit unit() of rows row(j),
+// j < COUNT (thread i: unit i % UNITS of rows i / UNITS + j * (THREADS / UNITS)).
+template <typename T>
+struct OwnUnits {
+    using Tile = StagedTile<T>;
+    static constexpr uint32_t COUNT = GROUP * Tile::UNITS / DUAL_ASYNC_THREADS;
+    static_assert(DUAL_ASYNC_THREADS % Tile::UNITS == 0, "a thread's units share one column");
+    __device__ static __forceinline__ uint32_t unit() { return threadIdx.x % Tile::UNITS; }
+    __device__ static __forceinline__ uint32_t row(uint32_t j) {
+        return threadIdx.x / Tile::UNITS + j * (DUAL_ASYNC_THREADS / Tile::UNITS);
+    }
+    __device__ static __forceinline__ uint32_t offset(uint32_t j) { return Tile::unit_offset(row(j), unit()); }
+};
+
+// Stage this thread's units of the tiles at (t0, k0) of N [rows, cols] tensors (row strides
+// ld[n]) into N consecutive staged tiles by cp.async, zeros past the rows and columns, and
+// wait for them: the thread may then rewrite its own units without a barrier.
+template <typename T, uint32_t N>
+__device__ __forceinline__ void stage_own_units(uint8_t* tile, const T* const (&src)[N], const uint64_t (&ld)[N],
+                                                uint32_t t0, uint32_t k0, uint32_t rows, uint32_t cols) {
+    using Own = OwnUnits<T>;
+    using Tile = StagedTile<T>;
+    const uint32_t k_unit = k0 + Own::unit() * Tile::PER_UNIT;
+    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+#pragma unroll
+    for (uint32_t j = 0; j < Own::COUNT; ++j) {
+        const uint32_t t = t0 + Own::row(j);
+        const bool inside = t < rows && k_unit < cols;
+#pragma unroll
+        for (uint32_t n = 0; n < N; ++n)
+            cp_async_16(base + n * Tile::BYTES + Own::offset(j), src[n] + (inside ? t * ld[n] + k_unit : 0),
+                        inside ? 16 : 0);
+    }
+    cp_async_wait_all();
+}
+
 }  // namespace cast
 
 template <typename T, bool POW2>
@@ -60,31 +96,17 @@ __device__ __forceinline__ void swiglu_dual_cast_tile(const T* __restrict__ gate
                                                       const DualCastOut& out) {
     using namespace cast;
     using Tile = StagedTile<T>;
-    constexpr uint32_t UNITS_PER_THREAD = GROUP * Tile::UNITS / DUAL_ASYNC_THREADS;
-    static_assert(DUAL_ASYNC_THREADS % Tile::UNITS == 0, "a thread's units share one column");
     extern __shared__ __align__(128) uint8_t tile[];  // gate's tile, then up's: 2 x Tile::BYTES
-    uint8_t* up_tile = tile + Tile::BYTES;
+    const uint8_t* up_tile = tile + Tile::BYTES;
     const uint32_t t0 = blockIdx.y * GROUP, k0 = blockIdx.x * GROUP;
-
-    // Stage: thread i copies unit i % UNITS of rows i / UNITS + j * (THREADS / UNITS) of gate
-    // and up; rows past T and columns past I are zero (silu(0) * 0 = 0 changes no amax).
-    const uint32_t u = threadIdx.x % Tile::UNITS;
-    const uint32_t k_unit = k0 + u * Tile::PER_UNIT;
-    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+    // Rows past T and columns past I stage as zeros: silu(0) * 0 = 0 changes no amax.
+    const T* const sources[2] = {gate, up};
+    const uint64_t strides[2] = {ld, ld};
+    stage_own_units<T, 2>(tile, sources, strides, t0, k0, rows, cols);
 #pragma unroll
-    for (uint32_t j = 0; j < UNITS_PER_THREAD; ++j) {
-        const uint32_t r = threadIdx.x / Tile::UNITS + j * (DUAL_ASYNC_THREADS / Tile::UNITS), t = t0 + r;
-        const bool inside = t < rows && k_unit < cols;
-        const uint64_t at = inside ? t * ld + k_unit : 0;
-        cp_async_16(base + Tile::unit_offset(r, u), gate + at, inside ? 16 : 0);
-        cp_async_16(base + Tile::BYTES + Tile::unit_offset(r, u), up + at, inside ? 16 : 0);
-    }
-    cp_async_wait_all();
-#pragma unroll
-    for (uint32_t j = 0; j < UNITS_PER_THREAD; ++j) {
-        const uint32_t r = threadIdx.x / Tile::UNITS + j * (DUAL_ASYNC_THREADS / Tile::UNITS);
-        uint4* a = reinterpret_cast<uint4*>(tile + Tile::unit_offset(r, u));
-        *a = swiglu_unit<T>(*a, *reinterpret_cast<const uint4*>(up_tile + Tile::unit_offset(r, u)));
+    for (uint32_t j = 0; j < OwnUnits<T>::COUNT; ++j) {
+        uint4* a = reinterpret_cast<uint4*>(tile + OwnUnits<T>::offset(j));
+        *a = swiglu_unit<T>(*a, *reinterpret_cast<const uint4*>(up_tile + OwnUnits<T>::offset(j)));
     }
     __syncthreads();
     cast_staged_tile<T, POW2>(tile, t0, k0, rows, cols, out);

@@ -67,33 +67,17 @@ __device__ __forceinline__ void swiglu_backward_dual_cast_tile(const T* __restri
                                                                const DualCastOut& out_up) {
     using namespace cast;
     using Tile = StagedTile<T>;
-    constexpr uint32_t UNITS_PER_THREAD = GROUP * Tile::UNITS / DUAL_ASYNC_THREADS;
-    static_assert(DUAL_ASYNC_THREADS % Tile::UNITS == 0, "a thread's units share one column");
     extern __shared__ __align__(128) uint8_t tile[];  // gate's, up's and da's tiles: 3 x Tile::BYTES
     uint8_t* up_tile = tile + Tile::BYTES;
     const uint8_t* grad_tile = tile + 2 * Tile::BYTES;
     const uint32_t t0 = blockIdx.y * GROUP, k0 = blockIdx.x * GROUP;
-
-    // Stage: thread i copies unit i % UNITS of rows i / UNITS + j * (THREADS / UNITS) of all
-    // three; rows past T and columns past I are zero (their gradients are zero: no amax moves).
-    const uint32_t u = threadIdx.x % Tile::UNITS;
-    const uint32_t k_unit = k0 + u * Tile::PER_UNIT;
-    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+    // Rows past T and columns past I stage as zeros: their gradients are zero, no amax moves.
+    const T* const sources[3] = {gate, up, grad};
+    const uint64_t strides[3] = {ld, ld, grad_ld};
+    stage_own_units<T, 3>(tile, sources, strides, t0, k0, rows, cols);
 #pragma unroll
-    for (uint32_t j = 0; j < UNITS_PER_THREAD; ++j) {
-        const uint32_t r = threadIdx.x / Tile::UNITS + j * (DUAL_ASYNC_THREADS / Tile::UNITS), t = t0 + r;
-        const bool inside = t < rows && k_unit < cols;
-        const uint64_t at = inside ? t * ld + k_unit : 0, grad_at = inside ? t * grad_ld + k_unit : 0;
-        const uint32_t bytes = inside ? 16 : 0;
-        cp_async_16(base + Tile::unit_offset(r, u), gate + at, bytes);
-        cp_async_16(base + Tile::BYTES + Tile::unit_offset(r, u), up + at, bytes);
-        cp_async_16(base + 2 * Tile::BYTES + Tile::unit_offset(r, u), grad + grad_at, bytes);
-    }
-    cp_async_wait_all();  // this thread's own copies: the units it turns into gradients
-#pragma unroll
-    for (uint32_t j = 0; j < UNITS_PER_THREAD; ++j) {
-        const uint32_t r = threadIdx.x / Tile::UNITS + j * (DUAL_ASYNC_THREADS / Tile::UNITS);
-        const uint32_t offset = Tile::unit_offset(r, u);
+    for (uint32_t j = 0; j < OwnUnits<T>::COUNT; ++j) {
+        const uint32_t offset = OwnUnits<T>::offset(j);
         swiglu_grad_unit<T>(*reinterpret_cast<uint4*>(tile + offset), *reinterpret_cast<uint4*>(up_tile + offset),
                             *reinterpret_cast<const uint4*>(grad_tile + offset));
     }

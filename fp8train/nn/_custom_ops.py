@@ -199,8 +199,7 @@ def cast_swiglu_grad_both(h: Tensor, grad: Tensor, pow2_scale: bool,
     writing it: the SwiGLU-backward cast of each half (``swiglu_backward_cast``), side by
     side. No 1x128 group straddles the halves, so these are the bits of casting d[gate | up]
     itself. Both scales packed."""
-    rows, inner = grad.shape
-    if rows == 0:
+    if grad.shape[0] == 0:
         return (*_fake_rowwise(h), *_fake_colwise(h))
     gate, up = h.chunk(2, dim=-1)
     dgate, dup = _casts.swiglu_backward_cast(grad, gate, up, pow2_scale=pow2_scale, backend=_backend(backend))
@@ -470,7 +469,15 @@ def linear_grads(grad_out: Tensor, weight: Tensor, xt_fp8: Tensor, xt_scale: Ten
     """Both gradients of ``y = x @ weight.T`` from grad_out [T, N] (T >= 1) and x's
     column-wise cast: dy's two casts from one read, (W^T)_q cast from the weight, then
     dgrad (dx [T, K] in ``dx_dtype``) and wgrad (dw [N, K] float32)."""
-    dy_fp8, dy_scale, dyt_fp8, dyt_scale = _cast_layouts(grad_out, pow2_scale, True, True, backend)
+    return _grads_from_casts(_cast_layouts(grad_out, pow2_scale, True, True, backend), weight, xt_fp8,
+                             xt_scale, pow2_scale, dx_dtype, backend)
+
+
+def _grads_from_casts(dy_casts: tuple, weight: Tensor, xt_fp8: Tensor, xt_scale: Tensor,
+                      pow2_scale: bool, dx_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor]:
+    """dgrad (in ``dx_dtype``) and wgrad (float32) of ``y = x @ weight.T`` from dy's two casts
+    (dy_fp8, dy_scale, dyt_fp8, dyt_scale): (W^T)_q cast from the weight, then both GEMMs."""
+    dy_fp8, dy_scale, dyt_fp8, dyt_scale = dy_casts
     w_t_fp8, w_t_scale = cast_128x128_transposed.body(weight, pow2_scale, backend)
     return (gemm_nt.body(dy_fp8, dy_scale, w_t_fp8, w_t_scale, dx_dtype, backend),
             gemm_nt.body(dyt_fp8, dyt_scale, xt_fp8, xt_scale, torch.float32, backend))
@@ -492,12 +499,8 @@ def swiglu_input_grads(grad: Tensor, gate: Tensor, up: Tensor, w_gate: Tensor, w
     then dgrad and wgrad of both: (dx through gate, dx through up, both [T, K] in
     ``dx_dtype``; dw_gate, dw_up [I, K] float32)."""
     dgate, dup = _casts.swiglu_backward_cast(grad, gate, up, pow2_scale=pow2_scale, backend=_backend(backend))
-    grads = []
-    for (d_fp8, d_scale, dt_fp8, dt_scale), weight in ((dgate, w_gate), (dup, w_up)):
-        w_t_fp8, w_t_scale = cast_128x128_transposed.body(weight, pow2_scale, backend)
-        grads.append((gemm_nt.body(d_fp8, d_scale, w_t_fp8, w_t_scale, dx_dtype, backend),
-                      gemm_nt.body(dt_fp8, dt_scale, xt_fp8, xt_scale, torch.float32, backend)))
-    (dx_gate, dw_gate), (dx_up, dw_up) = grads
+    dx_gate, dw_gate = _grads_from_casts(dgate, w_gate, xt_fp8, xt_scale, pow2_scale, dx_dtype, backend)
+    dx_up, dw_up = _grads_from_casts(dup, w_up, xt_fp8, xt_scale, pow2_scale, dx_dtype, backend)
     return dx_gate, dx_up, dw_gate, dw_up
 
 

@@ -24,7 +24,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._autocast import autocast_off
@@ -32,6 +31,7 @@ from .._checks import FLOAT_DTYPES, check_bool, check_tensor
 from . import _custom_ops as ops
 from .linear_function import (GROUP, backward_operands, check_main_grad, compute_dtype,
                               forward_weight_casts, fuses_swiglu, saved_for_backward)
+from ..quant.reference import swiglu_backward_ref, swiglu_ref
 from .moe_layout import gather_rows, scatter_add_rows
 from .recipe import FP8Recipe
 
@@ -48,8 +48,7 @@ def segment_matmul(a: torch.Tensor, b: torch.Tensor, group_offsets: torch.Tensor
 def swiglu_grad(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """dL/dh for the input silu(gate) * up of h = [gate | up], given its gradient: the ops
     (and so the bits) autograd runs for ``F.silu(gate) * up`` on the chunks of h."""
-    gate, up = h.chunk(2, dim=-1)
-    return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)], dim=-1)
+    return torch.cat(swiglu_backward_ref(grad, *h.chunk(2, dim=-1)), dim=-1)
 
 
 def segment_wgrad(dy: torch.Tensor, x: torch.Tensor, group_offsets: torch.Tensor) -> torch.Tensor:
@@ -76,7 +75,7 @@ def _forward(x, weight, group_offsets, src_tokens, recipe: FP8Recipe, out_dtype:
                 x_rows = x_hp = None
                 x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_swiglu_layouts(gate, up, pow2, colwise, backend)
             else:  # a high-precision GEMM reads the input
-                x_rows = x_hp = F.silu(gate) * up
+                x_rows = x_hp = swiglu_ref(gate, up)
                 x_fp8, x_scale, xt_fp8, xt_scale = ops.cast_1x128_layouts(
                     x_rows, pow2, rowwise, colwise, backend)
         elif src_tokens is not None and rowwise:  # the permutation fused into the casts
@@ -247,7 +246,7 @@ class GroupedLinear(nn.Module):
             x = gather_rows(x, src_tokens)
         if swiglu:
             gate, up = x.chunk(2, dim=-1)
-            x = F.silu(gate) * up
+            x = swiglu_ref(gate, up)
         return segment_matmul(x, self.weight.to(compute_dtype(x)), group_offsets)
 
     def extra_repr(self) -> str:

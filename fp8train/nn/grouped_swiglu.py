@@ -19,7 +19,7 @@ import torch
 from .._autocast import autocast_off
 from . import _custom_ops as ops
 from .grouped_linear import _forward
-from .linear_function import GROUP, cast_weight_transposed
+from .linear_function import GROUP, cast_weight_transposed, fuses_swiglu_backward
 from .moe_layout import scatter_add_rows
 from .recipe import FP8Recipe
 
@@ -82,6 +82,4 @@ def fuses_expert_block(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     recipe (every GEMM in FP8, weights cast per call, no ``main_grad``), in a training step
     that needs every gradient, over at least one token."""
     return (torch.is_grad_enabled() and x.requires_grad and w_gate_up.requires_grad
-            and w_down.requires_grad and x.shape[0] > 0
-            and recipe.fprop_fp8 and recipe.dgrad_fp8 and recipe.wgrad_fp8
-            and not recipe.save_fp8_weight and not recipe.accumulate_into_main_grad)
+            and w_down.requires_grad and x.shape[0] > 0 and fuses_swiglu_backward(recipe))

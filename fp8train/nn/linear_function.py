@@ -20,12 +20,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .._autocast import autocast_off
 from .._checks import FLOAT_DTYPES, check_tensor
 from . import _custom_ops as ops
 from .fp8_weight import FP8BlockWeight
+from ..quant.reference import swiglu_backward_ref, swiglu_ref
 from .recipe import FP8Recipe
 from .shared_input_cast import cast_input_layouts
 
@@ -132,6 +132,15 @@ def fuses_swiglu(recipe: FP8Recipe, need_dw: bool) -> bool:
     return recipe.fprop_fp8 and (recipe.wgrad_fp8 or not need_dw)
 
 
+def fuses_swiglu_backward(recipe: FP8Recipe) -> bool:
+    """Whether a SwiGLU block (an MLP's three layers, or experts' two) may run as one Function
+    whose backward makes SwiGLU's gradient inside the FP8 casts: every GEMM in FP8, weights
+    cast per call (not kept from the forward), gradients returned (not added into
+    ``main_grad``)."""
+    return (recipe.fprop_fp8 and recipe.dgrad_fp8 and recipe.wgrad_fp8
+            and not recipe.save_fp8_weight and not recipe.accumulate_into_main_grad)
+
+
 def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
              need_dx: bool, need_dw: bool, up: Optional[torch.Tensor] = None):
     """The forward GEMM, and what backward needs for the gradients asked for (None for
@@ -148,7 +157,7 @@ def _forward(x, weight, bias, recipe: FP8Recipe, out_dtype: torch.dtype,
                 x.reshape(-1, k), up.reshape(-1, k), pow2, colwise, backend)
         else:
             if up is not None:  # a high-precision GEMM reads the product
-                x = F.silu(x) * up
+                x = swiglu_ref(x, up)
             x_hp = x.reshape(-1, k)  # [T, K]
             # Sibling layers reading the same x (q/k/v, gate/up) share one cast of it.
             x_fp8, x_scale, xt_fp8, xt_scale = cast_input_layouts(
@@ -232,8 +241,7 @@ class FP8SwiGLULinearFunction(torch.autograd.Function):
                                ctx.has_bias and ctx.needs_input_grad[3])
         dgate = dup = None
         if dx is not None:  # autograd's own ops for F.silu(gate) * up: the same bits
-            dgate = torch.ops.aten.silu_backward(dx * up, gate)
-            dup = dx * F.silu(gate)
+            dgate, dup = swiglu_backward_ref(dx, gate, up)
         return dgate, dup, dw, db, None, None
 
 

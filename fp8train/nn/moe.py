@@ -26,7 +26,7 @@ from torch import nn
 from .._autocast import autocast_off
 from .grouped_linear import FP8GroupedLinear, GroupedLinear, _check_int
 from .grouped_swiglu import FP8GroupedSwiGLUFunction, fuses_expert_block
-from .swiglu_mlp import global_module_hooks, swiglu_mlp
+from .swiglu_mlp import runs_hooks, swiglu_mlp
 from .linear_function import GROUP, compute_dtype
 from .moe_layout import build_moe_layout, segment_rows_for, unpermute
 from .recipe import FP8Recipe
@@ -186,9 +186,8 @@ class FP8MoE(MoE):
         the two layers."""
         gate_up, down = self.experts_gate_up, self.experts_down
         if (all(isinstance(m, FP8GroupedLinear) and type(m).forward is FP8GroupedLinear.forward
-                and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-                for m in (gate_up, down))
-                and gate_up.recipe == down.recipe and not global_module_hooks()
+                and not runs_hooks(m) for m in (gate_up, down))
+                and gate_up.recipe == down.recipe
                 and fuses_expert_block(x_tokens, gate_up.weight, down.weight, gate_up.recipe)):
             return FP8GroupedSwiGLUFunction.apply(x_tokens, gate_up.weight, down.weight, layout.group_offsets,
                                                   layout.src_tokens, gate_up.recipe, compute_dtype(x_tokens),

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as nn_module
 
 from .._autocast import autocast_off
 from .._checks import FLOAT_DTYPES, check_tensor
 from . import _custom_ops as ops
 from .linear import FP8Linear, swiglu_linear
-from .linear_function import _plain_weight, compute_dtype, gemm_out_dtype
+from .linear_function import _plain_weight, compute_dtype, fuses_swiglu_backward, gemm_out_dtype
 from .recipe import FP8Recipe
 from .shared_input_cast import cast_input_layouts
 
@@ -71,13 +72,6 @@ class FP8SwiGLUMLPFunction(torch.autograd.Function):
                 dw_down.to(w_down.dtype), None, None)
 
 
-def _whole_mlp_recipe(recipe: FP8Recipe) -> bool:
-    """The recipes the one-Function MLP implements: every GEMM in FP8, weights cast per call
-    (not kept from the forward), gradients returned (not added into ``main_grad``)."""
-    return (recipe.fprop_fp8 and recipe.dgrad_fp8 and recipe.wgrad_fp8
-            and not recipe.save_fp8_weight and not recipe.accumulate_into_main_grad)
-
-
 def fp8_swiglu_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                    recipe: FP8Recipe | None = None) -> torch.Tensor:
     """``F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)`` on FP8 GEMMs as
@@ -89,7 +83,7 @@ def fp8_swiglu_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     recipe = FP8Recipe() if recipe is None else recipe
     if not isinstance(recipe, FP8Recipe):
         raise TypeError(f"recipe: expected an FP8Recipe or None, got {type(recipe).__name__}")
-    if not _whole_mlp_recipe(recipe):
+    if not fuses_swiglu_backward(recipe):
         raise ValueError(f"recipe: the one-Function MLP runs every GEMM in FP8 without "
                          f"save_fp8_weight or accumulate_into_main_grad, got {recipe}; run the "
                          "three layers (swiglu_mlp does so by itself)")
@@ -112,22 +106,22 @@ def fp8_swiglu_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_
     return FP8SwiGLUMLPFunction.apply(x, w_gate, w_up, w_down, recipe, compute_dtype(x))
 
 
+def runs_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks, its own or those registered for every module
+    (``register_module_forward_hook`` and its kin): one Function in place of a layer's call
+    would skip them."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks or nn_module._global_backward_hooks
+                or nn_module._global_backward_pre_hooks)
+
+
 def _runs_as_written(module: nn.Module) -> bool:
-    """An ``FP8Linear`` without a bias, a subclass forward or hooks: what the one Function
-    replaces exactly."""
+    """An ``FP8Linear`` without a bias, a subclass forward or hooks, whose weight needs its
+    gradient: what the one Function replaces exactly."""
     return (isinstance(module, FP8Linear) and type(module).forward is FP8Linear.forward
             and module.bias is None and _plain_weight(module.weight) and module.weight.requires_grad
-            and not (module._forward_hooks or module._forward_pre_hooks
-                     or module._backward_hooks or module._backward_pre_hooks))
-
-
-def global_module_hooks() -> bool:
-    """Whether hooks registered for every module (``register_module_forward_hook`` and its
-    kin) are set: they would see the three layers' calls, which one Function skips."""
-    from torch.nn.modules import module as nn_module
-
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
+            and not runs_hooks(module))
 
 
 def swiglu_mlp(gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
@@ -140,7 +134,7 @@ def swiglu_mlp(gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
     if (torch.is_grad_enabled() and x.requires_grad and x.numel() > 0 and x.dtype in FLOAT_DTYPES
             and all(_runs_as_written(m) for m in layers)
             and gate_proj.recipe == up_proj.recipe == down_proj.recipe
-            and _whole_mlp_recipe(down_proj.recipe) and not global_module_hooks()
+            and fuses_swiglu_backward(down_proj.recipe)
             # Shapes that do not chain run the layers, which say what is wrong.
             and x.shape[-1] == gate_proj.in_features and up_proj.weight.shape == gate_proj.weight.shape
             and down_proj.in_features == gate_proj.out_features):

@@ -163,6 +163,21 @@ def _vec_in(x: torch.Tensor) -> int:
     return int(x.shape[-1] % 16 == 0 and x.data_ptr() % 16 == 0)
 
 
+def _dual_outputs(rows: int, cols: int, qt_cols: int, dev: torch.device, rowwise: bool = True,
+                  colwise: bool = True):
+    """Empty (q [R, K], scale, qt [K, qt_cols], scale_t) of a dual cast, both scales
+    K-block-major (x.T's scales are the row-wise scales of qt's rows, as cuBLAS reads them),
+    None where not asked for; and the kernel arguments (DualCastOut's fields) that point at
+    them."""
+    q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev) if rowwise else None
+    s = empty_scales((rows,), -(-cols // GROUP), dev) if rowwise else None
+    qt = torch.empty(cols, qt_cols, dtype=FP8_DTYPE, device=dev) if colwise else None
+    st = empty_scales((cols,), -(-qt_cols // GROUP), dev) if colwise else None
+    args = (_ptr(q), _ptr(s), s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols, _ptr(st),
+            st.stride(-1) if colwise else 0, int(rowwise), int(colwise))
+    return (q, s, qt, st), args
+
+
 def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: bool = True,
               *, pad_columnwise: bool = True, src_rows: Optional[torch.Tensor] = None,
               num_rows: Optional[int] = None):
@@ -174,23 +189,16 @@ def dual_cast(x: torch.Tensor, pow2_scale: bool, rowwise: bool = True, colwise: 
     src_count, cols = x.shape
     rows = src_count if src_rows is None else int(num_rows)
     qt_cols = -(-rows // GROUP) * GROUP if pad_columnwise else rows
-    col_blocks = -(-cols // GROUP)
     dev = x.device
-    q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev) if rowwise else None
-    s = empty_scales((rows,), col_blocks, dev) if rowwise else None
-    qt = torch.empty(cols, qt_cols, dtype=FP8_DTYPE, device=dev) if colwise else None
-    # x.T's scales are the row-wise scales of qt's rows: K-block-major, as cuBLAS reads them.
-    st = empty_scales((cols,), -(-qt_cols // GROUP), dev) if colwise else None
+    out, out_args = _dual_outputs(rows, cols, qt_cols, dev, rowwise, colwise)
     if rows == 0 or not (rowwise or colwise):
-        return q, s, qt, st
+        return out
     # The staged tile (in the input's dtype) serves the row pass too: always there.
     _kernel("dual_async", x.dtype, bool(pow2_scale), dev.index).launch(
-        (col_blocks, -(-rows // GROUP)), _THREADS, GROUP * GROUP * x.dtype.itemsize,
-        (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), _ptr(q), _ptr(s),
-         s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols, _ptr(st), st.stride(-1) if colwise else 0,
-         int(rowwise), int(colwise)),
-        (_vp, _vp, _u32, _u32, _u32, _u32, _vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32, _u32), _raw_stream(dev.index))
-    return q, s, qt, st
+        (-(-cols // GROUP), -(-rows // GROUP)), _THREADS, GROUP * GROUP * x.dtype.itemsize,
+        (x.data_ptr(), _ptr(src_rows), src_count, rows, cols, _vec_in(x), *out_args),
+        (_vp, _vp, _u32, _u32, _u32, _u32) + _DUAL_OUT_TYPES, _raw_stream(dev.index))
+    return out
 
 
 def swiglu_supports(gate: torch.Tensor, up: torch.Tensor) -> bool:
@@ -214,35 +222,15 @@ def swiglu_dual_cast(gate: torch.Tensor, up: torch.Tensor, pow2_scale: bool, row
     (q [T, I], scale, qt [I, Tp], scale_t), Tp = T rounded up to 128; layouts not asked for
     are None. The caller checked ``swiglu_supports(gate, up)``."""
     rows, cols = gate.shape
-    qt_cols = -(-rows // GROUP) * GROUP
-    col_blocks = -(-cols // GROUP)
     dev = gate.device
-    q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev) if rowwise else None
-    s = empty_scales((rows,), col_blocks, dev) if rowwise else None
-    qt = torch.empty(cols, qt_cols, dtype=FP8_DTYPE, device=dev) if colwise else None
-    st = empty_scales((cols,), qt_cols // GROUP, dev) if colwise else None
+    out, out_args = _dual_outputs(rows, cols, -(-rows // GROUP) * GROUP, dev, rowwise, colwise)
     if not (rowwise or colwise):
-        return q, s, qt, st
+        return out
     _kernel("swiglu_dual", gate.dtype, bool(pow2_scale), dev.index).launch(
-        (col_blocks, -(-rows // GROUP)), _THREADS, 2 * GROUP * GROUP * gate.element_size(),
-        (gate.data_ptr(), up.data_ptr(), gate.stride(0), rows, cols, _ptr(q), _ptr(s),
-         s.stride(-1) if rowwise else 0, _ptr(qt), qt_cols, _ptr(st), st.stride(-1) if colwise else 0,
-         int(rowwise), int(colwise)),
-        (_vp, _vp, ctypes.c_uint64, _u32, _u32, _vp, _vp, _u32, _vp, _u32, _vp, _u32, _u32, _u32),
-        _raw_stream(dev.index))
-    return q, s, qt, st
-
-
-def _dual_outputs(rows: int, cols: int, dev: torch.device):
-    """Empty (q [T, I], scale, qt [I, Tp], scale_t) of a dual cast, Tp = T rounded up to 128,
-    and the kernel arguments that point at them."""
-    qt_cols = -(-rows // GROUP) * GROUP
-    q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=dev)
-    s = empty_scales((rows,), -(-cols // GROUP), dev)
-    qt = torch.empty(cols, qt_cols, dtype=FP8_DTYPE, device=dev)
-    st = empty_scales((cols,), qt_cols // GROUP, dev)
-    args = (q.data_ptr(), s.data_ptr(), s.stride(-1), qt.data_ptr(), qt_cols, st.data_ptr(), st.stride(-1), 1, 1)
-    return (q, s, qt, st), args
+        (-(-cols // GROUP), -(-rows // GROUP)), _THREADS, 2 * GROUP * GROUP * gate.element_size(),
+        (gate.data_ptr(), up.data_ptr(), gate.stride(0), rows, cols, *out_args),
+        (_vp, _vp, ctypes.c_uint64, _u32, _u32) + _DUAL_OUT_TYPES, _raw_stream(dev.index))
+    return out
 
 
 def swiglu_backward_dual_cast(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, pow2_scale: bool):
@@ -251,8 +239,9 @@ def swiglu_backward_dual_cast(grad: torch.Tensor, gate: torch.Tensor, up: torch.
     of d(up)). The caller checked ``swiglu_supports(gate, up)`` and ``swiglu_supports(grad, grad)``."""
     rows, cols = gate.shape
     dev = gate.device
-    dgate, dgate_args = _dual_outputs(rows, cols, dev)
-    dup, dup_args = _dual_outputs(rows, cols, dev)
+    qt_cols = -(-rows // GROUP) * GROUP
+    dgate, dgate_args = _dual_outputs(rows, cols, qt_cols, dev)
+    dup, dup_args = _dual_outputs(rows, cols, qt_cols, dev)
     _kernel("swiglu_backward_dual", gate.dtype, bool(pow2_scale), dev.index).launch(
         (-(-cols // GROUP), -(-rows // GROUP)), _THREADS, 3 * GROUP * GROUP * gate.element_size(),
         (gate.data_ptr(), up.data_ptr(), gate.stride(0), grad.data_ptr(), grad.stride(0), rows, cols,
