@@ -65,10 +65,11 @@ def _bit_exact(got, want) -> bool:
     return True
 
 
-def _cases(t: int, k: int, src: torch.Tensor, ref):
+def _cases(t: int, k: int, src: torch.Tensor, grad: torch.Tensor, ref):
     """name -> (bytes moved, native cast of x, reference cast of x) for [T, K] bf16 inputs;
     ``ref`` maps each reference function to what to call for it (itself, or its compiled
-    version), ``src`` is the MoE layout's src_tokens for the permuted casts."""
+    version), ``src`` is the MoE layout's src_tokens for the permuted casts, ``grad`` [T, K/2]
+    the gradient SwiGLU's backward takes with x as [gate | up]."""
     tokens, m = t // 2, src.shape[0]
     weight_bytes = 2 * t * k + 2 * (t * k + 4 * -(-t // 128) * -(-k // 128))
     # Each assignment reads its token's row (2 bytes an element) and its int64 index.
@@ -78,7 +79,6 @@ def _cases(t: int, k: int, src: torch.Tensor, ref):
     swiglu_backward = ref[swiglu_backward_cast_ref]
     # SwiGLU's backward: x read as [gate | up] and the gradient [T, I] beside it; d(gate)'s and
     # d(up)'s two casts written.
-    grad = torch.randn(t, k // 2, device="cuda", dtype=torch.bfloat16)
     swiglu_backward_bytes = 3 * t * k + 2 * (_rowwise_bytes(t, k // 2) + _colwise_bytes(t, k // 2))
     # SwiGLU: x read as [gate | up], I = K/2; the product's two casts written.
     swiglu_bytes = 2 * t * k + _rowwise_bytes(t, k // 2) + _colwise_bytes(t, k // 2)
@@ -128,9 +128,10 @@ def run(json_path: str | None) -> int:
         print(f"[{t:>5}x{k:>5}] copy {copy:6.0f} GB/s", flush=True)
         ids = torch.randint(0, MOE_EXPERTS, (t // 2, MOE_TOP_K), device="cuda")
         src = build_moe_layout(ids, MOE_EXPERTS).src_tokens
-        checks = _cases(t, k, src, eager)
+        grad = torch.randn(t, k // 2, device="cuda", dtype=torch.bfloat16)  # one for both case sets
+        checks = _cases(t, k, src, grad, eager)
         row = {"shape": [t, k], "copy": copy}
-        for name, (nbytes, cast, fn) in _cases(t, k, src, compiled).items():
+        for name, (nbytes, cast, fn) in _cases(t, k, src, grad, compiled).items():
             ok = _bit_exact(cast(sets[0]), checks[name][2](sets[0]))
             failures += not ok
             ms_native = _time([lambda x=x: cast(x) for x in sets])

@@ -49,8 +49,8 @@ def test_cast_kernels_compile_without_spills(tmp_path, monkeypatch):
             assert ck.registers <= 40, f"{ck.name}: {ck.registers} registers (6 blocks need <= 40)"
         if kind == "swiglu_dual" and dtype != torch.float32:  # 3 blocks of 256 threads per SM
             assert ck.registers <= 80, f"{ck.name}: {ck.registers} registers (3 blocks need <= 80)"
-        if kind == "swiglu_backward_dual" and dtype != torch.float32:  # 2 blocks of 256 threads per SM
-            assert ck.registers <= 128, f"{ck.name}: {ck.registers} registers (2 blocks need <= 128)"
+        if kind == "swiglu_backward_dual" and dtype != torch.float32:  # 2 blocks of 512 threads per SM
+            assert ck.registers <= 64, f"{ck.name}: {ck.registers} registers (2 blocks need <= 64)"
 
 
 def test_render_source_names_each_kernel():

@@ -79,3 +79,17 @@ def test_amax_over_448_with_the_tiny_range_rescaled():
         want = ieee(amax, Fraction(448))
         floor = Fraction(2) ** -126  # MIN_SCALE clamps both
         assert max(q, floor) == max(want, floor), amax
+
+
+def test_silu_quotients_from_one_reciprocal_are_the_ieee_quotients():
+    """sm90_fp8_cast_swiglu.cuh: g / b and 1 / b with b = RN(1 + exp(-g)) from r = RN(1/b),
+    over the gates |g| in [2^-64, 64] that take that path (ends and mid-range alike)."""
+    rng = random.Random(3)
+    for i in range(1500):
+        magnitude = 2.0 ** rng.uniform(-64, 6) if i % 3 else rng.choice([2.0 ** -64, 64.0, 1.0, 2.0 ** -63])
+        g = f32(magnitude * rng.choice([-1, 1]))
+        assert Fraction(2) ** -64 <= abs(g) <= 64
+        b = f32(1 + float(np.exp(np.float32(-float(g)))))
+        r = rn32(1 / b)
+        assert r == ieee(Fraction(1), b)
+        assert quotient(g, b, r) == ieee(g, b), (g, b)

@@ -88,15 +88,16 @@ struct DualCastOut {
 // The row and column passes over a staged 128 x 128 tile (rows t0.., columns k0..): an octet
 // owns a row's 128-group or a column's 128 tokens (16 elements per lane, read from shared
 // memory) and writes q and its scale, or 16 contiguous bytes of qt's row and the column's
-// scale. Called after the tile is complete (a __syncthreads behind the staging).
-template <typename T, bool POW2>
+// scale. Called by all THREADS threads of the block after the tile is complete (a
+// __syncthreads behind the staging).
+template <typename T, bool POW2, uint32_t THREADS = DUAL_ASYNC_THREADS>
 __device__ __forceinline__ void cast_staged_tile(const uint8_t* __restrict__ tile, uint32_t t0, uint32_t k0,
                                                  uint32_t rows, uint32_t cols, const DualCastOut& out) {
     using namespace cast;
     using Tile = StagedTile<T>;
-    constexpr uint32_t WARPS = DUAL_ASYNC_THREADS / 32;
+    constexpr uint32_t WARPS = THREADS / 32;
     constexpr uint32_t ROWS_PER_STEP = 32 / LANES_PER_GROUP;           // 4 rows per warp step
-    constexpr uint32_t STEPS = GROUP / (WARPS * ROWS_PER_STEP);        // 4 steps per tile
+    constexpr uint32_t STEPS = GROUP / (WARPS * ROWS_PER_STEP);        // 4 steps per tile at 256 threads
     constexpr uint32_t UNITS_PER_CHUNK = CHUNK / Tile::PER_UNIT;       // 2 or 4
     static_assert(STEPS * WARPS * ROWS_PER_STEP == GROUP, "the warps must cover the tile");
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;

@@ -28,7 +28,9 @@ template <> __device__ __forceinline__ uint32_t float_to_raw<__half>(float v) {
     return __half_as_ushort(__float2half_rn(v));
 }
 
-// silu(g) * u for one element pair, each op rounded to T as torch's two kernels round.
+// silu(g) * u for one element pair, each op rounded to T as torch's two kernels round. (The
+// backward's shared reciprocal, silu_quotients, ran this cast at 73-77% of a copy against
+// 81-86% with nvcc's division: H100, docs/quant.md.)
 template <typename T>
 __device__ __forceinline__ uint32_t swiglu_raw(uint32_t g_bits, uint32_t u_bits) {
     const float g = raw_to_float<T>(g_bits);
@@ -52,16 +54,17 @@ __device__ __forceinline__ uint4 swiglu_unit(uint4 gate, uint4 up) {
     return make_uint4(a[0], a[1], a[2], a[3]);
 }
 
-// The units a thread stages of a 128 x 128 tile, and later owns: unit unit() of rows row(j),
-// j < COUNT (thread i: unit i % UNITS of rows i / UNITS + j * (THREADS / UNITS)).
-template <typename T>
+// The units a thread of a THREADS-thread block stages of a 128 x 128 tile, and later owns:
+// unit unit() of rows row(j), j < COUNT (thread i: unit i % UNITS of rows i / UNITS +
+// j * (THREADS / UNITS)).
+template <typename T, uint32_t THREADS = DUAL_ASYNC_THREADS>
 struct OwnUnits {
     using Tile = StagedTile<T>;
-    static constexpr uint32_t COUNT = GROUP * Tile::UNITS / DUAL_ASYNC_THREADS;
-    static_assert(DUAL_ASYNC_THREADS % Tile::UNITS == 0, "a thread's units share one column");
+    static constexpr uint32_t COUNT = GROUP * Tile::UNITS / THREADS;
+    static_assert(THREADS % Tile::UNITS == 0, "a thread's units share one column");
     __device__ static __forceinline__ uint32_t unit() { return threadIdx.x % Tile::UNITS; }
     __device__ static __forceinline__ uint32_t row(uint32_t j) {
-        return threadIdx.x / Tile::UNITS + j * (DUAL_ASYNC_THREADS / Tile::UNITS);
+        return threadIdx.x / Tile::UNITS + j * (THREADS / Tile::UNITS);
     }
     __device__ static __forceinline__ uint32_t offset(uint32_t j) { return Tile::unit_offset(row(j), unit()); }
 };
@@ -69,10 +72,10 @@ struct OwnUnits {
 // Stage this thread's units of the tiles at (t0, k0) of N [rows, cols] tensors (row strides
 // ld[n]) into N consecutive staged tiles by cp.async, zeros past the rows and columns, and
 // wait for them: the thread may then rewrite its own units without a barrier.
-template <typename T, uint32_t N>
+template <typename T, uint32_t N, uint32_t THREADS = DUAL_ASYNC_THREADS>
 __device__ __forceinline__ void stage_own_units(uint8_t* tile, const T* const (&src)[N], const uint64_t (&ld)[N],
                                                 uint32_t t0, uint32_t k0, uint32_t rows, uint32_t cols) {
-    using Own = OwnUnits<T>;
+    using Own = OwnUnits<T, THREADS>;
     using Tile = StagedTile<T>;
     const uint32_t k_unit = k0 + Own::unit() * Tile::PER_UNIT;
     const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(tile));

@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from .. import _env
-from .native.gemm_config import choose_config
+from .native.gemm_config import choose_config, takes_narrow_tiles
 
 _backend = None  # None: read FP8TRAIN_BACKEND at first use
 
@@ -25,14 +25,16 @@ MEASURED_SMS = 132  # the H100 the routing was measured on
 def native_beats_cublas(m: int, n: int, k: int, kind: str) -> bool:
     """Dense shapes where the native kernel measured faster than cuBLAS (H100, 1D2D only;
     the 1D1D wgrad kernel ran 0.86x):
-    - few rows, a narrow weight and a deep K (64/128 x 2112/4096 x 7168: 1.1-1.6x);
+    - M <= 128 on 64-wide tiles in one wave (``takes_narrow_tiles``), K >= 2048: 1.12-2.0x
+      over the seven such shapes of one run (64/128 x 2112-7168 x 2048-16384); the wider
+      tiles that 128x32768x512 takes ran 0.97x;
     - tiles of 256x128 with K >= 512: 0.95-1.22x over the thirteen such shapes of one run,
       1.06x median (4096-16384 rows, N 1024-32768, K 512-16384; the shallow ones 1.06-1.22x);
       a 256x88 tile (N = 2112) ran 0.92-0.94x, and K below 512 was not compared."""
     if kind != "1d2d" or min(n, k) < 1 or n % 8 or k % 128:  # what the native kernel needs
         return False
     if m <= 128:
-        return n <= 4096 and k >= 4096
+        return k >= 2048 and takes_narrow_tiles(m, n, k, MEASURED_SMS)
     config = choose_config(m, n, k, MEASURED_SMS)
     return config.block_m == 256 and config.block_n == 128 and k >= 512
 

@@ -28,6 +28,7 @@ from .formats import FP8_DTYPE, GROUP
 
 _C_TYPES = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
 _THREADS = 256
+_SWIGLU_BACKWARD_THREADS = 512
 _TILE_SMEM = GROUP * GROUP * 4  # the swizzled float tile of the weight cast's transpose
 _U32_MAX = 2**32 - 1
 _GRID_YZ = 65535  # the most blocks along grid y and z (T/128 tiles, experts)
@@ -68,7 +69,7 @@ _KINDS = {
         "sm90_fp8_cast_swiglu_backward.cuh",
         "const {T}* gate, const {T}* up, uint64_t ld, const {T}* grad, uint64_t grad_ld, uint32_t rows, "
         "uint32_t cols, " + _dual_out_params("g_") + ", " + _dual_out_params("u_"),
-        "fp8train::swiglu_backward_dual_cast_tile<{T}, {POW2}>(gate, up, ld, grad, grad_ld, rows, cols, "
+        "fp8train::swiglu_backward_dual_cast_tile<{T}, {POW2}, {THREADS}>(gate, up, ld, grad, grad_ld, rows, cols, "
         + _dual_out("g_") + ", " + _dual_out("u_") + ");"),
     "per_token": ("sm90_fp8_cast_per_token.cuh",
                   "const {T}* x, const int64_t* src_rows, uint32_t src_count, uint32_t rows, "
@@ -89,6 +90,13 @@ KINDS = tuple(_KINDS)
 # amax is known: at 80 registers it spills, so it runs 2 blocks per SM (weights are a small
 # share of the bytes cast).
 _MIN_BLOCKS = {"per_token": 1, "block": 2}
+
+
+def _threads(kind: str) -> int:
+    """Threads per block. SwiGLU's backward is bound by instruction issue and latency, and its
+    three staged tiles leave room for only two blocks per SM: blocks of 512 threads (32 warps
+    an SM) ran it at 88-93% of a copy where 256 threads ran 23-36% (H100, docs/quant.md)."""
+    return _SWIGLU_BACKWARD_THREADS if kind == "swiglu_backward_dual" else _THREADS
 
 
 def _min_blocks(kind: str, dtype: torch.dtype) -> int:
@@ -130,11 +138,12 @@ def chunks_fit(rows: int, cols: int) -> bool:
 
 def render_source(kind: str, dtype: torch.dtype, pow2_scale: bool) -> str:
     header, params, call = _KINDS[kind]
-    fill = {"T": _C_TYPES[dtype], "POW2": str(bool(pow2_scale)).lower()}
+    threads = _threads(kind)
+    fill = {"T": _C_TYPES[dtype], "POW2": str(bool(pow2_scale)).lower(), "THREADS": threads}
     return f"""// Rendered by fp8train.quant.native: {kind} cast, {dtype}, pow2_scale={pow2_scale}
 #include "fp8train/{header}"
 
-extern "C" __global__ void __launch_bounds__({_THREADS}, {_min_blocks(kind, dtype)})
+extern "C" __global__ void __launch_bounds__({threads}, {_min_blocks(kind, dtype)})
 {kernel_name(kind)}({params.format(**fill)}) {{
     {call.format(**fill)}
 }}
@@ -243,7 +252,7 @@ def swiglu_backward_dual_cast(grad: torch.Tensor, gate: torch.Tensor, up: torch.
     dgate, dgate_args = _dual_outputs(rows, cols, qt_cols, dev)
     dup, dup_args = _dual_outputs(rows, cols, qt_cols, dev)
     _kernel("swiglu_backward_dual", gate.dtype, bool(pow2_scale), dev.index).launch(
-        (-(-cols // GROUP), -(-rows // GROUP)), _THREADS, 3 * GROUP * GROUP * gate.element_size(),
+        (-(-cols // GROUP), -(-rows // GROUP)), _SWIGLU_BACKWARD_THREADS, 3 * GROUP * GROUP * gate.element_size(),
         (gate.data_ptr(), up.data_ptr(), gate.stride(0), grad.data_ptr(), grad.stride(0), rows, cols,
          *dgate_args, *dup_args),
         (_vp, _vp, ctypes.c_uint64, _vp, ctypes.c_uint64, _u32, _u32) + _DUAL_OUT_TYPES * 2,

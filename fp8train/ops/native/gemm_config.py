@@ -128,10 +128,47 @@ MIN_K_BLOCKS_PER_SPLIT = 4  # fewer and the pipeline never fills; the fixup domi
 MAX_SPLIT_BLOCK_N = 136  # wider split-K tiles spill in the reduction (BM 64, BN 192: 8 bytes)
 
 
+# Narrow tiles for M <= 128: over 238 (BLOCK_M, BLOCK_N, split) configs on seven shapes with
+# N <= 7168 (H100 sweep, docs/kernels.md), 64-wide tiles at their deepest pipeline (8-12
+# stages) were the fastest on every shape, 6-35% ahead of the tiles the byte model below
+# picks, once the tiles times the split fill at most one wave (a second, partial wave cost
+# 10-30%). Their many small K-block loads keep more of B in flight than a few wide tiles
+# do; the byte model only counts bytes.
+NARROW_BLOCK_N = 64
+MAX_NARROW_SPLIT = 4  # the most slices measured ahead (split 6-8 ran behind split 4)
+
+
+def _narrow_choice(m: int, n: int, k: int, num_sms: int, block_m: int):
+    """(block_m, block_n, split_k) with 64-wide tiles in one wave, or None where they need
+    more than one wave (the byte model decides then). 64-row tiles while they fit in a wave
+    (128x4096: 128 tiles of 64x64 ran 457 TFLOP/s, 64 of 128x64 432), else 128-row ones;
+    the split fills the wave, keeping at least MIN_K_BLOCKS_PER_SPLIT K blocks a slice."""
+    kb = k // BLOCK_K
+    if n < NARROW_BLOCK_N:
+        return None
+    for bm in (64, 128) if block_m == 128 else (64,):
+        tiles = ceil_div(m, bm) * ceil_div(n, NARROW_BLOCK_N)
+        if tiles <= num_sms:
+            split = 1
+            while (split < MAX_NARROW_SPLIT and tiles * (split + 1) <= num_sms
+                   and kb // (split + 1) >= MIN_K_BLOCKS_PER_SPLIT):
+                split += 1
+            return bm, NARROW_BLOCK_N, split
+    return None
+
+
+def takes_narrow_tiles(m: int, n: int, k: int, num_sms: int) -> bool:
+    """Whether a dense 1D2D GEMM runs the 64-wide small-M tiles (``_narrow_choice``)."""
+    return m <= 128 and _narrow_choice(m, n, k, num_sms, 64 if m <= 64 else 128) is not None
+
+
 def _small_m_choice(m: int, n: int, k: int, num_sms: int, block_m: int):
-    """(block_n, split_k) of a 1D2D GEMM with M <= 128, where reading A and B bounds the
-    time: minimise the bytes the busiest SM pulls, waves x (A and B slices + the split's
-    FP32 partials)."""
+    """(block_m, block_n, split_k) of a 1D2D GEMM with M <= 128: 64-wide tiles in one wave
+    where they fit (_narrow_choice), else the tile and split that minimise the bytes the
+    busiest SM pulls, waves x (A and B slices + the split's FP32 partials)."""
+    narrow = _narrow_choice(m, n, k, num_sms, block_m)
+    if narrow is not None:
+        return narrow
     kind, kb = "1d2d", k // BLOCK_K
     best = None
     for block_n in range(16, max_block_n(block_m) + 1, 8):
@@ -149,7 +186,7 @@ def _small_m_choice(m: int, n: int, k: int, num_sms: int, block_m: int):
             key = (waves * per_tile, -last_wave, split, -block_n)
             if best is None or key < best[0]:
                 best = (key, block_n, split)
-    return best[1], best[2]
+    return block_m, best[1], best[2]
 
 
 # TFLOP/s per full wave of 256x128 tiles over 128x128 ones: 1.06-1.25, median 1.14 over the
@@ -239,7 +276,7 @@ def _choose_config(m: int, n: int, k: int, num_sms: int, kind: str, rows_per_gro
     block_m = 64 if (m if rows_per_group is None else rows_per_group) <= 64 else 128
     split_k = 1
     if m <= 128 and split_k_on and kind == "1d2d":
-        block_n, split_k = _small_m_choice(m, n, k, num_sms, block_m)
+        block_m, block_n, split_k = _small_m_choice(m, n, k, num_sms, block_m)
     else:
         best = None
         block_ms = (block_m, 256) if block_m == 128 and m > 128 and tall_tiles_on else (block_m,)
