@@ -189,12 +189,13 @@ def test_compiled_decoder_layer_forward_backward(device, backend):
     # On the GPU as bench hf trains: under BF16 autocast, FP32 master weights.
     autocast = device == "cuda"
     eager, compiled = _layer_eager_and_compiled(device, backend, autocast=autocast)
-    # CPU: the same reference ops in both: equal to float rounding. GPU: Inductor's fused
-    # elementwise kernels round differently, which moves the FP8 casts' inputs by about an
-    # ulp: the bound is twice what one BF16 ulp on the input moves each output on the
-    # reference emulation of the same layer (measured here); a wrong kernel, layout or lost
-    # gradient under compile gives O(1).
-    bounds = [1e-5] * 5 if device == "cpu" else [2 * s for s in _reference_spread(device, autocast)]
+    # Compiled code rounds some elementwise ops differently (Inductor's fused kernels on the
+    # GPU; on the CPU, aot_eager's decompositions on some vector units: one H100 host's CPU
+    # moved the output by 3.5e-3), which moves the FP8 casts' inputs by about an ulp: the
+    # bound is twice what one BF16 ulp on the input moves each output on the reference
+    # emulation of the same layer (measured here); a wrong kernel, layout or lost gradient
+    # under compile gives O(1).
+    bounds = [2 * s for s in _reference_spread(device, autocast)]
     for want, got, bound in zip(eager, compiled, bounds):
         assert rel_err(got, want) <= bound
 
