@@ -8,13 +8,13 @@
 //             formula in float, t * s * (1 + g * (1 - s)) with s = 1 / (1 + exp(-g)), whose
 //             inner multiply-add nvcc contracts into one fma; each result rounded to T.
 //
-// One 128 x 128 tile per block: gate's, up's and da's tiles are staged by cp.async (3 x 32 KB
-// for bf16/fp16, 2 blocks per SM); each thread turns the units it staged into d(gate) (in
-// gate's tile) and d(up) (in up's tile), and after one barrier the dual cast's row and
-// column passes run over both tiles. The work is bound by instruction issue and latency,
-// not bytes, and only two blocks fit: blocks of 512 threads (32 warps an SM) ran it at
-// 88-93% of a copy where 256 threads ran 23-36% (H100, docs/quant.md). Needs I % 16 == 0 and 16-byte aligned rows (the host
-// runs the unfused ops otherwise).
+// One 128 x 128 tile per block of THREADS threads: gate's, up's and da's tiles are staged by
+// cp.async (3 x 32 KB for bf16/fp16, 2 blocks per SM); each thread turns the units it staged
+// into d(gate) (in gate's tile) and d(up) (in up's tile), and after one barrier the dual
+// cast's row and column passes run over both tiles. The work is bound by instruction issue
+// and latency, not bytes, and only two blocks fit: blocks of 512 threads (32 warps an SM)
+// ran it at 88-93% of a copy where 256 threads ran 23-36% (H100, docs/quant.md). Needs
+// I % 16 == 0 and 16-byte aligned rows (the host runs the unfused ops otherwise).
 #pragma once
 
 #include "fp8train/sm90_fp8_cast_swiglu.cuh"

@@ -251,8 +251,9 @@ def swiglu_backward_dual_cast(grad: torch.Tensor, gate: torch.Tensor, up: torch.
     qt_cols = -(-rows // GROUP) * GROUP
     dgate, dgate_args = _dual_outputs(rows, cols, qt_cols, dev)
     dup, dup_args = _dual_outputs(rows, cols, qt_cols, dev)
-    _kernel("swiglu_backward_dual", gate.dtype, bool(pow2_scale), dev.index).launch(
-        (-(-cols // GROUP), -(-rows // GROUP)), _SWIGLU_BACKWARD_THREADS, 3 * GROUP * GROUP * gate.element_size(),
+    kind = "swiglu_backward_dual"
+    _kernel(kind, gate.dtype, bool(pow2_scale), dev.index).launch(
+        (-(-cols // GROUP), -(-rows // GROUP)), _threads(kind), 3 * GROUP * GROUP * gate.element_size(),
         (gate.data_ptr(), up.data_ptr(), gate.stride(0), grad.data_ptr(), grad.stride(0), rows, cols,
          *dgate_args, *dup_args),
         (_vp, _vp, ctypes.c_uint64, _vp, ctypes.c_uint64, _u32, _u32) + _DUAL_OUT_TYPES * 2,

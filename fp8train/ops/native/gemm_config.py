@@ -130,7 +130,7 @@ MAX_SPLIT_BLOCK_N = 136  # wider split-K tiles spill in the reduction (BM 64, BN
 
 # Narrow tiles for M <= 128: over 238 (BLOCK_M, BLOCK_N, split) configs on seven shapes with
 # N <= 7168 (H100 sweep, docs/kernels.md), 64-wide tiles at their deepest pipeline (8-12
-# stages) were the fastest on every shape, 6-35% ahead of the tiles the byte model below
+# stages) were the fastest on every shape, 11-41% ahead of the tiles the byte model below
 # picks, once the tiles times the split fill at most one wave (a second, partial wave cost
 # 10-30%). Their many small K-block loads keep more of B in flight than a few wide tiles
 # do; the byte model only counts bytes.
