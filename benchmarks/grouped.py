@@ -138,8 +138,14 @@ def run_masked_case(g: int, expected: int, n: int, k: int) -> dict:
     contiguous = [((s[2][0][:, :padded].reshape(-1, k), s[2][1][:, :padded].reshape(g * padded, -1)),
                    s[3]) for s in sets]
     valid = [s[0][:, :expected].contiguous() for s in sets]
+    # Into a given output, as DeepGEMM's row and the contiguous one (which allocates without
+    # a fill) run; the allocating call also zero-fills G x M_max x N (rows past masked_m
+    # read as zeros), timed beside it.
+    outs = [torch.empty(g, m_max, n, device="cuda", dtype=torch.bfloat16) for _ in sets]
     candidates = {
-        "native masked": [lambda s=s: ops.m_grouped_fp8_gemm_nt_masked(
+        "native masked": [lambda s=s, o=o: ops.m_grouped_fp8_gemm_nt_masked(
+            s[2], s[3], masked_m, o, expected_m=expected) for s, o in zip(sets, outs)],
+        "native masked, allocating": [lambda s=s: ops.m_grouped_fp8_gemm_nt_masked(
             s[2], s[3], masked_m, expected_m=expected) for s in sets],
         "native contiguous": [lambda c=c: ops.m_grouped_fp8_gemm_nt_contiguous(
             c[0], c[1], offsets, segment_rows=segment_rows_of(padded)) for c in contiguous],
@@ -186,8 +192,8 @@ def run(json_path: str | None) -> int:
             masked = row.get("native masked", float("nan"))
             print(f"{row['case']:>28} {'ok ' if row['ok'] else 'BAD'} err {row['rel_err']:.1e} | masked "
                   f"{masked:6.0f}" + "".join(f" | {name} {row[name]:6.0f} ({masked / row[name]:.2f}x)"
-                                             for name in ("native contiguous", "grouped_mm bf16",
-                                                          "DeepGEMM masked")
+                                             for name in ("native masked, allocating", "native contiguous",
+                                                          "grouped_mm bf16", "DeepGEMM masked")
                                              if name in row), flush=True)
     rows_out += run_wgrad(SHAPES)
     if json_path:
