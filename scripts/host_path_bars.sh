@@ -6,6 +6,9 @@
 #   bash scripts/host_path_bars.sh 3   # the cast GPU tests and the one-Function SwiGLU MLP's,
 #                                      # bench quant (every cast, the SwiGLU-fused ones included,
 #                                      # against the copy), bench mlp
+#   bash scripts/host_path_bars.sh 4   # the MoE side: the HF GPU tests, bench moe (the experts as
+#                                      # one Function and as two), the compiled qwen3-moe-1b
+#                                      # step's host/GPU time and profiler tables
 # Carry .kcache (FP8TRAIN_CACHE_DIR=.kcache python scripts/prebuild_kernels.py), and .whl with
 # a torchao wheel for its bench hf row (docs/hf.md).
 set -uo pipefail
@@ -44,5 +47,16 @@ case "${1:-1}" in
     timeout 150 python -m benchmarks mlp --json "$OUT/mlp.json" > "$OUT/bench_mlp.log" 2>&1 || status=1
     grep -E "^mlp" "$OUT/bench_mlp.log"
     ;;
+4)
+    timeout 120 python -m pytest -q tests/test_hf_models.py > "$OUT/test_hf.log" 2>&1 || status=1
+    tail -1 "$OUT/test_hf.log"
+    timeout 180 python -m benchmarks moe > "$OUT/bench_moe.log" 2>&1 || status=1
+    grep -v -i warn "$OUT/bench_moe.log" | tail -20
+    timeout 240 python scripts/profile_step.py steps --model qwen3-moe-1b --compiled --out "$OUT/prof" \
+        > "$OUT/steps_qwen.log" 2>&1 || status=1
+    grep -v -i warn "$OUT/steps_qwen.log" | head -40
+    ;;
 esac
+# The device tool brings back a handful of files per call: the profiles travel as one archive.
+if [ -d "$OUT/prof" ]; then tar czf "$OUT/prof.tgz" -C "$OUT" prof && rm -rf "$OUT/prof"; fi
 exit $status
