@@ -138,7 +138,7 @@ NARROW_BLOCK_N = 64
 MAX_NARROW_SPLIT = 4  # the most slices measured ahead (split 6-8 ran behind split 4)
 
 
-def _narrow_choice(m: int, n: int, k: int, num_sms: int, block_m: int):
+def _narrow_choice(m: int, n: int, k: int, num_sms: int):
     """(block_m, block_n, split_k) with 64-wide tiles in one wave, or None where they need
     more than one wave (the byte model decides then). 64-row tiles while they fit in a wave
     (128x4096: 128 tiles of 64x64 ran 457 TFLOP/s, 64 of 128x64 432), else 128-row ones;
@@ -146,7 +146,7 @@ def _narrow_choice(m: int, n: int, k: int, num_sms: int, block_m: int):
     kb = k // BLOCK_K
     if n < NARROW_BLOCK_N:
         return None
-    for bm in (64, 128) if block_m == 128 else (64,):
+    for bm in (64, 128) if m > 64 else (64,):
         tiles = ceil_div(m, bm) * ceil_div(n, NARROW_BLOCK_N)
         if tiles <= num_sms:
             split = 1
@@ -159,14 +159,14 @@ def _narrow_choice(m: int, n: int, k: int, num_sms: int, block_m: int):
 
 def takes_narrow_tiles(m: int, n: int, k: int, num_sms: int) -> bool:
     """Whether a dense 1D2D GEMM runs the 64-wide small-M tiles (``_narrow_choice``)."""
-    return m <= 128 and _narrow_choice(m, n, k, num_sms, 64 if m <= 64 else 128) is not None
+    return m <= 128 and _narrow_choice(m, n, k, num_sms) is not None
 
 
 def _small_m_choice(m: int, n: int, k: int, num_sms: int, block_m: int):
     """(block_m, block_n, split_k) of a 1D2D GEMM with M <= 128: 64-wide tiles in one wave
     where they fit (_narrow_choice), else the tile and split that minimise the bytes the
     busiest SM pulls, waves x (A and B slices + the split's FP32 partials)."""
-    narrow = _narrow_choice(m, n, k, num_sms, block_m)
+    narrow = _narrow_choice(m, n, k, num_sms)
     if narrow is not None:
         return narrow
     kind, kb = "1d2d", k // BLOCK_K
